@@ -1,0 +1,151 @@
+"""Checkpoint directories: `config.json` (written by huggingface_hub's mixin), `model.safetensors`, tokenizer
+files, optional `adapters/<name>/` (peft) and `adapters.json` naming the active adapter. Safetensors only:
+pickle weights are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pixelllm import adapters as lora
+from pixelllm.config import PixelLLMConfig
+
+if TYPE_CHECKING:
+    from pixelllm.modeling.pixel_llm import PixelLLM
+
+WEIGHTS = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_source(source: str | Path) -> None:
+    """A checkpoint is an existing folder or a hub id ('user/model'). Anything else is a clear error here, not an
+    obscure hub lookup failure later."""
+    text = str(source)
+    if Path(text).expanduser().is_dir():
+        return
+    if isinstance(source, Path) or not _HUB_ID.match(text):
+        raise FileNotFoundError(f"checkpoint directory not found: {text} (give a folder with config.json and "
+                                f"{WEIGHTS}, or a hub id like 'user/model')")
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one name per shared storage (T5 ties its embeddings); return the kept tensors and alias -> name."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+            kept[key] = value
+    return kept, aliases
+
+
+def save_checkpoint_files(model: PixelLLM, directory: Path, dtype: torch.dtype | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or getattr(model, "_save_dtype", None)
+    state, _ = _dedupe_shared(lora.base_state_dict(model))
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.contiguous()
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt", "preset": model.config.preset})
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(directory))
+    names = lora.list_adapters(model)
+    for name in names:
+        lora.save_adapter(model, name, directory / "adapters" / name, model.adapter_configs[name])
+    if names:
+        (directory / "adapters.json").write_text(json.dumps({"active": lora.active_adapter(model)}, indent=2))
+
+
+def file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _resolve(model_id: str, *, revision: str | None, cache_dir: Any, token: Any, local_files_only: bool) -> Path:
+    if Path(model_id).expanduser().is_dir():
+        return Path(model_id).expanduser()
+    from huggingface_hub import snapshot_download
+
+    # Only what a checkpoint needs, and never pickle files.
+    path = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                             local_files_only=local_files_only,
+                             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "adapters/**"])
+    return Path(path)
+
+
+def refuse_pickle(directory: Path) -> None:
+    if (directory / WEIGHTS).is_file():
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"refusing to load pickle weights {pickles} from {directory}: PixelLLM loads "
+                         f"safetensors only ({WEIGHTS}); pickle files can run arbitrary code")
+    raise FileNotFoundError(f"no {WEIGHTS} in {directory}")
+
+
+def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") -> None:
+    """Strict load: the file must hold exactly the model's (de-duplicated) tensors with matching shapes."""
+    expected, aliases = _dedupe_shared(lora.base_state_dict(model))
+    with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
+        keys = set(handle.keys())
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
+                             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        state = {key: handle.get_tensor(key) for key in keys}
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, model expects {tuple(target.shape)}")
+    state.update({alias: state[name] for alias, name in aliases.items()})
+    model.load_state_dict(state, strict=True)
+
+
+def load_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not (directory / "tokenizer.json").is_file() and not (directory / "spiece.model").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_checkpoint(cls: type[PixelLLM], model_id: str, *, config: Any = None, map_location: str = "cpu",
+                    revision: str | None = None, cache_dir: Any = None, token: Any = None,
+                    local_files_only: bool = False, load_adapters: bool = True) -> PixelLLM:
+    directory = _resolve(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                         local_files_only=local_files_only)
+    refuse_pickle(directory)
+    if not isinstance(config, PixelLLMConfig):
+        config = PixelLLMConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    model = cls(config)
+    load_weights(model, directory / WEIGHTS, map_location)
+    model.tokenizer = load_tokenizer(directory)
+    model.version = file_fingerprint(directory / WEIGHTS)
+    model.source = str(model_id)
+    adapter_root = directory / "adapters"
+    if load_adapters and adapter_root.is_dir():
+        for sub in sorted(p for p in adapter_root.iterdir() if p.is_dir()):
+            model.load_adapter(sub, sub.name, activate=False)
+        lora.set_active_adapter(model, lora.adapter_manifest(directory).get("active"))
+    return model.eval()

@@ -1,0 +1,158 @@
+"""Image and prompt inputs: decoding uploads safely, turning arrays into model input, and checking prompts.
+
+Everything a user can get wrong raises `ValueError` with a message meant for that user. Coordinates given to and
+returned by the public API are pixels of the original image (after EXIF orientation, i.e. as the user sees it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+MAX_SIDE = 2048  # larger images are downscaled on load; coordinates then refer to the downscaled image
+MAX_POINTS = 100
+MAX_TEXT_CHARS = 2000
+
+
+def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_SIDE) -> np.ndarray:
+    """Decode an image file (bytes or path) to an HxWx3 uint8 RGB array as the user sees it: EXIF orientation
+    applied, first frame of animations, alpha composited on white, 16-bit/CMYK/palette/grayscale converted.
+    Images with a side above `max_side` are downscaled (aspect kept)."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+        if not data:
+            raise ValueError("the image file is empty (0 bytes)")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as err:
+            raise ValueError("this file is not an image PIL can read (PNG, JPEG, GIF, WebP, BMP, TIFF)") from err
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image is {width}x{height} = {width * height / 1e6:.0f} MP; the limit is "
+                         f"{MAX_PIXELS / 1e6:.0f} MP")
+    try:
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"the image could not be decoded (truncated or corrupt file?): {err}") from err
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" or img.mode == "LA" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """Accept an HxWx3 / HxWx4 / HxW uint8 array or a PIL image; return HxWx3 uint8."""
+    if isinstance(image, Image.Image):
+        return load_image(image)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 RGB image, got an array of shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError("the image is empty")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def image_key(image: np.ndarray) -> str:
+    """sha256 of the pixels and shape: the image part of the embedding-cache key."""
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def to_model_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xSxS float in [0, 255], resized without padding (antialiased bilinear).
+
+    We squash instead of SAM's pad-to-square so that coordinates normalised to the model input are exactly the
+    coordinates normalised to the original image (the LN convention the model predicts in)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0)
+    if tensor.shape[-2:] != (size, size):
+        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return tensor[0].clamp(0, 255)
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return values
+
+
+def check_points(points: object, labels: object, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points Nx2 (x, y) pixels + labels N (1 positive, 0 negative). Points outside the image are clamped to its
+    border (documented normalisation); at most MAX_POINTS; at least one positive point."""
+    pts = _finite(np.asarray(points, dtype=np.float64).reshape(-1, 2), "point prompt")
+    if len(pts) == 0:
+        raise ValueError("the point prompt is empty")
+    if len(pts) > MAX_POINTS:
+        raise ValueError(f"{len(pts)} points given; at most {MAX_POINTS} are allowed")
+    lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1).astype(np.int64)
+    if len(lab) != len(pts):
+        raise ValueError(f"{len(pts)} points but {len(lab)} labels")
+    if not np.isin(lab, (0, 1)).all():
+        raise ValueError("point labels must be 1 (positive) or 0 (negative)")
+    if not (lab == 1).any():
+        raise ValueError("give at least one positive point (negative points only say where the object is not)")
+    pts[:, 0] = pts[:, 0].clip(0, width)
+    pts[:, 1] = pts[:, 1].clip(0, height)
+    return pts, lab
+
+
+def check_box(box: object, width: int, height: int) -> np.ndarray:
+    """A box (x0, y0, x1, y1) in pixels. Corners given in any order are sorted; the box is clipped to the image;
+    a box with no area inside the image is refused."""
+    arr = _finite(np.asarray(box, dtype=np.float64).reshape(-1), "box prompt")
+    if arr.shape != (4,):
+        raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got {arr.size}")
+    x0, x1 = sorted((arr[0], arr[2]))
+    y0, y1 = sorted((arr[1], arr[3]))
+    x0, x1 = np.clip([x0, x1], 0, width)
+    y0, y1 = np.clip([y0, y1], 0, height)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise ValueError("the box has no area inside the image: drag a larger box")
+    return np.array([x0, y0, x1, y1])
+
+
+def check_text(text: str | None, *, allow_empty: bool = True) -> str | None:
+    """Trim a text prompt; None/blank = no prompt. Over MAX_TEXT_CHARS is refused."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError("the text prompt must be a string")
+    text = " ".join(text.split())
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"the text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+    if not text:
+        if allow_empty:
+            return None
+        raise ValueError("the text is empty")
+    return text
+

@@ -1,0 +1,124 @@
+"""Language model L (DESIGN §1; Scenic's `t5_text_head.py`): T5 as a PrefixLM fed with `inputs_embeds`.
+
+The encoder reads [visual prefix f_l ; text-prompt embeddings]; the decoder writes the caption. Decoding is our
+own loop over the T5 decoder with its KV cache so that every step yields the token *and* the unscaled last
+hidden state the location head reads (transformers' streamers only see token ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from pixelllm.config import T5Settings
+
+
+def build_t5(settings: T5Settings, *, pad_token_id: int, eos_token_id: int) -> T5ForConditionalGeneration:
+    config = T5Config(
+        vocab_size=settings.vocab_size,
+        d_model=settings.d_model,
+        d_kv=settings.d_kv,
+        d_ff=settings.d_ff,
+        num_layers=settings.num_layers,
+        num_decoder_layers=settings.num_decoder_layers,
+        num_heads=settings.num_heads,
+        feed_forward_proj=settings.feed_forward_proj,
+        dropout_rate=settings.dropout_rate,
+        tie_word_embeddings=settings.tie_word_embeddings,
+        relative_attention_num_buckets=settings.relative_attention_num_buckets,
+        relative_attention_max_distance=settings.relative_attention_max_distance,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        decoder_start_token_id=pad_token_id,
+        attn_implementation="sdpa",
+    )
+    return T5ForConditionalGeneration(config)
+
+
+@dataclass
+class Prefix:
+    """The encoded PrefixLM input. hidden: BxLxD (T5 encoder output); mask: BxL (1 = attend)."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+    def expand(self, n: int) -> Prefix:
+        return Prefix(self.hidden.expand(n, -1, -1), self.mask.expand(n, -1))
+
+
+def decoder_features(lm: T5ForConditionalGeneration, decoder_input_ids: torch.Tensor, prefix: Prefix,
+                     cache: EncoderDecoderCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the T5 decoder. Returns (logits BxTxV, hidden BxTxD) where hidden is the last decoder hidden state
+    after the final layer norm and *before* T5's d_model**-0.5 rescaling — what the location head reads."""
+    out = lm.decoder(
+        input_ids=decoder_input_ids,
+        encoder_hidden_states=prefix.hidden,
+        encoder_attention_mask=prefix.mask,
+        past_key_values=cache,
+        use_cache=cache is not None,
+    )
+    hidden = out.last_hidden_state
+    scaled = hidden * (lm.model_dim**-0.5) if lm.config.scale_decoder_outputs else hidden
+    return lm.lm_head(scaled), hidden
+
+
+@dataclass
+class DecodeStep:
+    """One decoding step for a batch.
+
+    tokens: B long, the token chosen at this step (pad for rows that had already finished).
+    hidden: BxD, the decoder feature that produced it (the location head's input).
+    logprob: B, log-probability of the chosen token under the (unwarped) model distribution.
+    finished: B bool, rows whose sequence had ended before this step.
+    """
+
+    tokens: torch.Tensor
+    hidden: torch.Tensor
+    logprob: torch.Tensor
+    finished: torch.Tensor
+
+
+def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> Iterator[DecodeStep]:
+    """Incremental decoding with the KV cache, one step per yield; stops when every row emitted EOS or after
+    `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers."""
+    batch = prefix.hidden.shape[0]
+    device = prefix.hidden.device
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    warpers = LogitsProcessorList()
+    if do_sample:
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+    last = torch.full((batch, 1), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    history = last
+    for _ in range(max_new_tokens):
+        logits, hidden = decoder_features(lm, last, prefix, cache)
+        logits, hidden = logits[:, -1].float(), hidden[:, -1]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if do_sample:
+            scores = warpers(history, logits.clone())
+            probs = torch.softmax(scores, dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            tokens = logits.argmax(dim=-1)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        yield DecodeStep(tokens=tokens, hidden=hidden, logprob=logprobs.gather(1, tokens[:, None]).squeeze(1),
+                         finished=finished.clone())
+        finished = finished | (tokens == eos_token_id)
+        if bool(finished.all()):
+            return
+        last = tokens[:, None]
+        history = torch.cat([history, last], dim=1)

@@ -1,0 +1,331 @@
+"""PixelLLM (DESIGN §1): image encoder V, prompt encoder P, prompt feature extractor E, T5 PrefixLM L with a
+per-token location head, SAM mask decoder for referring segmentation, CenterNet proposal head for dense captions.
+
+Coordinates are normalised to [0, 1] of the image everywhere in this module, boxes (x0, y0, x1, y1).
+Persistence (save_pretrained / from_pretrained) lives in `pixelllm.checkpoint`; this file is the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from pixelllm.config import PixelLLMConfig
+from pixelllm.modeling import losses
+from pixelllm.modeling.heads import LocationHead, ProposalHead, ReferringMaskHead
+from pixelllm.modeling.image_encoder import ImageFeatures, PixelImageEncoder, build_vit
+from pixelllm.modeling.language_model import DecodeStep, Prefix, build_t5, decode, decoder_features
+from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor
+
+
+class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_url="https://github.com/pixelllm"):
+    def __init__(self, config: PixelLLMConfig) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = PixelLLMConfig.from_dict(config)
+        self.config = config
+        c = config.prompt_embed_dim
+        grid = config.grid_size
+        sem = config.semantic_encoder
+        self.image_encoder = PixelImageEncoder(
+            sam_encoder=build_vit(config.image_encoder, c),
+            semantic_encoder=build_vit(sem, c) if sem is not None else None,
+            semantic_img_size=sem.img_size if sem is not None else None,
+            out_chans=c,
+        )
+        prompt_encoder = PromptEncoder(embed_dim=c, image_embedding_size=(grid, grid),
+                                       input_image_size=(config.image_size, config.image_size), mask_in_chans=16)
+        self.prompt_extractor = PromptFeatureExtractor(
+            prompt_encoder=prompt_encoder,
+            transformer=TwoWayTransformer(depth=config.extractor_depth, embedding_dim=c,
+                                          num_heads=config.extractor_heads, mlp_dim=config.extractor_mlp_dim),
+            num_queries=config.num_query_tokens, embed_dim=c, lm_dim=config.t5.d_model,
+        )
+        self.language_model = build_t5(config.t5, pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+        self.loc_head = LocationHead(config.t5.d_model, config.loc_head_hidden, config.loc_head_layers)
+        self.mask_head = ReferringMaskHead(
+            prompt_encoder=prompt_encoder,
+            mask_decoder=MaskDecoder(
+                transformer_dim=c,
+                transformer=TwoWayTransformer(depth=config.mask_decoder_depth, embedding_dim=c,
+                                              num_heads=config.mask_decoder_heads,
+                                              mlp_dim=config.mask_decoder_mlp_dim),
+                num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=c,
+            ),
+            embed_dim=c,
+        )
+        self.proposal_head = ProposalHead(c, config.proposal_channels, config.proposal_upsample)
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.tokenizer: Any = None  # set by the builder / from_pretrained; saved with the checkpoint
+        self.version = f"untrained-{id(self):x}"  # weights fingerprint; part of the image-embedding cache key
+        self.source = "in-memory"
+        self.adapter_configs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ encoding
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_extractor.queries.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_extractor.queries.dtype
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """images: Bx3xSxS float in [0, 255] at the encoder's input size -> normalised like SAM."""
+        return ((images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std).to(self.dtype)
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """images: Bx3xSxS float in [0, 255], already resized to S = config.image_size."""
+        return self.image_encoder(self.normalize(images))
+
+    def encode_prefix(self, features: ImageFeatures, *, boxes: torch.Tensor | None = None,
+                      points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+                      text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> Prefix:
+        """PrefixLM encoder pass: [E(P(prompt), V(I)) ; embed(text prompt)] through the T5 encoder.
+
+        features: per-image features (B rows, or 1 row broadcast to the prompt batch).
+        boxes: Bx4 normalised; points: BxNx2 normalised, point_labels BxN (1 pos, 0 neg, -1 pad);
+        none of them = the global box. text_ids/text_mask: BxL optional text prompt (no EOS needed).
+        """
+        batch = max(x.shape[0] for x in (boxes, points, text_ids, features.fused) if x is not None)
+        prompt = self.prompt_extractor.embed_prompt(boxes=boxes, points=points, point_labels=point_labels)
+        prompt = prompt.expand(batch, -1, -1)
+        image = features.fused.expand(batch, -1, -1, -1)
+        visual = self.prompt_extractor(image, prompt)
+        mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)
+        if text_ids is not None and text_ids.shape[1] > 0:
+            text_ids = text_ids.expand(batch, -1)
+            text_mask = torch.ones_like(text_ids) if text_mask is None else text_mask.expand(batch, -1)
+            embeds = torch.cat([visual, self.language_model.get_input_embeddings()(text_ids)], dim=1)
+            mask = torch.cat([mask, text_mask.long()], dim=1)
+        else:
+            embeds = visual
+        hidden = self.language_model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return Prefix(hidden=hidden, mask=mask)
+
+    # ------------------------------------------------------------------ training
+    def teacher_forced(self, prefix: Prefix, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """labels: BxT target tokens (-100 = ignore). Returns (logits BxTxV, location points BxTx4) aligned with
+        labels: position i predicts labels[i] and its location."""
+        decoder_input_ids = self.language_model._shift_right(labels)
+        logits, hidden = decoder_features(self.language_model, decoder_input_ids, prefix)
+        return logits, self.loc_head(hidden)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training forward. `batch` holds `images` (Bx3xSxS, 0-255) and any subset of:
+
+        prompt_boxes Bx4 | prompt_points BxNx2 + point_labels BxN; prompt_ids / prompt_mask BxL;
+        labels BxT (-100 ignored; EOS included) — caption or referring-expression tokens;
+        token_boxes BxTx4 + token_box_mask BxT — per-token trace boxes (normalised);
+        refer_boxes Bx4 + refer_valid B — object box read at the EOS position;
+        masks BxSxS (0/1, model-input frame) + mask_valid B — referring masks, prompted by refer_boxes;
+        gt_boxes BxMx4 + gt_valid BxM — all objects, for the proposal head.
+        Returns a dict of weighted loss terms and their sum under "loss".
+        """
+        cfg = self.config
+        features = self.encode_image(batch["images"])
+        out: dict[str, torch.Tensor] = {}
+        if "labels" in batch:
+            prefix = self.encode_prefix(features, boxes=batch.get("prompt_boxes"), points=batch.get("prompt_points"),
+                                        point_labels=batch.get("point_labels"), text_ids=batch.get("prompt_ids"),
+                                        text_mask=batch.get("prompt_mask"))
+            labels = batch["labels"]
+            logits, points = self.teacher_forced(prefix, labels)
+            out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
+            if "token_boxes" in batch:
+                loc = losses.location_loss(points, batch["token_boxes"], batch["token_box_mask"] & (labels != -100))
+                out["location"] = cfg.loc_loss_weight * loc
+            if "refer_boxes" in batch:
+                eos_pos = (labels == cfg.eos_token_id).int().argmax(dim=1)
+                eos_box = LocationHead.as_box(points[torch.arange(labels.shape[0]), eos_pos])
+                l1, giou = losses.eos_box_loss(eos_box, batch["refer_boxes"], batch["refer_valid"])
+                out["eos_l1"] = cfg.eos_l1_weight * l1
+                out["eos_giou"] = cfg.eos_giou_weight * giou
+        if "masks" in batch and bool(batch["mask_valid"].any()):
+            rows = batch["mask_valid"].nonzero().flatten().tolist()
+            logits, iou = zip(*(self.mask_head(features.sam[r:r + 1], batch["refer_boxes"][r:r + 1]) for r in rows))
+            logits = F.interpolate(torch.cat(logits), size=batch["masks"].shape[-2:], mode="bilinear",
+                                   align_corners=False)[:, 0]
+            terms = losses.mask_losses(logits, batch["masks"][rows], torch.cat(iou)[:, 0])
+            out["mask_focal"] = cfg.mask_focal_weight * terms["mask_focal"]
+            out["mask_dice"] = cfg.mask_dice_weight * terms["mask_dice"]
+            out["mask_iou"] = cfg.mask_iou_weight * terms["mask_iou"]
+        if "gt_boxes" in batch:
+            pred = self.proposal_head(features.fused)
+            height, width = pred["heatmap"].shape[-2:]
+            targets = losses.centernet_targets(batch["gt_boxes"], batch["gt_valid"], height, width)
+            for name, value in losses.centernet_losses(pred, targets).items():
+                out[name] = cfg.proposal_weight * value
+        if not out:
+            raise ValueError("batch has no targets: give labels, masks or gt_boxes")
+        out["loss"] = sum(out.values())
+        return out
+
+    # ------------------------------------------------------------------ inference
+    def stream(self, prefix: Prefix, *, max_new_tokens: int | None = None, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+               with_boxes: bool = True) -> Iterator[tuple[DecodeStep, torch.Tensor | None]]:
+        """Incremental decoding with the KV cache. Yields per step (DecodeStep, boxes Bx4 normalised
+        (x0, y0, x1, y1) or None when with_boxes=False). The box never feeds back into decoding."""
+        steps = decode(self.language_model, prefix, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+                       eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id,
+                       do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+        for step in steps:
+            boxes = LocationHead.as_box(self.loc_head(step.hidden)) if with_boxes else None
+            yield step, boxes
+
+    def refer(self, features: ImageFeatures, expression_ids: torch.Tensor, expression_mask: torch.Tensor
+              ) -> dict[str, torch.Tensor]:
+        """Referring localisation + segmentation for K expressions on one image.
+
+        features: one image; expression_ids: KxT token ids *without* EOS, right-padded; expression_mask: KxT.
+        The decoder is teacher-forced on [t, EOS] under the global-box prompt; the location head's output at EOS
+        is the box. Returns boxes Kx4, score K (geometric-mean token probability of [t, EOS]), mask_logits
+        Kx(4h)x(4w) in the model-input frame, mask_iou K (SAM's predicted IoU)."""
+        k = expression_ids.shape[0]
+        lengths = expression_mask.sum(1)
+        labels = torch.full((k, expression_ids.shape[1] + 1), -100, dtype=torch.long, device=expression_ids.device)
+        for i in range(k):
+            n = int(lengths[i])
+            labels[i, :n] = expression_ids[i, :n]
+            labels[i, n] = self.config.eos_token_id
+        prefix = self.encode_prefix(features, boxes=None).expand(k)
+        logits, points = self.teacher_forced(prefix, labels)
+        rows = torch.arange(k, device=labels.device)
+        boxes = LocationHead.as_box(points[rows, lengths])
+        logp = torch.log_softmax(logits.float(), -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
+        valid = labels != -100
+        score = torch.exp((logp * valid).sum(1) / valid.sum(1))
+        mask_logits, iou = self.mask_head(features.sam[:1], boxes)
+        return {"boxes": boxes, "score": score, "mask_logits": mask_logits[:, 0], "mask_iou": iou[:, 0]}
+
+    def propose(self, features: ImageFeatures, *, top_k: int = 50, score_threshold: float = 0.05,
+                nms_iou: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Region proposals for dense captioning: per image (boxes Kx4 normalised, scores K), after NMS."""
+        return ProposalHead.decode(self.proposal_head(features.fused), top_k=top_k,
+                                   score_threshold=score_threshold, nms_iou=nms_iou)
+
+    # ------------------------------------------------------------------ training stages
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names by component. LoRA tensors form their own group whatever module they sit in."""
+        prefixes = {
+            "sam_encoder": ("image_encoder.sam_encoder.",),
+            "semantic_encoder": ("image_encoder.semantic_encoder.", "image_encoder.fuse."),
+            "prompt_encoder": ("prompt_extractor.prompt_encoder.",),
+            "extractor": ("prompt_extractor.transformer.", "prompt_extractor.queries", "prompt_extractor.proj."),
+            "language_model": ("language_model.",),
+            "loc_head": ("loc_head.",),
+            "mask_decoder": ("mask_head.mask_decoder.",),
+            "mask_embedding": ("mask_head.mask_embedding",),
+            "proposal_head": ("proposal_head.",),
+        }
+        groups: dict[str, list[str]] = {name: [] for name in [*prefixes, "lora"]}
+        for name, _ in self.named_parameters():
+            if "lora_" in name:
+                groups["lora"].append(name)
+                continue
+            group = next(g for g, pre in prefixes.items() if name.startswith(pre))
+            groups[group].append(name)
+        return groups
+
+    def set_stage(self, stage: str) -> list[str]:
+        """Mark exactly the parameters a training stage trains (requires_grad) and return their names.
+
+        scratch   — everything but LoRA (the tiny preset is trained from scratch);
+        caption   — paper stage 1: extractor, semantic encoder, LoRA;
+        ln        — paper stage 2: LoRA, extractor, location head, semantic encoder; SAM parts, T5 frozen;
+        multitask — stage 2 plus the proposal head and the mask decoder's learnable embedding;
+        finetune  — LoRA only (corrections finetuning).
+        """
+        stages = {
+            "scratch": ["sam_encoder", "semantic_encoder", "prompt_encoder", "extractor", "language_model",
+                        "loc_head", "mask_decoder", "mask_embedding", "proposal_head"],
+            "caption": ["semantic_encoder", "extractor", "lora"],
+            "ln": ["lora", "extractor", "loc_head", "semantic_encoder"],
+            "multitask": ["lora", "extractor", "loc_head", "semantic_encoder", "proposal_head", "mask_embedding"],
+            "finetune": ["lora"],
+        }
+        if stage not in stages:
+            raise ValueError(f"unknown training stage {stage!r}; choose one of {sorted(stages)}")
+        groups = self.parameter_groups()
+        trainable = {name for group in stages[stage] for name in groups[group]}
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+        return sorted(trainable)
+
+    # ------------------------------------------------------------------ adapters (LoRA through peft)
+    def add_adapter(self, name: str, *, extra_targets: tuple[str, ...] = ()) -> None:
+        """Inject a fresh LoRA adapter (rank/targets from config.lora) and activate it."""
+        from pixelllm import adapters
+
+        config = adapters.lora_config(self.config.lora, extra_targets)
+        adapters.add_adapter(self, name, config)
+        self.adapter_configs[name] = config
+
+    def load_adapter(self, directory: str | Path, name: str, *, activate: bool = True) -> None:
+        from pixelllm import adapters
+
+        self.adapter_configs[name] = adapters.load_adapter(self, Path(directory), name)
+        if activate:
+            adapters.set_active_adapter(self, name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switch the active adapter at runtime (None = base model)."""
+        from pixelllm import adapters
+
+        adapters.set_active_adapter(self, name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        from pixelllm import adapters
+
+        return adapters.active_adapter(self)
+
+    @property
+    def adapters(self) -> list[str]:
+        from pixelllm import adapters
+
+        return adapters.list_adapters(self)
+
+    # ------------------------------------------------------------------ persistence (see pixelllm.checkpoint)
+    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None,
+                        **kwargs: Any) -> Any:
+        """Write config.json, model.safetensors (optionally cast, e.g. float16), tokenizer files and adapters."""
+        self._save_dtype = dtype
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._save_dtype = None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from pixelllm.checkpoint import save_checkpoint_files
+
+        save_checkpoint_files(self, Path(save_directory))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
+                         force_download: bool = False, local_files_only: bool = False, token: Any = None,
+                         map_location: str = "cpu", strict: bool = True, config: Any = None,
+                         adapters: bool = True, **kwargs: Any) -> PixelLLM:
+        from pixelllm.checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, model_id, config=config, map_location=map_location, revision=revision,
+                               cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                               load_adapters=adapters)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> PixelLLM:
+        """Load a checkpoint directory or a hub id (safetensors only). A path that does not exist is an error,
+        not a hub lookup."""
+        from pixelllm.checkpoint import check_source
+
+        check_source(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

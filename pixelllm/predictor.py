@@ -1,0 +1,355 @@
+"""`PixelLLMPredictor`: the stateful-looking, concurrency-safe inference API (SAM's predictor, SAM 2's lesson).
+
+`state = predictor.set_image(image)` encodes an image once (bounded LRU cache keyed by image hash + model
+version) and returns an immutable `ImageState`; every other call takes that state, so many users can share one
+predictor. Inputs and outputs are pixels of the original image, boxes (x0, y0, x1, y1).
+
+A word may be several tokens; its box is the mean of its tokens' boxes (training gives every token of a word the
+same target, so they agree up to noise).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pixelllm import image as imaging
+from pixelllm.modeling.image_encoder import ImageFeatures
+from pixelllm.modeling.pixel_llm import PixelLLM
+from pixelllm.tokenizer import encode_text, starts_word
+
+MAX_PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """An encoded image. width/height: original pixels; features live on the predictor's device."""
+
+    key: str
+    width: int
+    height: int
+    features: ImageFeatures = field(repr=False)
+    model_version: str
+
+
+@dataclass
+class Word:
+    text: str
+    box: list[float]  # (x0, y0, x1, y1) pixels of the original image
+    index: int
+    token_ids: list[int]
+    token_boxes: list[list[float]]  # per token, pixels
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "text": self.text, "box": self.box}
+
+
+@dataclass
+class Caption:
+    text: str
+    words: list[Word]
+    score: float  # geometric-mean token probability
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "score": self.score, "words": [w.to_dict() for w in self.words]}
+
+
+@dataclass
+class Referral:
+    expression: str
+    box: list[float]
+    score: float
+    mask: np.ndarray = field(repr=False)  # HxW bool, original image
+    mask_score: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"expression": self.expression, "box": self.box, "score": self.score, "mask_score": self.mask_score,
+                "mask_area": int(self.mask.sum())}
+
+
+@dataclass
+class Region:
+    box: list[float]
+    score: float
+    caption: Caption
+
+    def to_dict(self) -> dict:
+        return {"box": self.box, "score": self.score, "caption": self.caption.text,
+                "words": [w.to_dict() for w in self.caption.words]}
+
+
+class _ReadWriteLock:
+    """Many readers (requests) or one writer (an adapter switch)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class _WordAssembler:
+    """Turns a stream of (token, box) into completed words."""
+
+    def __init__(self, tokenizer, width: int, height: int) -> None:
+        self.tokenizer = tokenizer
+        self.scale = np.array([width, height, width, height], dtype=np.float64)
+        self.tokens: list[int] = []
+        self.boxes: list[np.ndarray] = []
+        self.count = 0
+
+    def push(self, token: int, box: np.ndarray) -> Word | None:
+        done = self.flush() if self.tokens and starts_word(self.tokenizer, token) else None
+        self.tokens.append(token)
+        self.boxes.append(box)
+        return done
+
+    def flush(self) -> Word | None:
+        if not self.tokens:
+            return None
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        px = [(b * self.scale).round(2).tolist() for b in self.boxes]
+        mean = (np.mean(self.boxes, axis=0) * self.scale).round(2).tolist()
+        tokens, self.tokens, self.boxes = self.tokens, [], []
+        if not text:
+            return None
+        word = Word(text=text, box=mean, index=self.count, token_ids=tokens, token_boxes=px)
+        self.count += 1
+        return word
+
+
+class PixelLLMPredictor:
+    def __init__(self, model: PixelLLM, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, cache_size: int = 16) -> None:
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer; load it with PixelLLM.from_pretrained or attach one")
+        self.device = torch.device(device) if device is not None else model.device
+        self.model = model.to(self.device).eval()
+        if dtype is not None:
+            self.model.to(dtype)
+        self.tokenizer = model.tokenizer
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], ImageFeatures] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._model_lock = _ReadWriteLock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    # ------------------------------------------------------------------ images
+    def set_image(self, image: np.ndarray | object) -> ImageState:
+        """Encode an image (HxWx3 uint8 RGB array or PIL image), or fetch its embedding from the cache."""
+        arr = imaging.as_rgb_array(image)
+        key = imaging.image_key(arr)
+        cache_key = (self.model.version, key)
+        with self._cache_lock:
+            features = self._cache.get(cache_key)
+            if features is not None:
+                self._cache.move_to_end(cache_key)
+                self.cache_hits += 1
+        if features is None:
+            pixels = imaging.to_model_input(arr, self.model.config.image_size).unsqueeze(0).to(self.device)
+            with self._model_lock.read(), torch.inference_mode():
+                features = self.model.encode_image(pixels)
+            with self._cache_lock:
+                self.cache_misses += 1
+                self._cache[cache_key] = features
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return ImageState(key=key, width=arr.shape[1], height=arr.shape[0], features=features,
+                          model_version=self.model.version)
+
+    # ------------------------------------------------------------------ prompts
+    def _norm(self, state: ImageState) -> np.ndarray:
+        return np.array([state.width, state.height, state.width, state.height], dtype=np.float64)
+
+    def _text_ids(self, text: str | None, batch: int) -> torch.Tensor | None:
+        text = imaging.check_text(text)
+        if text is None:
+            return None
+        ids = encode_text(self.tokenizer, text, eos=False)[:MAX_PROMPT_TOKENS]
+        return torch.tensor([ids], device=self.device).expand(batch, -1)
+
+    def _prefix(self, state: ImageState, *, points=None, point_labels=None, box=None, text=None):
+        self._check_state(state)
+        kwargs: dict = {}
+        if box is not None:
+            b = imaging.check_box(box, state.width, state.height) / self._norm(state)
+            kwargs["boxes"] = torch.tensor(b[None], dtype=torch.float32, device=self.device)
+        if points is not None and len(np.asarray(points).reshape(-1)) > 0:
+            pts, lab = imaging.check_points(points, point_labels, state.width, state.height)
+            pts = pts / self._norm(state)[:2]
+            kwargs["points"] = torch.tensor(pts[None], dtype=torch.float32, device=self.device)
+            kwargs["point_labels"] = torch.tensor(lab[None], device=self.device)
+        return self.model.encode_prefix(state.features, text_ids=self._text_ids(text, 1), **kwargs)
+
+    def _check_state(self, state: ImageState) -> None:
+        if state.model_version != self.model.version:
+            raise ValueError("this image was encoded by another model version: call set_image again")
+
+    @staticmethod
+    def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed) -> dict:
+        if max_new_tokens is not None and not 1 <= int(max_new_tokens) <= 512:
+            raise ValueError("max_new_tokens must be between 1 and 512")
+        if do_sample and not (0.05 <= float(temperature) <= 5.0):
+            raise ValueError("temperature must be between 0.05 and 5")
+        if do_sample and not (0.0 < float(top_p) <= 1.0):
+            raise ValueError("top_p must be in (0, 1]")
+        generator = torch.Generator().manual_seed(int(seed)) if do_sample and seed is not None else None
+        return {"max_new_tokens": max_new_tokens, "do_sample": bool(do_sample), "temperature": float(temperature),
+                "top_p": float(top_p), "generator": generator}
+
+    # ------------------------------------------------------------------ captioning
+    def stream_caption(self, state: ImageState, *, points=None, point_labels=None, box=None, text: str | None = None,
+                       max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                       top_p: float = 1.0, seed: int | None = None) -> Iterator[Word]:
+        """Yield words one by one as they are decoded, each with its box (pixels). Prompts: points (Nx2 pixels)
+        with labels (1/0), or a box (x0, y0, x1, y1) pixels, or neither (global box); optional text prompt."""
+        options = self._decode_options(max_new_tokens, do_sample, temperature, top_p, seed)
+        with self._model_lock.read():
+            with torch.inference_mode():
+                prefix = self._prefix(state, points=points, point_labels=point_labels, box=box, text=text)
+                steps = self.model.stream(prefix, **options)
+            words = _WordAssembler(self.tokenizer, state.width, state.height)
+            while True:
+                with torch.inference_mode():  # per step: the generator may resume on another thread
+                    item = next(steps, None)
+                if item is None:
+                    break
+                step, boxes = item
+                token = int(step.tokens[0])
+                if token in (self.model.config.eos_token_id, self.model.config.pad_token_id):
+                    continue
+                word = words.push(token, boxes[0].float().cpu().numpy())
+                if word is not None:
+                    yield word
+            last = words.flush()
+            if last is not None:
+                yield last
+
+    def caption(self, state: ImageState, **kwargs) -> Caption:
+        words = list(self.stream_caption(state, **kwargs))
+        return Caption(text=" ".join(w.text for w in words), words=words, score=float("nan"))
+
+    def caption_boxes(self, state: ImageState, boxes, *, text: str | None = None, max_new_tokens: int | None = None,
+                      ) -> list[Caption]:
+        """Location-conditioned captions for K boxes (Kx4 pixels) in one batched decoding pass (greedy)."""
+        self._check_state(state)
+        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(arr) == 0:
+            return []
+        norm = np.stack([imaging.check_box(b, state.width, state.height) for b in arr]) / self._norm(state)
+        with self._model_lock.read(), torch.inference_mode():
+            prefix = self.model.encode_prefix(
+                state.features, boxes=torch.tensor(norm, dtype=torch.float32, device=self.device),
+                text_ids=self._text_ids(text, len(norm)))
+            return self._decode_batch(prefix, len(norm), state, max_new_tokens)
+
+    def _decode_batch(self, prefix, k: int, state: ImageState, max_new_tokens: int | None) -> list[Caption]:
+        assemblers = [_WordAssembler(self.tokenizer, state.width, state.height) for _ in range(k)]
+        words: list[list[Word]] = [[] for _ in range(k)]
+        logp = np.zeros(k)
+        count = np.zeros(k)
+        special = (self.model.config.eos_token_id, self.model.config.pad_token_id)
+        for step, boxes in self.model.stream(prefix, max_new_tokens=max_new_tokens):
+            tokens = step.tokens.tolist()
+            box_np = boxes.float().cpu().numpy()
+            lp = step.logprob.float().cpu().numpy()
+            for i, token in enumerate(tokens):
+                if bool(step.finished[i]):
+                    continue
+                logp[i] += lp[i]
+                count[i] += 1
+                if token in special:
+                    continue
+                word = assemblers[i].push(token, box_np[i])
+                if word is not None:
+                    words[i].append(word)
+        for i, asm in enumerate(assemblers):
+            last = asm.flush()
+            if last is not None:
+                words[i].append(last)
+        return [Caption(text=" ".join(w.text for w in ws), words=ws, score=float(np.exp(logp[i] / max(count[i], 1))))
+                for i, ws in enumerate(words)]
+
+    # ------------------------------------------------------------------ referring
+    def refer(self, state: ImageState, expressions: list[str]) -> list[Referral]:
+        """Box, score and SAM mask (HxW bool, original image) for each referring expression."""
+        self._check_state(state)
+        texts = [imaging.check_text(e) for e in expressions]
+        texts = [t for t in texts if t]
+        if not texts:
+            raise ValueError("type at least one referring expression (one per line)")
+        ids = [encode_text(self.tokenizer, t, eos=False)[:MAX_PROMPT_TOKENS] for t in texts]
+        width = max(len(x) for x in ids)
+        id_tensor = torch.tensor([x + [self.model.config.pad_token_id] * (width - len(x)) for x in ids],
+                                 device=self.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+        with self._model_lock.read(), torch.inference_mode():
+            out = self.model.refer(state.features, id_tensor, mask)
+            masks = F.interpolate(out["mask_logits"][:, None].float(), size=(state.height, state.width),
+                                  mode="bilinear", align_corners=False)[:, 0] > 0
+        boxes = (out["boxes"].float().cpu().numpy() * self._norm(state)).round(2)
+        return [Referral(expression=t, box=boxes[i].tolist(), score=float(out["score"][i]),
+                         mask=masks[i].cpu().numpy(), mask_score=float(out["mask_iou"][i]))
+                for i, t in enumerate(texts)]
+
+    # ------------------------------------------------------------------ dense captioning
+    def dense_caption(self, state: ImageState, *, max_regions: int = 16, score_threshold: float = 0.3,
+                      nms_iou: float = 0.5, max_new_tokens: int | None = 24) -> list[Region]:
+        """Proposals -> NMS -> one batched location-conditioned captioning pass over all kept boxes."""
+        self._check_state(state)
+        if not 1 <= int(max_regions) <= 100:
+            raise ValueError("max_regions must be between 1 and 100")
+        with self._model_lock.read(), torch.inference_mode():
+            boxes, scores = self.model.propose(state.features, top_k=int(max_regions),
+                                               score_threshold=float(score_threshold), nms_iou=float(nms_iou))[0]
+            if len(boxes) == 0:
+                return []
+            prefix = self.model.encode_prefix(state.features, boxes=boxes)
+            captions = self._decode_batch(prefix, len(boxes), state, max_new_tokens)
+        px = (boxes.float().cpu().numpy() * self._norm(state)).round(2)
+        return [Region(box=px[i].tolist(), score=float(scores[i]), caption=captions[i]) for i in range(len(px))]
+
+    # ------------------------------------------------------------------ adapters
+    def set_adapter(self, name: str | None) -> None:
+        """Switch the LoRA adapter; waits for running requests and blocks new ones meanwhile."""
+        with self._model_lock.write():
+            self.model.set_adapter(name)
+
+    def load_adapter(self, directory, name: str, *, activate: bool = True) -> None:
+        with self._model_lock.write():
+            self.model.load_adapter(directory, name, activate=activate)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.model.active_adapter
