@@ -1,0 +1,1036 @@
+"""Annotation store: images, model outputs shown to users, annotators' corrections, fine-tuning runs.
+
+One SQLite file (default ``data/annotations.db``), used through sqlite-utils on connections we open ourselves
+(DESIGN.md §5). The Gradio app calls one ``AnnotationStore`` from many threads; the training package reads
+``training_examples()``. This module never imports torch.
+
+Why it is built this way:
+
+- **One connection per thread** (``threading.local``), each ``sqlite3.connect(..., check_same_thread=False,
+  isolation_level=None)`` with ``busy_timeout``, ``foreign_keys=ON``, WAL and ``synchronous=FULL``. WAL lets
+  readers run while one writer writes. WAL + NORMAL already survives a killed process (a committed
+  transaction is in the WAL file, i.e. in the OS page cache); FULL also fsyncs the WAL at every commit so a
+  power cut or VM crash cannot lose an annotator's minutes of work. Writes come at human speed, so the fsync
+  per commit costs nothing anyone notices.
+- **Every write is ``BEGIN IMMEDIATE … COMMIT``** (``_write``), rolled back on any error, so a caller never
+  sees a partial row, and a read-then-write (is the parent still the head?) cannot interleave with another
+  writer. A deferred ``BEGIN`` would fail with SQLITE_BUSY instead of waiting when it upgrades to a write.
+- **corrections is append-only**: an edit or a review is a new row whose ``parent_id`` is the row it
+  supersedes. Triggers abort UPDATE, DELETE and replacing INSERTs; a UNIQUE index on ``parent_id`` means a row
+  is superseded at most once, so two annotators editing the same head cannot fork the chain (the second gets
+  ``ValueError("... superseded ...")``). ``client_token`` makes retries of the same request idempotent.
+- **Schema changes are migrations** (``MIGRATIONS``), applied in order inside one write transaction together
+  with the ``schema_version`` bump, so a failed migration leaves the file at its old version.
+- Callers only ever see ``ValueError`` (bad input) or ``StoreError`` (the file or the disk: not a database,
+  corrupt, read-only, full, locked too long) — never a raw ``sqlite3`` error. Rows come back as plain dicts
+  with JSON columns decoded (Gradio- and JSON-friendly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import errno
+import functools
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+DEFAULT_PATH = Path("data/annotations.db")
+TASKS = ("caption", "refer", "dense")
+STATUSES = ("draft", "submitted", "accepted", "rejected")
+EDIT_STATUSES = ("draft", "submitted")  # accepted/rejected rows are only written by review()
+RUN_STATUSES = ("running", "finished", "failed")
+BOX_MOVE_TOLERANCE_PX = 0.5  # a box counts as moved in change_summary when a corner moved by more than this
+MAX_LIST_LIMIT = 10_000
+
+_CONTENT_FIELDS = ("caption", "words", "boxes", "timed_caption", "traces", "non_visual")
+_CORRECTION_JSON = ("timed_caption", "traces", "words", "boxes", "non_visual", "change_summary")
+_GENERATION_JSON = ("prompts", "words", "boxes", "extra")
+_RUN_JSON = ("params", "metrics")
+
+
+class StoreError(Exception):
+    """The store cannot do its job: the file is not a database or is corrupt, the location is read-only,
+    the disk is full, the database stayed locked too long, or the store was closed. ``path`` is the file."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema and migrations
+
+_SCHEMA_V1 = """
+CREATE TABLE images (
+    sha256 TEXT PRIMARY KEY NOT NULL CHECK (length(sha256) = 64 AND sha256 NOT GLOB '*[^0-9a-f]*'),
+    width INTEGER NOT NULL CHECK (width > 0),
+    height INTEGER NOT NULL CHECK (height > 0),
+    num_bytes INTEGER NOT NULL CHECK (num_bytes > 0),
+    path TEXT NOT NULL,                          -- relative to the folder holding the database file
+    created_at TEXT NOT NULL
+);
+
+CREATE TABLE generations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_sha TEXT NOT NULL REFERENCES images(sha256),
+    task TEXT NOT NULL CHECK (task IN ('caption', 'refer', 'dense')),
+    prompts TEXT NOT NULL CHECK (json_valid(prompts)),
+    words TEXT NOT NULL CHECK (json_valid(words) AND json_type(words) = 'array'),
+    boxes TEXT NOT NULL CHECK (json_valid(boxes) AND json_type(boxes) = 'array'),   -- XYXY, image pixels
+    extra TEXT NOT NULL CHECK (json_valid(extra)),
+    model_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    adapter TEXT,
+    session TEXT,
+    user TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX generations_image ON generations(image_sha);
+
+CREATE TABLE corrections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,        -- AUTOINCREMENT: an id is never reused
+    generation_id INTEGER REFERENCES generations(id),
+    image_sha TEXT NOT NULL REFERENCES images(sha256),
+    parent_id INTEGER REFERENCES corrections(id),    -- the row this one supersedes
+    root_id INTEGER REFERENCES corrections(id),      -- first row of the chain; NULL on that first row
+    annotator TEXT NOT NULL CHECK (length(trim(annotator)) > 0),
+    status TEXT NOT NULL CHECK (status IN ('draft', 'submitted', 'accepted', 'rejected')),
+    caption TEXT NOT NULL,
+    timed_caption TEXT NOT NULL CHECK (json_valid(timed_caption)),   -- [{utterance, start_time, end_time}]
+    traces TEXT NOT NULL CHECK (json_valid(traces)),                 -- [[{x, y, t}]], LN-normalised
+    words TEXT NOT NULL CHECK (json_valid(words)),
+    boxes TEXT NOT NULL CHECK (json_valid(boxes)),                   -- XYXY, image pixels
+    non_visual TEXT NOT NULL CHECK (json_valid(non_visual)),         -- word indices
+    comment TEXT,
+    reviewer TEXT,
+    change_summary TEXT NOT NULL CHECK (json_valid(change_summary)),
+    created_at TEXT NOT NULL,
+    client_token TEXT UNIQUE,
+    CHECK ((parent_id IS NULL) = (root_id IS NULL))
+);
+-- A row is superseded at most once, so a chain never forks (NULLs are distinct: many roots are fine).
+CREATE UNIQUE INDEX corrections_one_successor ON corrections(parent_id);
+CREATE INDEX corrections_chain ON corrections(coalesce(root_id, id));
+CREATE INDEX corrections_image ON corrections(image_sha);
+CREATE INDEX corrections_status ON corrections(status);
+CREATE INDEX corrections_annotator ON corrections(annotator);
+CREATE INDEX corrections_generation ON corrections(generation_id);
+
+CREATE TRIGGER corrections_no_update BEFORE UPDATE ON corrections
+BEGIN
+    SELECT RAISE(ABORT, 'corrections is append-only: rows are never updated, append a new row');
+END;
+CREATE TRIGGER corrections_no_delete BEFORE DELETE ON corrections
+BEGIN
+    SELECT RAISE(ABORT, 'corrections is append-only: rows are never deleted');
+END;
+-- INSERT OR REPLACE deletes the conflicting row without firing DELETE triggers (unless recursive_triggers).
+CREATE TRIGGER corrections_no_replace BEFORE INSERT ON corrections
+WHEN EXISTS (SELECT 1 FROM corrections
+             WHERE id = NEW.id OR client_token = NEW.client_token OR parent_id = NEW.parent_id)
+BEGIN
+    SELECT RAISE(ABORT, 'corrections is append-only: this row conflicts with an existing row');
+END;
+CREATE TRIGGER corrections_chain_consistent BEFORE INSERT ON corrections
+WHEN NEW.parent_id IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM corrections AS p
+    WHERE p.id = NEW.parent_id AND coalesce(p.root_id, p.id) = NEW.root_id AND p.image_sha = NEW.image_sha)
+BEGIN
+    SELECT RAISE(ABORT, 'corrections: root_id and image_sha must match the parent row');
+END;
+
+CREATE TABLE finetune_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    base_checkpoint TEXT NOT NULL,
+    adapter_path TEXT,
+    params TEXT NOT NULL CHECK (json_valid(params)),
+    num_corrections INTEGER NOT NULL CHECK (num_corrections >= 0),
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+    metrics TEXT NOT NULL CHECK (json_valid(metrics)),
+    started_at TEXT NOT NULL,
+    finished_at TEXT
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One schema step. ``apply`` is SQL (several statements are fine) or a function of the
+    ``sqlite_utils.Database``; it runs in the same ``BEGIN IMMEDIATE`` transaction as the version bump.
+
+    Append new steps to ``MIGRATIONS``; never edit one that has shipped. A step that rebuilds
+    ``corrections`` (e.g. ``table.transform()``) must recreate its append-only triggers.
+    """
+
+    version: int
+    description: str
+    apply: str | Callable[[sqlite_utils.Database], None]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "images, generations, append-only corrections, finetune_runs", _SCHEMA_V1),
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks (each returns the canonical value that is stored)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _dumps(value: Any, name: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"),
+                          default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be JSON-serialisable without NaN or infinity: {exc}") from exc
+
+
+def _text(value: Any, name: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+def _opt_text(value: Any, name: str, *, allow_empty: bool = False) -> str | None:
+    return None if value is None else _text(value, name, allow_empty=allow_empty)
+
+
+def _name(value: Any, name: str) -> str:
+    return _text(value, name).strip()
+
+
+def _row_id(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer id, got {value!r}")
+    return int(value)
+
+
+def _opt_row_id(value: Any, name: str) -> int | None:
+    return None if value is None else _row_id(value, name)
+
+
+def _count(value: Any, name: str, *, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+        high is not None and value > high
+    ):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def _sha(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"image_sha must be a 64-character lowercase sha256 hex digest, got {value!r}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _as_list(value: Any, name: str) -> list:
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # numpy arrays
+        value = value.tolist()
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _choice(value: Any, name: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _choices(value: Any, name: str, allowed: Sequence[str]) -> list[str]:
+    values = [value] if isinstance(value, str) else _as_list(value, name)
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    return [_choice(v, name, allowed) for v in values]
+
+
+def _words(value: Any, name: str = "words") -> list[str]:
+    words = _as_list(value, name)
+    for i, word in enumerate(words):
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"{name}[{i}] must be a non-empty string, got {word!r}")
+    return words
+
+
+def _boxes(value: Any, name: str = "boxes") -> list[list[float]]:
+    boxes = []
+    for i, box in enumerate(_as_list(value, name)):
+        coords = _as_list(box, f"{name}[{i}]")
+        if len(coords) != 4:
+            raise ValueError(f"{name}[{i}] must be [x0, y0, x1, y1] in image pixels, got {box!r}")
+        x0, y0, x1, y1 = (_number(c, f"{name}[{i}]") for c in coords)
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"{name}[{i}] must have x0 <= x1 and y0 <= y1 (XYXY), got {coords}")
+        boxes.append([x0, y0, x1, y1])
+    return boxes
+
+
+def _timed_caption(value: Any) -> list[dict[str, Any]]:
+    items = []
+    for i, item in enumerate(_as_list(value, "timed_caption")):
+        if not isinstance(item, dict) or set(item) != {"utterance", "start_time", "end_time"}:
+            raise ValueError(f"timed_caption[{i}] must be {{utterance, start_time, end_time}}, got {item!r}")
+        start = _number(item["start_time"], f"timed_caption[{i}].start_time")
+        end = _number(item["end_time"], f"timed_caption[{i}].end_time")
+        if end < start:
+            raise ValueError(f"timed_caption[{i}] ends before it starts ({start} > {end})")
+        utterance = _text(item["utterance"], f"timed_caption[{i}].utterance", allow_empty=True)
+        items.append({"utterance": utterance, "start_time": start, "end_time": end})
+    return items
+
+
+def _traces(value: Any) -> list[list[dict[str, float]]]:
+    segments = []
+    for s, segment in enumerate(_as_list(value, "traces")):
+        points = []
+        for p, point in enumerate(_as_list(segment, f"traces[{s}]")):
+            if not isinstance(point, dict) or set(point) != {"x", "y", "t"}:
+                raise ValueError(f"traces[{s}][{p}] must be {{x, y, t}}, got {point!r}")
+            points.append({k: _number(point[k], f"traces[{s}][{p}].{k}") for k in ("x", "y", "t")})
+        segments.append(points)
+    return segments
+
+
+def _non_visual(value: Any, num_words: int) -> list[int]:
+    indices = _as_list(value, "non_visual")
+    for i, index in enumerate(indices):
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < num_words:
+            raise ValueError(f"non_visual[{i}] = {index!r} is not a word index in [0, {num_words})")
+    if len(set(indices)) != len(indices):
+        raise ValueError("non_visual has repeated word indices")
+    return sorted(int(i) for i in indices)
+
+
+def _content(caption: Any, words: Any, boxes: Any, timed_caption: Any, traces: Any, non_visual: Any) -> dict:
+    """Validate and canonicalise the editable fields of a correction."""
+    content = {
+        "caption": _text(caption, "caption", allow_empty=True),
+        "words": _words(words),
+        "boxes": _boxes(boxes),
+        "timed_caption": _timed_caption(timed_caption),
+        "traces": _traces(traces),
+    }
+    n = len(content["words"])
+    if len(content["boxes"]) != n:
+        raise ValueError(f"boxes must have one box per word: {len(content['boxes'])} boxes for {n} words")
+    if content["timed_caption"] and len(content["timed_caption"]) != n:
+        raise ValueError(f"timed_caption must have one entry per word (or none): "
+                         f"{len(content['timed_caption'])} entries for {n} words")
+    content["non_visual"] = _non_visual(non_visual, n)
+    return content
+
+
+def change_summary(old: dict[str, Any] | None, new: dict[str, Any], *, against: str | None = None,
+                   against_id: int | None = None) -> dict[str, Any]:
+    """What changed from ``old`` (a parent correction, a generation's output, or nothing) to ``new``.
+
+    Words are aligned with ``difflib``: a replaced run counts as edits (plus inserts/deletes for the length
+    difference); ``boxes_moved`` lists new word indices whose word is unchanged but whose box moved by more
+    than ``BOX_MOVE_TOLERANCE_PX``; ``ops`` are the non-equal opcodes ``[tag, i0, i1, j0, j1]``.
+    """
+    old = old or {}
+    old_words, new_words = old.get("words", []), new["words"]
+    old_boxes, new_boxes = old.get("boxes", []), new["boxes"]
+    edited = inserted = deleted = 0
+    ops, moved = [], []
+    matcher = difflib.SequenceMatcher(a=old_words, b=new_words, autojunk=False)
+    for tag, i0, i1, j0, j1 in matcher.get_opcodes():
+        if tag == "equal":
+            for k in range(i1 - i0):
+                i, j = i0 + k, j0 + k
+                if i < len(old_boxes) and j < len(new_boxes) and max(
+                    abs(a - b) for a, b in zip(old_boxes[i], new_boxes[j])
+                ) > BOX_MOVE_TOLERANCE_PX:
+                    moved.append(j)
+            continue
+        ops.append([tag, i0, i1, j0, j1])
+        edited += min(i1 - i0, j1 - j0)
+        inserted += max((j1 - j0) - (i1 - i0), 0)
+        deleted += max((i1 - i0) - (j1 - j0), 0)
+    old_status, new_status = old.get("status"), new.get("status")
+    return {
+        "against": against,
+        "against_id": against_id,
+        "words": {"edited": edited, "inserted": inserted, "deleted": deleted, "ops": ops},
+        "boxes_moved": moved,
+        "caption_changed": old.get("caption", "") != new["caption"],
+        "timed_caption_changed": old.get("timed_caption", []) != new["timed_caption"],
+        "trace_rerecorded": old.get("traces", []) != new["traces"],
+        "non_visual_changed": old.get("non_visual", []) != new["non_visual"],
+        "status": None if old_status == new_status else [old_status, new_status],
+    }
+
+
+def _decode(row: dict[str, Any] | None, json_columns: Sequence[str]) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    for column in json_columns:
+        if row.get(column) is not None:
+            row[column] = json.loads(row[column])
+    if "is_head" in row:
+        row["is_head"] = bool(row["is_head"])
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Error translation
+
+_SQLITE_HINTS = {  # primary result codes
+    3: "permission denied",
+    5: "the database stayed locked by another writer for longer than the timeout",
+    6: "a table is locked",
+    8: "the database file or its folder is read-only",
+    10: "disk I/O error",
+    11: "the database file is corrupt",
+    13: "the disk is full (or the database reached its size limit)",
+    14: "the database file cannot be opened (missing folder, a directory, or no permission)",
+    26: "the file is not a SQLite database (or is corrupt)",
+}
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the location is on a read-only file system",
+    errno.EACCES: "the location is read-only for this user (permission denied)",
+    errno.EPERM: "the location is read-only for this user (operation not permitted)",
+}
+
+
+def _api(action: str) -> Callable:
+    """Decorate a public method: raw sqlite3/OS errors become StoreError (ValueError for constraints)."""
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def wrapper(self: AnnotationStore, *args: Any, **kwargs: Any) -> Any:
+            with self._translate_errors(action):
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class AnnotationStore:
+    """Thread-safe access to one annotation database. Create one per process and share it.
+
+    Args:
+        path: the SQLite file (parent folders are created); images go to ``<its folder>/images/``.
+        timeout: seconds a writer waits for another writer before ``StoreError``.
+        synchronous: ``"FULL"`` (default: fsync per commit, survives power loss) or ``"NORMAL"`` (survives
+            a killed process, may lose the last commits on power loss; for bulk imports).
+        migrations: the ordered schema steps; only tests pass anything but ``MIGRATIONS``.
+    """
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, timeout: float = 30.0, *,
+                 synchronous: str = "FULL", migrations: Sequence[Migration] = MIGRATIONS):
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise ValueError(f"path must be a file path, got {str(path)!r}")
+        self.path = Path(path).absolute()
+        self.root = self.path.parent
+        self.timeout = _number(timeout, "timeout")
+        if self.timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        self.synchronous = _choice(str(synchronous).upper(), "synchronous", ("NORMAL", "FULL"))
+        versions = [m.version for m in migrations]
+        if versions != list(range(1, len(versions) + 1)):
+            raise ValueError(f"migrations must be numbered 1..N in order, got {versions}")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open_dbs: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
+        self._closed = False
+        self._verified = False  # the first connection checks the file before anything changes it
+        try:
+            with self._translate_errors("open"):
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._db()
+                self._migrate(list(migrations))
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"AnnotationStore({str(self.path)!r})"
+
+    def __enter__(self) -> AnnotationStore:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ---- connections, transactions, errors ---------------------------------------------------------------
+
+    def _verify(self, conn: sqlite3.Connection) -> None:
+        """Refuse a corrupt file, or another program's database, before switching it to WAL."""
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise StoreError(f"{self.path} is corrupt (PRAGMA quick_check: {'; '.join(problems[:5])})",
+                             self.path)
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "schema_version" not in tables:
+            raise StoreError(f"{self.path} is a SQLite database but not an annotation store "
+                             f"(it has tables {sorted(tables)} and no schema_version)", self.path)
+
+    def _connect(self) -> sqlite_utils.Database:
+        conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if not self._verified:
+                self._verify(conn)
+                self._verified = True
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode!r}); "
+                                 "is the file on a read-only or network file system?", self.path)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # execute_plugins=False: no sqlite-utils plugin may alter our connections.
+            return sqlite_utils.Database(conn, execute_plugins=False)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _db(self) -> sqlite_utils.Database:
+        """This thread's connection, opened on first use."""
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed", self.path)
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            with self._lock:
+                if self._closed:
+                    db.close()
+                    raise StoreError(f"{self.path}: the store is closed", self.path)
+                self._open_dbs.add(db)  # weak: a finished thread's connection is closed when collected
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction: BEGIN IMMEDIATE … COMMIT, ROLLBACK on any error."""
+        db = self._db()
+        conn = db.conn
+        assert not conn.in_transaction, "nested write transaction"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _translate_errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            raise ValueError(f"{action}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise self._error(action, exc) from exc
+
+    def _error(self, action: str, exc: sqlite3.Error | OSError) -> StoreError:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            hint = _SQLITE_HINTS.get(code & 0xFF) if code is not None else None
+            detail = f"{getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}"
+        else:
+            hint = _OS_HINTS.get(exc.errno)
+            detail = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        return StoreError(f"{self.path}: {action} failed" + (f": {hint}" if hint else "") + f" ({detail})",
+                          self.path)
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return list(self._db().query(sql, list(params)))
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    # ---- migrations --------------------------------------------------------------------------------------
+
+    def _schema_version(self) -> int:
+        if "schema_version" not in self._db().table_names():
+            return 0
+        return self._one("SELECT coalesce(max(version), 0) AS v FROM schema_version")["v"]
+
+    def _migrate(self, migrations: list[Migration]) -> None:
+        newest = len(migrations)
+        if self._schema_version() == newest:
+            return  # the common case takes no write lock
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                       "description TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            current = self._schema_version()  # again, under the write lock: another process may have migrated
+            if current > newest:
+                raise StoreError(f"{self.path} has schema version {current} but this code knows only up to "
+                                 f"{newest}: upgrade pixelllm to open it", self.path)
+            for migration in migrations[current:]:
+                try:
+                    if isinstance(migration.apply, str):
+                        db.executescript(migration.apply)  # split into statements inside our transaction
+                    else:
+                        migration.apply(db)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self.path}: schema migration {migration.version} "
+                                     f"({migration.description}) failed, the file stays at version "
+                                     f"{current}: {exc}", self.path) from exc
+                db["schema_version"].insert({"version": migration.version,
+                                             "description": migration.description, "applied_at": _now()})
+
+    @_api("read schema version")
+    def schema_version(self) -> int:
+        return self._schema_version()
+
+    # ---- images ------------------------------------------------------------------------------------------
+
+    def _write_file_atomically(self, target: Path, data: bytes) -> None:
+        """Temp file in the same folder + fsync + os.replace: readers see the whole file or none."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable; not all file systems allow this
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    @_api("add image")
+    def add_image(self, data: bytes, width: int, height: int, ext: str = "png") -> str:
+        """Store the encoded image bytes (deduplicated by sha256) and return the sha256 hex digest.
+
+        The file goes to ``<db folder>/images/<sha>.<ext>``; ``width``/``height`` are the decoded size in
+        pixels.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+            raise ValueError("data must be the non-empty encoded image bytes")
+        data = bytes(data)
+        width, height = _count(width, "width", low=1), _count(height, "height", low=1)
+        if not isinstance(ext, str) or not re.fullmatch(r"[A-Za-z0-9]{1,8}", ext):
+            raise ValueError(f"ext must be a short alphanumeric file extension such as 'png', got {ext!r}")
+        sha = hashlib.sha256(data).hexdigest()
+        relpath = f"images/{sha}.{ext.lower()}"
+
+        def known() -> dict | None:
+            row = self._one("SELECT * FROM images WHERE sha256 = ?", [sha])
+            if row is not None and (row["width"], row["height"]) != (width, height):
+                raise ValueError(f"image {sha} is already stored as {row['width']}x{row['height']}, "
+                                 f"not {width}x{height}")
+            return row
+
+        row = known()
+        target = self.root / (row["path"] if row else relpath)
+        if not (target.is_file() and target.stat().st_size == len(data)):
+            self._write_file_atomically(target, data)  # the file first: a row never points at a missing file
+        if row is None:
+            with self._write() as db:
+                if known() is None:  # another thread may have added it meanwhile
+                    db["images"].insert({"sha256": sha, "width": width, "height": height,
+                                         "num_bytes": len(data), "path": relpath, "created_at": _now()})
+        return sha
+
+    @_api("read image")
+    def get_image(self, sha: str) -> dict[str, Any] | None:
+        """The image row plus ``abs_path`` (absolute path of the stored file), or None."""
+        row = self._one("SELECT * FROM images WHERE sha256 = ?", [_sha(sha)])
+        if row is not None:
+            row["abs_path"] = str(self.root / row["path"])
+        return row
+
+    # ---- generations -------------------------------------------------------------------------------------
+
+    @_api("log generation")
+    def log_generation(self, image_sha: str, task: str, words: Sequence[str],
+                       boxes: Sequence[Sequence[float]], *, model_id: str, model_version: str,
+                       prompts: Any = None, extra: dict | None = None, adapter: str | None = None,
+                       session: str | None = None, user: str | None = None) -> int:
+        """Record a model output shown to a user; returns its id.
+
+        ``caption``: one box per word. ``dense``: ``words[i]`` is region i's caption, ``boxes[i]`` its box.
+        ``refer``: ``words`` may be empty, ``boxes`` holds the predicted box(es). Boxes are XYXY image pixels.
+        ``prompts`` (points, box, text…) and ``extra`` (scores, the caption string…) are any JSON.
+        """
+        image_sha, task = _sha(image_sha), _choice(task, "task", TASKS)
+        words, boxes = _words(words), _boxes(boxes)
+        if task != "refer" and len(words) != len(boxes):
+            raise ValueError(f"a {task} generation needs one box per word/region: "
+                             f"{len(boxes)} boxes for {len(words)} words")
+        extra = {} if extra is None else extra
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+        row = {
+            "image_sha": image_sha, "task": task,
+            "prompts": _dumps({} if prompts is None else prompts, "prompts"),
+            "words": _dumps(words, "words"), "boxes": _dumps(boxes, "boxes"), "extra": _dumps(extra, "extra"),
+            "model_id": _text(model_id, "model_id"), "model_version": _text(model_version, "model_version"),
+            "adapter": _opt_text(adapter, "adapter"), "session": _opt_text(session, "session"),
+            "user": _opt_text(user, "user"), "created_at": _now(),
+        }
+        with self._write() as db:
+            if self._one("SELECT 1 FROM images WHERE sha256 = ?", [image_sha]) is None:
+                raise ValueError(f"unknown image {image_sha}: add_image() it first")
+            return db["generations"].insert(row).last_pk
+
+    @_api("read generation")
+    def get_generation(self, generation_id: int) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM generations WHERE id = ?", [_row_id(generation_id, "generation_id")])
+        return _decode(row, _GENERATION_JSON)
+
+    @_api("list generations")
+    def list_generations(self, *, image_sha: str | None = None, task: str | None = None,
+                         model_id: str | None = None, session: str | None = None, limit: int = 100,
+                         offset: int = 0) -> list[dict[str, Any]]:
+        """Generations, newest first, optionally filtered."""
+        where, params = [], []
+        if image_sha is not None:
+            where.append("image_sha = ?")
+            params.append(_sha(image_sha))
+        if task is not None:
+            where.append("task = ?")
+            params.append(_choice(task, "task", TASKS))
+        for column, value in (("model_id", model_id), ("session", session)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(_text(value, column))
+        sql = "SELECT * FROM generations" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+        params += [_count(limit, "limit", low=1, high=MAX_LIST_LIMIT), _count(offset, "offset")]
+        return [_decode(row, _GENERATION_JSON) for row in self._rows(sql, params)]
+
+    # ---- corrections -------------------------------------------------------------------------------------
+
+    _SELECT_CORRECTION = (
+        "SELECT c.*, coalesce(c.root_id, c.id) AS chain_id, "
+        "NOT EXISTS (SELECT 1 FROM corrections AS k WHERE k.parent_id = c.id) AS is_head "
+        "FROM corrections AS c"
+    )
+
+    def _correction(self, correction_id: int) -> dict[str, Any] | None:
+        row = self._one(f"{self._SELECT_CORRECTION} WHERE c.id = ?", [correction_id])
+        return _decode(row, _CORRECTION_JSON)
+
+    def _head_to_supersede(self, correction_id: int, name: str) -> dict[str, Any]:
+        row = self._correction(correction_id)
+        if row is None:
+            raise ValueError(f"{name}: no correction with id {correction_id}")
+        if not row["is_head"]:
+            head = self._one("SELECT max(id) AS id FROM corrections WHERE coalesce(root_id, id) = ?",
+                             [row["chain_id"]])["id"]
+            raise ValueError(f"correction {correction_id} was already superseded (the current head of its "
+                             f"chain is {head}): reload the latest version and apply your change to it")
+        return row
+
+    def _retry(self, client_token: str | None, **expected: Any) -> int | None:
+        """The id saved earlier under this client_token (an idempotent retry), or None."""
+        if client_token is None:
+            return None
+        row = self._one("SELECT * FROM corrections WHERE client_token = ?", [client_token])
+        if row is None:
+            return None
+        for key, value in expected.items():
+            if row[key] != value:
+                raise ValueError(f"client_token {client_token!r} was already used by correction {row['id']} "
+                                 f"with a different {key} ({row[key]!r} != {value!r})")
+        return row["id"]
+
+    def _append(self, db: sqlite_utils.Database, row: dict[str, Any]) -> int:
+        for column in _CORRECTION_JSON:
+            row[column] = _dumps(row[column], column)
+        row["created_at"] = _now()
+        return db["corrections"].insert(row).last_pk
+
+    @_api("save correction")
+    def save_correction(self, *, annotator: str, image_sha: str | None = None,
+                        generation_id: int | None = None, parent_id: int | None = None,
+                        status: str = "draft", caption: str = "", words: Sequence[str] = (),
+                        boxes: Sequence[Sequence[float]] = (), timed_caption: Sequence[dict] = (),
+                        traces: Sequence[Sequence[dict]] = (),
+                        non_visual: Sequence[int] = (), comment: str | None = None,
+                        client_token: str | None = None) -> int:
+        """Append a correction and return its id.
+
+        A first version names ``image_sha`` and/or ``generation_id`` (the model output being corrected);
+        an edit names ``parent_id``, which must be the current head of its chain (else ``ValueError``
+        "superseded") and passes on its image and generation. ``status`` is draft or submitted (accept and
+        reject go through ``review``). ``boxes`` has one XYXY pixel box per word; ``timed_caption`` one entry
+        per word (or none); ``traces`` is LN-normalised ``[[{x, y, t}]]``; ``non_visual`` lists word indices.
+        Saving again with the same ``client_token`` returns the first id instead of adding a row.
+        """
+        annotator = _name(annotator, "annotator")
+        if status not in EDIT_STATUSES:
+            raise ValueError(f"status must be 'draft' or 'submitted', got {status!r} "
+                             "(use review() to accept or reject)")
+        content = _content(caption, words, boxes, timed_caption, traces, non_visual)
+        comment = _opt_text(comment, "comment", allow_empty=True)
+        client_token = _opt_text(client_token, "client_token")
+        image_sha = None if image_sha is None else _sha(image_sha)
+        generation_id = _opt_row_id(generation_id, "generation_id")
+        parent_id = _opt_row_id(parent_id, "parent_id")
+
+        with self._write() as db:
+            previous = self._retry(client_token, annotator=annotator, parent_id=parent_id)
+            if previous is not None:
+                return previous
+            parent = None
+            if parent_id is not None:
+                parent = self._head_to_supersede(parent_id, "parent_id")
+                for key, value in (("image_sha", image_sha), ("generation_id", generation_id)):
+                    if value is not None and value != parent[key]:
+                        raise ValueError(f"{key} {value!r} differs from parent correction {parent_id}'s "
+                                         f"{parent[key]!r}: an edit stays on its parent's image and "
+                                         "generation")
+                image_sha, generation_id = parent["image_sha"], parent["generation_id"]
+            generation = None
+            if generation_id is not None:
+                generation = self.get_generation(generation_id)
+                if generation is None:
+                    raise ValueError(f"no generation with id {generation_id}")
+                if image_sha is not None and image_sha != generation["image_sha"]:
+                    raise ValueError(f"image_sha {image_sha} differs from generation {generation_id}'s image "
+                                     f"{generation['image_sha']}")
+                image_sha = generation["image_sha"]
+            if image_sha is None:
+                raise ValueError("image_sha is required (or pass parent_id or generation_id)")
+            if self._one("SELECT 1 FROM images WHERE sha256 = ?", [image_sha]) is None:
+                raise ValueError(f"unknown image {image_sha}: add_image() it first")
+
+            new = {**content, "status": status}
+            if parent is not None:
+                summary = change_summary(parent, new, against="parent", against_id=parent["id"])
+            elif generation is not None:
+                baseline = {"words": generation["words"], "boxes": generation["boxes"],
+                            "caption": generation["extra"].get("caption", " ".join(generation["words"]))}
+                summary = change_summary(baseline, new, against="generation", against_id=generation_id)
+            else:
+                summary = change_summary(None, new)
+            return self._append(db, {
+                **new, "generation_id": generation_id, "image_sha": image_sha,
+                "parent_id": parent_id, "root_id": parent["chain_id"] if parent else None,
+                "annotator": annotator, "comment": comment, "reviewer": None,
+                "change_summary": summary, "client_token": client_token,
+            })
+
+    @_api("review correction")
+    def review(self, correction_id: int, reviewer: str, accept: bool, comment: str | None = None, *,
+               client_token: str | None = None) -> int:
+        """Append a copy of the head ``correction_id`` with status accepted/rejected; returns the new id.
+
+        The correction must be the head of its chain and not a draft. ``annotator`` stays the content's
+        author; ``reviewer`` and ``comment`` record the decision.
+        """
+        correction_id = _row_id(correction_id, "correction_id")
+        reviewer = _name(reviewer, "reviewer")
+        if not isinstance(accept, bool):
+            raise ValueError(f"accept must be True or False, got {accept!r}")
+        comment = _opt_text(comment, "comment", allow_empty=True)
+        client_token = _opt_text(client_token, "client_token")
+        with self._write() as db:
+            previous = self._retry(client_token, parent_id=correction_id, reviewer=reviewer)
+            if previous is not None:
+                return previous
+            head = self._head_to_supersede(correction_id, "correction_id")
+            if head["status"] == "draft":
+                raise ValueError(f"correction {correction_id} is a draft: it must be submitted before review")
+            new = {key: head[key] for key in _CONTENT_FIELDS}
+            new["status"] = "accepted" if accept else "rejected"
+            summary = change_summary(head, new, against="parent", against_id=head["id"])
+            summary["review"] = {"reviewer": reviewer, "accepted": accept}
+            return self._append(db, {
+                **new, "generation_id": head["generation_id"], "image_sha": head["image_sha"],
+                "parent_id": head["id"], "root_id": head["chain_id"], "annotator": head["annotator"],
+                "comment": comment, "reviewer": reviewer, "change_summary": summary,
+                "client_token": client_token,
+            })
+
+    @_api("read correction")
+    def get_correction(self, correction_id: int) -> dict[str, Any] | None:
+        """One correction row (plus ``chain_id`` and ``is_head``), or None."""
+        return self._correction(_row_id(correction_id, "correction_id"))
+
+    @_api("read head")
+    def head(self, correction_id: int) -> dict[str, Any]:
+        """The latest row of the chain that contains ``correction_id``."""
+        chain = self.history(correction_id)
+        return chain[-1]
+
+    @_api("read history")
+    def history(self, correction_id: int) -> list[dict[str, Any]]:
+        """Every row of the chain that contains ``correction_id``, oldest first."""
+        correction_id = _row_id(correction_id, "correction_id")
+        rows = self._rows(
+            f"{self._SELECT_CORRECTION} WHERE coalesce(c.root_id, c.id) = "
+            "(SELECT coalesce(root_id, id) FROM corrections WHERE id = ?) ORDER BY c.id", [correction_id])
+        if not rows:
+            raise ValueError(f"no correction with id {correction_id}")
+        return [_decode(row, _CORRECTION_JSON) for row in rows]
+
+    @_api("list corrections")
+    def list_corrections(self, *, status: str | Sequence[str] | None = None, annotator: str | None = None,
+                         image_sha: str | None = None, search: str | None = None, heads_only: bool = True,
+                         limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Corrections, newest first. ``status`` is one status or several; ``search`` is a case-insensitive
+        substring of the caption or comment; ``heads_only`` keeps only the latest row of each chain."""
+        where, params = [], []
+        if status is not None:
+            statuses = _choices(status, "status", STATUSES)
+            where.append(f"c.status IN ({', '.join('?' * len(statuses))})")
+            params += statuses
+        if annotator is not None:
+            where.append("c.annotator = ?")
+            params.append(_name(annotator, "annotator"))
+        if image_sha is not None:
+            where.append("c.image_sha = ?")
+            params.append(_sha(image_sha))
+        if search is not None:
+            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", _text(search, "search")) + "%"
+            where.append("(c.caption LIKE ? ESCAPE '\\' OR c.comment LIKE ? ESCAPE '\\')")
+            params += [pattern, pattern]
+        if heads_only:
+            where.append("NOT EXISTS (SELECT 1 FROM corrections AS k WHERE k.parent_id = c.id)")
+        sql = self._SELECT_CORRECTION + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY c.id DESC LIMIT ? OFFSET ?"
+        params += [_count(limit, "limit", low=1, high=MAX_LIST_LIMIT), _count(offset, "offset")]
+        return [_decode(row, _CORRECTION_JSON) for row in self._rows(sql, params)]
+
+    @_api("read training examples")
+    def training_examples(self, statuses: Sequence[str] = ("submitted", "accepted")) -> list[dict[str, Any]]:
+        """Heads of chains whose status is in ``statuses``, oldest first, each with ``image_path`` (absolute),
+        ``image_width`` and ``image_height``. A chain whose head is a newer draft or was rejected is left
+        out."""
+        statuses = _choices(statuses, "statuses", STATUSES)
+        rows = self._rows(
+            "SELECT c.*, coalesce(c.root_id, c.id) AS chain_id, 1 AS is_head, i.path AS image_relpath, "
+            "i.width AS image_width, i.height AS image_height "
+            "FROM corrections AS c JOIN images AS i ON i.sha256 = c.image_sha "
+            f"WHERE c.status IN ({', '.join('?' * len(statuses))}) "
+            "AND NOT EXISTS (SELECT 1 FROM corrections AS k WHERE k.parent_id = c.id) ORDER BY c.id",
+            statuses)
+        for row in rows:
+            row["image_path"] = str(self.root / row.pop("image_relpath"))
+        return [_decode(row, _CORRECTION_JSON) for row in rows]
+
+    # ---- fine-tuning runs --------------------------------------------------------------------------------
+
+    @_api("start finetune run")
+    def start_finetune_run(self, name: str, base_checkpoint: str, *, num_corrections: int,
+                           params: dict | None = None, adapter_path: str | None = None) -> int:
+        """Record a fine-tuning run that starts now (status running); returns its id."""
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise ValueError(f"params must be a dict, got {type(params).__name__}")
+        row = {"name": _text(name, "name"), "base_checkpoint": _text(base_checkpoint, "base_checkpoint"),
+               "adapter_path": _opt_text(adapter_path, "adapter_path"), "params": _dumps(params, "params"),
+               "num_corrections": _count(num_corrections, "num_corrections"), "status": "running",
+               "metrics": "{}", "started_at": _now(), "finished_at": None}
+        with self._write() as db:
+            return db["finetune_runs"].insert(row).last_pk
+
+    def _update_run(self, run_id: int, status: str, metrics: dict | None, adapter_path: str | None) -> None:
+        run_id = _row_id(run_id, "run_id")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
+        adapter_path = _opt_text(adapter_path, "adapter_path")
+        with self._write() as db:
+            run = self._one("SELECT * FROM finetune_runs WHERE id = ?", [run_id])
+            if run is None:
+                raise ValueError(f"no finetune run with id {run_id}")
+            if run["status"] != "running":
+                raise ValueError(f"finetune run {run_id} already ended ({run['status']})")
+            merged = {**json.loads(run["metrics"]), **(metrics or {})}
+            updates: dict[str, Any] = {"status": status, "metrics": _dumps(merged, "metrics")}
+            if adapter_path is not None:
+                updates["adapter_path"] = adapter_path
+            if status != "running":
+                updates["finished_at"] = _now()
+            db["finetune_runs"].update(run_id, updates)
+
+    @_api("update finetune run")
+    def update_finetune_run(self, run_id: int, *, metrics: dict | None = None,
+                            adapter_path: str | None = None) -> None:
+        """Progress of a running run: ``metrics`` keys are merged into the stored ones."""
+        self._update_run(run_id, "running", metrics, adapter_path)
+
+    @_api("finish finetune run")
+    def finish_finetune_run(self, run_id: int, *, status: str = "finished", metrics: dict | None = None,
+                            adapter_path: str | None = None) -> None:
+        """End a running run as ``finished`` or ``failed``, merging final ``metrics``."""
+        self._update_run(run_id, _choice(status, "status", RUN_STATUSES[1:]), metrics, adapter_path)
+
+    @_api("read finetune run")
+    def get_finetune_run(self, run_id: int) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM finetune_runs WHERE id = ?", [_row_id(run_id, "run_id")])
+        return _decode(row, _RUN_JSON)
+
+    @_api("list finetune runs")
+    def list_finetune_runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM finetune_runs ORDER BY id DESC LIMIT ?",
+                          [_count(limit, "limit", low=1, high=MAX_LIST_LIMIT)])
+        return [_decode(row, _RUN_JSON) for row in rows]
+
+    # ---- maintenance -------------------------------------------------------------------------------------
+
+    @_api("integrity check")
+    def integrity_check(self) -> str:
+        """``"ok"``, or the problems found by ``PRAGMA integrity_check`` and ``PRAGMA foreign_key_check``."""
+        conn = self._db().conn
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall()]
+        problems = [] if problems == ["ok"] else problems
+        problems += [f"foreign key violation: {table} rowid {rowid} -> {parent}"
+                     for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check").fetchall()]
+        return "ok" if not problems else "\n".join(problems)
+
+    def close(self) -> None:
+        """Close every thread's connection. Call once no other call is in flight (at shutdown)."""
+        with self._lock:
+            self._closed = True
+            dbs = list(self._open_dbs)
+            self._open_dbs = weakref.WeakSet()
+        for db in dbs:
+            with contextlib.suppress(sqlite3.Error):
+                db.conn.close()

@@ -1,0 +1,672 @@
+"""Tests for pixelllm.store: round trips, append-only history, concurrency, crashes and faults.
+
+The store is checked from outside where it matters: row counts and integrity come from a separate plain
+sqlite3 connection, crash and read-only cases run the store in a child process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from pixelllm import store as store_module
+from pixelllm.store import AnnotationStore, Migration, StoreError, change_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE_FILE = ROOT / "pixelllm" / "store.py"
+# Child processes load store.py by file so pixelllm/__init__.py (which may import torch) never runs.
+LOAD_STORE = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pixelllm_store_under_test", {str(STORE_FILE)!r})
+store = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = store
+spec.loader.exec_module(store)
+"""
+IMAGE = b"\x89PNG fake image bytes: the store never decodes them"
+WORDS = ["a", "red", "circle", "left"]
+BOXES = [[0, 0, 10, 10], [5, 5, 20, 20], [5, 5, 20, 20], [0, 0, 40, 30]]
+
+
+def count_rows(path: Path, table: str = "corrections") -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def run_child(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def edit(**overrides):
+    """Keyword arguments for a valid save_correction call."""
+    kwargs = dict(annotator="alice", caption="a red circle on the left", words=WORDS, boxes=BOXES)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "annotations.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    s = AnnotationStore(db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def image(store: AnnotationStore) -> str:
+    return store.add_image(IMAGE, 64, 48)
+
+
+@pytest.fixture
+def world_readable_dir():
+    """A temp folder an unprivileged user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="pixelllm-store-"))
+    path.chmod(0o777)
+    yield path
+    for p in [path, *path.rglob("*")]:
+        with contextlib.suppress(OSError):
+            p.chmod(0o777)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- round trips ------------------------------------------------------------------------------------
+
+
+def test_open_creates_parent_folders_and_sets_pragmas_per_thread(store: AnnotationStore, db_path: Path):
+    assert db_path.is_file() and store.schema_version() == len(store_module.MIGRATIONS)
+    seen = []
+
+    def pragmas():
+        conn = store._db().conn
+        seen.append((id(conn), *(conn.execute(f"PRAGMA {p}").fetchone()[0]
+                                 for p in ("foreign_keys", "journal_mode", "synchronous", "busy_timeout"))))
+
+    pragmas()
+    thread = threading.Thread(target=pragmas)
+    thread.start()
+    thread.join()
+    assert seen[0][0] != seen[1][0], "each thread must get its own connection"
+    for _, foreign_keys, journal_mode, synchronous, busy_timeout in seen:
+        assert (foreign_keys, journal_mode, synchronous, busy_timeout) == (1, "wal", 2, 30_000)
+
+
+def test_add_image_stores_file_once(store: AnnotationStore, db_path: Path):
+    sha = store.add_image(IMAGE, 64, 48)
+    assert store.add_image(bytearray(IMAGE), 64, 48) == sha
+    row = store.get_image(sha)
+    assert row["path"] == f"images/{sha}.png" and (row["width"], row["height"], row["num_bytes"]) == (64, 48, len(IMAGE))
+    assert Path(row["abs_path"]).read_bytes() == IMAGE
+    assert sorted(p.name for p in (db_path.parent / "images").iterdir()) == [f"{sha}.png"]  # no temp files
+    assert count_rows(db_path, "images") == 1
+    with pytest.raises(ValueError, match="already stored as 64x48"):
+        store.add_image(IMAGE, 65, 48)
+    for bad in [dict(data=b""), dict(width=0), dict(height=-1), dict(ext="../x"), dict(width=True)]:
+        with pytest.raises(ValueError):
+            store.add_image(**{"data": IMAGE, "width": 64, "height": 48, **bad})
+    assert store.get_image("0" * 64) is None
+
+
+def test_generation_round_trip_and_filters(store: AnnotationStore, image: str):
+    gid = store.log_generation(image, "caption", WORDS, BOXES, model_id="pixelllm-tiny", model_version="3",
+                               prompts={"box": [0, 0, 64, 48]}, extra={"caption": "a red circle left"},
+                               adapter=None, session="s1", user="u1")
+    rid = store.log_generation(image, "refer", [], [[1, 2, 3, 4]], model_id="pixelllm-tiny", model_version="3",
+                               prompts={"text": "the circle"})
+    row = store.get_generation(gid)
+    assert row["words"] == WORDS and row["boxes"] == [[float(c) for c in b] for b in BOXES]
+    assert row["prompts"] == {"box": [0, 0, 64, 48]} and row["extra"]["caption"] == "a red circle left"
+    assert (row["task"], row["session"], row["user"], row["adapter"]) == ("caption", "s1", "u1", None)
+    assert [g["id"] for g in store.list_generations()] == [rid, gid]
+    assert [g["id"] for g in store.list_generations(task="refer")] == [rid]
+    assert [g["id"] for g in store.list_generations(session="s1", image_sha=image)] == [gid]
+    assert store.get_generation(999) is None
+    with pytest.raises(ValueError, match="task must be one of"):
+        store.log_generation(image, "segment", [], [], model_id="m", model_version="1")
+    with pytest.raises(ValueError, match="one box per word"):
+        store.log_generation(image, "caption", WORDS, BOXES[:2], model_id="m", model_version="1")
+    with pytest.raises(ValueError, match="unknown image"):
+        store.log_generation("a" * 64, "caption", [], [], model_id="m", model_version="1")
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        store.log_generation(image, "caption", [], [], model_id="m", model_version="1", extra={"x": float("nan")})
+
+
+def test_correction_round_trip_against_generation(store: AnnotationStore, image: str, db_path: Path):
+    gid = store.log_generation(image, "caption", WORDS, BOXES, model_id="m", model_version="1")
+    timed = [{"utterance": w, "start_time": i * 0.4, "end_time": i * 0.4 + 0.3} for i, w in enumerate(WORDS)]
+    traces = [[{"x": 0.1, "y": 0.2, "t": 0.0}, {"x": 0.3, "y": 0.4, "t": 0.5}], [{"x": 0.5, "y": 0.5, "t": 1.0}]]
+    cid = store.save_correction(**edit(generation_id=gid, timed_caption=timed, traces=traces, non_visual=[0],
+                                       comment="fixed", status="submitted"))
+    row = store.get_correction(cid)
+    assert row["image_sha"] == image and row["generation_id"] == gid and row["parent_id"] is None
+    assert (row["annotator"], row["status"], row["comment"], row["reviewer"]) == ("alice", "submitted", "fixed", None)
+    assert row["words"] == WORDS and row["timed_caption"] == timed and row["traces"] == traces
+    assert row["non_visual"] == [0] and row["chain_id"] == cid and row["is_head"] is True
+    summary = row["change_summary"]
+    assert summary["against"] == "generation" and summary["against_id"] == gid
+    assert summary["words"] == {"edited": 0, "inserted": 0, "deleted": 0, "ops": []}
+    assert summary["boxes_moved"] == [] and summary["trace_rerecorded"] is True
+    assert summary["status"] == [None, "submitted"]
+    assert store.get_correction(cid + 1) is None
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:  # JSON really is JSON in the file
+        assert json.loads(conn.execute("SELECT traces FROM corrections").fetchone()[0]) == traces
+
+
+def test_change_summary_against_parent(store: AnnotationStore, image: str):
+    first = store.save_correction(**edit(image_sha=image, status="draft"))
+    new_words = ["a", "big", "blue", "circle"]
+    new_boxes = [[0, 0, 10, 10], [5, 5, 20, 20], [5, 5, 20, 20], [9, 5, 30, 20]]  # "circle" moved by 4 px
+    second = store.save_correction(**edit(parent_id=first, words=new_words, boxes=new_boxes, status="submitted",
+                                          traces=[[{"x": 0.5, "y": 0.5, "t": 0.0}]]))
+    summary = store.get_correction(second)["change_summary"]
+    assert summary["against"] == "parent" and summary["against_id"] == first
+    assert summary["words"]["edited"] == 1 and summary["words"]["inserted"] == 1
+    assert summary["words"]["deleted"] == 1  # "red" -> "big blue", "left" deleted
+    assert summary["boxes_moved"] == [3]  # "circle" kept its word but its box moved
+    assert summary["trace_rerecorded"] is True and summary["caption_changed"] is False
+    assert summary["status"] == ["draft", "submitted"]
+    # Sub-tolerance jitter is not a move; the pure function agrees with what was stored.
+    jitter = [[b[0] + 0.25, b[1], b[2], b[3]] for b in new_boxes]
+    old = {"words": new_words, "boxes": new_boxes, "caption": "", "status": "x"}
+    assert change_summary(old, {**old, "boxes": jitter, "timed_caption": [], "traces": [],
+                                "non_visual": []})["boxes_moved"] == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(annotator="   "), "annotator must not be empty"),
+    (dict(annotator=None), "annotator must be a string"),
+    (dict(status="accepted"), "use review"),
+    (dict(status="final"), "status must be"),
+    (dict(boxes=BOXES[:3]), "one box per word"),
+    (dict(boxes=[[10, 0, 0, 10]] * 4), "x0 <= x1"),
+    (dict(boxes=[[0, 0, float("nan"), 1]] * 4), "finite number"),
+    (dict(boxes=[[0, 0, 1]] * 4), r"\[x0, y0, x1, y1\]"),
+    (dict(words=["a", "", "c", "d"]), r"words\[1\] must be a non-empty string"),
+    (dict(words="a red circle left"), "words must be a list"),
+    (dict(timed_caption=[{"utterance": "a", "start_time": 0, "end_time": 1}]), "one entry per word"),
+    (dict(timed_caption=[{"utterance": "a", "start_time": 2, "end_time": 1}] * 4), "ends before it starts"),
+    (dict(timed_caption=[{"utterance": "a", "start": 0, "end": 1}] * 4), "utterance, start_time, end_time"),
+    (dict(traces=[[{"x": 0.1, "y": 0.2}]]), r"traces\[0\]\[0\] must be \{x, y, t\}"),
+    (dict(non_visual=[4]), "not a word index"),
+    (dict(non_visual=[1, 1]), "repeated"),
+    (dict(image_sha="a" * 64), "unknown image"),
+    (dict(image_sha="not-a-sha"), "sha256"),
+    (dict(image_sha=None), "image_sha is required"),
+    (dict(parent_id=12345), "no correction with id 12345"),
+    (dict(generation_id=777), "no generation with id 777"),
+    (dict(parent_id=True), "positive integer"),
+])
+def test_bad_corrections_raise_value_error_and_write_nothing(store, image, db_path, overrides, message):
+    kwargs = edit(image_sha=image)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        store.save_correction(**kwargs)
+    assert count_rows(db_path) == 0
+
+
+# ---- append-only history ----------------------------------------------------------------------------
+
+
+def test_corrections_cannot_be_updated_deleted_or_replaced(store: AnnotationStore, image: str, db_path: Path):
+    first = store.save_correction(**edit(image_sha=image, client_token="tok"))
+    store.save_correction(**edit(parent_id=first))
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        before = conn.execute("SELECT * FROM corrections ORDER BY id").fetchall()
+        attempts = [
+            ("UPDATE corrections SET caption = 'tampered' WHERE id = ?", [first]),
+            ("DELETE FROM corrections WHERE id = ?", [first]),
+            ("DELETE FROM corrections", []),
+            ("INSERT OR REPLACE INTO corrections (id, image_sha, annotator, status, caption, timed_caption, "
+             "traces, words, boxes, non_visual, change_summary, created_at) "
+             "VALUES (?, ?, 'x', 'draft', '', '[]', '[]', '[]', '[]', '[]', '{}', 'now')", [first, image]),
+            ("INSERT OR REPLACE INTO corrections (image_sha, annotator, status, caption, timed_caption, traces, "
+             "words, boxes, non_visual, change_summary, created_at, client_token) "
+             "VALUES (?, 'x', 'draft', '', '[]', '[]', '[]', '[]', '[]', '{}', 'now', 'tok')", [image]),
+            # a second successor of the same row would fork the chain
+            ("INSERT INTO corrections (image_sha, parent_id, root_id, annotator, status, caption, timed_caption, "
+             "traces, words, boxes, non_visual, change_summary, created_at) "
+             "VALUES (?, ?, ?, 'x', 'draft', '', '[]', '[]', '[]', '[]', '[]', '{}', 'now')", [image, first, first]),
+        ]
+        for sql, params in attempts:
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                conn.execute(sql, params)
+            conn.rollback()
+        assert conn.execute("SELECT * FROM corrections ORDER BY id").fetchall() == before
+    # Through sqlite-utils too, on the store's own connection.
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        store._db()["corrections"].update(first, {"status": "accepted"})
+    assert store.get_correction(first)["status"] == "draft"
+
+
+def test_history_head_and_review(store: AnnotationStore, image: str):
+    first = store.save_correction(**edit(image_sha=image, status="draft"))
+    with pytest.raises(ValueError, match="draft"):
+        store.review(first, "rev", accept=True)
+    second = store.save_correction(**edit(parent_id=first, annotator="bob", status="submitted"))
+    third = store.review(second, " carol ", accept=False, comment="left is wrong")
+    fourth = store.save_correction(**edit(parent_id=third, status="submitted", caption="fixed"))
+    fifth = store.review(fourth, "carol", accept=True)
+    other = store.save_correction(**edit(image_sha=image))  # an unrelated chain
+
+    chain = [first, second, third, fourth, fifth]
+    for cid in chain:
+        assert [r["id"] for r in store.history(cid)] == chain
+        assert store.head(cid)["id"] == fifth
+    assert store.head(other)["id"] == other and [r["id"] for r in store.history(other)] == [other]
+    rows = store.history(fifth)
+    assert [r["status"] for r in rows] == ["draft", "submitted", "rejected", "submitted", "accepted"]
+    assert [r["is_head"] for r in rows] == [False] * 4 + [True]
+    assert {r["chain_id"] for r in rows} == {first}
+    rejected = rows[2]
+    assert (rejected["annotator"], rejected["reviewer"], rejected["comment"]) == ("bob", "carol", "left is wrong")
+    assert rejected["words"] == rows[1]["words"] and rejected["change_summary"]["status"] == ["submitted", "rejected"]
+    assert rejected["change_summary"]["review"] == {"reviewer": "carol", "accepted": False}
+    with pytest.raises(ValueError, match="no correction with id 999"):
+        store.history(999)
+    with pytest.raises(ValueError, match="accept must be True or False"):
+        store.review(fifth, "carol", accept="yes")
+
+
+def test_stale_parent_is_refused(store: AnnotationStore, image: str, db_path: Path):
+    first = store.save_correction(**edit(image_sha=image, status="submitted"))
+    second = store.save_correction(**edit(parent_id=first, annotator="bob"))
+    with pytest.raises(ValueError, match=f"superseded.*head of its chain is {second}"):
+        store.save_correction(**edit(parent_id=first, annotator="carol"))
+    with pytest.raises(ValueError, match="superseded"):
+        store.review(first, "rev", accept=True)
+    with pytest.raises(ValueError, match="an edit stays on its parent's image"):
+        store.save_correction(**edit(parent_id=second, image_sha=store.add_image(b"other", 2, 2)))
+    assert count_rows(db_path) == 2
+
+
+def test_client_token_makes_retries_idempotent(store: AnnotationStore, image: str, db_path: Path):
+    first = store.save_correction(**edit(image_sha=image, client_token="req-1"))
+    assert store.save_correction(**edit(image_sha=image, client_token="req-1")) == first
+    child = store.save_correction(**edit(parent_id=first, client_token="req-2"))
+    # A retry of req-2 after the chain moved on still answers the id it got, not "superseded".
+    store.save_correction(**edit(parent_id=child, status="submitted"))
+    assert store.save_correction(**edit(parent_id=first, client_token="req-2")) == child
+    reviewed = store.head(first)["id"]
+    review = store.review(reviewed, "rev", accept=True, client_token="rev-1")
+    assert store.review(reviewed, "rev", accept=True, client_token="rev-1") == review  # not "superseded"
+    assert count_rows(db_path) == 4
+    with pytest.raises(ValueError, match="already used by correction"):
+        store.save_correction(**edit(image_sha=image, annotator="mallory", client_token="req-1"))
+    assert count_rows(db_path) == 4
+
+
+def test_list_corrections_filters(store: AnnotationStore, image: str):
+    other_image = store.add_image(b"second image", 10, 10)
+    a = store.save_correction(**edit(image_sha=image, caption="100% red_circle", status="submitted"))
+    a2 = store.save_correction(**edit(parent_id=a, caption="100% red_circle, fixed", status="submitted"))
+    b = store.save_correction(**edit(image_sha=other_image, annotator="bob", caption="a blue star"))
+    ids = lambda rows: [r["id"] for r in rows]  # noqa: E731
+    assert ids(store.list_corrections()) == [b, a2]
+    assert ids(store.list_corrections(heads_only=False)) == [b, a2, a]
+    assert ids(store.list_corrections(status="draft")) == [b]
+    assert ids(store.list_corrections(status=["draft", "submitted"], limit=1, offset=1)) == [a2]
+    assert ids(store.list_corrections(annotator="bob")) == [b]
+    assert ids(store.list_corrections(image_sha=image, heads_only=False)) == [a2, a]
+    assert ids(store.list_corrections(search="RED_CIRCLE")) == [a2]
+    assert ids(store.list_corrections(search="0% r")) == [a2]
+    assert ids(store.list_corrections(search="d_c")) == [a2]  # "_" is literal, not a wildcard
+    assert ids(store.list_corrections(search="dxc")) == []
+    with pytest.raises(ValueError, match="status must be one of"):
+        store.list_corrections(status="done")
+    with pytest.raises(ValueError, match="limit"):
+        store.list_corrections(limit=0)
+
+
+def test_training_examples_are_submitted_or_accepted_heads(store: AnnotationStore, image: str):
+    accepted = store.review(store.save_correction(**edit(image_sha=image, status="submitted")), "r", True)
+    store.review(store.save_correction(**edit(image_sha=image, status="submitted")), "r", False)  # rejected
+    store.save_correction(**edit(image_sha=image, status="draft"))  # never submitted
+    reopened = store.save_correction(**edit(image_sha=image, status="submitted"))
+    store.save_correction(**edit(parent_id=reopened, status="draft"))  # being edited again: not ready
+    submitted = store.save_correction(**edit(image_sha=image, status="submitted", caption="pending"))
+
+    examples = store.training_examples()
+    assert [e["id"] for e in examples] == [accepted, submitted]
+    assert [e["id"] for e in store.training_examples(statuses=("accepted",))] == [accepted]
+    assert [e["id"] for e in store.training_examples(statuses="rejected")] == [accepted + 2]
+    for example in examples:
+        assert Path(example["image_path"]).read_bytes() == IMAGE
+        assert (example["image_width"], example["image_height"]) == (64, 48)
+        assert example["words"] == WORDS and len(example["boxes"]) == len(WORDS)
+    with pytest.raises(ValueError, match="statuses must be one of"):
+        store.training_examples(statuses=("good",))
+
+
+def test_finetune_runs(store: AnnotationStore):
+    run = store.start_finetune_run("lora-1", "ckpt/base", num_corrections=12, params={"lr": 1e-4, "r": 8})
+    store.update_finetune_run(run, metrics={"step": 10, "loss": 2.5})
+    store.update_finetune_run(run, metrics={"step": 20, "loss": 1.5}, adapter_path="runs/lora-1/step20")
+    row = store.get_finetune_run(run)
+    assert (row["status"], row["metrics"], row["finished_at"]) == ("running", {"step": 20, "loss": 1.5}, None)
+    store.finish_finetune_run(run, metrics={"lbm": 0.2}, adapter_path="runs/lora-1/final")
+    row = store.get_finetune_run(run)
+    assert row["status"] == "finished" and row["finished_at"] is not None
+    assert row["metrics"] == {"step": 20, "loss": 1.5, "lbm": 0.2} and row["adapter_path"] == "runs/lora-1/final"
+    assert row["params"] == {"lr": 1e-4, "r": 8} and row["num_corrections"] == 12
+    with pytest.raises(ValueError, match="already ended"):
+        store.finish_finetune_run(run, status="failed")
+    with pytest.raises(ValueError, match="no finetune run"):
+        store.update_finetune_run(run + 1)
+    with pytest.raises(ValueError, match="status must be one of"):
+        store.finish_finetune_run(store.start_finetune_run("x", "y", num_corrections=0), status="done")
+    assert [r["id"] for r in store.list_finetune_runs()] == [run + 1, run]
+
+
+def test_closed_store_raises_store_error(db_path: Path):
+    s = AnnotationStore(db_path)
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.list_corrections()
+    s.close()  # idempotent
+
+
+# ---- concurrency and crashes ------------------------------------------------------------------------
+
+
+def test_eight_threads_saving_at_once_lose_nothing(store: AnnotationStore, image: str, db_path: Path):
+    n_threads, per_thread = 8, 25
+    barrier = threading.Barrier(n_threads)
+    saved: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def annotate(t: int) -> None:
+        try:
+            barrier.wait()
+            ids, parent = [], None
+            for i in range(per_thread):  # each thread grows its own chain, all chains share the file
+                parent = store.save_correction(**edit(image_sha=image, parent_id=parent, annotator=f"a{t}",
+                                                      caption=f"{t}:{i}", client_token=f"{t}:{i}"))
+                ids.append(parent)
+            saved[t] = ids
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=annotate, args=(t,)) for t in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    all_ids = [i for ids in saved.values() for i in ids]
+    assert len(all_ids) == len(set(all_ids)) == n_threads * per_thread
+    assert count_rows(db_path) == n_threads * per_thread
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        captions = {c for (c,) in conn.execute("SELECT caption FROM corrections")}
+    assert captions == {f"{t}:{i}" for t in range(n_threads) for i in range(per_thread)}
+    for ids in saved.values():
+        assert [r["id"] for r in store.history(ids[0])] == ids
+    assert store.integrity_check() == "ok"
+
+
+def test_racing_edits_of_one_head_cannot_fork(store: AnnotationStore, image: str, db_path: Path):
+    head = store.save_correction(**edit(image_sha=image, status="submitted"))
+    n = 8
+    barrier = threading.Barrier(n)
+    outcomes: list[object] = []
+
+    def race(t: int) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(store.save_correction(**edit(parent_id=head, annotator=f"a{t}")))
+        except ValueError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=race, args=(t,)) for t in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if isinstance(o, int)]
+    losers = [o for o in outcomes if isinstance(o, ValueError)]
+    assert len(winners) == 1 and len(losers) == n - 1
+    assert all("superseded" in str(e) for e in losers)
+    assert [r["id"] for r in store.history(head)] == [head, winners[0]] and count_rows(db_path) == 2
+
+
+WRITER = LOAD_STORE + """
+s = store.AnnotationStore(sys.argv[1])
+sha = s.add_image(b"sigkill test image", 8, 8)
+trace = [[{"x": i / 400, "y": 0.5, "t": i / 40} for i in range(400)]]  # makes every commit a few pages
+parent = None
+while True:
+    parent = s.save_correction(annotator="writer", image_sha=sha, parent_id=parent, status="submitted",
+                               caption="a red circle", words=["a", "red", "circle"], boxes=[[0, 0, 1, 1]] * 3,
+                               traces=trace)
+    print(parent, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_mid_stream_loses_no_committed_row(db_path: Path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while len(lines) < 40:
+            line = proc.stdout.readline()
+            assert line, f"writer died early: {proc.stderr.read()}"
+            lines.append(line)
+        for _ in range(random.randint(0, 20)):  # land the kill at an arbitrary point of a write
+            lines.append(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        lines += proc.stdout.readlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    printed = [int(line) for line in lines if line.endswith("\n")]  # a torn last line was never fully printed
+
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    s = AnnotationStore(db_path)
+    try:
+        assert s.integrity_check() == "ok"
+        chain = [r["id"] for r in s.history(printed[0])]
+        assert chain[:len(printed)] == printed, "every printed (committed) id must be in the file, in order"
+        assert len(chain) - len(printed) <= 1  # at most the one committed just before the kill, unprinted
+        next_id = s.save_correction(annotator="after", parent_id=chain[-1])  # the store still works
+        assert s.head(printed[0])["id"] == next_id
+    finally:
+        s.close()
+
+
+# ---- faults -----------------------------------------------------------------------------------------
+
+UNPRIVILEGED = LOAD_STORE + """
+import json, os, shutil, tempfile
+# Run every code path once while still privileged: after setuid the interpreter's own lazily imported
+# modules may be unreadable.
+warm = tempfile.mkdtemp()
+with store.AnnotationStore(os.path.join(warm, "warm.db")) as w:
+    sha = w.add_image(b"warm", 1, 1)
+    w.save_correction(annotator="w", image_sha=sha, words=["x"], boxes=[[0, 0, 1, 1]])
+    w.list_corrections(search="x")
+shutil.rmtree(warm)
+if os.geteuid() == 0:  # root ignores file modes: act as nobody so read-only really is read-only
+    os.setgid(65534)
+    os.setuid(65534)
+result = {}
+try:
+    s = store.AnnotationStore(sys.argv[1])
+    result["rows_seen"] = len(s.list_corrections(heads_only=False))
+    s.save_correction(annotator="ro", image_sha=sys.argv[2], words=["x"], boxes=[[0, 0, 1, 1]])
+    result["saved"] = True
+except store.StoreError as exc:
+    result["store_error"] = str(exc)
+except Exception as exc:
+    result["other_error"] = repr(exc)
+print(json.dumps(result))
+"""
+
+
+def _store_with_one_row(path: Path) -> str:
+    with AnnotationStore(path) as s:
+        sha = s.add_image(IMAGE, 64, 48)
+        s.save_correction(**edit(image_sha=sha))
+    return sha
+
+
+def test_read_only_database_file_refuses_writes_cleanly(world_readable_dir: Path):
+    path = world_readable_dir / "annotations.db"
+    sha = _store_with_one_row(path)
+    path.chmod(0o444)  # the folder stays writable: the file can be opened and read, not written
+    proc = run_child(UNPRIVILEGED, str(path), sha)
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else proc.stderr
+    assert isinstance(result, dict), result
+    assert result.get("rows_seen") == 1, result
+    assert "saved" not in result and "read-only" in result["store_error"] and str(path) in result["store_error"]
+    path.chmod(0o644)
+    assert count_rows(path) == 1
+    with AnnotationStore(path) as s:
+        assert s.integrity_check() == "ok"
+
+
+def test_read_only_folder_fails_at_open_naming_the_file(world_readable_dir: Path):
+    path = world_readable_dir / "annotations.db"
+    sha = _store_with_one_row(path)
+    path.chmod(0o444)
+    world_readable_dir.chmod(0o555)  # cannot create the WAL index next to the file
+    proc = run_child(UNPRIVILEGED, str(path), sha)
+    world_readable_dir.chmod(0o777)
+    path.chmod(0o644)
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else proc.stderr
+    assert isinstance(result, dict) and "store_error" in result, result
+    assert str(path) in result["store_error"] and "read-only" in result["store_error"]
+    assert count_rows(path) == 1
+
+
+def test_database_full_raises_store_error_and_writes_nothing(store: AnnotationStore, image: str, db_path: Path):
+    store.save_correction(**edit(image_sha=image))
+    conn = store._db().conn
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # this connection may not grow the file: SQLITE_FULL
+    big_trace = [[{"x": i / 5000, "y": 0.5, "t": i / 50} for i in range(5000)]]
+    with pytest.raises(StoreError, match="disk is full") as info:
+        store.save_correction(**edit(image_sha=image, traces=big_trace))
+    assert str(db_path) in str(info.value)
+    assert not conn.in_transaction and count_rows(db_path) == 1
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    store.save_correction(**edit(image_sha=image, traces=big_trace))
+    assert count_rows(db_path) == 2 and store.integrity_check() == "ok"
+
+
+@pytest.mark.parametrize("code, message", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only")])
+def test_image_write_failure_leaves_no_file_and_no_row(store, db_path, monkeypatch, code, message):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store_module.os, "replace", fail)
+    with pytest.raises(StoreError, match=message):
+        store.add_image(IMAGE, 64, 48)
+    monkeypatch.undo()
+    assert count_rows(db_path, "images") == 0
+    assert list((db_path.parent / "images").iterdir()) == []  # the temp file was removed
+    sha = store.add_image(IMAGE, 64, 48)
+    assert store.get_image(sha) is not None
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "truncated", "garbled_pages"])
+def test_corrupt_file_raises_store_error_naming_the_file(tmp_path: Path, damage: str):
+    path = tmp_path / "annotations.db"
+    if damage == "random_bytes":
+        path.write_bytes(random.Random(0).randbytes(16384))
+    else:
+        with AnnotationStore(path) as s:
+            sha = s.add_image(IMAGE, 64, 48)
+            for i in range(60):
+                s.save_correction(**edit(image_sha=sha, caption=f"row {i} " * 300))
+        data = bytearray(path.read_bytes())
+        assert len(data) > 16 * 4096
+        if damage == "truncated":
+            data = data[: len(data) // 2]
+        else:  # keep the header, overwrite the pages in the middle with noise
+            data[8192:-8192] = random.Random(1).randbytes(len(data) - 16384)
+        path.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as info:
+        AnnotationStore(path)
+    assert str(path) in str(info.value)
+    assert "corrupt" in str(info.value) or "not a SQLite database" in str(info.value)
+
+
+def test_other_sqlite_database_is_not_taken_over(tmp_path: Path):
+    path = tmp_path / "someone_elses.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+        conn.commit()
+    with pytest.raises(StoreError, match="not an annotation store"):
+        AnnotationStore(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # not even switched to WAL
+        assert [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["accounts"]
+
+
+# ---- migrations -------------------------------------------------------------------------------------
+
+V1 = store_module.MIGRATIONS[:1]
+V2 = Migration(2, "test-only: corrections.priority", lambda db: db["corrections"].add_column("priority", int))
+
+
+def test_v1_file_is_migrated_when_opened_with_a_longer_list(db_path: Path):
+    with AnnotationStore(db_path, migrations=V1) as s:
+        assert s.schema_version() == 1
+        sha = s.add_image(IMAGE, 64, 48)
+        first = s.save_correction(**edit(image_sha=sha, status="submitted"))
+    with AnnotationStore(db_path, migrations=[*V1, V2]) as s:
+        assert s.schema_version() == 2
+        row = s.get_correction(first)
+        assert row["priority"] is None and row["words"] == WORDS  # old rows survive the migration
+        second = s.save_correction(**edit(parent_id=first))
+        assert [r["id"] for r in s.history(second)] == [first, second]
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE corrections SET priority = 1")
+    with AnnotationStore(db_path, migrations=[*V1, V2]) as s:  # reopening applies nothing twice
+        assert s.schema_version() == 2
+
+
+def test_failed_migration_leaves_the_previous_version(db_path: Path):
+    with AnnotationStore(db_path, migrations=V1) as s:
+        s.add_image(IMAGE, 64, 48)
+    broken = Migration(2, "broken", "CREATE TABLE tags (name TEXT); INSERT INTO no_such_table VALUES (1);")
+    with pytest.raises(StoreError, match="schema migration 2 .*stays at version 1"):
+        AnnotationStore(db_path, migrations=[*V1, broken])
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tags'").fetchone()[0] == 0
+    assert count_rows(db_path, "images") == 1
+
+
+def test_file_from_newer_code_is_refused(db_path: Path):
+    AnnotationStore(db_path, migrations=[*V1, V2]).close()
+    with pytest.raises(StoreError, match="schema version 2 but this code knows only up to 1"):
+        AnnotationStore(db_path, migrations=V1)
+    with pytest.raises(ValueError, match="numbered 1..N"):
+        AnnotationStore(db_path, migrations=[V2])
+
+
+def test_store_module_does_not_import_torch():
+    proc = run_child(LOAD_STORE + 'assert "torch" not in sys.modules, "store imported torch"\nprint("ok")')
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

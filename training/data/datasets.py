@@ -1,0 +1,296 @@
+"""Training datasets over a Shapes/LN data folder, the multi-task sampler and collate functions.
+
+Tasks (each batch holds one task; every batch also carries all object boxes for the proposal head):
+- `narrative`      full-image narrative (all sentences) under the global box, per-token trace boxes from LN;
+- `sentence`       one LN sentence as a separate target (Scenic's LN practice), global box;
+- `prefix`         PrefixLM: a random prefix of the narrative as the text prompt, the rest as target;
+- `region_box`     location-conditioned caption ("large red circle") prompted by the object's (jittered) box;
+- `region_points`  the same prompted by 1-3 positive points inside the object's mask;
+- `refer`          referring expression -> box at EOS + SAM mask, global box prompt.
+Captions are tokenised word by word (Metaspace tokenisers split at word starts, so this equals tokenising the
+whole text) so that every token inherits its word's target, as DESIGN §1 requires.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pixelllm.image import to_model_input
+from pixelllm.tokenizer import encode_text
+from training.data.localized_narratives import read_localized_narratives
+
+TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@dataclass
+class ImageRecord:
+    image_id: str
+    width: int
+    height: int
+    pixels: torch.Tensor  # 3xSxS uint8, model input size
+    instance_map: np.ndarray  # HxW uint8 at the original size, 0 = background, k = object id k
+    objects: list[dict]
+    words: list[str] = field(default_factory=list)
+    word_boxes: np.ndarray | None = None  # n x 4 normalised, clipped to [0, 1]
+    sentences: list[tuple[int, int]] = field(default_factory=list)
+
+
+class ShapesData:
+    """One split of a data folder (written by `python -m training.shapes`), held in memory at model size."""
+
+    def __init__(self, root: str | Path, split: str, image_size: int, limit: int | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        objects = read_jsonl(self.root / f"{split}.objects.jsonl")[:limit]
+        samples, self.ln_stats = read_localized_narratives(self.root / f"{split}.ln.jsonl")
+        ln = {s.image_id: s for s in samples}
+        self.records: list[ImageRecord] = []
+        self.index: dict[str, int] = {}
+        for entry in objects:
+            img = np.asarray(Image.open(self.root / entry["file_name"]).convert("RGB"))
+            inst = np.asarray(Image.open(self.root / entry["mask_file"]))
+            rec = ImageRecord(image_id=entry["image_id"], width=entry["width"], height=entry["height"],
+                              pixels=to_model_input(img, image_size).round().to(torch.uint8),
+                              instance_map=inst, objects=entry["objects"])
+            sample = ln.get(entry["image_id"])
+            if sample is not None:
+                rec.words = sample.words
+                rec.word_boxes = np.clip(sample.word_boxes, 0.0, 1.0).astype(np.float32)
+                rec.sentences = list(sample.sentences)
+            self.index[rec.image_id] = len(self.records)
+            self.records.append(rec)
+        self.refer = [r for r in read_jsonl(self.root / f"{split}.refer.jsonl") if r["image_id"] in self.index]
+        self.regions = [(i, obj) for i, rec in enumerate(self.records) for obj in rec.objects]
+        self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
+        self.sentence_items = [(i, s) for i in self.narratives for s in self.records[i].sentences]
+
+    def size(self, task: str) -> int:
+        return {"narrative": len(self.narratives), "prefix": len(self.narratives),
+                "sentence": len(self.sentence_items), "region_box": len(self.regions),
+                "region_points": len(self.regions), "refer": len(self.refer)}[task]
+
+
+def _norm_box(box: list[float], rec: ImageRecord) -> np.ndarray:
+    return np.array(box, dtype=np.float32) / np.array([rec.width, rec.height, rec.width, rec.height], np.float32)
+
+
+class Collator:
+    """Builds model batches (see `PixelLLM.forward`) for one task from item indices."""
+
+    def __init__(self, data: ShapesData, tokenizer, image_size: int, max_tokens: int = 96,
+                 box_jitter: float = 0.05) -> None:
+        self.data = data
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_tokens = max_tokens
+        self.box_jitter = box_jitter
+
+    def _word_tokens(self, words: list[str], boxes: np.ndarray | None) -> tuple[list[int], np.ndarray]:
+        ids: list[int] = []
+        tok_boxes: list[np.ndarray] = []
+        for w, word in enumerate(words):
+            pieces = encode_text(self.tokenizer, word, eos=False)
+            ids += pieces
+            box = boxes[w] if boxes is not None else np.zeros(4, np.float32)
+            tok_boxes += [box] * len(pieces)
+        return ids, np.array(tok_boxes, np.float32).reshape(-1, 4)
+
+    def _common(self, recs: list[ImageRecord]) -> dict:
+        max_obj = max(len(r.objects) for r in recs)
+        gt = torch.zeros(len(recs), max_obj, 4)
+        valid = torch.zeros(len(recs), max_obj, dtype=torch.bool)
+        for i, rec in enumerate(recs):
+            for j, obj in enumerate(rec.objects):
+                gt[i, j] = torch.from_numpy(_norm_box(obj["box"], rec))
+                valid[i, j] = True
+        return {"images": torch.stack([r.pixels for r in recs]).float(), "gt_boxes": gt, "gt_valid": valid}
+
+    def _pad_targets(self, seqs: list[tuple[list[int], np.ndarray, bool]]) -> dict:
+        """seqs: (token ids without EOS, per-token boxes, boxes supervised?) -> labels/token_boxes/mask."""
+        eos = self.tokenizer.eos_token_id
+        length = min(self.max_tokens, max(len(ids) for ids, _, _ in seqs) + 1)
+        labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+        boxes = torch.zeros(len(seqs), length, 4)
+        mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+        for i, (ids, tb, supervised) in enumerate(seqs):
+            ids = ids[: length - 1]
+            n = len(ids)
+            labels[i, :n] = torch.tensor(ids, dtype=torch.long)
+            labels[i, n] = eos
+            if supervised and n:
+                boxes[i, :n] = torch.from_numpy(tb[:n])
+                mask[i, :n] = True
+        return {"labels": labels, "token_boxes": boxes, "token_box_mask": mask}
+
+    def _pad_prompts(self, prompts: list[list[int]]) -> dict:
+        width = max(1, max(len(p) for p in prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[i, : len(p)] = 1
+        return {"prompt_ids": ids, "prompt_mask": mask}
+
+    def __call__(self, task: str, indices: list[int], rng: np.random.Generator) -> dict:
+        return getattr(self, f"_{task}")(indices, rng)
+
+    def _narrative(self, indices, rng) -> dict:
+        recs = [self.data.records[self.data.narratives[i]] for i in indices]
+        batch = self._common(recs)
+        batch.update(self._pad_targets([(*self._word_tokens(r.words, r.word_boxes), True) for r in recs]))
+        return batch
+
+    def _sentence(self, indices, rng) -> dict:
+        items = [self.data.sentence_items[i] for i in indices]
+        recs = [self.data.records[i] for i, _ in items]
+        seqs = []
+        for rec, (_, (start, end)) in zip(recs, items):
+            seqs.append((*self._word_tokens(rec.words[start:end], rec.word_boxes[start:end]), True))
+        batch = self._common(recs)
+        batch.update(self._pad_targets(seqs))
+        return batch
+
+    def _prefix(self, indices, rng) -> dict:
+        recs = [self.data.records[self.data.narratives[i]] for i in indices]
+        seqs, prompts = [], []
+        for rec in recs:
+            cut = int(rng.integers(1, max(2, len(rec.words))))
+            prompts.append(self._word_tokens(rec.words[:cut], None)[0])
+            seqs.append((*self._word_tokens(rec.words[cut:], rec.word_boxes[cut:]), True))
+        batch = self._common(recs)
+        batch.update(self._pad_targets(seqs))
+        batch.update(self._pad_prompts(prompts))
+        return batch
+
+    def _region_items(self, indices):
+        items = [self.data.regions[i] for i in indices]
+        return [self.data.records[i] for i, _ in items], [obj for _, obj in items]
+
+    def _region_targets(self, recs, objs) -> dict:
+        seqs = []
+        for rec, obj in zip(recs, objs):
+            words = f"{obj['size']} {obj['color']} {obj['shape']}".split()
+            seqs.append((*self._word_tokens(words, np.repeat(_norm_box(obj["box"], rec)[None], len(words), 0)), True))
+        return self._pad_targets(seqs)
+
+    def _region_box(self, indices, rng) -> dict:
+        recs, objs = self._region_items(indices)
+        boxes = []
+        for rec, obj in zip(recs, objs):
+            box = _norm_box(obj["box"], rec)
+            wh = np.array([box[2] - box[0], box[3] - box[1]] * 2, np.float32)
+            box = box + rng.normal(0, self.box_jitter, 4).astype(np.float32) * wh
+            x0, x1 = sorted(np.clip(box[[0, 2]], 0, 1))
+            y0, y1 = sorted(np.clip(box[[1, 3]], 0, 1))
+            boxes.append([x0, y0, max(x1, x0 + 1e-3), max(y1, y0 + 1e-3)])
+        batch = self._common(recs)
+        batch["prompt_boxes"] = torch.tensor(boxes, dtype=torch.float32)
+        batch.update(self._region_targets(recs, objs))
+        return batch
+
+    def _region_points(self, indices, rng) -> dict:
+        recs, objs = self._region_items(indices)
+        count = int(rng.integers(1, 4))
+        points = np.zeros((len(recs), count, 2), np.float32)
+        for i, (rec, obj) in enumerate(zip(recs, objs)):
+            ys, xs = np.nonzero(rec.instance_map == obj["object_id"])
+            pick = rng.integers(0, len(xs), count)
+            points[i, :, 0] = (xs[pick] + 0.5) / rec.width
+            points[i, :, 1] = (ys[pick] + 0.5) / rec.height
+        batch = self._common(recs)
+        batch["prompt_points"] = torch.from_numpy(points)
+        batch["point_labels"] = torch.ones(len(recs), count, dtype=torch.long)
+        batch.update(self._region_targets(recs, objs))
+        return batch
+
+    def _refer(self, indices, rng) -> dict:
+        refs = [self.data.refer[i] for i in indices]
+        recs = [self.data.records[self.data.index[r["image_id"]]] for r in refs]
+        seqs = [(encode_text(self.tokenizer, r["expression"], eos=False), np.zeros((0, 4), np.float32), False)
+                for r in refs]
+        batch = self._common(recs)
+        batch.update(self._pad_targets(seqs))
+        batch["refer_boxes"] = torch.tensor(np.stack([_norm_box(r["box"], rec) for r, rec in zip(refs, recs)]))
+        batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
+        masks = []
+        for r, rec in zip(refs, recs):
+            m = (rec.instance_map == r["object_id"]).astype(np.uint8)
+            m = Image.fromarray(m * 255).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            masks.append(torch.from_numpy((np.asarray(m) >= 128).astype(np.float32)))
+        batch["masks"] = torch.stack(masks)
+        batch["mask_valid"] = torch.ones(len(refs), dtype=torch.bool)
+        return batch
+
+
+class TaskStream:
+    """Epoch-based sharded index stream for one task (DistributedSampler semantics without a DataLoader):
+    each epoch a seeded permutation, rank r takes every world-th index. Its (epoch, offset) state is saved in
+    checkpoints so a resumed run continues with the very next batch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        per_rank = int(np.ceil(self.size / self.world))
+        perm = np.resize(perm, per_rank * self.world)  # pad by wrapping, as DistributedSampler does
+        return perm[self.rank :: self.world]
+
+    def next_batch(self) -> list[int]:
+        if self.offset + self.batch_size > len(self._order):
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._order = self._permutation()
+        batch = self._order[self.offset : self.offset + self.batch_size].tolist()
+        self.offset += self.batch_size
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation()
+
+
+class MultiTaskSampler:
+    """Chooses the task of each step from weights, identically on every rank (seeded by step)."""
+
+    def __init__(self, data: ShapesData, weights: dict[str, float], batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
+        unknown = set(weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+        self.tasks = [t for t, w in weights.items() if w > 0 and data.size(t) > 0]
+        if not self.tasks:
+            raise ValueError("no task has both a positive weight and data")
+        w = np.array([weights[t] for t in self.tasks], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.seed, self.rank = seed, rank
+        self.streams = {t: TaskStream(data.size(t), batch_size, seed + k, rank, world)
+                        for k, t in enumerate(self.tasks)}
+
+    def draw(self, step: int) -> tuple[str, list[int], np.random.Generator]:
+        choice = np.random.default_rng([self.seed, step]).choice(len(self.tasks), p=self.probs)
+        task = self.tasks[int(choice)]
+        return task, self.streams[task].next_batch(), np.random.default_rng([self.seed, step, self.rank])
+
+    def state(self) -> dict:
+        return {t: s.state() for t, s in self.streams.items()}
+
+    def load_state(self, state: dict) -> None:
+        for t, s in state.items():
+            if t in self.streams:
+                self.streams[t].load_state(s)

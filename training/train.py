@@ -1,0 +1,274 @@
+"""Train PixelLLM: `python -m training.train --config training/configs/shapes_tiny.yaml [--key.path=value ...]`.
+
+One straight script in nanoGPT's spirit: config -> DDP detection (torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl
+on GPU) -> data -> model (scratch, or a checkpoint) -> stages -> loop with rank-0 logging and checkpoints.
+Stages follow the paper (caption pretraining; LN joint caption + trace; multi-task) and each names the trainable
+set (`PixelLLM.set_stage`). A killed run resumes from `<out>/checkpoint` (model safetensors + trainer state:
+step, optimizer, scheduler, sampler positions), written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pixelllm.build import build_pixelllm
+from pixelllm.config import get_config
+from pixelllm.modeling.pixel_llm import PixelLLM
+from pixelllm.tokenizer import train_tokenizer
+from training.data.datasets import Collator, MultiTaskSampler, ShapesData, read_jsonl
+
+
+# ---------------------------------------------------------------------------- config
+def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """YAML or JSON config plus `--a.b.c=value` overrides (values parsed as YAML: numbers, bools, lists)."""
+    text = Path(path).read_text()
+    cfg = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(f"override {item!r} must look like --train.batch_size=8")
+        key, value = item[2:].split("=", 1)
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value)
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return cfg
+
+
+# ---------------------------------------------------------------------------- distributed
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+# ---------------------------------------------------------------------------- data
+def ensure_data(cfg: dict, rank: int, world: int) -> None:
+    """Generate missing Shapes splits listed under data.generate (rank 0; others wait)."""
+    root = Path(cfg["data"]["root"])
+    if rank == 0:
+        for split, spec in (cfg["data"].get("generate") or {}).items():
+            if not (root / f"{split}.objects.jsonl").is_file():
+                from training.data.shapes import generate_split
+
+                print(f"generating Shapes split {split!r}: {spec}", flush=True)
+                generate_split(root, split, int(spec["num"]), int(spec["seed"]), **spec.get("options", {}))
+    if world > 1:
+        dist.barrier()
+
+
+def tokenizer_corpus(root: Path, split: str) -> list[str]:
+    texts = [r["caption"] for r in read_jsonl(root / f"{split}.ln.jsonl")]
+    texts += [r["expression"] for r in read_jsonl(root / f"{split}.refer.jsonl")]
+    return texts
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out: Path, model: PixelLLM, state: dict) -> None:
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume(out: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives a kill between the two renames
+        path = out / name
+        if (path / "trainer_state.pt").is_file() and (path / "model.safetensors").is_file():
+            return path
+    return None
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for task in sorted({r["task"] for r in rows}):
+        pts = [(r["step"], r["loss"]) for r in rows if r["task"] == task]
+        ax.plot(*zip(*pts), label=task, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    rank, world, device = setup_distributed()
+    tcfg = cfg["train"]
+    torch.set_num_threads(max(1, int(tcfg.get("threads", os.cpu_count() or 1)) // world))
+    out = Path(tcfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_data(cfg, rank, world)
+    root = Path(cfg["data"]["root"])
+
+    resume = find_resume(out)
+    if resume is not None:
+        model = PixelLLM.from_pretrained(str(resume))
+        trainer_state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)
+    else:
+        mcfg = cfg["model"]
+        init = mcfg.get("init", "scratch")
+        torch.manual_seed(int(tcfg.get("seed", 0)))
+        if init == "scratch":
+            config = get_config(mcfg.get("preset", "tiny"), **mcfg.get("overrides", {}))
+            tok_dir = out / "tokenizer"
+            if rank == 0 and not (tok_dir / "tokenizer.json").is_file():
+                vocab = int(config.t5.vocab_size)
+                train_tokenizer(tokenizer_corpus(root, cfg["data"]["train_split"]), vocab).save_pretrained(tok_dir)
+            if world > 1:
+                dist.barrier()
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+            config.t5.vocab_size = max(config.t5.vocab_size, len(tokenizer))
+            model = build_pixelllm(config, tokenizer=tokenizer)
+        else:
+            model = build_pixelllm(init, **mcfg.get("components", {}))
+        trainer_state = {"step": 0}
+    model.to(device).train()
+
+    data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"))
+    collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)))
+    stages = cfg["stages"]
+    bounds = np.cumsum([0] + [int(s["steps"]) for s in stages])
+    total = int(bounds[-1])
+    step = int(trainer_state["step"])
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        (out / "config.resolved.json").write_text(json.dumps(cfg, indent=2))
+        print(f"PixelLLM {model.config.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+              f"{len(data.records)} images, world={world}, resume from step {step}", flush=True)
+
+    while step < total:
+        index = int(np.searchsorted(bounds, step, side="right") - 1)
+        stage = stages[index]
+        trainable = model.set_stage(stage.get("stage", "scratch"))
+        if "adapter" in stage and stage["adapter"] not in model.adapters:
+            model.add_adapter(stage["adapter"])
+            trainable = model.set_stage(stage.get("stage", "scratch"))
+        params = [p for n, p in model.named_parameters() if n in set(trainable)]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        peak = float(stage.get("lr", tcfg["lr"]))
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(tcfg.get("weight_decay", 0.05))},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=peak, betas=(0.9, 0.98))
+        sampler = MultiTaskSampler(data, stage["tasks"], int(tcfg["batch_size"]) // world,
+                                   int(tcfg.get("seed", 0)) + 1000 * index, rank, world)
+        if trainer_state.get("stage_index") == index:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+            sampler.load_state(trainer_state["sampler"])
+        engine = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+        start, end = int(bounds[index]), int(bounds[index + 1])
+        warmup = int(stage.get("warmup", tcfg.get("warmup", 100)))
+        bar = tqdm(total=end - start, initial=step - start, desc=stage["name"], disable=rank != 0, mininterval=5,
+                   file=sys.stdout)
+        window: dict[str, list[float]] = {}
+        last_log = time.time()
+        samples = 0
+        while step < end:
+            task, indices, rng = sampler.draw(step)
+            batch = {k: v.to(device) for k, v in collate(task, indices, rng).items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step - start, end - start, warmup, peak)
+            losses = engine(batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, float(tcfg.get("grad_clip", 1.0)))
+            optimizer.step()
+            step += 1
+            samples += len(indices) * world
+            bar.update(1)
+            for k, v in losses.items():
+                window.setdefault(f"{task}/{k}", []).append(float(v.detach()))
+            if rank == 0 and step % int(tcfg.get("log_every", 20)) == 0:
+                elapsed = time.time() - last_log
+                for key in sorted({k.split("/")[0] for k in window}):
+                    row = {"step": step, "stage": stage["name"], "task": key,
+                           "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples / max(elapsed, 1e-9)}
+                    row.update({k.split("/")[1]: float(np.mean(v)) for k, v in window.items()
+                                if k.startswith(key + "/")})
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{np.mean([np.mean(v) for k, v in window.items() if k.endswith('/loss')]):.3f}")
+                window, samples, last_log = {}, 0, time.time()
+            if step % int(tcfg.get("checkpoint_every", 200)) == 0 or step == end:
+                if rank == 0:
+                    save_checkpoint(out, model, {"step": step, "stage_index": index if step < end else index + 1,
+                                                 "optimizer": optimizer.state_dict(), "sampler": sampler.state()})
+                    if metrics_path.exists():
+                        plot_losses(metrics_path, out / "loss_curves.png")
+                if world > 1:
+                    dist.barrier()
+        bar.close()
+        trainer_state = {}
+
+    if rank == 0:
+        model.eval()
+        model.save_pretrained(out / "final")
+        export = cfg.get("export")
+        if export:
+            dtype = getattr(torch, export.get("dtype", "float32"))
+            shutil.rmtree(export["dir"], ignore_errors=True)
+            model.save_pretrained(export["dir"], dtype=dtype)
+            print(f"exported {export['dir']} ({export.get('dtype', 'float32')})", flush=True)
+        print(f"done: {step} steps -> {out / 'final'}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
