@@ -94,7 +94,7 @@ def to_model_input(image: np.ndarray, size: int) -> torch.Tensor:
 
     We squash instead of SAM's pad-to-square so that coordinates normalised to the model input are exactly the
     coordinates normalised to the original image (the LN convention the model predicts in)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0)
+    tensor = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1).unsqueeze(0)
     if tensor.shape[-2:] != (size, size):
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return tensor[0].clamp(0, 255)

@@ -269,11 +269,13 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         config = adapters.lora_config(self.config.lora, extra_targets)
         adapters.add_adapter(self, name, config)
         self.adapter_configs[name] = config
+        self.train(self.training)  # new LoRA dropout modules start in train mode; follow the model
 
     def load_adapter(self, directory: str | Path, name: str, *, activate: bool = True) -> None:
         from pixelllm import adapters
 
         self.adapter_configs[name] = adapters.load_adapter(self, Path(directory), name)
+        self.train(self.training)
         if activate:
             adapters.set_active_adapter(self, name)
 

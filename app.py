@@ -1,0 +1,90 @@
+"""PixelLLM Studio: `python app.py` (embedded checkpoint) or `python app.py --checkpoint PATH|HUB_ID`.
+
+args -> model + predictor + annotation store -> pixelllm.ui.build_demo(...) -> launch. Also the entry point of
+the Hugging Face Space (README front matter: sdk gradio, app_file app.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = "assets/checkpoints/shapes-tiny"
+EXAMPLES = ROOT / "assets" / "examples"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=os.environ.get("PIXELLLM_CHECKPOINT") or DEFAULT_CHECKPOINT,
+                        help="checkpoint folder or hub id (default: $PIXELLLM_CHECKPOINT or the embedded model)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto picks cuda > mps > cpu (bfloat16 on CUDA)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (0.0.0.0 to serve the network; Spaces set it)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    parser.add_argument("--db", default="data/annotations.db", help="annotation store (SQLite file)")
+    parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once")
+    return parser.parse_args(argv)
+
+
+def pick_device(choice: str) -> tuple[str, object]:
+    """(device, dtype): auto = cuda > mps > cpu; bfloat16 on CUDA, float32 elsewhere."""
+    import torch
+
+    if choice == "auto":
+        if torch.cuda.is_available():
+            choice = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            choice = "mps"
+        else:
+            choice = "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("--device mps: MPS is not available")
+    return choice, (torch.bfloat16 if choice == "cuda" else None)
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """Relative folders are looked up from the working directory, then next to app.py."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_absolute() and not path.exists() and (ROOT / path).is_dir():
+        return str(ROOT / path)
+    return checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.store import AnnotationStore, StoreError
+    from pixelllm.ui import MAX_FILE_SIZE, build_demo
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    try:
+        model = PixelLLM.from_pretrained(checkpoint)
+    except FileNotFoundError as err:
+        hint = (" The embedded model is trained by `python -m training.train --config training/configs/"
+                "shapes_tiny.yaml`; or pass --checkpoint PATH|HUB_ID." if args.checkpoint == DEFAULT_CHECKPOINT else "")
+        raise SystemExit(f"cannot load the checkpoint: {err}.{hint}") from err
+    device, dtype = pick_device(args.device)
+    predictor = PixelLLMPredictor(model, device=device, dtype=dtype)
+    try:
+        store = AnnotationStore(args.db)
+    except (StoreError, ValueError) as err:
+        logging.warning("annotation store %s unavailable (%s): outputs will not be logged", args.db, err)
+        store = None
+    examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
+    demo = build_demo(predictor, store, checkpoint=args.checkpoint, examples=examples,
+                      concurrency=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
+                ssr_mode=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,813 @@
+"""The studio's callbacks: one function per user action, plain data in and out, tested directly.
+
+`Studio` holds what every user shares (the thread-safe predictor, the annotation store, settings); a `Session`
+(kept per browser tab in `gr.State`) holds one user's image, prompts and last results. Nothing mutable lives at
+module level.
+
+Coordinate frames. The model sees the image as `pixelllm.image.load_image` returns it (downscaled when a side
+exceeds 2048 px). The viewer, the prompts and the store use that frame; downloads and the API map coordinates
+back to the pixels of the image the user sent (after EXIF rotation), so a client never sees the downscale.
+
+Every user mistake raises `ValueError` inside and leaves as `gr.Error` (see `user_errors`); a failing store only
+warns (`gr.Warning`) — the user still gets the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from pixelllm import image as imaging
+from pixelllm.ui import render
+
+log = logging.getLogger(__name__)
+
+CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box (2 clicks)": "box",
+               "Inspect words": "inspect"}
+MAX_EXPRESSIONS = 16
+DEFAULT_MAX_WORDS = 40
+DOWNLOAD_MAX_AGE_S = 3600
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn ValueError (a user mistake: no image, bad box, empty expression...) into gr.Error."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args: Any, **kwargs: Any) -> Iterator:
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except ValueError as err:
+                raise gr.Error(str(err)) from err
+        return generator
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------ shared + per user
+
+@dataclasses.dataclass
+class Studio:
+    """What all users share. `predictor` is thread-safe; `store` may be None (nothing is logged)."""
+
+    predictor: Any
+    store: Any = None
+    checkpoint: str | None = None
+    examples: list[str] = dataclasses.field(default_factory=list)
+    max_words: int = 128
+    min_word_interval: float = 0.03  # pace streamed words so the trace visibly draws on fast hardware
+    download_root: Path | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.predictor.model
+
+    @property
+    def model_id(self) -> str:
+        return str(self.checkpoint or getattr(self.model, "source", None) or "in-memory")
+
+    def model_info(self) -> dict[str, Any]:
+        model = self.model
+        params = sum(p.numel() for p in model.parameters())
+        return {
+            "checkpoint": self.model_id,
+            "preset": model.config.preset,
+            "version": model.version,
+            "device": str(self.predictor.device),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "parameters": params,
+            "adapter": self.predictor.adapter,
+            "adapters": list(model.adapters),
+        }
+
+
+@dataclasses.dataclass
+class Session:
+    """One user's working state (lives in gr.State)."""
+
+    image: dict | None = None          # {key, width, height, src, orig_width, orig_height}
+    array: np.ndarray | None = None    # HxWx3 uint8, the model frame
+    sha: str | None = None             # the image's id in the annotation store, once stored
+    prompts: list[dict] = dataclasses.field(default_factory=list)  # in click order, for undo
+    pending: list[float] | None = None  # first corner of a box being drawn with two clicks
+    inspect: dict | None = None
+    caption: dict | None = None        # last caption result (model frame)
+    refer: list[dict] | None = None
+    dense: list[dict] | None = None
+    dense_selected: int | None = None
+    dense_words: list[dict] = dataclasses.field(default_factory=list)
+    last: dict | None = None           # the last output shown, any task: what an Annotate tab would correct
+
+
+def _session(session: Session | None) -> Session:
+    return session if isinstance(session, Session) else Session()
+
+
+def _require_image(session: Session) -> None:
+    if session.array is None or session.image is None:
+        raise ValueError("Upload, paste or pick an example image first.")
+
+
+# ------------------------------------------------------------------------------------------ images
+
+@dataclasses.dataclass
+class LoadedImage:
+    array: np.ndarray      # model frame (maybe downscaled)
+    orig_width: int        # the image as the user sent it, after EXIF rotation
+    orig_height: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per model-frame pixel (x, y)."""
+        return self.orig_width / self.array.shape[1], self.orig_height / self.array.shape[0]
+
+
+def load_user_image(source: str | os.PathLike | bytes) -> LoadedImage:
+    """Decode an upload with pixelllm.image.load_image and remember its original size for mapping back."""
+    if source is None or (isinstance(source, str) and not source):
+        raise ValueError("Upload, paste or pick an example image first.")
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    array = imaging.load_image(data)
+    orig_w, orig_h = array.shape[1], array.shape[0]
+    if max(array.shape[:2]) >= imaging.MAX_SIDE:  # maybe downscaled: read the true (oriented) size
+        with Image.open(io.BytesIO(data)) as img:
+            orig_w, orig_h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                orig_w, orig_h = orig_h, orig_w
+    return LoadedImage(array=array, orig_width=int(orig_w), orig_height=int(orig_h))
+
+
+def _to_original(box: Sequence[float], scale: tuple[float, float]) -> list[float]:
+    sx, sy = scale
+    return [round(box[0] * sx, 2), round(box[1] * sy, 2), round(box[2] * sx, 2), round(box[3] * sy, 2)]
+
+
+def _session_scale(session: Session) -> tuple[float, float]:
+    img = session.image
+    return img["orig_width"] / img["width"], img["orig_height"] / img["height"]
+
+
+def _empty_views() -> tuple[dict, dict, dict]:
+    return (render.viewer_value(None, mode="caption"), render.viewer_value(None, mode="refer"),
+            render.viewer_value(None, mode="dense"))
+
+
+@user_errors
+def load_image(studio: Studio, source: str | None, session: Session | None) -> tuple:
+    """A new image (upload, paste, example) or none (cleared): reset the session, encode the image once
+    (warms the predictor's embedding cache) and send it to the three viewers.
+    Returns (session, caption view, refer view, dense view)."""
+    if not source:
+        return (Session(), *_empty_views())
+    loaded = load_user_image(source)
+    studio.predictor.set_image(loaded.array)
+    h, w = loaded.array.shape[:2]
+    session = Session(array=loaded.array)
+    session.image = {"key": imaging.image_key(loaded.array), "width": w, "height": h,
+                     "src": render.display_data_url(loaded.array), "orig_width": loaded.orig_width,
+                     "orig_height": loaded.orig_height}
+    note = "" if (w, h) == (loaded.orig_width, loaded.orig_height) else (
+        f" (downscaled from {loaded.orig_width}×{loaded.orig_height}; downloads use the original pixels)")
+    return (
+        session,
+        caption_view(session, message=f"Image {w}×{h}{note}. Click to add prompts, or Generate for the whole image."),
+        render.viewer_value(session.image, mode="refer", clickable=False,
+                            message="Type referring expressions, one per line, then Locate."),
+        render.viewer_value(session.image, mode="dense",
+                            message="Detect regions, then click one (or drag a box) for its traced caption."),
+    )
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+def prompt_arrays(prompts: Sequence[dict]) -> tuple[np.ndarray | None, np.ndarray | None, list[float] | None]:
+    """Prompt list -> (points Nx2, labels N, box) for the predictor; the last box drawn wins."""
+    pts = [p for p in prompts if p["kind"] == "point"]
+    boxes = [p["box"] for p in prompts if p["kind"] == "box"]
+    points = np.array([p["xy"] for p in pts], dtype=np.float64).reshape(-1, 2) if pts else None
+    labels = np.array([p["label"] for p in pts], dtype=np.int64) if pts else None
+    return points, labels, (boxes[-1] if boxes else None)
+
+
+def caption_view(session: Session, *, include_src: bool = True, words: Sequence[dict] | None = None,
+                 status: str = "idle", message: str = "") -> dict:
+    points, labels, box = prompt_arrays(session.prompts)
+    pts = [] if points is None else [(x, y, int(lab)) for (x, y), lab in zip(points.tolist(), labels.tolist())]
+    if words is None:
+        words = session.caption["words"] if session.caption else []
+    return render.viewer_value(session.image, mode="caption", include_src=include_src, points=pts, box=box,
+                               pending=session.pending, words=words, inspect=session.inspect, status=status,
+                               message=message)
+
+
+def _prompt_summary(session: Session) -> str:
+    points, labels, box = prompt_arrays(session.prompts)
+    parts = []
+    if points is not None:
+        pos = int((labels == 1).sum())
+        parts.append(f"{pos} positive / {len(labels) - pos} negative point(s)")
+    if box is not None:
+        parts.append("box " + ", ".join(f"{c:.0f}" for c in box))
+    if session.pending is not None:
+        parts.append("box: click the opposite corner")
+    return "Prompt: " + ("; ".join(parts) if parts else "none (whole image)")
+
+
+def words_at(words: Sequence[dict], x: float, y: float) -> list[int]:
+    """Indices of the words whose box covers pixel (x, y)."""
+    return [i for i, w in enumerate(words)
+            if w["box"][0] <= x <= w["box"][2] and w["box"][1] <= y <= w["box"][3]]
+
+
+def _point(data: Any, session: Session) -> tuple[float, float]:
+    try:
+        x, y = float(data["x"]), float(data["y"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError("the click did not carry image coordinates") from err
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise ValueError("the click did not carry image coordinates")
+    return (min(max(x, 0.0), session.image["width"]), min(max(y, 0.0), session.image["height"]))
+
+
+@user_errors
+def click(session: Session | None, mode: str, data: Any) -> tuple[Session, dict]:
+    """A click on the caption viewer at data = {x, y} (model-frame pixels). mode: a CLICK_MODES label or value:
+    add a positive/negative point, place a box corner (the second click completes the box), or inspect which
+    words' boxes cover the pixel. Returns (session, caption view)."""
+    session = _session(session)
+    _require_image(session)
+    mode = CLICK_MODES.get(mode, mode)
+    x, y = _point(data, session)
+    if mode in ("positive", "negative"):
+        if len([p for p in session.prompts if p["kind"] == "point"]) >= imaging.MAX_POINTS:
+            raise ValueError(f"at most {imaging.MAX_POINTS} points are allowed")
+        session.prompts.append({"kind": "point", "xy": [x, y], "label": 1 if mode == "positive" else 0})
+        session.pending = None
+    elif mode == "box":
+        if session.pending is None:
+            session.pending = [x, y]
+        else:
+            x0, y0 = session.pending
+            session.pending = None
+            box = imaging.check_box((x0, y0, x, y), session.image["width"], session.image["height"])
+            session.prompts.append({"kind": "box", "box": [round(float(c), 1) for c in box]})
+    elif mode == "inspect":
+        words = session.caption["words"] if session.caption else []
+        session.inspect = {"x": x, "y": y, "hits": words_at(words, x, y)}
+        hits = len(session.inspect["hits"])
+        msg = (f"{hits} word(s) cover ({x:.0f}, {y:.0f})" if words else
+               "Generate a caption first, then click a pixel to list the words whose boxes cover it.")
+        return session, caption_view(session, include_src=False, message=msg)
+    else:
+        raise ValueError(f"unknown click mode {mode!r}")
+    session.inspect = None
+    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
+
+
+@user_errors
+def drag_box(session: Session | None, data: Any) -> tuple[Session, dict]:
+    """A box dragged on the caption viewer: data = {box: [x0, y0, x1, y1]} (model-frame pixels)."""
+    session = _session(session)
+    _require_image(session)
+    try:
+        raw = [float(c) for c in data["box"]]
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError("the drag did not carry a box") from err
+    box = imaging.check_box(raw, session.image["width"], session.image["height"])
+    session.prompts.append({"kind": "box", "box": [round(float(c), 1) for c in box]})
+    session.pending = None
+    session.inspect = None
+    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
+
+
+def undo_prompt(session: Session | None) -> tuple[Session, dict]:
+    session = _session(session)
+    if session.pending is not None:
+        session.pending = None
+    elif session.prompts:
+        session.prompts.pop()
+    session.inspect = None
+    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
+
+
+def clear_prompts(session: Session | None) -> tuple[Session, dict]:
+    session = _session(session)
+    session.prompts, session.pending, session.inspect = [], None, None
+    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
+
+
+# ------------------------------------------------------------------------------------------ store + files
+
+def _log(studio: Studio, session: Session | None, array: np.ndarray, task: str, words: list[str],
+         boxes: list[list[float]], *, prompts: Any, extra: dict, session_id: str | None) -> int | None:
+    """Log an output shown to a user. A failing store warns; the user keeps the result."""
+    if studio.store is None:
+        return None
+    try:
+        sha = session.sha if session is not None else None
+        if sha is None:
+            sha = studio.store.add_image(render.png_bytes(array), int(array.shape[1]), int(array.shape[0]))
+            if session is not None:
+                session.sha = sha
+        return studio.store.log_generation(
+            sha, task, words, boxes, model_id=studio.model_id, model_version=str(studio.model.version),
+            prompts=prompts, extra=extra, adapter=studio.predictor.adapter, session=session_id)
+    except Exception as err:  # noqa: BLE001 - any store failure must not cost the user the result
+        log.exception("annotation store: could not log a %s generation", task)
+        gr.Warning(f"The result is shown but could not be saved to the annotation store: {err}")
+        return None
+
+
+def _download_dir(studio: Studio) -> Path:
+    """A fresh per-request folder under GRADIO_TEMP_DIR (never a shared fixed path); old ones are pruned."""
+    root = studio.download_root or Path(os.environ.get("GRADIO_TEMP_DIR") or
+                                        Path(tempfile.gettempdir()) / "gradio") / "pixelllm-downloads"
+    root.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - DOWNLOAD_MAX_AGE_S
+    for old in root.iterdir():
+        try:
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="result-", dir=root))
+
+
+def _write_json(folder: Path, name: str, payload: dict) -> str:
+    path = folder / name
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+    return str(path)
+
+
+def _write_png(folder: Path, name: str, data: bytes | np.ndarray) -> str:
+    path = folder / name
+    path.write_bytes(data if isinstance(data, bytes) else render.png_bytes(data))
+    return str(path)
+
+
+def _model_meta(studio: Studio) -> dict:
+    return {"checkpoint": studio.model_id, "version": str(studio.model.version), "adapter": studio.predictor.adapter}
+
+
+# ------------------------------------------------------------------------------------------ captioning
+
+def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
+                     limit: int = 128) -> dict:
+    """Validate the decoding controls. Sampling without a seed draws one, so every result is reproducible."""
+    try:
+        max_words = int(max_words if max_words is not None else DEFAULT_MAX_WORDS)
+    except (TypeError, ValueError) as err:
+        raise ValueError("max words must be a whole number") from err
+    if not 1 <= max_words <= limit:
+        raise ValueError(f"max words must be between 1 and {limit}")
+    sampling = bool(sampling)
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        seed = secrets.randbelow(2**31) if sampling else None
+    else:
+        try:
+            seed_f = float(seed)
+        except (TypeError, ValueError) as err:
+            raise ValueError("the seed must be a whole number") from err
+        if not seed_f.is_integer() or not 0 <= seed_f < 2**63:
+            raise ValueError("the seed must be a whole number between 0 and 2^63")
+        seed = int(seed_f)
+    try:
+        temperature, top_p = float(temperature if temperature is not None else 1.0), float(
+            top_p if top_p is not None else 1.0)
+    except (TypeError, ValueError) as err:
+        raise ValueError("temperature and top-p must be numbers") from err
+    return {"max_words": max_words, "do_sample": sampling, "temperature": temperature, "top_p": top_p,
+            "seed": seed}
+
+
+def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
+                 text: str | None = None, options: dict) -> Iterator[dict]:
+    """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words'].
+    The predictor generator is closed explicitly so its model lock is released even when we stop early."""
+    state = studio.predictor.set_image(array)
+    max_words = options["max_words"]
+    with closing(studio.predictor.stream_caption(
+            state, points=points, point_labels=point_labels, box=box, text=text,
+            max_new_tokens=min(512, 4 * max_words + 8), do_sample=options["do_sample"],
+            temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"])) as words:
+        for count, word in enumerate(words, start=1):
+            yield word.to_dict()
+            if count >= max_words:
+                break
+
+
+def _caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
+                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption") -> dict:
+    """The JSON a user downloads or the API returns: boxes in the pixels of the image the user sent."""
+    return {
+        "task": task,
+        "text": " ".join(w["text"] for w in words),
+        "image": {"width": size[0], "height": size[1]},
+        "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
+        "words": [{"index": w["index"], "text": w["text"], "box": _to_original(w["box"], scale)} for w in words],
+        "prompts": prompts,
+        "decoding": options,
+        "model": _model_meta(studio),
+        "generation_id": generation_id,
+    }
+
+
+def _prompts_original(session: Session, text: str | None) -> dict:
+    points, labels, box = prompt_arrays(session.prompts)
+    sx, sy = _session_scale(session)
+    return {
+        "points": [] if points is None else [[round(x * sx, 2), round(y * sy, 2)] for x, y in points.tolist()],
+        "point_labels": [] if labels is None else labels.tolist(),
+        "box": None if box is None else _to_original(box, (sx, sy)),
+        "text": text,
+    }
+
+
+@user_errors
+def generate(studio: Studio, session: Session | None, text: str | None, max_words: Any, sampling: Any,
+             temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> Iterator[tuple]:
+    """Stream a caption: yields (caption view, caption text, files, session) once per decoded word, then a
+    final update with the downloads. The view carries words + boxes; the browser draws the trace."""
+    session = _session(session)
+    _require_image(session)
+    text = imaging.check_text(text)
+    options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words)
+    points, labels, box = prompt_arrays(session.prompts)
+    if points is not None:  # clear message for negative-only prompts etc. before anything streams
+        imaging.check_points(points, labels, session.image["width"], session.image["height"])
+    session.inspect = None
+    session.pending = None
+    array = session.array
+    words: list[dict] = []
+    yield (caption_view(session, words=[], status="streaming", message="Generating…"), "", gr.skip(), session)
+    last = 0.0
+    for word in stream_words(studio, array, points=points, point_labels=labels, box=box, text=text,
+                             options=options):
+        words.append(word)
+        wait = studio.min_word_interval - (time.monotonic() - last)
+        if wait > 0:
+            time.sleep(wait)
+        last = time.monotonic()
+        yield (caption_view(session, words=words, status="streaming", message=f"Generating… {len(words)} words"),
+               " ".join(w["text"] for w in words), gr.skip(), session)
+    prompts_model = {"points": [] if points is None else points.tolist(),
+                     "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": text}
+    gen_id = _log(studio, session, array, "caption", [w["text"] for w in words], [w["box"] for w in words],
+                  prompts=prompts_model, extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
+                  session_id=session_id)
+    record = _caption_record(studio, words, _session_scale(session),
+                             (session.image["orig_width"], session.image["orig_height"]),
+                             prompts=_prompts_original(session, text), options=options, generation_id=gen_id)
+    session.caption = {"words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
+                       "generation_id": gen_id}
+    session.last = {"task": "caption", **session.caption}
+    folder = _download_dir(studio)
+    files = [_write_json(folder, "caption.json", record),
+             _write_png(folder, "caption_overlay.png",
+                        render.trace_overlay(array, words, points=_points_list(points, labels), box=box))]
+    done = f"{len(words)} words" + (f" · saved as generation #{gen_id}" if gen_id is not None else "")
+    if options["do_sample"]:
+        done += f" · seed {options['seed']}"
+    yield (caption_view(session, words=words, status="done", message=done), record["text"], files, session)
+
+
+def _points_list(points: np.ndarray | None, labels: np.ndarray | None) -> list:
+    if points is None:
+        return []
+    return [(x, y, int(lab)) for (x, y), lab in zip(points.tolist(), labels.tolist())]
+
+
+# ------------------------------------------------------------------------------------------ referring
+
+def parse_expressions(text: str | None) -> list[str]:
+    lines = [" ".join(line.split()) for line in (text or "").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError("Type at least one referring expression (one per line), e.g. “the red circle”.")
+    if len(lines) > MAX_EXPRESSIONS:
+        raise ValueError(f"{len(lines)} expressions given; at most {MAX_EXPRESSIONS} at once")
+    for line in lines:
+        imaging.check_text(line)
+    return lines
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "expression"
+
+
+@user_errors
+def refer(studio: Studio, session: Session | None, expressions: str | None,
+          session_id: str | None = None) -> tuple:
+    """Referring localisation + segmentation. Returns (session, refer view, files)."""
+    session = _session(session)
+    _require_image(session)
+    lines = parse_expressions(expressions)
+    state = studio.predictor.set_image(session.array)
+    referrals = studio.predictor.refer(state, lines)
+    boxes = [list(r.box) for r in referrals]
+    gen_id = _log(studio, session, session.array, "refer", lines, boxes,
+                  prompts={"expressions": lines},
+                  extra={"scores": [r.score for r in referrals], "mask_scores": [r.mask_score for r in referrals]},
+                  session_id=session_id)
+    regions = [{"box": [round(c, 2) for c in r.box], "label": r.expression,
+                "detail": f"score {r.score:.2f} · mask {r.mask_score:.2f}", "score": r.score,
+                "color": render.palette_color(i), "mask": render.mask_overlay_url(r.mask, render.palette_color(i))}
+               for i, r in enumerate(referrals)]
+    session.refer = [{"expression": r.expression, "box": list(r.box), "score": r.score,
+                      "mask_score": r.mask_score} for r in referrals]
+    session.last = {"task": "refer", "results": session.refer, "generation_id": gen_id}
+    scale = _session_scale(session)
+    size = (session.image["orig_width"], session.image["orig_height"])
+    folder = _download_dir(studio)
+    files = [_write_json(folder, "refer.json", _refer_record(studio, referrals, scale, size, gen_id))]
+    for i, r in enumerate(referrals):
+        files.append(_write_png(folder, f"mask_{i + 1}_{_slug(r.expression)}.png", render.mask_png(r.mask, size)))
+    files.append(_write_png(folder, "refer_overlay.png", render.regions_overlay(
+        session.array, [{"box": r.box, "label": f"{i + 1}. {r.expression}"} for i, r in enumerate(referrals)],
+        [r.mask for r in referrals])))
+    msg = f"{len(referrals)} expression(s) located" + (f" · generation #{gen_id}" if gen_id is not None else "")
+    view = render.viewer_value(session.image, mode="refer", include_src=False, regions=regions, clickable=False,
+                               status="done", message=msg)
+    return session, view, files
+
+
+def _refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float], size: tuple[int, int],
+                  gen_id: int | None) -> dict:
+    results = []
+    for r in referrals:
+        mask = r.mask
+        if (mask.shape[1], mask.shape[0]) != size:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+        results.append({"expression": r.expression, "box": _to_original(r.box, scale), "score": round(r.score, 4),
+                        "mask_score": round(r.mask_score, 4), "mask_area": int(mask.sum()),
+                        "mask": render.mask_rle(mask)})
+    return {"task": "refer", "image": {"width": size[0], "height": size[1]},
+            "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]; "
+                           "masks are COCO uncompressed RLE (column-major)",
+            "results": results, "model": _model_meta(studio), "generation_id": gen_id}
+
+
+# ------------------------------------------------------------------------------------------ dense captions
+
+def _dense_options(score_threshold: Any, max_regions: Any) -> tuple[float, int]:
+    try:
+        threshold, regions = float(score_threshold), int(max_regions)
+    except (TypeError, ValueError) as err:
+        raise ValueError("the score threshold and max regions must be numbers") from err
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError("the score threshold must be between 0 and 1")
+    if not 1 <= regions <= 100:
+        raise ValueError("max regions must be between 1 and 100")
+    return threshold, regions
+
+
+def _dense_regions(regions: Sequence[dict], selected: int | None = None) -> list[dict]:
+    return [{"box": [round(c, 2) for c in r["box"]], "label": r["caption"] or "(no words)",
+             "detail": f"{r['score']:.2f}", "score": r["score"], "color": render.palette_color(i), "mask": None}
+            for i, r in enumerate(regions)]
+
+
+def dense_view(session: Session, *, words: Sequence[dict] = (), status: str = "idle", message: str = "",
+               include_src: bool = False) -> dict:
+    return render.viewer_value(session.image, mode="dense", include_src=include_src,
+                               regions=_dense_regions(session.dense or []), selected=session.dense_selected,
+                               words=words, status=status, message=message)
+
+
+@user_errors
+def dense(studio: Studio, session: Session | None, score_threshold: Any, max_regions: Any,
+          session_id: str | None = None) -> tuple:
+    """Dense captioning: proposals -> one batched captioning pass. Returns (session, dense view, files)."""
+    session = _session(session)
+    _require_image(session)
+    threshold, top_k = _dense_options(score_threshold, max_regions)
+    state = studio.predictor.set_image(session.array)
+    regions = studio.predictor.dense_caption(state, max_regions=top_k, score_threshold=threshold)
+    session.dense = [{"box": list(r.box), "score": r.score, "caption": r.caption.text,
+                      "words": [w.to_dict() for w in r.caption.words]} for r in regions]
+    session.dense_selected, session.dense_words = None, []
+    gen_id = None
+    if regions:
+        gen_id = _log(studio, session, session.array, "dense", [r["caption"] for r in session.dense],
+                      [r["box"] for r in session.dense], prompts={"score_threshold": threshold, "max_regions": top_k},
+                      extra={"scores": [r["score"] for r in session.dense]}, session_id=session_id)
+    session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
+    folder = _download_dir(studio)
+    record = _dense_record(studio, session.dense, _session_scale(session),
+                           (session.image["orig_width"], session.image["orig_height"]), gen_id)
+    files = [_write_json(folder, "dense.json", record)]
+    if regions:
+        files.append(_write_png(folder, "dense_overlay.png", render.regions_overlay(
+            session.array, [{"box": r["box"], "label": f"{i + 1}. {r['caption']}"}
+                            for i, r in enumerate(session.dense)])))
+        msg = (f"{len(regions)} region(s)" + (f" · generation #{gen_id}" if gen_id is not None else "")
+               + ". Click a region (or drag a box) to trace its caption.")
+    else:
+        msg = f"No region scored above {threshold:.2f}: lower the score threshold."
+    return session, dense_view(session, status="done", message=msg), files
+
+
+def _dense_record(studio: Studio, regions: Sequence[dict], scale: tuple[float, float], size: tuple[int, int],
+                  gen_id: int | None) -> dict:
+    return {"task": "dense", "image": {"width": size[0], "height": size[1]},
+            "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
+            "regions": [{"box": _to_original(r["box"], scale), "score": round(r["score"], 4), "caption": r["caption"],
+                         "words": [{"index": w["index"], "text": w["text"], "box": _to_original(w["box"], scale)}
+                                   for w in r["words"]]} for r in regions],
+            "model": _model_meta(studio), "generation_id": gen_id}
+
+
+def region_at(regions: Sequence[dict], x: float, y: float) -> int | None:
+    """The smallest region whose box covers (x, y)."""
+    hits = [(max(r["box"][2] - r["box"][0], 0) * max(r["box"][3] - r["box"][1], 0), i) for i, r in enumerate(regions)
+            if r["box"][0] <= x <= r["box"][2] and r["box"][1] <= y <= r["box"][3]]
+    return min(hits)[1] if hits else None
+
+
+@user_errors
+def dense_select(studio: Studio, session: Session | None, data: Any, session_id: str | None = None
+                 ) -> Iterator[tuple]:
+    """Trace-caption one region: data = {i} (a listed region), {x, y} (a click: the smallest region under it)
+    or {box} (a dragged box). Streams (session, dense view, region caption text)."""
+    session = _session(session)
+    _require_image(session)
+    regions = session.dense or []
+    data = data if isinstance(data, dict) else {}
+    if "box" in data:
+        box = imaging.check_box([float(c) for c in data["box"]], session.image["width"], session.image["height"])
+        box, index = [round(float(c), 1) for c in box], None
+    else:
+        if "i" in data:
+            index = int(data["i"])
+            if not 0 <= index < len(regions):
+                raise ValueError("that region no longer exists: detect regions again")
+        else:
+            x, y = _point(data, session)
+            index = region_at(regions, x, y)
+            if index is None:
+                raise ValueError("No detected region there: click inside a box, or drag a box of your own.")
+        box = regions[index]["box"]
+    session.dense_selected = index
+    options = decoding_options(DEFAULT_MAX_WORDS, False, 1.0, 1.0, None, limit=studio.max_words)
+    extra_region = {"region_box": box}
+    view_regions = list(regions)
+    if index is None:  # a dragged box: show it as the selected region
+        view_regions = regions + [{"box": box, "score": 1.0, "caption": "your box", "words": []}]
+        session.dense_selected = len(regions)
+    words: list[dict] = []
+    shown = dataclasses.replace(session, dense=view_regions)
+    yield session, dense_view(shown, status="streaming", message="Tracing the region's caption…"), ""
+    last = 0.0
+    for word in stream_words(studio, session.array, box=box, options=options):
+        words.append(word)
+        wait = studio.min_word_interval - (time.monotonic() - last)
+        if wait > 0:
+            time.sleep(wait)
+        last = time.monotonic()
+        yield session, dense_view(shown, words=words, status="streaming",
+                                  message=f"Tracing… {len(words)} words"), " ".join(w["text"] for w in words)
+    text = " ".join(w["text"] for w in words)
+    gen_id = _log(studio, session, session.array, "caption", [w["text"] for w in words], [w["box"] for w in words],
+                  prompts={"box": box, "region": index}, extra={"decoding": options, "text": text, **extra_region},
+                  session_id=session_id)
+    session.dense_words = words
+    session.last = {"task": "caption", "words": words, "text": text, "prompts": {"box": box},
+                    "generation_id": gen_id}
+    label = f"region {index + 1}" if index is not None else "your box"
+    yield session, dense_view(shown, words=words, status="done",
+                              message=f"{label}: {len(words)} words" + (
+                                  f" · generation #{gen_id}" if gen_id is not None else "")), text
+
+
+# ------------------------------------------------------------------------------------------ API
+
+def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: int, height: int) -> dict:
+    """API prompts (JSON): {"points": [[x, y], ...], "point_labels": [1, 0, ...], "box": [x0, y0, x1, y1]},
+    in pixels of the image as sent; any key optional. Returns model-frame arrays for the predictor."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {"points": None, "point_labels": None, "box": None}
+    if isinstance(text, str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError('prompts must be JSON like {"points": [[x, y]], "point_labels": [1], '
+                             f'"box": [x0, y0, x1, y1]}} (pixels): {err.msg}') from err
+    else:
+        data = text
+    if not isinstance(data, dict):
+        raise ValueError('prompts must be a JSON object such as {"box": [x0, y0, x1, y1]}')
+    unknown = set(data) - {"points", "point_labels", "labels", "box"}
+    if unknown:
+        raise ValueError(f"unknown prompt keys {sorted(unknown)}; use points, point_labels, box")
+    sx, sy = scale
+    points = labels = box = None
+    if data.get("points"):
+        raw = np.asarray(data["points"], dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[1] not in (2, 3):
+            raise ValueError("points must be a list of [x, y] pairs")
+        points = raw[:, :2] / np.array([sx, sy])
+        labels = data.get("point_labels", data.get("labels"))
+        if labels is None and raw.shape[1] == 3:
+            labels = raw[:, 2]
+        points, labels = imaging.check_points(points, labels, width, height)
+    if data.get("box") is not None:
+        raw_box = np.asarray(data["box"], dtype=np.float64).reshape(-1)
+        if raw_box.shape != (4,):
+            raise ValueError("box must be [x0, y0, x1, y1]")
+        box = imaging.check_box(raw_box / np.array([sx, sy, sx, sy]), width, height).tolist()
+    return {"points": points, "point_labels": labels, "box": box}
+
+
+@user_errors
+def api_caption(studio: Studio, image: str | None, prompts: str | None, text: str | None, max_words: Any,
+                do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> dict:
+    """/caption: image file + prompts JSON + text prompt + decoding options -> words with pixel boxes."""
+    loaded = load_user_image(image)
+    h, w = loaded.array.shape[:2]
+    text = imaging.check_text(text)
+    parsed = parse_prompts(prompts, loaded.scale, w, h)
+    options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words)
+    words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
+                              box=parsed["box"], text=text, options=options))
+    prompts_model = {"points": [] if parsed["points"] is None else parsed["points"].tolist(),
+                     "point_labels": [] if parsed["point_labels"] is None else parsed["point_labels"].tolist(),
+                     "box": parsed["box"], "text": text}
+    gen_id = _log(studio, None, loaded.array, "caption", [x["text"] for x in words], [x["box"] for x in words],
+                  prompts=prompts_model, extra={"decoding": options, "api": True}, session_id=session_id)
+    prompts_orig = {"points": [] if parsed["points"] is None else
+                    [[round(x * loaded.scale[0], 2), round(y * loaded.scale[1], 2)] for x, y in parsed["points"]],
+                    "point_labels": prompts_model["point_labels"],
+                    "box": None if parsed["box"] is None else _to_original(parsed["box"], loaded.scale), "text": text}
+    return _caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
+                           prompts=prompts_orig, options=options, generation_id=gen_id)
+
+
+@user_errors
+def api_refer(studio: Studio, image: str | None, expressions: str | None, session_id: str | None = None) -> dict:
+    """/refer: image file + expressions (one per line) -> box, score and RLE mask per expression."""
+    loaded = load_user_image(image)
+    lines = parse_expressions(expressions)
+    referrals = studio.predictor.refer(studio.predictor.set_image(loaded.array), lines)
+    gen_id = _log(studio, None, loaded.array, "refer", lines, [list(r.box) for r in referrals],
+                  prompts={"expressions": lines}, extra={"scores": [r.score for r in referrals], "api": True},
+                  session_id=session_id)
+    return _refer_record(studio, referrals, loaded.scale, (loaded.orig_width, loaded.orig_height), gen_id)
+
+
+@user_errors
+def api_dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: Any,
+              session_id: str | None = None) -> dict:
+    """/dense: image file + score threshold + max regions -> regions with boxes, scores, captions, word boxes."""
+    loaded = load_user_image(image)
+    threshold, top_k = _dense_options(score_threshold, max_regions)
+    regions = studio.predictor.dense_caption(studio.predictor.set_image(loaded.array), max_regions=top_k,
+                                             score_threshold=threshold)
+    rows = [{"box": list(r.box), "score": r.score, "caption": r.caption.text,
+             "words": [w.to_dict() for w in r.caption.words]} for r in regions]
+    gen_id = None
+    if rows:
+        gen_id = _log(studio, None, loaded.array, "dense", [r["caption"] for r in rows], [r["box"] for r in rows],
+                      prompts={"score_threshold": threshold, "max_regions": top_k},
+                      extra={"scores": [r["score"] for r in rows], "api": True}, session_id=session_id)
+    return _dense_record(studio, rows, loaded.scale, (loaded.orig_width, loaded.orig_height), gen_id)
+
+
+# ------------------------------------------------------------------------------------------ model panel
+
+def model_panel(studio: Studio) -> str:
+    """The Model tab: an HTML table (every value escaped)."""
+    info = studio.model_info()
+    rows = [("Checkpoint", info["checkpoint"]), ("Preset", info["preset"]), ("Weights version", info["version"]),
+            ("Device", info["device"]), ("dtype", info["dtype"]), ("Parameters", f"{info['parameters']:,}"),
+            ("Adapter in use", info["adapter"] or "none (base model)"),
+            ("Adapters available", ", ".join(info["adapters"]) or "none")]
+    body = "".join(f"<tr><th>{render.escape(name)}</th><td><code>{render.escape(value)}</code></td></tr>"
+                   for name, value in rows)
+    return f'<table class="px-model-table">{body}</table>'

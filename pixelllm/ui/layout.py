@@ -1,0 +1,215 @@
+"""The studio's Gradio Blocks: components and wiring only (the logic is in callbacks.py).
+
+Handlers here are thin closures: they read Gradio's request/event objects and call the callbacks with plain
+data. (No `from __future__ import annotations`: Gradio inspects the `gr.EventData` / `gr.Request` hints.)
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from pixelllm.ui import callbacks as cb
+
+STATIC = Path(__file__).parent / "static"
+MAX_FILE_SIZE = "25mb"  # uploads above this are refused by Gradio itself (launch(max_file_size=...))
+TITLE = "PixelLLM Studio"
+
+
+@functools.lru_cache(maxsize=1)
+def _viewer_assets() -> tuple[str, str]:
+    template = (STATIC / "viewer.html").read_text()
+    css = (STATIC / "viewer.css").read_text()
+    js = f"const PIXELLLM_VIEWER_CSS = {json.dumps(css)};\n" + (STATIC / "viewer.js").read_text()
+    return template, js
+
+
+def viewer(value: dict, elem_id: str) -> gr.HTML:
+    """The image + SVG overlay component (static/viewer.*). Its value is the JSON of render.viewer_value; it
+    emits custom events: pick {x, y}, drag {box}, region {i}."""
+    template, js = _viewer_assets()
+    return gr.HTML(value=value, html_template=template, js_on_load=js, apply_default_css=False, elem_id=elem_id,
+                   elem_classes=["px-viewer"])
+
+
+def _session_id(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples: list[str] | None = None,
+               concurrency: int = 2, max_queue: int = 64, min_word_interval: float = 0.03) -> gr.Blocks:
+    """Build the studio around one shared, thread-safe predictor and an optional AnnotationStore.
+
+    checkpoint: the path / hub id shown in the Model tab; examples: image paths for the Examples row;
+    concurrency: model calls running at once (the queue's default_concurrency_limit);
+    min_word_interval: seconds between streamed words at least (0 = as fast as decoding).
+    """
+    studio = cb.Studio(predictor=predictor, store=store, checkpoint=checkpoint, examples=list(examples or []),
+                       min_word_interval=min_word_interval)
+    empty_caption, empty_refer, empty_dense = cb._empty_views()
+
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+        session = gr.State(None)
+        gr.Markdown(f"## {TITLE}\nPixel-aligned captions: every word the model writes gets a box on the image. "
+                    "Upload, paste or pick an image, then caption it (optionally prompted by points, a box or "
+                    "text), locate referring expressions, or caption every region.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=240):
+                image_in = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
+                                    elem_id="image-input")
+                if studio.examples:
+                    gr.Examples(examples=[[p] for p in studio.examples], inputs=[image_in], label="Examples",
+                                examples_per_page=8, elem_id="examples")
+            with gr.Column(scale=4):
+                with gr.Tabs(elem_id="tabs"):
+                    # ---------------------------------------------------------------- caption & trace
+                    with gr.Tab("Caption & trace", id="caption", elem_id="tab-caption"):
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=3, min_width=320):
+                                cap_view = viewer(empty_caption, "caption-viewer")
+                                cap_text = gr.Textbox(label="Caption", interactive=False, lines=2,
+                                                      elem_id="caption-text")
+                            with gr.Column(scale=2, min_width=260):
+                                click_mode = gr.Radio(list(cb.CLICK_MODES), value="Positive point",
+                                                      label="A click on the image", elem_id="click-mode",
+                                                      info="Drag on the image to draw a box in any mode.")
+                                with gr.Row():
+                                    undo_btn = gr.Button("Undo prompt", size="sm", elem_id="undo-prompt")
+                                    clear_btn = gr.Button("Clear prompts", size="sm", elem_id="clear-prompts")
+                                text_prompt = gr.Textbox(label="Text prompt (optional)", elem_id="text-prompt",
+                                                         placeholder="e.g. In this picture we can see")
+                                with gr.Accordion("Decoding", open=False, elem_id="decoding"):
+                                    max_words = gr.Slider(1, studio.max_words, value=cb.DEFAULT_MAX_WORDS, step=1,
+                                                          label="Max words", elem_id="max-words")
+                                    sampling = gr.Checkbox(label="Sample (instead of greedy)", value=False,
+                                                           elem_id="sampling")
+                                    temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature",
+                                                            elem_id="temperature")
+                                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p",
+                                                      elem_id="top-p")
+                                    seed = gr.Number(label="Seed (blank = random; used when sampling)",
+                                                     value=None, precision=0, elem_id="seed")
+                                gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                                cap_files = gr.File(label="Download: JSON (words + boxes) and overlay PNG",
+                                                    file_count="multiple", interactive=False, elem_id="caption-files")
+                    # ---------------------------------------------------------------- referring
+                    with gr.Tab("Referring", id="refer", elem_id="tab-refer"):
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=3, min_width=320):
+                                ref_view = viewer(empty_refer, "refer-viewer")
+                            with gr.Column(scale=2, min_width=260):
+                                ref_text = gr.Textbox(label="Referring expressions (one per line)", lines=4,
+                                                      placeholder="the large blue triangle\nthe purple triangle",
+                                                      elem_id="refer-text")
+                                ref_btn = gr.Button("Locate", variant="primary", elem_id="refer-run")
+                                ref_files = gr.File(label="Download: JSON, mask PNGs, overlay PNG",
+                                                    file_count="multiple", interactive=False, elem_id="refer-files")
+                    # ---------------------------------------------------------------- dense captions
+                    with gr.Tab("Dense captions", id="dense", elem_id="tab-dense"):
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=3, min_width=320):
+                                dense_view = viewer(empty_dense, "dense-viewer")
+                                region_text = gr.Textbox(label="Selected region's caption", interactive=False,
+                                                         elem_id="region-text")
+                            with gr.Column(scale=2, min_width=260):
+                                threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
+                                                      elem_id="dense-threshold")
+                                max_regions = gr.Slider(1, 50, value=16, step=1, label="Max regions",
+                                                        elem_id="dense-max")
+                                dense_btn = gr.Button("Detect & caption regions", variant="primary",
+                                                      elem_id="dense-run")
+                                dense_files = gr.File(label="Download: JSON and overlay PNG", file_count="multiple",
+                                                      interactive=False, elem_id="dense-files")
+                    # ---------------------------------------------------------------- (5th tab: Annotate)
+                    # The Annotate tab (corrections) goes here: it reads `Session.last` (the last output shown,
+                    # with its generation id) from the `session` state and writes to `studio.store`.
+                    # ---------------------------------------------------------------- model
+                    with gr.Tab("Model", id="model", elem_id="tab-model"):
+                        model_html = gr.HTML(cb.model_panel(studio), elem_id="model-panel")
+
+        # ---------------------------------------------------------------------------- API (no UI)
+        with gr.Column(visible=False):
+            api_image = gr.File(label="image", type="filepath")
+            api_prompts = gr.Textbox(label="prompts", value="")
+            api_text = gr.Textbox(label="text", value="")
+            api_max_words = gr.Number(label="max_words", value=cb.DEFAULT_MAX_WORDS, precision=0)
+            api_sample = gr.Checkbox(label="do_sample", value=False)
+            api_temperature = gr.Number(label="temperature", value=1.0)
+            api_top_p = gr.Number(label="top_p", value=1.0)
+            api_seed = gr.Number(label="seed", value=None, precision=0)
+            api_expressions = gr.Textbox(label="expressions", value="")
+            api_threshold = gr.Number(label="score_threshold", value=0.3)
+            api_max_regions = gr.Number(label="max_regions", value=16, precision=0)
+            api_caption_out = gr.JSON(label="caption")
+            api_refer_out = gr.JSON(label="refer")
+            api_dense_out = gr.JSON(label="dense")
+            api_caption_btn = gr.Button()
+            api_refer_btn = gr.Button()
+            api_dense_btn = gr.Button()
+
+        # ---------------------------------------------------------------------------- handlers
+        def on_image(path, state):
+            return cb.load_image(studio, path, state)
+
+        def on_pick(state, mode, evt: gr.EventData):
+            return cb.click(state, mode, evt._data)
+
+        def on_drag(state, evt: gr.EventData):
+            return cb.drag_box(state, evt._data)
+
+        def on_generate(state, text, n, sample, temp, p, s, request: gr.Request):
+            yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request))
+
+        def on_refer(state, text, request: gr.Request):
+            return cb.refer(studio, state, text, _session_id(request))
+
+        def on_dense(state, thr, k, request: gr.Request):
+            return cb.dense(studio, state, thr, k, _session_id(request))
+
+        def on_dense_select(state, evt: gr.EventData, request: gr.Request):
+            yield from cb.dense_select(studio, state, evt._data, _session_id(request))
+
+        def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, request: gr.Request):
+            return cb.api_caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
+                                  _session_id(request))
+
+        def refer(image, expressions, request: gr.Request):
+            return cb.api_refer(studio, image, expressions, _session_id(request))
+
+        def dense(image, score_threshold, max_regions, request: gr.Request):
+            return cb.api_dense(studio, image, score_threshold, max_regions, _session_id(request))
+
+        private = {"api_visibility": "private"}
+        # Prompt edits are cheap and must apply in click order: one at a time, every click counted.
+        prompt_edit = {**private, "concurrency_id": "prompts", "concurrency_limit": 1, "trigger_mode": "multiple",
+                       "show_progress": "hidden"}
+        image_in.change(on_image, [image_in, session], [session, cap_view, ref_view, dense_view], **private,
+                        show_progress="minimal")
+        image_in.change(lambda: ("", None, None, "", None), None,
+                        [cap_text, cap_files, ref_files, region_text, dense_files], **private, queue=False)
+        cap_view.pick(on_pick, [session, click_mode], [session, cap_view], **prompt_edit)
+        cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
+        undo_btn.click(cb.undo_prompt, [session], [session, cap_view], **prompt_edit)
+        clear_btn.click(cb.clear_prompts, [session], [session, cap_view], **prompt_edit)
+        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed]
+        gen_outputs = [cap_view, cap_text, cap_files, session]
+        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
+        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
+        ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private,
+                      show_progress="minimal")
+        dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files], **private,
+                        show_progress="minimal")
+        for event in (dense_view.pick, dense_view.drag, dense_view.region):
+            event(on_dense_select, [session], [session, dense_view, region_text], **private,
+                  show_progress="hidden")
+        demo.load(lambda: cb.model_panel(studio), None, model_html, **private, queue=False)
+
+        api_caption_btn.click(caption, [api_image, api_prompts, api_text, api_max_words, api_sample,
+                                        api_temperature, api_top_p, api_seed], api_caption_out, api_name="caption")
+        api_refer_btn.click(refer, [api_image, api_expressions], api_refer_out, api_name="refer")
+        api_dense_btn.click(dense, [api_image, api_threshold, api_max_regions], api_dense_out, api_name="dense")
+
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    demo.studio = studio  # for tests and tools: the shared context behind the callbacks
+    return demo

@@ -1,0 +1,308 @@
+// PixelLLM viewer (gr.HTML js_on_load): the image with an SVG overlay, redrawn from props.value.
+// Gradio runs this with `element`, `trigger`, `props`, `watch`; PIXELLLM_VIEWER_CSS is prepended by layout.py.
+// The server streams JSON (words with boxes and colours, regions, prompts); everything is drawn here, so no
+// image is re-encoded per word. Model and user text only ever reaches the DOM through textContent.
+(function () {
+  const NS = "http://www.w3.org/2000/svg";
+  if (!document.getElementById("pixelllm-viewer-css")) {
+    const style = document.createElement("style");
+    style.id = "pixelllm-viewer-css";
+    style.textContent = PIXELLLM_VIEWER_CSS;
+    document.head.appendChild(style);
+  }
+  // Image data URLs arrive once per upload; later updates name the image by key only.
+  const images = (window.__pixelllmImages = window.__pixelllmImages || new Map());
+  const root = element.querySelector(".px-root");
+  const stage = root.querySelector(".px-stage");
+  const svg = root.querySelector(".px-svg");
+  const wordsBox = root.querySelector(".px-words");
+  const inspectBox = root.querySelector(".px-inspect");
+  const regionsBox = root.querySelector(".px-regions");
+  const statusEl = root.querySelector(".px-status");
+  const replayBtn = root.querySelector(".px-replay");
+
+  let view = {};
+  let shown = 0;        // words already drawn: newer ones get the arrival animation
+  let shownKey = null;
+  let pinned = null;    // word index pinned by a click
+  let timers = [];
+  let drag = null;
+
+  function el(name, attrs, parent) {
+    const node = document.createElementNS(NS, name);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+    if (parent) parent.appendChild(node);
+    return node;
+  }
+  function centre(b) { return [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]; }
+  function clearTimers() { timers.forEach(clearTimeout); timers = []; }
+  function size() { return view.image ? Math.max(view.image.width, view.image.height) : 256; }
+
+  function render() {
+    view = props.value && typeof props.value === "object" ? props.value : {};
+    clearTimers();
+    const img = view.image;
+    const words = view.words || [];
+    root.dataset.status = view.status || "idle";
+    root.dataset.words = String(words.length);
+    root.dataset.mode = view.mode || "";
+    statusEl.textContent = view.message || "";
+    replayBtn.disabled = words.length === 0 || view.status === "streaming";
+    replayBtn.style.display = view.mode === "refer" ? "none" : "";
+    svg.replaceChildren();
+    wordsBox.replaceChildren();
+    inspectBox.replaceChildren();
+    regionsBox.replaceChildren();
+    if (!img) {
+      stage.classList.remove("px-has-image");
+      svg.removeAttribute("viewBox");
+      shown = 0;
+      return;
+    }
+    if (img.src) images.set(img.key, img.src);
+    const src = images.get(img.key);
+    if (shownKey !== img.key) { shown = 0; pinned = null; shownKey = img.key; }
+    if (words.length < shown) shown = 0;
+    if (pinned !== null && pinned >= words.length) pinned = null;
+    stage.classList.add("px-has-image");
+    svg.setAttribute("viewBox", "0 0 " + img.width + " " + img.height);
+    svg.classList.toggle("px-clickable", !!view.clickable);
+    if (src) el("image", { href: src, x: 0, y: 0, width: img.width, height: img.height,
+                           preserveAspectRatio: "none", class: "px-base" }, svg);
+    drawRegions(svg, view.regions || [], view.selected);
+    drawTrace(svg, words);
+    drawInspect(svg, view.inspect, words);
+    drawPrompts(svg);
+    el("g", { class: "px-hl" }, svg);
+    el("g", { class: "px-live" }, svg);
+    drawWords(words);
+    drawRegionList(view.regions || [], view.selected);
+    shown = words.length;
+    if (pinned !== null) highlight(pinned);
+  }
+
+  function drawTrace(parent, words) {
+    const g = el("g", { class: "px-trace" }, parent);
+    const r = size() / 90;
+    words.forEach((w, i) => {
+      const c = centre(w.box);
+      const p = i > 0 ? centre(words[i - 1].box) : c;
+      const seg = el("g", { class: "px-seg" + (i >= shown ? " px-new" : ""), "data-i": i }, g);
+      el("line", { class: "px-halo", x1: p[0], y1: p[1], x2: c[0], y2: c[1] }, seg);
+      el("line", { class: "px-line", x1: p[0], y1: p[1], x2: c[0], y2: c[1], stroke: w.color }, seg);
+      const dot = el("circle", { class: "px-dot", cx: c[0], cy: c[1], r: r, fill: w.color }, seg);
+      const title = el("title", {}, dot);
+      title.textContent = w.text;
+      seg.addEventListener("mouseenter", () => highlight(i));
+      seg.addEventListener("mouseleave", () => highlight(pinned));
+    });
+  }
+
+  function drawWords(words) {
+    words.forEach((w, i) => {
+      const chip = document.createElement("span");
+      chip.className = "px-word";
+      chip.dataset.i = String(i);
+      chip.textContent = w.text;
+      chip.style.background = w.color;
+      chip.style.color = w.ink || "#fff";
+      chip.title = "box " + w.box.map((v) => Math.round(v)).join(", ");
+      if (i === pinned) chip.classList.add("px-pinned");
+      chip.addEventListener("mouseenter", () => highlight(i));
+      chip.addEventListener("mouseleave", () => highlight(pinned));
+      chip.addEventListener("click", () => {
+        pinned = pinned === i ? null : i;
+        wordsBox.querySelectorAll(".px-word").forEach((c) =>
+          c.classList.toggle("px-pinned", Number(c.dataset.i) === pinned));
+        highlight(pinned);
+      });
+      wordsBox.appendChild(chip);
+    });
+  }
+
+  function highlight(i) {
+    const hl = svg.querySelector(".px-hl");
+    if (!hl) return;
+    hl.replaceChildren();
+    wordsBox.querySelectorAll(".px-word").forEach((c) => c.classList.toggle("px-active", Number(c.dataset.i) === i));
+    const w = i === null || i === undefined ? null : (view.words || [])[i];
+    if (!w) return;
+    const b = w.box;
+    el("rect", { class: "px-hl-box", x: b[0], y: b[1], width: Math.max(b[2] - b[0], 0.5),
+                 height: Math.max(b[3] - b[1], 0.5), stroke: w.color, fill: w.color, "data-i": i }, hl);
+  }
+
+  function drawInspect(parent, inspect, words) {
+    if (!inspect) return;
+    const g = el("g", { class: "px-inspect-layer" }, parent);
+    (inspect.hits || []).forEach((i) => {
+      const w = words[i];
+      if (!w) return;
+      const b = w.box;
+      el("rect", { class: "px-inspect-box", x: b[0], y: b[1], width: b[2] - b[0], height: b[3] - b[1],
+                   stroke: w.color }, g);
+    });
+    const s = size() / 40;
+    el("line", { class: "px-cross", x1: inspect.x - s, y1: inspect.y, x2: inspect.x + s, y2: inspect.y }, g);
+    el("line", { class: "px-cross", x1: inspect.x, y1: inspect.y - s, x2: inspect.x, y2: inspect.y + s }, g);
+    const head = document.createElement("span");
+    const hits = inspect.hits || [];
+    head.textContent = hits.length
+      ? "Words whose box covers (" + Math.round(inspect.x) + ", " + Math.round(inspect.y) + "): "
+      : "No word box covers (" + Math.round(inspect.x) + ", " + Math.round(inspect.y) + ").";
+    inspectBox.appendChild(head);
+    hits.forEach((i) => {
+      const w = words[i];
+      if (!w) return;
+      const chip = document.createElement("span");
+      chip.className = "px-word px-hit-item";
+      chip.textContent = w.text;
+      chip.style.background = w.color;
+      chip.style.color = w.ink || "#fff";
+      chip.addEventListener("mouseenter", () => highlight(i));
+      chip.addEventListener("mouseleave", () => highlight(pinned));
+      inspectBox.appendChild(chip);
+    });
+    // Mark the hits in the caption too (after the chips exist).
+    queueMicrotask(() => wordsBox.querySelectorAll(".px-word").forEach((c) =>
+      c.classList.toggle("px-hit", hits.includes(Number(c.dataset.i)))));
+  }
+
+  function drawPrompts(parent) {
+    const g = el("g", { class: "px-prompts" }, parent);
+    const b = view.box;
+    if (b) {
+      const a = { x: b[0], y: b[1], width: b[2] - b[0], height: b[3] - b[1] };
+      el("rect", Object.assign({ class: "px-prompt-box-halo" }, a), g);
+      el("rect", Object.assign({ class: "px-prompt-box" }, a), g);
+    }
+    const r = size() / 70;
+    (view.points || []).forEach((p) => {
+      el("circle", { class: "px-point " + (p[2] === 1 ? "px-pos" : "px-neg"), cx: p[0], cy: p[1], r: r,
+                     fill: p[2] === 1 ? "#16a34a" : "#dc2626" }, g);
+    });
+    if (view.pending) {
+      el("circle", { class: "px-pending", cx: view.pending[0], cy: view.pending[1], r: r * 1.4 }, g);
+    }
+  }
+
+  function drawRegions(parent, regions, selected) {
+    const masks = el("g", { class: "px-masks" }, parent);
+    const boxes = el("g", { class: "px-boxes" }, parent);
+    const fs = size() / 22;
+    regions.forEach((reg, i) => {
+      if (reg.mask) {
+        el("image", { class: "px-mask", href: reg.mask, x: 0, y: 0, width: view.image.width,
+                      height: view.image.height, preserveAspectRatio: "none", "data-i": i }, masks);
+      }
+      const b = reg.box;
+      el("rect", { class: "px-region" + (i === selected ? " px-selected" : ""), x: b[0], y: b[1],
+                   width: Math.max(b[2] - b[0], 0.5), height: Math.max(b[3] - b[1], 0.5), stroke: reg.color,
+                   "data-i": i }, boxes);
+      const label = el("text", { class: "px-region-label", x: b[0] + fs * 0.2, y: Math.max(b[1] - fs * 0.25, fs),
+                                 fill: reg.color, "font-size": fs }, boxes);
+      label.textContent = String(i + 1);
+    });
+  }
+
+  function drawRegionList(regions, selected) {
+    const clickable = view.mode === "dense";
+    regions.forEach((reg, i) => {
+      const row = document.createElement("div");
+      row.className = "px-region-row" + (clickable ? " px-clickable" : "") + (i === selected ? " px-selected" : "");
+      row.dataset.i = String(i);
+      const sw = document.createElement("span");
+      sw.className = "px-swatch";
+      sw.style.background = reg.color;
+      const num = document.createElement("b");
+      num.textContent = String(i + 1);
+      const label = document.createElement("span");
+      label.className = "px-region-text";
+      label.textContent = reg.label;
+      const score = document.createElement("span");
+      score.className = "px-region-score";
+      score.textContent = reg.detail || "";
+      row.append(sw, num, label, score);
+      row.addEventListener("mouseenter", () => outline(i, true));
+      row.addEventListener("mouseleave", () => outline(i, false));
+      if (clickable) row.addEventListener("click", () => trigger("region", { i: i }));
+      regionsBox.appendChild(row);
+    });
+  }
+
+  function outline(i, on) {
+    svg.querySelectorAll(".px-region").forEach((r) => {
+      if (Number(r.dataset.i) === i) r.classList.toggle("px-selected", on || i === view.selected);
+    });
+  }
+
+  function replay() {
+    const segs = Array.from(svg.querySelectorAll(".px-seg"));
+    const chips = Array.from(wordsBox.querySelectorAll(".px-word"));
+    if (!segs.length) return;
+    clearTimers();
+    segs.forEach((s) => { s.classList.add("px-hidden"); s.classList.remove("px-new"); });
+    chips.forEach((c) => c.classList.add("px-hidden"));
+    root.dataset.replaying = "1";
+    const step = Math.max(40, Math.min(250, 4000 / segs.length));
+    segs.forEach((s, i) => {
+      timers.push(setTimeout(() => {
+        s.classList.remove("px-hidden");
+        s.classList.add("px-new");
+        if (chips[i]) chips[i].classList.remove("px-hidden");
+        highlight(i);
+        if (i === segs.length - 1) {
+          root.dataset.replaying = "0";
+          timers.push(setTimeout(() => highlight(pinned), step));
+        }
+      }, step * (i + 1)));
+    });
+  }
+  replayBtn.addEventListener("click", replay);
+
+  // Pointer: a click sends "pick" {x, y}; a drag sends "drag" {box}. Coordinates: image pixels.
+  function toImage(evt) {
+    const ctm = svg.getScreenCTM();
+    if (!ctm || !view.image) return null;
+    const p = new DOMPoint(evt.clientX, evt.clientY).matrixTransform(ctm.inverse());
+    const x = Math.min(Math.max(p.x, 0), view.image.width);
+    const y = Math.min(Math.max(p.y, 0), view.image.height);
+    return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
+  }
+  svg.addEventListener("pointerdown", (evt) => {
+    if (!view.clickable || evt.button !== 0) return;
+    const p = toImage(evt);
+    if (!p) return;
+    drag = { start: p, sx: evt.clientX, sy: evt.clientY, moved: false };
+    try { svg.setPointerCapture(evt.pointerId); } catch (e) { /* capture is optional */ }
+    evt.preventDefault();
+  });
+  svg.addEventListener("pointermove", (evt) => {
+    if (!drag) return;
+    if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > 6) drag.moved = true;
+    const live = svg.querySelector(".px-live");
+    if (!drag.moved || !live) return;
+    const p = toImage(evt);
+    if (!p) return;
+    live.replaceChildren();
+    el("rect", { class: "px-rubber", x: Math.min(p[0], drag.start[0]), y: Math.min(p[1], drag.start[1]),
+                 width: Math.abs(p[0] - drag.start[0]), height: Math.abs(p[1] - drag.start[1]) }, live);
+  });
+  svg.addEventListener("pointerup", (evt) => {
+    if (!drag) return;
+    const d = drag;
+    drag = null;
+    const p = toImage(evt);
+    if (!p) return;
+    if (d.moved) trigger("drag", { box: [d.start[0], d.start[1], p[0], p[1]] });
+    else trigger("pick", { x: d.start[0], y: d.start[1] });
+  });
+  svg.addEventListener("pointercancel", () => {
+    drag = null;
+    const live = svg.querySelector(".px-live");
+    if (live) live.replaceChildren();
+  });
+
+  watch("value", render);
+  render();
+})();

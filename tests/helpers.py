@@ -1,0 +1,65 @@
+"""Small models for tests: built from configs through the real code, never downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pixelllm.config import PixelLLMConfig, T5Settings, ViTConfig, get_config
+from pixelllm.modeling.pixel_llm import PixelLLM
+from pixelllm.tokenizer import train_tokenizer
+
+CORPUS = [
+    "In this picture we can see a large red circle on the left.",
+    "Beside it there is a small blue star.",
+    "At the bottom we can see a small yellow hexagon.",
+    "the green square on the right",
+    "a large purple diamond at the top. The background is light grey.",
+    "orange triangle in the centre",
+]
+
+
+def small_tokenizer(vocab_size: int = 400):
+    return train_tokenizer(CORPUS * 20, vocab_size=vocab_size)
+
+
+def small_config(vocab_size: int, **overrides) -> PixelLLMConfig:
+    """A few-hundred-thousand-parameter PixelLLM with the tiny preset's structure."""
+    fields = dict(
+        image_encoder=ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                                global_attn_indexes=[1]),
+        prompt_embed_dim=32, num_query_tokens=8, extractor_heads=2, extractor_mlp_dim=64,
+        mask_decoder_heads=2, mask_decoder_mlp_dim=64,
+        t5=T5Settings(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, dropout_rate=0.0, tie_word_embeddings=True),
+        loc_head_hidden=64, proposal_channels=16,
+    )
+    return get_config("tiny", **{**fields, **overrides})
+
+
+def small_model(seed: int = 0, **overrides) -> PixelLLM:
+    tok = small_tokenizer()
+    torch.manual_seed(seed)
+    model = PixelLLM(small_config(len(tok), **overrides))
+    model.tokenizer = tok
+    return model.eval()
+
+
+def random_image(seed: int, height: int = 48, width: int = 80) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def save_small_checkpoint(directory: Path, seed: int = 0) -> Path:
+    small_model(seed).save_pretrained(directory)
+    return directory
+
+
+def make_prompt_sensitive(model: PixelLLM) -> PixelLLM:
+    """A freshly initialised T5 ignores its (small) visual prefix and emits the same token everywhere; amplify
+    the prefix projection and silence the pad embedding so that different prompts give different captions."""
+    with torch.no_grad():
+        model.prompt_extractor.proj.weight.mul_(30)
+        model.language_model.shared.weight[model.config.pad_token_id].zero_()
+    return model

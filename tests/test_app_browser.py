@@ -1,0 +1,230 @@
+"""End-to-end: the studio in headless Chromium (pytest-playwright `page`), served from this process.
+
+The app serves `app_checkpoint` (conftest: the embedded model when present, else the small random one). Every
+wait is an `expect` with a timeout (no sleeps); a page error or console error fails the test. Screenshots of each
+tab go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+
+TIMEOUT = 20_000  # ms; streamed output on 2 busy cores
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_app(app_checkpoint, example_images, tmp_path_factory):
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.store import AnnotationStore
+    from pixelllm.ui import MAX_FILE_SIZE, build_demo
+
+    torch.set_num_threads(1)
+    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(app_checkpoint), device="cpu")
+    store = AnnotationStore(tmp_path_factory.mktemp("app-store") / "annotations.db")
+    demo = build_demo(predictor, store, checkpoint=str(app_checkpoint), examples=[str(p) for p in example_images])
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
+                max_file_size=MAX_FILE_SIZE)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo)
+    demo.close()
+    store.close()
+
+
+@pytest.fixture
+def app(page: Page, studio_app):
+    """The page on the app; fails the test on any page error or console error."""
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
+    page.on("console", lambda msg: errors.append(f"console.error: {msg.text}") if msg.type == "error" else None)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(studio_app.url)
+    yield page
+    assert not errors, errors
+
+
+def _load_example(page: Page, index: int = 0) -> None:
+    page.locator("#examples button").nth(index).click()
+    expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+
+
+def _open_tab(page: Page, name: str, viewer: str) -> None:
+    """Switch tab; its viewer (mounted only now) must show the image loaded before."""
+    page.get_by_role("tab", name=name).click()
+    expect(page.locator(f"{viewer} .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+    expect(page.locator(f"{viewer} image.px-base")).to_have_count(1)
+
+
+def _click_image(page: Page, viewer: str, x: float, y: float) -> None:
+    """Click image pixel (x, y) of a viewer (through the SVG's own screen transform)."""
+    sx, sy = _screen(page, viewer, x, y)
+    page.mouse.click(sx, sy)
+
+
+def _screen(page: Page, viewer: str, x: float, y: float) -> tuple[float, float]:
+    return page.evaluate(
+        """([sel, x, y]) => { const svg = document.querySelector(sel + ' svg.px-svg');
+             const p = new DOMPoint(x, y).matrixTransform(svg.getScreenCTM()); return [p.x, p.y]; }""",
+        [viewer, x, y])
+
+
+def _watch_word_counts(page: Page, viewer: str) -> None:
+    page.evaluate(
+        """(sel) => { const root = document.querySelector(sel + ' .px-root'); window.__wordCounts = [];
+             new MutationObserver(() => window.__wordCounts.push(Number(root.dataset.words)))
+               .observe(root, {attributes: true, attributeFilter: ['data-words']}); }""", viewer)
+
+
+def _last_generation(store, task: str = "caption") -> dict:
+    return store.list_generations(task=task, limit=1)[0]
+
+
+def test_click_a_point_and_stream_a_trace(app: Page, studio_app, artifacts_dir):
+    _load_example(app, 0)
+    root = app.locator("#caption-viewer .px-root")
+    _click_image(app, "#caption-viewer", 150, 190)
+    expect(app.locator("#caption-viewer .px-point.px-pos")).to_have_count(1)
+    _watch_word_counts(app, "#caption-viewer")
+    app.locator("#generate").click()
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+
+    n = int(root.get_attribute("data-words"))
+    assert n >= 3
+    counts = app.evaluate("window.__wordCounts")
+    arrived = sorted({c for c in counts if 0 < c < n})
+    assert len(arrived) >= 2, f"words did not arrive over several updates: {counts}"
+    expect(app.locator("#caption-viewer .px-seg")).to_have_count(n)  # one trace segment per word
+    expect(app.locator("#caption-viewer .px-word")).to_have_count(n)
+    colours = app.locator("#caption-viewer .px-seg .px-line").evaluate_all("els => els.map(e => e.getAttribute('stroke'))")
+    assert len(set(colours)) == n  # a gradient: every word its own colour
+    row = _last_generation(studio_app.store)
+    assert row["prompts"]["points"] == [[pytest.approx(150, abs=2), pytest.approx(190, abs=2)]]
+    assert len(row["words"]) == n
+    expect(app.locator("#caption-text textarea")).to_have_value(" ".join(row["words"]))
+    expect(app.locator("#caption-files a[href$='/caption.json']")).to_have_count(1)
+    expect(app.locator("#caption-files a[href$='/caption_overlay.png']")).to_have_count(1)
+
+    # hovering a word shows its box
+    k = min(1, n - 1)
+    app.locator("#caption-viewer .px-word").nth(k).hover()
+    hl = app.locator("#caption-viewer .px-hl-box")
+    expect(hl).to_have_count(1)
+    expect(hl).to_have_attribute("data-i", str(k))
+    x0, y0, x1, y1 = row["boxes"][k]
+    assert float(hl.get_attribute("x")) == pytest.approx(x0, abs=0.01)
+    assert float(hl.get_attribute("y")) == pytest.approx(y0, abs=0.01)
+    app.screenshot(path=str(artifacts_dir / "app-caption.png"))
+
+    # clicking a pixel (inspect mode) lists the words whose boxes cover it
+    app.get_by_label("Inspect words").check()
+    _click_image(app, "#caption-viewer", (x0 + x1) / 2, (y0 + y1) / 2)
+    expect(app.locator(f'#caption-viewer .px-word.px-hit[data-i="{k}"]')).to_have_count(1)
+    assert app.locator("#caption-viewer .px-inspect .px-hit-item").count() >= 1
+
+    # replay animates the trace again and ends with every segment shown
+    app.locator("#caption-viewer .px-replay").click()
+    expect(root).to_have_attribute("data-replaying", "0", timeout=TIMEOUT)
+    expect(app.locator("#caption-viewer .px-seg.px-hidden")).to_have_count(0)
+
+
+def test_box_from_two_clicks_conditions_the_caption(app: Page, studio_app):
+    _load_example(app, 1)
+    app.get_by_label("Box (2 clicks)").check()
+    _click_image(app, "#caption-viewer", 180, 150)
+    expect(app.locator("#caption-viewer .px-pending")).to_have_count(1)
+    _click_image(app, "#caption-viewer", 90, 60)
+    box = app.locator("#caption-viewer .px-prompt-box")
+    expect(box).to_have_count(1)
+    assert float(box.get_attribute("x")) == pytest.approx(90, abs=2)
+    assert float(box.get_attribute("width")) == pytest.approx(90, abs=3)
+    app.locator("#generate").click()
+    root = app.locator("#caption-viewer .px-root")
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    row = _last_generation(studio_app.store)
+    assert row["prompts"]["box"] == [pytest.approx(v, abs=2) for v in (90, 60, 180, 150)]
+    assert row["prompts"]["points"] == []
+    assert int(root.get_attribute("data-words")) == len(row["words"]) >= 1
+
+    # a drag draws a box too (replacing the two-click one), and Clear removes prompts
+    app.get_by_role("button", name="Clear prompts").click()
+    expect(box).to_have_count(0)
+    start, end = _screen(app, "#caption-viewer", 40, 40), _screen(app, "#caption-viewer", 120, 100)
+    app.mouse.move(*start)
+    app.mouse.down()
+    app.mouse.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
+    app.mouse.move(*end)
+    app.mouse.up()
+    expect(box).to_have_count(1)
+    assert float(box.get_attribute("x")) == pytest.approx(40, abs=2)
+    assert float(box.get_attribute("height")) == pytest.approx(60, abs=3)
+
+
+def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_app, artifacts_dir):
+    _load_example(app, 0)
+    _open_tab(app, "Referring", "#refer-viewer")
+    hostile = "<img src=x onerror=window.__xss=1>"
+    app.locator("#refer-text textarea").fill(f"the large blue triangle\n{hostile}")
+    app.locator("#refer-run").click()
+    expect(app.locator("#refer-viewer .px-mask")).to_have_count(2, timeout=TIMEOUT)
+    expect(app.locator("#refer-viewer .px-region")).to_have_count(2)
+    rows = app.locator("#refer-viewer .px-region-row .px-region-text")
+    expect(rows.nth(1)).to_have_text(hostile)
+    assert app.evaluate("window.__xss") is None
+    assert app.locator('img[src="x"]').count() == 0
+    colours = app.locator("#refer-viewer .px-region").evaluate_all("els => els.map(e => e.getAttribute('stroke'))")
+    assert len(set(colours)) == 2
+    expect(app.locator("#refer-files a[href$='/mask_1_the-large-blue-triangle.png']")).to_have_count(1)
+    assert _last_generation(studio_app.store, "refer")["words"] == ["the large blue triangle", hostile]
+    app.screenshot(path=str(artifacts_dir / "app-refer.png"))
+
+
+def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifacts_dir):
+    _load_example(app, 0)
+    _open_tab(app, "Dense captions", "#dense-viewer")
+    threshold = app.locator("#dense-threshold input[type=number]")
+    threshold.fill("0")
+    threshold.press("Enter")
+    app.locator("#dense-run").click()
+    regions = app.locator("#dense-viewer .px-region")
+    expect(regions.first).to_be_visible(timeout=TIMEOUT)
+    count = regions.count()
+    expect(app.locator("#dense-viewer .px-region-row")).to_have_count(count)
+    row = _last_generation(studio_app.store, "dense")
+    assert len(row["boxes"]) == count
+
+    app.locator("#dense-viewer .px-region-row").first.click()
+    root = app.locator("#dense-viewer .px-root")
+    expect(app.locator("#dense-viewer .px-region.px-selected")).to_have_count(1, timeout=TIMEOUT)
+    expect(app.locator("#region-text textarea")).not_to_have_value("", timeout=TIMEOUT)  # streaming began
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    traced = _last_generation(studio_app.store)
+    assert traced["prompts"]["box"] == row["boxes"][0]
+    expect(app.locator("#dense-viewer .px-seg")).to_have_count(len(traced["words"]))
+    expect(app.locator("#region-text textarea")).to_have_value(" ".join(traced["words"]))
+    app.screenshot(path=str(artifacts_dir / "app-dense.png"))
+
+    app.get_by_role("tab", name="Model").click()
+    expect(app.locator("#model-panel")).to_contain_text("Parameters")
+    expect(app.locator("#model-panel")).to_contain_text(studio_app.demo.studio.model.config.preset)
+    app.screenshot(path=str(artifacts_dir / "app-model.png"))
+
+
+def test_generate_without_an_image_explains_itself_then_an_upload_works(app: Page, example_images):
+    app.locator("#generate").click()
+    expect(app.get_by_text("Upload, paste or pick an example image first.").first).to_be_visible()
+    app.locator("#image-input input[type=file]").set_input_files(str(example_images[3]))  # the app is still up
+    expect(app.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+    expect(app.locator("#caption-viewer .px-status")).to_contain_text("Image 256×256")

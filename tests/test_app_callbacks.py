@@ -1,0 +1,391 @@
+"""The studio's callbacks (pixelllm/ui/callbacks.py) driving a real predictor on a small random checkpoint:
+prompts and decoding options reach the decoder, user mistakes become gr.Error, downloads carry pixel
+coordinates of the image as sent, and every output shown is logged to the annotation store."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelllm.store import StoreError
+from pixelllm.ui import callbacks as cb
+from pixelllm.ui import render
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def studio(small_predictor, annotation_store, tmp_path):
+    return cb.Studio(predictor=small_predictor, store=annotation_store, checkpoint="tests/small-checkpoint",
+                     min_word_interval=0.0, download_root=tmp_path / "downloads")
+
+
+@pytest.fixture
+def prefix_calls(small_pixelllm, monkeypatch):
+    """Record the keyword arguments of every PixelLLM.encode_prefix call (what reaches the language model)."""
+    calls: list[dict] = []
+    original = small_pixelllm.encode_prefix
+
+    def spy(features, **kwargs):
+        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+        return original(features, **kwargs)
+
+    monkeypatch.setattr(small_pixelllm, "encode_prefix", spy)
+    return calls
+
+
+def _loaded(studio, path):
+    session, cap, ref, dense = cb.load_image(studio, str(path), None)
+    return session
+
+
+def _run(studio, session, *, text=None, max_words=12, sampling=False, temperature=1.0, top_p=1.0, seed=None):
+    outputs = list(cb.generate(studio, session, text, max_words, sampling, temperature, top_p, seed, "test"))
+    view, caption, files, session = outputs[-1]
+    return outputs, view, caption, files, session
+
+
+def _png(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    arr = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ prompts → decoder
+
+def test_box_prompt_from_two_clicks_reaches_the_decoder(studio, example_images, prefix_calls):
+    session = _loaded(studio, example_images[0])
+    _, glob_view, _, _, session = _run(studio, session)
+    assert prefix_calls[-1].get("boxes") is None and prefix_calls[-1].get("points") is None
+
+    session, view = cb.click(session, "Box (2 clicks)", {"x": 200, "y": 60})
+    assert view["pending"] == [200.0, 60.0] and view["box"] is None
+    session, view = cb.click(session, "Box (2 clicks)", {"x": 90, "y": 150})  # corners in any order
+    assert view["box"] == [90.0, 60.0, 200.0, 150.0] and view["pending"] is None
+    _, box_view, _, _, session = _run(studio, session)
+
+    w, h = session.image["width"], session.image["height"]
+    sent = prefix_calls[-1]["boxes"]
+    torch.testing.assert_close(sent, torch.tensor([[90 / w, 60 / h, 200 / w, 150 / h]]), atol=1e-6, rtol=0)
+    assert [x["box"] for x in box_view["words"]] != [x["box"] for x in glob_view["words"]]
+    assert box_view["box"] == [90.0, 60.0, 200.0, 150.0]  # the prompt stays drawn with the result
+
+
+def test_points_with_labels_and_text_prompt_reach_the_decoder(studio, example_images, prefix_calls):
+    session = _loaded(studio, example_images[1])
+    session, _ = cb.click(session, "Positive point", {"x": 40, "y": 50})
+    session, view = cb.click(session, "Negative point", {"x": 120.5, "y": 30})
+    assert view["points"] == [[40.0, 50.0, 1], [120.5, 30.0, 0]]
+    _run(studio, session, text="In this picture")
+    call = prefix_calls[-1]
+    w, h = session.image["width"], session.image["height"]
+    torch.testing.assert_close(call["points"], torch.tensor([[[40 / w, 50 / h], [120.5 / w, 30 / h]]]).float())
+    assert call["point_labels"].tolist() == [[1, 0]]
+    ids = studio.predictor.tokenizer(" ".join("In this picture".split()), add_special_tokens=False)["input_ids"]
+    assert call["text_ids"][0].tolist() == ids
+
+
+def test_drag_undo_and_clear(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    session, view = cb.drag_box(session, {"box": [10, 20, 110, 90]})
+    assert view["box"] == [10.0, 20.0, 110.0, 90.0]
+    session, view = cb.click(session, "Positive point", {"x": 5, "y": 5})
+    session, view = cb.click(session, "Box (2 clicks)", {"x": 50, "y": 50})
+    session, view = cb.undo_prompt(session)  # first undo drops the half-drawn box
+    assert view["pending"] is None and len(view["points"]) == 1
+    session, view = cb.undo_prompt(session)
+    assert view["points"] == [] and view["box"] == [10.0, 20.0, 110.0, 90.0]
+    session, view = cb.clear_prompts(session)
+    assert view["points"] == [] and view["box"] is None
+    assert view["image"]["src"] is None  # prompt edits never resend the picture
+
+
+def test_max_words_caps_the_word_count(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    outputs, view, caption, _, _ = _run(studio, session, max_words=3)
+    assert len(view["words"]) == 3 and len(caption.split()) == 3
+    _, long_view, _, _, _ = _run(studio, session, max_words=9)
+    assert len(long_view["words"]) == 9  # the cap, not the model, ended both captions
+
+
+def test_words_stream_one_per_update_with_gradient_colours(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    outputs, view, _, files, _ = _run(studio, session, max_words=6)
+    counts = [len(o[0]["words"]) for o in outputs]
+    assert counts == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert all(o[2] is not None and isinstance(o[2], type(gr.skip())) for o in outputs[:-1])
+    colours = [x["color"] for x in view["words"]]
+    assert colours[0] == render.GRADIENT_STOPS[0] and colours[-1] == render.GRADIENT_STOPS[-1]
+    assert len(set(colours)) == 6
+    assert view["status"] == "done" and outputs[1][0]["status"] == "streaming"
+
+
+def test_sampling_with_a_seed_is_reproducible_and_differs_from_greedy(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    _, greedy, *_ = _run(studio, session, max_words=8)
+    _, a, *_ = _run(studio, session, max_words=8, sampling=True, seed=7)
+    _, b, *_ = _run(studio, session, max_words=8, sampling=True, seed=7)
+    _, c, *_ = _run(studio, session, max_words=8, sampling=True, seed=8)
+    texts = [[x["text"] for x in v["words"]] for v in (greedy, a, b, c)]
+    assert texts[1] == texts[2]
+    assert texts[1] != texts[0]
+    assert texts[1] != texts[3]
+
+
+def test_sampling_without_seed_records_the_drawn_seed(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    _, view, _, files, session = _run(studio, session, max_words=5, sampling=True, seed=None)
+    record = json.loads(Path(files[0]).read_text())
+    seed = record["decoding"]["seed"]
+    assert isinstance(seed, int) and f"seed {seed}" in view["message"]
+    _, again, *_ = _run(studio, session, max_words=5, sampling=True, seed=seed)
+    assert [x["text"] for x in again["words"]] == [x["text"] for x in view["words"]]
+
+
+def test_temperature_and_top_p_reach_the_sampler(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    _, greedy, *_ = _run(studio, session, max_words=8)
+    # top-p this small keeps only the most likely token: sampling then equals greedy decoding.
+    _, nucleus, *_ = _run(studio, session, max_words=8, sampling=True, top_p=1e-6, seed=3, temperature=1.0)
+    assert [x["text"] for x in nucleus["words"]] == [x["text"] for x in greedy["words"]]
+    with pytest.raises(gr.Error, match="temperature"):
+        _run(studio, session, sampling=True, temperature=9.0, seed=1)
+
+
+# ------------------------------------------------------------------------------------------ inspector
+
+def test_inspect_lists_the_words_whose_boxes_cover_a_pixel(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    _, view, _, _, session = _run(studio, session, max_words=6)
+    box = view["words"][2]["box"]
+    x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    session, inspected = cb.click(session, "Inspect words", {"x": x, "y": y})
+    expected = [i for i, w in enumerate(view["words"])
+                if w["box"][0] <= x <= w["box"][2] and w["box"][1] <= y <= w["box"][3]]
+    assert 2 in inspected["inspect"]["hits"] and inspected["inspect"]["hits"] == expected
+    session, corner = cb.click(session, "Inspect words", {"x": 0, "y": 0})
+    assert corner["inspect"]["hits"] == cb.words_at(view["words"], 0, 0)
+    assert session.prompts == []  # inspecting does not add prompts
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def test_user_mistakes_become_gr_errors(studio, example_images, tmp_path):
+    with pytest.raises(gr.Error, match="image first"):
+        _run(studio, None)
+    with pytest.raises(gr.Error, match="image first"):
+        cb.click(None, "Positive point", {"x": 1, "y": 1})
+    session = _loaded(studio, example_images[0])
+    with pytest.raises(gr.Error, match="no area"):
+        cb.drag_box(session, {"box": [10, 10, 10.2, 80]})
+    session, _ = cb.click(session, "Negative point", {"x": 10, "y": 10})
+    with pytest.raises(gr.Error, match="positive point"):
+        _run(studio, session)
+    session, _ = cb.clear_prompts(session)
+    with pytest.raises(gr.Error, match="max words"):
+        _run(studio, session, max_words=0)
+    with pytest.raises(gr.Error, match="seed"):
+        _run(studio, session, sampling=True, seed=1.5)
+    with pytest.raises(gr.Error, match="referring expression"):
+        cb.refer(studio, session, " \n  \n")
+    with pytest.raises(gr.Error, match="threshold"):
+        cb.dense(studio, session, 1.5, 10)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(gr.Error, match="not an image|could not be decoded"):
+        cb.load_image(studio, str(broken), None)
+    with pytest.raises(gr.Error, match="JSON"):
+        cb.api_caption(studio, str(example_images[0]), "{points: oops", "", 5, False, 1, 1, None)
+    with pytest.raises(gr.Error, match="box"):
+        cb.api_caption(studio, str(example_images[0]), '{"box": [1, 2, 3]}', "", 5, False, 1, 1, None)
+    assert studio.store.list_generations() == []  # nothing was shown, nothing logged
+
+
+# ------------------------------------------------------------------------------------------ downloads
+
+def test_json_download_has_pixel_boxes_inside_the_image(studio, example_images):
+    session = _loaded(studio, example_images[2])
+    session, _ = cb.click(session, "Positive point", {"x": 30, "y": 200})
+    _, view, caption, files, session = _run(studio, session, max_words=8)
+    json_path, png_path = (Path(f) for f in files)
+    assert json_path.name == "caption.json" and png_path.name == "caption_overlay.png"
+    record = json.loads(json_path.read_text())
+    width, height = Image.open(example_images[2]).size
+    assert record["image"] == {"width": width, "height": height}
+    assert record["text"] == caption and len(record["words"]) == len(view["words"]) == 8
+    for word, shown in zip(record["words"], view["words"]):
+        x0, y0, x1, y1 = word["box"]
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+        assert word["box"] == shown["box"]  # no downscale: the viewer frame is the image's own
+    assert record["prompts"]["points"] == [[30.0, 200.0]] and record["prompts"]["point_labels"] == [1]
+    overlay = Image.open(png_path)
+    assert overlay.size == (width, height)
+    assert not np.array_equal(np.asarray(overlay.convert("RGB")), np.asarray(Image.open(example_images[2]).convert("RGB")))
+
+
+def test_downscaled_uploads_map_coordinates_back_to_the_original(studio, tmp_path, prefix_calls):
+    big = _png(tmp_path / "big.png", 4096, 1024)
+    session = _loaded(studio, big)
+    assert (session.image["width"], session.image["height"]) == (2048, 512)
+    assert (session.image["orig_width"], session.image["orig_height"]) == (4096, 1024)
+    session, _ = cb.drag_box(session, {"box": [100, 50, 600, 400]})
+    _, view, _, files, _ = _run(studio, session, max_words=4)
+    record = json.loads(Path(files[0]).read_text())
+    assert record["image"] == {"width": 4096, "height": 1024}
+    assert record["prompts"]["box"] == [200.0, 100.0, 1200.0, 800.0]
+    for word, shown in zip(record["words"], view["words"]):
+        assert word["box"] == pytest.approx([c * 2 for c in shown["box"]], abs=0.02)
+        assert 0 <= word["box"][0] <= word["box"][2] <= 4096 and 0 <= word["box"][1] <= word["box"][3] <= 1024
+
+    # the API takes prompts in the original pixels too
+    result = cb.api_caption(studio, str(big), json.dumps({"box": [200, 100, 1200, 800]}), "", 4, False, 1, 1, None)
+    torch.testing.assert_close(prefix_calls[-1]["boxes"],
+                               torch.tensor([[200 / 4096, 100 / 1024, 1200 / 4096, 800 / 1024]]), atol=1e-6, rtol=0)
+    assert result["image"] == {"width": 4096, "height": 1024}
+    assert [w["box"] for w in result["words"]] == [w["box"] for w in record["words"]]
+
+
+def test_each_request_writes_its_own_download_folder(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    *_, files_a, _ = _run(studio, session, max_words=3)
+    *_, files_b, _ = _run(studio, session, max_words=3)
+    assert Path(files_a[0]).parent != Path(files_b[0]).parent
+    assert Path(files_a[0]).parent.parent == studio.download_root
+
+
+# ------------------------------------------------------------------------------------------ referring, dense
+
+def test_refer_gives_box_mask_and_score_per_expression(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    session, view, files = cb.refer(studio, session, "the large blue triangle\n\n  the purple   triangle ")
+    regions = view["regions"]
+    assert [r["label"] for r in regions] == ["the large blue triangle", "the purple triangle"]
+    assert regions[0]["color"] != regions[1]["color"]
+    assert all(r["mask"].startswith("data:image/png;base64,") for r in regions)
+    names = [Path(f).name for f in files]
+    assert names == ["refer.json", "mask_1_the-large-blue-triangle.png", "mask_2_the-purple-triangle.png",
+                     "refer_overlay.png"]
+    record = json.loads(Path(files[0]).read_text())
+    width, height = Image.open(example_images[0]).size
+    for i, result in enumerate(record["results"]):
+        mask = np.asarray(Image.open(files[1 + i]))
+        assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+        assert result["mask_area"] == int((mask > 0).sum())
+        counts = result["mask"]["counts"]
+        assert sum(counts) == width * height and sum(counts[1::2]) == result["mask_area"]
+        assert 0 <= result["box"][0] <= result["box"][2] <= width and 0 <= result["score"] <= 1
+
+
+def test_dense_regions_and_tracing_one_region(studio, example_images, prefix_calls):
+    session = _loaded(studio, example_images[0])
+    session, view, files = cb.dense(studio, session, 0.0, 3)
+    assert 1 <= len(view["regions"]) <= 3
+    assert all(r["label"] and r["color"] for r in view["regions"])
+    record = json.loads(Path(files[0]).read_text())
+    assert [r["caption"] for r in record["regions"]] == [r["label"] for r in view["regions"]]
+
+    outputs = list(cb.dense_select(studio, session, {"i": 0}, "test"))
+    session, final, text = outputs[-1]
+    assert final["selected"] == 0 and final["words"] and text == " ".join(w["text"] for w in final["words"])
+    assert len(outputs) >= 3  # streamed
+    box = session.dense[0]["box"]
+    w, h = session.image["width"], session.image["height"]
+    torch.testing.assert_close(prefix_calls[-1]["boxes"], torch.tensor([[box[0] / w, box[1] / h, box[2] / w, box[3] / h]]),
+                               atol=1e-5, rtol=0)
+    x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    clicked = list(cb.dense_select(studio, session, {"x": x, "y": y}, "test"))[-1][1]
+    assert clicked["selected"] == cb.region_at(session.dense, x, y)
+    with pytest.raises(gr.Error, match="region"):
+        list(cb.dense_select(studio, session, {"i": 99}, "test"))
+
+
+# ------------------------------------------------------------------------------------------ store
+
+def test_every_output_shown_is_logged_with_the_adapter(studio, example_images):
+    store = studio.store
+    session = _loaded(studio, example_images[0])
+    session, _ = cb.click(session, "Positive point", {"x": 100, "y": 100})
+    _, view, *_ = _run(studio, session, max_words=4)
+    session = _run(studio, session, max_words=4)[-1]
+    session, ref_view, _ = cb.refer(studio, session, "the red circle")
+    session, dense_view, _ = cb.dense(studio, session, 0.0, 2)
+    list(cb.dense_select(studio, session, {"i": 0}, "s1"))
+    cb.api_caption(studio, str(example_images[0]), "", "", 3, False, 1, 1, None, "api-session")
+    rows = list(reversed(store.list_generations()))
+    assert [r["task"] for r in rows] == ["caption", "caption", "refer", "dense", "caption", "caption"]
+    first = rows[0]
+    assert first["words"] == [w["text"] for w in view["words"]] and first["boxes"] == [w["box"] for w in view["words"]]
+    assert first["prompts"]["points"] == [[100.0, 100.0]] and first["session"] == "test"
+    assert all(r["model_id"] == "tests/small-checkpoint" and r["model_version"] == studio.model.version
+               and r["adapter"] is None for r in rows)
+    assert rows[2]["boxes"] == [ref_view["regions"][0]["box"]]
+    assert len(rows[3]["words"]) == len(dense_view["regions"])
+    assert rows[-1]["session"] == "api-session"
+    assert len({r["image_sha"] for r in rows}) == 1  # one stored image, reused
+    assert session.last["generation_id"] == rows[4]["id"]  # what an Annotate tab would correct
+
+
+def test_a_failing_store_warns_but_the_user_keeps_the_result(studio, example_images):
+    class BrokenStore:
+        def add_image(self, *args, **kwargs):
+            raise StoreError("database is locked")
+
+    studio.store = BrokenStore()
+    session = _loaded(studio, example_images[0])
+    with pytest.warns(UserWarning, match="could not be saved"):
+        _, view, caption, files, _ = _run(studio, session, max_words=3)
+    assert len(view["words"]) == 3 and caption and len(files) == 2
+    assert json.loads(Path(files[0]).read_text())["generation_id"] is None
+
+
+# ------------------------------------------------------------------------------------------ misc
+
+def test_sessions_are_independent(studio, example_images):
+    a = _loaded(studio, example_images[0])
+    b = _loaded(studio, example_images[0])
+    a, _ = cb.click(a, "Positive point", {"x": 1, "y": 1})
+    assert b.prompts == [] and a.prompts != []
+    assert cb.load_image(studio, None, a)[0].image is None  # clearing the image resets the session
+
+
+def test_model_panel_and_viewer_text_are_escaped(small_predictor, example_images):
+    hostile = "<img src=x onerror=alert(1)>"
+    panel = cb.model_panel(cb.Studio(predictor=small_predictor, checkpoint=hostile))
+    assert "<img" not in panel and "&lt;img src=x onerror=alert(1)&gt;" in panel
+    for key in ("checkpoint", "preset", "device", "dtype", "parameters", "adapter"):
+        assert key in cb.Studio(predictor=small_predictor).model_info()
+    assert render.escape('"><script>') == "&quot;&gt;&lt;script&gt;"
+
+
+def test_api_outputs_are_plain_json(studio, example_images):
+    cap = cb.api_caption(studio, str(example_images[0]), '{"points": [[50, 60]], "point_labels": [1]}',
+                         "", 4, False, 1, 1, None)
+    ref = cb.api_refer(studio, str(example_images[0]), "the red circle\nthe blue triangle")
+    dense = cb.api_dense(studio, str(example_images[0]), 0.0, 2)
+    for result in (cap, ref, dense):
+        json.loads(json.dumps(result, allow_nan=False))
+    assert len(cap["words"]) == 4 and cap["prompts"]["points"] == [[50.0, 60.0]]
+    assert [r["expression"] for r in ref["results"]] == ["the red circle", "the blue triangle"]
+    assert 1 <= len(dense["regions"]) <= 2 and all("words" in r for r in dense["regions"])
+
+
+def test_display_image_is_sent_once_as_exact_png_when_small(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    src = session.image["src"]
+    assert src.startswith("data:image/png;base64,")
+    import base64
+
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    assert np.array_equal(decoded, session.array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, view = cb.click(session, "Positive point", {"x": 3, "y": 4})
+    assert view["image"]["src"] is None and view["image"]["key"] == session.image["key"]

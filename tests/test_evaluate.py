@@ -1,0 +1,409 @@
+"""Tests for training/evaluate.py.
+
+The metric layer is tested on a hand-made world of two images (every expected number is worked out in the
+comments, never by the code under test), both through scripted stand-ins for ``PixelLLMPredictor`` (same
+methods, same output dataclasses) and on hand-edited predictions. One test runs a perfect stand-in on a
+generated Shapes split (loading and alignment), and one runs the CLI end to end on a random model (plumbing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pixelllm.predictor import Caption, Referral, Region, Word
+from training.data.localized_narratives import read_localized_narratives
+from training.data.shapes import generate_split, load_image, parse_mentions
+from training.evaluate import (
+    METRIC_KEYS,
+    ExpressionTruth,
+    ImagePrediction,
+    ImageTruth,
+    ObjectTruth,
+    PredictedWord,
+    caption_is_triple,
+    compute_metrics,
+    load_truth,
+    main,
+    match_mentions,
+    mention_spans,
+    metrics_table,
+    predict_image,
+)
+
+# ------------------------------------------------------------------------------------------- the hand world
+#
+# Image A, 40x40: object 1 "large red circle" = rows 0-19, cols 0-19 (area 400, box (0,0,20,20));
+#                 object 2 "small blue star"  = rows 20-29, cols 20-29 (area 100, box (20,20,30,30)).
+# Image B, W=40 x H=20: twins "small green square": object 1 = rows 0-9, cols 0-9 (box (0,0,10,10)),
+#                 object 2 = rows 10-19, cols 30-39 (box (30,10,40,20)); object 3 "large yellow hexagon" =
+#                 rows 0-9, cols 15-24 (box (15,0,25,10)). Reading order (centre x): 1, 3, 2.
+# Each object's area is 100 except A's circle (400). Images are filled with a distinct value so that the
+# scripted predictor can tell them apart.
+
+SGS = ("small", "green", "square")
+
+
+def _map(height: int, width: int, rects: dict[int, tuple[int, int, int, int]]) -> np.ndarray:
+    m = np.zeros((height, width), dtype=np.uint8)
+    for oid, (x0, y0, x1, y1) in rects.items():
+        m[y0:y1, x0:x1] = oid
+    return m
+
+
+def _norm_trace(boxes_px: list[tuple[float, ...]], width: int, height: int) -> np.ndarray:
+    return np.array(boxes_px, dtype=np.float64) / [width, height, width, height]
+
+
+BG_A, BG_B = (32, 32, 36, 36), (12, 14, 14, 16)  # function-word boxes, on background
+IN_A1, IN_A2 = (8, 8, 12, 12), (24, 24, 28, 28)  # centres (10,10) in A1 and (26,26) in A2
+IN_B1, IN_B3, IN_B2 = (4, 4, 6, 6), (18, 3, 22, 7), (33, 13, 37, 17)  # centres in B1, B3, B2
+
+WORDS_A = ["I", "see", "a", "large", "red", "circle.", "There", "is", "a", "small", "blue", "star."]
+BOXES_A = [BG_A] * 3 + [IN_A1] * 3 + [BG_A] * 3 + [IN_A2] * 3
+WORDS_B = ["A", "small", "green", "square,", "a", "large", "yellow", "hexagon", "and", "a", "small", "green",
+           "square."]
+BOXES_B = [BG_B] + [IN_B1] * 3 + [BG_B] + [IN_B3] * 3 + [BG_B] * 2 + [IN_B2] * 3
+
+
+def hand_world() -> tuple[list[ImageTruth], list[np.ndarray], dict[int, tuple[list[str], list]]]:
+    """Truths, images and the ground-truth narrative (words, pixel boxes) of the two hand-made images."""
+    a_objects = [ObjectTruth(1, ("large", "red", "circle"), (0, 0, 20, 20), (10, 10)),
+                 ObjectTruth(2, ("small", "blue", "star"), (20, 20, 30, 30), (25, 25))]
+    a = ImageTruth(
+        image_id="a", file_name="a.png", width=40, height=40,
+        instance_map=_map(40, 40, {1: (0, 0, 20, 20), 2: (20, 20, 30, 30)}), objects=a_objects,
+        expressions=[ExpressionTruth("the large red circle", 1, (0, 0, 20, 20)),
+                     ExpressionTruth("the star", 2, (20, 20, 30, 30))],
+        regions=[((0, 0, 20, 20), "large red circle"), ((20, 20, 30, 30), "small blue star")],
+        trace=_norm_trace(BOXES_A, 40, 40))
+    b_objects = [ObjectTruth(1, SGS, (0, 0, 10, 10), (5, 5)), ObjectTruth(2, SGS, (30, 10, 40, 20), (35, 15)),
+                 ObjectTruth(3, ("large", "yellow", "hexagon"), (15, 0, 25, 10), (20, 5))]
+    b = ImageTruth(
+        image_id="b", file_name="b.png", width=40, height=20,
+        instance_map=_map(20, 40, {1: (0, 0, 10, 10), 2: (30, 10, 40, 20), 3: (15, 0, 25, 10)}),
+        objects=b_objects,
+        expressions=[ExpressionTruth("the square on the left", 1, (0, 0, 10, 10)),
+                     ExpressionTruth("the square on the right", 2, (30, 10, 40, 20)),
+                     ExpressionTruth("the hexagon", 3, (15, 0, 25, 10))],
+        regions=[((0, 0, 10, 10), "small green square"), ((30, 10, 40, 20), "small green square"),
+                 ((15, 0, 25, 10), "large yellow hexagon")],
+        trace=_norm_trace(BOXES_B, 40, 20))
+    images = [np.full((40, 40, 3), 1, np.uint8), np.full((20, 40, 3), 2, np.uint8)]
+    narratives = {0: (WORDS_A, BOXES_A), 1: (WORDS_B, BOXES_B)}
+    return [a, b], images, narratives
+
+
+def _caption(words: list[str], boxes: list) -> Caption:
+    return Caption(text=" ".join(words), score=1.0, words=[
+        Word(text=w, box=[float(v) for v in b], index=i, token_ids=[], token_boxes=[]) for i, (w, b) in
+        enumerate(zip(words, boxes))])
+
+
+class ScriptedPredictor:
+    """Same methods and output types as PixelLLMPredictor; answers from the ground truth (perfect), optionally
+    returning the location-conditioned captions in reverse object order (a crafted error)."""
+
+    def __init__(self, truths: list[ImageTruth], images: list[np.ndarray], narratives: dict,
+                 reverse_box_captions: bool = False) -> None:
+        self.truths = truths
+        self.keys = {img.tobytes(): i for i, img in enumerate(images)}
+        self.narratives = narratives
+        self.reverse = reverse_box_captions
+        self.calls: list[str] = []
+
+    def set_image(self, image: np.ndarray) -> int:
+        return self.keys[np.asarray(image).tobytes()]
+
+    def refer(self, state: int, expressions: list[str]) -> list[Referral]:
+        truth = self.truths[state]
+        by_text = {e.expression: e for e in truth.expressions}
+        return [Referral(expression=x, box=list(by_text[x].box), score=1.0,
+                         mask=truth.instance_map == by_text[x].object_id) for x in expressions]
+
+    def caption_boxes(self, state: int, boxes) -> list[Caption]:
+        self.calls.append(f"caption_boxes {len(boxes)}")
+        truth = self.truths[state]
+        by_box = {tuple(float(v) for v in o.box): o for o in truth.objects}
+        texts = [" ".join(by_box[tuple(float(v) for v in b)].triple) for b in np.asarray(boxes)]
+        if self.reverse:
+            texts = texts[::-1]
+        return [_caption(t.split(), [(0, 0, 1, 1)] * 3) for t in texts]
+
+    def dense_caption(self, state: int, *, max_regions: int, score_threshold: float, nms_iou: float
+                      ) -> list[Region]:
+        regions = self.truths[state].regions
+        return [Region(box=list(box), score=1.0 - 0.1 * k, caption=_caption(text.split(), [box] * 3))
+                for k, (box, text) in enumerate(regions)][:max_regions]
+
+    def caption(self, state: int, box=None, max_new_tokens: int | None = None) -> Caption:
+        words, boxes = self.narratives[state]
+        return _caption(words, boxes)
+
+
+def _predict(predictor: ScriptedPredictor, truths: list[ImageTruth], images: list[np.ndarray]):
+    return [predict_image(predictor, img, t) for img, t in zip(images, truths)]
+
+
+def _model(result: dict, key: str) -> float | None:
+    return result["metrics"][key]["model"]
+
+
+def _baseline(result: dict, key: str) -> float | None:
+    return result["metrics"][key]["baseline"]
+
+
+# ------------------------------------------------------------------------------------------- perfect + baselines
+
+
+def test_perfect_predictor_gives_perfect_metrics() -> None:
+    truths, images, narratives = hand_world()
+    predictor = ScriptedPredictor(truths, images, narratives)
+    result = compute_metrics(truths, _predict(predictor, truths, images))
+    for key in ("refer_p@0.5", "mask_mean_iou", "mask_ciou", "loc_caption_accuracy", "dense_ap@0.5",
+                "trace_point_in_object", "object_recall"):
+        assert _model(result, key) == pytest.approx(1.0), key
+    assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-12)
+    assert _model(result, "hallucination_rate") == 0.0
+    # every GT object's box is captioned in one batched call per image
+    assert predictor.calls == ["caption_boxes 2", "caption_boxes 3"]
+    assert result["counts"] == {"images": 2, "objects": 5, "expressions": 5, "dense_regions": 5,
+                                "dense_predictions": 5, "trace_mentions_matched": 5, "trace_content_words": 15,
+                                "lbm_images": 2, "empty_captions": 0}
+    assert result["targets"]["lbm_at_most_half_centre_baseline"] is True
+
+
+def test_baselines_by_hand() -> None:
+    truths, images, narratives = hand_world()
+    result = compute_metrics(truths, _predict(ScriptedPredictor(truths, images, narratives), truths, images))
+    # whole-image box vs each GT box: IoU 400/1600, 100/1600, 100/800 (x3): all < 0.5
+    assert _baseline(result, "refer_p@0.5") == 0.0
+    # whole-image mask: IoU = area / image area: 0.25, 0.0625, 0.125 x3 -> mean 0.6875 / 5
+    assert _baseline(result, "mask_mean_iou") == pytest.approx(0.1375)
+    # cIoU = (400 + 100 + 300) / (1600 + 1600 + 3 * 800)
+    assert _baseline(result, "mask_ciou") == pytest.approx(800 / 5600)
+    # most frequent triple: small green square, 2 of 5 objects
+    assert _baseline(result, "loc_caption_accuracy") == pytest.approx(0.4)
+    assert _baseline(result, "dense_ap@0.5") is None
+    # image centres: A (20, 20) is pixel (row 20, col 20) = object 2 -> its 3 words hit, object 1's miss;
+    # B (20, 10) is pixel (row 10, col 20) = background -> 9 misses. 3 / 15
+    assert _baseline(result, "trace_point_in_object") == pytest.approx(0.2)
+    # one chunk per image, equal lengths, window 0 -> mean |difference| over words and the 4 coordinates
+    centre = np.array([0.45, 0.45, 0.55, 0.55])
+    expected = np.mean([np.mean(np.abs(t.trace - centre)) for t in truths])
+    assert _baseline(result, "trace_lbm") == pytest.approx(expected)
+    # "small green square" once per image: A matches nothing, B matches one of 3 -> recall 1/5;
+    # 2 mentions, 1 matched -> hallucination 1/2
+    assert _baseline(result, "object_recall") == pytest.approx(0.2)
+    assert _baseline(result, "hallucination_rate") == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------- crafted errors
+
+
+def _perfect_predictions() -> tuple[list[ImageTruth], list[ImagePrediction]]:
+    truths, images, narratives = hand_world()
+    return truths, _predict(ScriptedPredictor(truths, images, narratives), truths, images)
+
+
+def test_referring_errors() -> None:
+    truths, preds = _perfect_predictions()
+    # A, "the large red circle": box (10,10,30,30) vs (0,0,20,20): IoU 100 / 700 < 0.5 -> P@0.5 = 4/5
+    preds[0].refer_boxes[0] = (10.0, 10.0, 30.0, 30.0)
+    # its mask: the top half of the circle's square (200 px) -> IoU 0.5
+    half = truths[0].instance_map == 1
+    half[10:] = False
+    preds[0].refer_masks[0] = half
+    result = compute_metrics(truths, preds)
+    assert _model(result, "refer_p@0.5") == pytest.approx(0.8)
+    assert _model(result, "mask_mean_iou") == pytest.approx((0.5 + 4) / 5)
+    assert _model(result, "mask_ciou") == pytest.approx((200 + 100 + 300) / (400 + 100 + 300))
+
+
+def test_location_caption_errors_and_rule() -> None:
+    truths, preds = _perfect_predictions()
+    preds[0].object_captions[0] = "large blue circle"  # wrong colour
+    preds[1].object_captions[2] = "a large yellow hexagon and a small green square"  # two mentions
+    preds[1].object_captions[0] = "A small, GREEN square."  # case and punctuation are ignored: still right
+    result = compute_metrics(truths, preds)
+    assert _model(result, "loc_caption_accuracy") == pytest.approx(3 / 5)
+    assert caption_is_triple("the small green square", SGS)
+    assert not caption_is_triple("small green", SGS)
+
+
+def test_box_captions_are_aligned_with_their_objects() -> None:
+    truths, images, narratives = hand_world()
+    predictor = ScriptedPredictor(truths, images, narratives, reverse_box_captions=True)
+    result = compute_metrics(truths, _predict(predictor, truths, images))
+    # reversed: A gets [star, circle] -> 0 right; B gets [hexagon, square, square] for [square, square,
+    # hexagon] -> only object 2 right. 1 / 5
+    assert _model(result, "loc_caption_accuracy") == pytest.approx(0.2)
+
+
+def test_dense_ap_with_duplicates_and_wrong_captions() -> None:
+    truths, preds = _perfect_predictions()
+    box1, box2 = truths[0].regions[0][0], truths[0].regions[1][0]
+    preds[0].dense = [(box1, 0.9, "large red circle"), (box1, 0.8, "large red circle"),  # duplicate
+                      (box2, 0.7, "small red star")]  # wrong colour
+    preds[1].dense = [(box, 0.6 - 0.1 * k, text) for k, (box, text) in enumerate(truths[1].regions)]
+    # by score: TP FP FP TP TP TP with G = 5: P = 1, .5, .33, .5, .6, .667 at R = .2, .2, .2, .4, .6, .8
+    # envelope: 1 on (0, .2], .667 on (.2, .8] -> AP = .2 * 1 + .6 * 2/3 = 0.6
+    result = compute_metrics(truths, preds)
+    assert _model(result, "dense_ap@0.5") == pytest.approx(0.6)
+
+
+def test_trace_point_in_object_errors_and_twins() -> None:
+    truths, preds = _perfect_predictions()
+    a_words = preds[0].words
+    a_words[4] = PredictedWord("red", tuple(float(v) for v in BG_A))  # "red" off its object: 1 miss
+    # a hallucinated mention: not matched to any object, so its words are not scored
+    a_words += [PredictedWord(w, (0.0, 0.0, 1.0, 1.0)) for w in ("a", "small", "purple", "star.")]
+    # B: the first "small green square" is traced on the right twin and the second on the left one. Mentions
+    # map to twins in reading order (1st mention -> left twin), so all 6 words miss.
+    b_words = preds[1].words
+    for k in (1, 2, 3):
+        b_words[k] = PredictedWord(b_words[k].text, tuple(float(v) for v in IN_B2))
+    for k in (10, 11, 12):
+        b_words[k] = PredictedWord(b_words[k].text, tuple(float(v) for v in IN_B1))
+    result = compute_metrics(truths, preds)
+    assert _model(result, "trace_point_in_object") == pytest.approx((15 - 1 - 6) / 15)
+    assert _baseline(result, "trace_point_in_object") == pytest.approx(0.2)  # same 15 words at the centres
+    assert result["counts"]["trace_mentions_matched"] == 5
+    assert _model(result, "object_recall") == 1.0
+    assert _model(result, "hallucination_rate") == pytest.approx(1 / 6)
+
+
+def test_trace_lbm_constant_offset() -> None:
+    truths, preds = _perfect_predictions()
+    for truth, pred in zip(truths, preds):
+        dx, dy = 0.1 * truth.width, 0.1 * truth.height  # +0.1 on every normalised coordinate
+        pred.words = [PredictedWord(w.text, (w.box[0] + dx, w.box[1] + dy, w.box[2] + dx, w.box[3] + dy))
+                      for w in pred.words]
+    result = compute_metrics(truths, preds)
+    # equal lengths, window 0: LBM = mean absolute difference = 0.1 in each image
+    assert _model(result, "trace_lbm") == pytest.approx(0.1)
+
+
+def test_empty_caption_counts_at_empty_cost_and_no_mentions_is_undefined() -> None:
+    truths, preds = _perfect_predictions()
+    preds[0].words = []
+    result = compute_metrics(truths, preds)
+    # A counts at LBM 1.0 (model and baseline, which has as many words as the caption: none); B is perfect
+    assert _model(result, "trace_lbm") == pytest.approx(0.5)
+    assert result["counts"]["empty_captions"] == 1
+    assert _model(result, "trace_point_in_object") == 1.0  # only B's 9 content words
+    preds[1].words = [PredictedWord("the", (0.0, 0.0, 1.0, 1.0))]
+    result = compute_metrics(truths, preds)
+    assert _model(result, "trace_point_in_object") is None
+    assert _baseline(result, "trace_point_in_object") is None
+    assert _model(result, "object_recall") == 0.0
+    json.dumps(result, allow_nan=False)  # undefined values are null, never NaN
+    assert "point-in-object" in metrics_table(result)
+
+
+def test_mention_spans_follow_parse_mentions() -> None:
+    words = ["A", "Large,", "RED", "circle.", "small", "small", "blue", "star", "it's", "large", "green",
+             "cross!", "large", "red"]
+    spans = mention_spans(words)
+    assert [s[0] for s in spans] == parse_mentions(" ".join(words))
+    assert [s[1] for s in spans] == [(1, 2, 3), (5, 6, 7), (9, 10, 11)]
+    # one word holding several runs ("small-blue-star") maps all three to that word
+    assert mention_spans(["a", "small-blue-star"]) == [(("small", "blue", "star"), (1, 1, 1))]
+
+
+def test_match_mentions_reading_order() -> None:
+    truths, _, _ = hand_world()
+    objs = truths[1].objects
+    got = match_mentions([SGS, ("large", "yellow", "hexagon"), SGS, SGS], objs)
+    assert [o.object_id if o else None for o in got] == [1, 3, 2, None]
+
+
+# ------------------------------------------------------------------------------------------- real Shapes data
+
+
+class ShapesOracle(ScriptedPredictor):
+    """The scripted predictor over a generated split; the full-image caption is the LN narrative with the LN
+    word boxes (pixels)."""
+
+    def __init__(self, root, truths: list[ImageTruth]) -> None:
+        images = [load_image(root, t.file_name) for t in truths]
+        samples = {s.image_id: s for s in read_localized_narratives(root / "test.ln.jsonl")[0]}
+        narratives = {}
+        for i, t in enumerate(truths):
+            s = samples[t.image_id]
+            narratives[i] = (list(s.words), (s.word_boxes * [t.width, t.height, t.width, t.height]).tolist())
+        super().__init__(truths, images, narratives)
+
+
+def test_oracle_on_generated_split(tmp_path) -> None:
+    generate_split(tmp_path, "test", 4, seed=5)
+    truths = load_truth(tmp_path, "test")
+    preds = [predict_image(ShapesOracle(tmp_path, truths), load_image(tmp_path, t.file_name), t) for t in truths]
+    result = compute_metrics(truths, preds)
+    for key in ("refer_p@0.5", "mask_mean_iou", "mask_ciou", "loc_caption_accuracy", "dense_ap@0.5",
+                "object_recall"):
+        assert _model(result, key) == pytest.approx(1.0), key
+    assert _model(result, "hallucination_rate") == 0.0
+    assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-6)
+    # The LN trace loops inside each object while its words are spoken, so its word-box centres land on
+    # the object (not guaranteed for every word: boxes of a looping trace can be off-centre).
+    assert _model(result, "trace_point_in_object") >= 0.9
+    assert _model(result, "trace_point_in_object") > _baseline(result, "trace_point_in_object")
+    assert result["counts"]["trace_content_words"] == 3 * result["counts"]["objects"]
+
+
+def test_limit_and_bad_limit(tmp_path) -> None:
+    generate_split(tmp_path, "test", 3, seed=5)
+    assert [t.image_id for t in load_truth(tmp_path, "test", limit=2)] == ["test_000000", "test_000001"]
+    with pytest.raises(ValueError, match="limit"):
+        load_truth(tmp_path, "test", limit=0)
+    with pytest.raises(ValueError, match="no Shapes split"):
+        load_truth(tmp_path, "val")
+
+
+# ------------------------------------------------------------------------------------------- CLI smoke
+
+
+def test_cli_smoke_random_model(tmp_path, capsys) -> None:
+    """Plumbing only: a randomly initialised tiny model through the real CLI on a 3-image split. Checks that
+    every metric key is in the JSON with values in [0, 1]; the numbers themselves mean nothing. The
+    point-in-object rate may be null (a random caption rarely names an object); it must be null exactly when
+    no content word was matched."""
+    import torch
+
+    from pixelllm.build import build_pixelllm
+    from pixelllm.config import get_config
+    from pixelllm.tokenizer import train_tokenizer
+
+    data = tmp_path / "data"
+    generate_split(data, "test", 3, seed=11)
+    captions = [s.caption for s in read_localized_narratives(data / "test.ln.jsonl")[0]]
+    tokenizer = train_tokenizer(captions * 4, vocab_size=400)
+    config = get_config("tiny")
+    config.t5.vocab_size = len(tokenizer)
+    config.t5.num_layers = config.t5.num_decoder_layers = 1
+    torch.manual_seed(0)
+    build_pixelllm(config, tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
+
+    out = tmp_path / "out" / "eval.json"
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--limit", "3", "--json", str(out),
+                 "--threads", "1", "--max-regions", "3", "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 images" in printed and "P@0.5" in printed
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == set(METRIC_KEYS)
+    assert result["counts"]["images"] == 3
+    for key, pair in result["metrics"].items():
+        for side in ("model", "baseline"):
+            value = pair[side]
+            if value is None:
+                assert key == "dense_ap@0.5" and side == "baseline" or (
+                    key == "trace_point_in_object" and result["counts"]["trace_content_words"] == 0), key
+            else:
+                assert 0.0 <= value <= 1.0 and not math.isnan(value), (key, side, value)
+    assert result["seconds"]["total"] > 0
+    assert result["settings"]["lbm_empty_cost"] == 1.0
+

@@ -1,0 +1,308 @@
+"""The model library's contracts (issue: PixelLLM model library): decoding, the location head, trainable sets,
+persistence, presets, overfitting, batched captioning."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from pixelllm.build import count_parameters, load_sam_weights, read_state_dict
+from pixelllm.config import get_config
+from pixelllm.modeling.heads import LocationHead
+from pixelllm.modeling.language_model import Prefix
+from pixelllm.modeling.pixel_llm import PixelLLM
+from tests.helpers import make_prompt_sensitive, small_model
+
+torch.set_num_threads(2)
+
+
+def _prefix(model: PixelLLM, seed: int = 0, box=None) -> Prefix:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(1, 3, model.config.image_size, model.config.image_size, generator=gen) * 255
+    with torch.no_grad():
+        feats = model.encode_image(images)
+        return model.encode_prefix(feats, boxes=None if box is None else torch.tensor([box]))
+
+
+def _decode(model: PixelLLM, prefix: Prefix, n: int = 24, **kw) -> tuple[list[int], torch.Tensor | None]:
+    tokens, boxes = [], []
+    with torch.no_grad():
+        for step, box in model.stream(prefix, max_new_tokens=n, **kw):
+            tokens.append(int(step.tokens[0]))
+            boxes.append(None if box is None else box[0])
+    return tokens, (torch.stack(boxes) if boxes[0] is not None else None)
+
+
+def test_incremental_decoding_matches_teacher_forcing():
+    model = small_model(seed=1)
+    prefix = _prefix(model, seed=3)
+    tokens, boxes = _decode(model, prefix, n=24)
+    assert len(tokens) >= 8, "random model ended too early for a meaningful cache test"
+    labels = torch.tensor([tokens])
+    with torch.no_grad():
+        logits, points = model.teacher_forced(prefix, labels)
+    assert logits[0].argmax(-1).tolist() == tokens
+    torch.testing.assert_close(LocationHead.as_box(points[0]), boxes, atol=1e-5, rtol=0)
+
+
+def test_location_head_does_not_change_tokens():
+    model = small_model(seed=2)
+    prefix = _prefix(model, seed=5, box=[0.1, 0.2, 0.6, 0.9])
+    with_boxes, _ = _decode(model, prefix)
+    without, none = _decode(model, prefix, with_boxes=False)
+    assert none is None and with_boxes == without
+    with torch.no_grad():  # scramble the head: tokens must not move
+        for p in model.loc_head.parameters():
+            p.normal_(0, 5.0)
+    scrambled, boxes = _decode(model, prefix)
+    assert scrambled == with_boxes and boxes is not None
+    # and transformers' own greedy generate on the same prefix agrees
+    from transformers.modeling_outputs import BaseModelOutput
+
+    with torch.no_grad():
+        ref = model.language_model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=prefix.hidden),
+                                            attention_mask=prefix.mask, max_new_tokens=24, do_sample=False)
+    assert ref[0, 1:].tolist()[: len(with_boxes)] == with_boxes[: ref.shape[1] - 1]
+
+
+def _full_batch(model: PixelLLM, b: int = 2, t: int = 6) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    s = model.config.image_size
+    labels = torch.randint(5, 200, (b, t), generator=gen)
+    labels[:, -1] = model.config.eos_token_id
+    return {
+        "images": torch.rand(b, 3, s, s, generator=gen) * 255,
+        "prompt_boxes": torch.tensor([[0.1, 0.1, 0.7, 0.8]] * b),
+        "labels": labels,
+        "token_boxes": torch.rand(b, t, 4, generator=gen).sort(-1).values,
+        "token_box_mask": torch.ones(b, t, dtype=torch.bool),
+        "refer_boxes": torch.tensor([[0.2, 0.2, 0.5, 0.6]] * b),
+        "refer_valid": torch.ones(b, dtype=torch.bool),
+        "masks": (torch.rand(b, s, s, generator=gen) > 0.5).float(),
+        "mask_valid": torch.ones(b, dtype=torch.bool),
+        "gt_boxes": torch.tensor([[[0.2, 0.2, 0.5, 0.6]]] * b),
+        "gt_valid": torch.ones(b, 1, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("stage, keys", [
+    ("ln", ["labels", "token_boxes", "token_box_mask"]),
+    ("multitask", None),
+    ("finetune", ["labels", "token_boxes", "token_box_mask"]),
+])
+def test_gradients_reach_exactly_the_stage_parameters(stage, keys):
+    model = small_model(seed=3).train()
+    model.add_adapter("stage")
+    with torch.no_grad():  # LoRA B starts at zero, which would hide gradients flowing into A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    trainable = set(model.set_stage(stage))
+    batch = _full_batch(model)
+    if keys is not None:
+        batch = {k: v for k, v in batch.items() if k in keys or k in ("images", "prompt_boxes")}
+    model(batch)["loss"].backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached == trainable, (sorted(trainable - reached)[:5], sorted(reached - trainable)[:5])
+    groups = model.parameter_groups()
+    frozen = set(groups["sam_encoder"] + groups["prompt_encoder"] + groups["mask_decoder"] + groups["language_model"])
+    assert not (trainable & frozen)
+    assert set(groups["lora"]) <= trainable
+    if stage == "ln":
+        assert set(groups["extractor"]) | set(groups["loc_head"]) <= trainable
+
+
+def _outputs(model: PixelLLM) -> dict:
+    prefix = _prefix(model, seed=7, box=[0.2, 0.1, 0.9, 0.7])
+    tokens, boxes = _decode(model, prefix, n=12)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 3, model.config.image_size, model.config.image_size, generator=gen) * 255
+    with torch.no_grad():
+        feats = model.encode_image(images)
+        refer = model.refer(feats, torch.tensor([[10, 11, 12]]), torch.ones(1, 3, dtype=torch.long))
+        proposals = model.propose(feats, score_threshold=0.0)
+    return {"tokens": tokens, "boxes": boxes, **refer, "proposals": proposals[0][0]}
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = small_model(seed=4)
+    model.add_adapter("fix")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    before = _outputs(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "adapters", "adapters.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    loaded = PixelLLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.active_adapter == "fix" and loaded.adapters == ["fix"]
+    after = _outputs(loaded)
+    assert before["tokens"] == after["tokens"]
+    for key in ("boxes", "boxes", "score", "mask_logits", "mask_iou", "proposals"):
+        assert torch.equal(before[key], after[key]), key
+    # the base model (adapter off) differs from the adapted one, so the adapter really was restored
+    loaded.set_adapter(None)
+    assert not torch.equal(_outputs(loaded)["boxes"], after["boxes"])
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    model = small_model(seed=5)
+    model.save_pretrained(tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "model.safetensors").unlink()
+    torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        PixelLLM.from_pretrained(ckpt)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "sam.pth"
+    bad.write_bytes(pickle.dumps({"image_encoder.x": Evil()}))
+    with pytest.raises(ValueError, match="weights_only"):
+        read_state_dict(bad)
+
+
+def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        PixelLLM.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_paper_preset_size_and_lora_targets():
+    config = get_config("paper")
+    params = count_parameters(config)
+    assert 3.5e9 <= params <= 4.5e9, params
+    assert config.semantic_encoder is not None
+    with torch.device("meta"):
+        model = PixelLLM(config)
+        model.add_adapter("paper")
+    lora = model.adapter_configs["paper"]
+    assert lora.r == 32
+    targeted = {n for n, m in model.named_modules() if getattr(m, "lora_A", None)}
+    assert targeted, "no LoRA layers injected"
+    assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in targeted} == {"SelfAttention.q",
+                                                                                   "SelfAttention.v"}
+    # every self-attention q and v of both stacks: 24 encoder + 24 decoder layers
+    assert len(targeted) == 2 * (config.t5.num_layers + config.t5.num_decoder_layers)
+
+
+def test_batched_box_captions_equal_single_calls():
+    model = make_prompt_sensitive(small_model(seed=6))
+    images = torch.rand(1, 3, model.config.image_size, model.config.image_size,
+                        generator=torch.Generator().manual_seed(9)) * 255
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.4, 0.1, 0.9, 0.6], [0.1, 0.5, 0.7, 1.0], [0.2, 0.2, 0.3, 0.9]])
+    with torch.no_grad():
+        feats = model.encode_image(images)
+        batched = model.encode_prefix(feats, boxes=boxes)
+        rows = [[] for _ in boxes]
+        for step, _ in model.stream(batched, max_new_tokens=16):
+            for i, tok in enumerate(step.tokens.tolist()):
+                if not step.finished[i]:
+                    rows[i].append(tok)
+        singles = [_decode(model, model.encode_prefix(feats, boxes=b[None]), n=16)[0] for b in boxes]
+    assert rows == singles
+    assert len({tuple(r) for r in rows}) > 1, "boxes should condition the caption"
+
+
+def test_sam_checkpoint_and_t5_directory_load_into_base_style_build(tmp_path):
+    """Component loading, with small random stand-ins of the real classes saved the way the originals are."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from pixelllm.build import build_pixelllm
+    from tests.helpers import small_config, small_tokenizer
+
+    tok = small_tokenizer()
+    config = small_config(len(tok))
+    vit, c, grid = config.image_encoder, config.prompt_embed_dim, config.grid_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(img_size=vit.img_size, patch_size=vit.patch_size, embed_dim=vit.embed_dim,
+                                      depth=vit.depth, num_heads=vit.num_heads, out_chans=c, use_rel_pos=True,
+                                      window_size=vit.window_size, global_attn_indexes=tuple(vit.global_attn_indexes),
+                                      norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)),
+        prompt_encoder=PromptEncoder(embed_dim=c, image_embedding_size=(grid, grid),
+                                     input_image_size=(vit.img_size, vit.img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(transformer_dim=c, transformer=TwoWayTransformer(
+            depth=config.mask_decoder_depth, embedding_dim=c, num_heads=config.mask_decoder_heads,
+            mlp_dim=config.mask_decoder_mlp_dim), num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=c),
+    )
+    torch.save(sam.state_dict(), tmp_path / "sam_vit_test.pth")  # how the official checkpoints are stored
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=48, d_kv=12, d_ff=96, num_layers=2,
+                                             num_decoder_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+                                             tie_word_embeddings=False, decoder_start_token_id=0))
+    t5.save_pretrained(tmp_path / "flan-t5-test")
+    tok.save_pretrained(tmp_path / "flan-t5-test")
+
+    model = build_pixelllm(config, sam_checkpoint=tmp_path / "sam_vit_test.pth", t5_dir=tmp_path / "flan-t5-test")
+    assert model.config.t5.d_model == 48 and model.config.t5.num_decoder_layers == 3
+    assert not model.language_model.config.scale_decoder_outputs  # Flan-T5 convention carried over
+    for ours, theirs in [(model.image_encoder.sam_encoder, sam.image_encoder),
+                         (model.prompt_extractor.prompt_encoder, sam.prompt_encoder),
+                         (model.mask_head.mask_decoder, sam.mask_decoder), (model.language_model, t5)]:
+        for (name, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(theirs.state_dict().items())):
+            assert torch.equal(a, b), name
+    assert model.tokenizer is not None
+
+    # a SAM checkpoint of another size is refused with the offending tensors named
+    other = small_model(seed=1, prompt_embed_dim=16)
+    with pytest.raises(ValueError, match="does not match"):
+        load_sam_weights(other, tmp_path / "sam_vit_test.pth")
+
+
+def test_config_json_is_plain_and_round_trips(tmp_path):
+    model = small_model(seed=8)
+    model.save_pretrained(tmp_path / "c")
+    data = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert data["num_query_tokens"] == model.config.num_query_tokens
+    assert PixelLLM.from_pretrained(tmp_path / "c").config == model.config
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_four_examples():
+    """300 CPU steps on 4 (image, caption, per-token boxes) examples: greedy decoding then reproduces every
+    caption exactly, and the per-token box error is below 0.02 (mean absolute error per coordinate)."""
+    from pixelllm.tokenizer import encode_text
+
+    torch.manual_seed(0)
+    model = small_model(seed=0).train()
+    model.set_stage("scratch")
+    tok = model.tokenizer
+    captions = ["a large red circle on the left.", "a small blue star.", "the green square on the right",
+                "orange triangle in the centre"]
+    s = model.config.image_size
+    images = torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(1)) * 255
+    seqs = [encode_text(tok, c, eos=True) for c in captions]
+    length = max(map(len, seqs))
+    labels = torch.full((4, length), -100)
+    boxes = torch.zeros(4, length, 4)
+    rng = np.random.default_rng(0)
+    for i, seq in enumerate(seqs):
+        labels[i, : len(seq)] = torch.tensor(seq)
+        for j in range(len(seq)):
+            x0, y0 = rng.uniform(0, 0.6, 2)
+            boxes[i, j] = torch.tensor([x0, y0, x0 + rng.uniform(0.1, 0.4), y0 + rng.uniform(0.1, 0.4)])
+    batch = {"images": images, "labels": labels, "token_boxes": boxes, "token_box_mask": labels != -100}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    model.config.loc_loss_weight = 1.0  # the overfit target is the boxes too; lambda only balances real data
+    for _ in range(300):
+        loss = model(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    errors = []
+    with torch.no_grad():
+        feats = model.encode_image(images)
+        for i, seq in enumerate(seqs):
+            prefix = model.encode_prefix(feats.index(i))
+            tokens, pred = _decode(model, prefix, n=length + 4)
+            assert tokens == seq, (captions[i], tok.decode(tokens))
+            errors.append((pred - boxes[i, : len(seq)]).abs().mean())
+    assert float(torch.stack(errors).mean()) < 0.02, errors
