@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = PixelLLM.from_pretrained(checkpoint)
     except FileNotFoundError as err:
-        hint = (" The embedded model is trained by `python -m training.train --config training/configs/"
-                "shapes_tiny.yaml`; or pass --checkpoint PATH|HUB_ID." if args.checkpoint == DEFAULT_CHECKPOINT else "")
+        hint = (f" The embedded model belongs in {DEFAULT_CHECKPOINT} (trained with `python -m training.train "
+                "--config training/configs/shapes_tiny.yaml`); or pass --checkpoint PATH|HUB_ID."
+                if args.checkpoint == DEFAULT_CHECKPOINT else "")
         raise SystemExit(f"cannot load the checkpoint: {err}.{hint}") from err
     device, dtype = pick_device(args.device)
     predictor = PixelLLMPredictor(model, device=device, dtype=dtype)

@@ -148,6 +148,8 @@ def test_sampling_without_seed_records_the_drawn_seed(studio, example_images):
     assert isinstance(seed, int) and f"seed {seed}" in view["message"]
     _, again, *_ = _run(studio, session, max_words=5, sampling=True, seed=seed)
     assert [x["text"] for x in again["words"]] == [x["text"] for x in view["words"]]
+    _, drawn, _, files, _ = _run(studio, session, max_words=5, sampling=True, seed=-1)  # the API's "random"
+    assert json.loads(Path(files[0]).read_text())["decoding"]["seed"] >= 0
 
 
 def test_temperature_and_top_p_reach_the_sampler(studio, example_images):
@@ -389,3 +391,17 @@ def test_display_image_is_sent_once_as_exact_png_when_small(studio, example_imag
         warnings.simplefilter("error")
         _, view = cb.click(session, "Positive point", {"x": 3, "y": 4})
     assert view["image"]["src"] is None and view["image"]["key"] == session.image["key"]
+
+
+def test_app_arguments_and_device_choice(monkeypatch):
+    import app
+
+    monkeypatch.setenv("PIXELLLM_CHECKPOINT", "user/model")
+    args = app.parse_args([])
+    assert args.checkpoint == "user/model" and args.device == "auto" and args.db == "data/annotations.db"
+    assert app.parse_args(["--checkpoint", "some/dir", "--port", "7999"]).port == 7999
+    monkeypatch.delenv("PIXELLLM_CHECKPOINT")
+    assert app.parse_args([]).checkpoint == app.DEFAULT_CHECKPOINT
+    assert app.pick_device("cpu") == ("cpu", None)
+    device, dtype = app.pick_device("auto")
+    assert device == ("cuda" if torch.cuda.is_available() else device) and (dtype is torch.bfloat16) == (device == "cuda")

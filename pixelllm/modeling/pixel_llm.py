@@ -120,7 +120,9 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         return logits, self.loc_head(hidden)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Training forward. `batch` holds `images` (Bx3xSxS, 0-255) and any subset of:
+        """Training forward. `batch` holds `images` (Bx3xSxS, 0-255) — or `image_features` (ImageFeatures of B
+        images, precomputed by `encode_image`: valid while the image encoder is frozen and carries no LoRA, as in
+        corrections finetuning) — and any subset of:
 
         prompt_boxes Bx4 | prompt_points BxNx2 + point_labels BxN; prompt_ids / prompt_mask BxL;
         labels BxT (-100 ignored; EOS included) — caption or referring-expression tokens;
@@ -131,7 +133,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         Returns a dict of weighted loss terms and their sum under "loss".
         """
         cfg = self.config
-        features = self.encode_image(batch["images"])
+        features = batch["image_features"] if "image_features" in batch else self.encode_image(batch["images"])
         out: dict[str, torch.Tensor] = {}
         if "labels" in batch:
             prefix = self.encode_prefix(features, boxes=batch.get("prompt_boxes"), points=batch.get("prompt_points"),

@@ -380,7 +380,8 @@ def _model_meta(studio: Studio) -> dict:
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
                      limit: int = 128) -> dict:
-    """Validate the decoding controls. Sampling without a seed draws one, so every result is reproducible."""
+    """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
+    every result is reproducible."""
     try:
         max_words = int(max_words if max_words is not None else DEFAULT_MAX_WORDS)
     except (TypeError, ValueError) as err:
@@ -388,16 +389,16 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
     if not 1 <= max_words <= limit:
         raise ValueError(f"max words must be between 1 and {limit}")
     sampling = bool(sampling)
-    if seed is None or (isinstance(seed, str) and not seed.strip()):
-        seed = secrets.randbelow(2**31) if sampling else None
-    else:
+    if not (seed is None or (isinstance(seed, str) and not seed.strip())):
         try:
             seed_f = float(seed)
         except (TypeError, ValueError) as err:
             raise ValueError("the seed must be a whole number") from err
-        if not seed_f.is_integer() or not 0 <= seed_f < 2**63:
-            raise ValueError("the seed must be a whole number between 0 and 2^63")
-        seed = int(seed_f)
+        if not seed_f.is_integer() or not -1 <= seed_f < 2**63:
+            raise ValueError("the seed must be a whole number between 0 and 2^63 (or -1 / blank for random)")
+        seed = None if seed_f == -1 else int(seed_f)
+    if seed is None and sampling:
+        seed = secrets.randbelow(2**31)
     try:
         temperature, top_p = float(temperature if temperature is not None else 1.0), float(
             top_p if top_p is not None else 1.0)

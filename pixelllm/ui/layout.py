@@ -137,7 +137,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             api_sample = gr.Checkbox(label="do_sample", value=False)
             api_temperature = gr.Number(label="temperature", value=1.0)
             api_top_p = gr.Number(label="top_p", value=1.0)
-            api_seed = gr.Number(label="seed", value=None, precision=0)
+            api_seed = gr.Number(label="seed", value=-1, precision=0)  # -1: draw a seed (reported back)
             api_expressions = gr.Textbox(label="expressions", value="")
             api_threshold = gr.Number(label="score_threshold", value=0.3)
             api_max_regions = gr.Number(label="max_regions", value=16, precision=0)

@@ -27,6 +27,7 @@
   let pinned = null;    // word index pinned by a click
   let timers = [];
   let drag = null;
+  let base = null;      // the <image> element holding the picture
 
   function el(name, attrs, parent) {
     const node = document.createElementNS(NS, name);
@@ -49,17 +50,22 @@
     statusEl.textContent = view.message || "";
     replayBtn.disabled = words.length === 0 || view.status === "streaming";
     replayBtn.style.display = view.mode === "refer" ? "none" : "";
-    svg.replaceChildren();
     wordsBox.replaceChildren();
     inspectBox.replaceChildren();
     regionsBox.replaceChildren();
     if (!img) {
+      svg.replaceChildren();
+      base = null;
       stage.classList.remove("px-has-image");
       svg.removeAttribute("viewBox");
       shown = 0;
       return;
     }
-    if (img.src) images.set(img.key, img.src);
+    if (img.src && images.get(img.key) !== img.src) {
+      images.delete(img.key);
+      images.set(img.key, img.src);
+      while (images.size > 8) images.delete(images.keys().next().value);  // keep the page's memory bounded
+    }
     const src = images.get(img.key);
     if (shownKey !== img.key) { shown = 0; pinned = null; shownKey = img.key; }
     if (words.length < shown) shown = 0;
@@ -67,8 +73,14 @@
     stage.classList.add("px-has-image");
     svg.setAttribute("viewBox", "0 0 " + img.width + " " + img.height);
     svg.classList.toggle("px-clickable", !!view.clickable);
-    if (src) el("image", { href: src, x: 0, y: 0, width: img.width, height: img.height,
-                           preserveAspectRatio: "none", class: "px-base" }, svg);
+    // The picture stays one element across renders (no re-decoding per streamed word); overlays are redrawn.
+    Array.from(svg.children).forEach((c) => { if (c !== base) c.remove(); });
+    if (!base || !base.isConnected) {
+      base = el("image", { x: 0, y: 0, preserveAspectRatio: "none", class: "px-base" }, svg);
+    }
+    base.setAttribute("width", img.width);
+    base.setAttribute("height", img.height);
+    if (src && base.getAttribute("href") !== src) base.setAttribute("href", src);
     drawRegions(svg, view.regions || [], view.selected);
     drawTrace(svg, words);
     drawInspect(svg, view.inspect, words);

@@ -1,0 +1,445 @@
+"""Export annotators' corrections as Localized Narratives JSONL (+ images) and COCO-style region files.
+
+```
+python -m training.export --db data/annotations.db --out DIR [--statuses submitted,accepted]
+```
+
+writes into DIR (nothing outside it):
+
+- ``corrections.ln.jsonl`` — one official LN record per caption correction (the heads of correction chains whose
+  status is in ``--statuses``), with exactly the seven keys of ``LN_KEYS``, so any LN tool — and
+  :func:`training.data.localized_narratives.read_localized_narratives` — reads it;
+- ``images/<image_id>.<ext>`` — the corrected images (``image_id`` is the image's sha256 in the store);
+- ``regions.coco.json`` — only when there are region corrections: referring corrections (``expression``), dense
+  corrections and location-conditioned caption corrections (``caption``), COCO-style with ``bbox`` =
+  ``[x, y, w, h]`` in pixels.
+
+What a correction implies (:func:`correction_trace`; the fine-tuning command uses the same function, so the
+export and the training data never disagree):
+
+- **A recorded mouse trace** (>= 2 points) is the ground truth, as in LN: it is exported unchanged, with the
+  stored ``timed_caption`` (one utterance per word). Without stored timing the words share the trace's time span
+  equally. Each word's target is then Scenic's rule over the trace (``utterance_targets``), not the stored box.
+- **No recorded trace** (the annotator only edited words and moved boxes): a trace is *synthesised* whose LN
+  targets are exactly the word boxes. Each word gets a time slot; its trace is 16 points (``NUM_TRACE_SAMPLES``)
+  placed exactly at the 16 times the reader samples over the slot: box centre -> three clockwise loops over the
+  corners (TL, TR, BR, BL) -> TL -> BR -> centre. The samples' min/max are the box corners and their
+  trapezoidal time average is the box centre, so the reader gives back the box (and its centre) up to rounding.
+  Slots must not touch (two points at one time would be merged by the reader): the stored timing is kept when
+  every slot lasts >= 1 ms and ends before the next starts, otherwise words are re-timed at
+  ``WORD_SECONDS`` each with ``GAP_SECONDS`` pauses.
+
+LN has no field for the location prompt, the non-visual word flags or the correction's status: those stay in the
+store (``training.finetune`` reads it directly). A word containing spaces becomes several LN words sharing one
+utterance target (LN's own convention). This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pixelllm.store import STATUSES, AnnotationStore
+from training.data.localized_narratives import LN_KEYS, NUM_TRACE_SAMPLES, utterance_targets
+
+__all__ = [
+    "COCO_FILE",
+    "IMAGES_DIR",
+    "LN_FILE",
+    "CorrectionTrace",
+    "correction_trace",
+    "export_corrections",
+    "ln_record",
+    "safe_id",
+    "safe_join",
+    "synthesise_trace",
+]
+
+LN_FILE = "corrections.ln.jsonl"
+COCO_FILE = "regions.coco.json"
+IMAGES_DIR = "images"
+DATASET_ID = "pixelllm_corrections"
+#: Synthetic timing (a calm speaking rate, 2 words/s): each word lasts WORD_SECONDS, then a GAP_SECONDS pause.
+WORD_SECONDS = 0.4
+GAP_SECONDS = 0.1
+#: Shortest word slot of stored timing reused for a synthesised trace (the reader's centre needs >= 1e-5 s).
+MIN_SLOT_SECONDS = 1e-3
+_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+_EXT = re.compile(r"^[a-z0-9]{1,8}$")
+_PIL_EXT = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Paths: nothing is ever written outside the export folder
+
+
+def safe_id(text: str) -> str:
+    """``text`` if it is usable as a file name stem: 1-128 of ``[A-Za-z0-9_.-]``, not starting with a dot (so
+    never ``.``/``..``, never a path). ``ValueError`` otherwise — ids are refused, not silently rewritten, so two
+    ids can never collide into one file."""
+    if not isinstance(text, str) or not _ID.match(text):
+        raise ValueError(f"{text!r} is not a safe id: use 1-128 letters, digits, '_', '-' or '.' "
+                         "(not starting with '.'); no path separators")
+    return text
+
+
+def safe_join(root: str | os.PathLike, *parts: str) -> Path:
+    """``root/part/...`` guaranteed to stay inside ``root``.
+
+    Refuses (``ValueError``) absolute parts, ``..`` components, empty or NUL-containing names, and anything that
+    resolves outside ``root`` once symbolic links are followed (a symlinked ``images/`` pointing elsewhere)."""
+    base = Path(root).resolve()
+    relative = Path()
+    for part in parts:
+        if not isinstance(part, str) or not part or "\x00" in part:
+            raise ValueError(f"refusing export name {part!r}: empty or not a string")
+        path = Path(part)
+        if path.is_absolute() or part.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", part):
+            raise ValueError(f"refusing absolute export name {part!r}")
+        if any(p in ("..", "") for p in re.split(r"[\\/]", part)) or ".." in path.parts:
+            raise ValueError(f"refusing export name {part!r}: '..' and empty path components are not allowed")
+        relative = relative / path
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"refusing to write {target}: it is outside the export folder {base}")
+    return target
+
+
+def _image_ext(source: Path) -> str:
+    """The stored file's extension if plain (png, jpg, ...), else the format PIL detects."""
+    ext = source.suffix[1:].lower()
+    if _EXT.match(ext):
+        return ext
+    from PIL import Image
+
+    with Image.open(source) as img:
+        return _PIL_EXT.get(img.format or "", "png")
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a correction implies: words, timing, trace and per-word targets
+
+
+@dataclass
+class CorrectionTrace:
+    """A correction as an LN narrative.
+
+    words: the LN words (each stored word split on whitespace); timed_caption: one utterance per stored word;
+    traces: LN ``[[{x, y, t}]]`` (normalised); boxes: (n, 4) float64 per LN word, ``(x0, y0, x1, y1)`` normalised,
+    not clipped — exactly what the LN reader computes from ``traces`` + ``timed_caption``; centres: (n, 2);
+    word_index: (n,) the stored word each LN word comes from; source: ``"recorded"`` or ``"synthesised"``.
+    """
+
+    words: list[str]
+    timed_caption: list[dict[str, Any]]
+    traces: list[list[dict[str, float]]]
+    boxes: np.ndarray
+    centres: np.ndarray
+    word_index: np.ndarray
+    source: str
+
+
+def _point_count(traces: Sequence[Sequence[dict]]) -> int:
+    return sum(len(segment) for segment in traces)
+
+
+def _separable(timed_caption: Sequence[dict], n: int) -> bool:
+    """Stored timing a synthesised trace can reuse: one slot per word, each >= 1 ms, none touching the next."""
+    if len(timed_caption) != n:
+        return False
+    slots = [(float(u["start_time"]), float(u["end_time"])) for u in timed_caption]
+    if any(end - start < MIN_SLOT_SECONDS for start, end in slots):
+        return False
+    return all(prev[1] < nxt[0] for prev, nxt in zip(slots, slots[1:]))
+
+
+def _synthetic_timing(words: Sequence[str]) -> list[dict[str, Any]]:
+    step = WORD_SECONDS + GAP_SECONDS
+    return [{"utterance": w, "start_time": round(i * step, 6), "end_time": round(i * step + WORD_SECONDS, 6)}
+            for i, w in enumerate(words)]
+
+
+def _spread_timing(words: Sequence[str], traces: Sequence[Sequence[dict]]) -> list[dict[str, Any]]:
+    """No stored timing for a recorded trace: the words share the trace's time span equally, in order."""
+    times = [float(p["t"]) for segment in traces for p in segment]
+    t0, t1 = min(times), max(times)
+    edges = np.linspace(t0, t1, len(words) + 1)
+    return [{"utterance": w, "start_time": float(edges[i]), "end_time": float(edges[i + 1])}
+            for i, w in enumerate(words)]
+
+
+def _corner_cycle(num_samples: int) -> list[str]:
+    """Sample order over one word's box: centre, clockwise corner loops, a balancing TL/BR pair, centre.
+    Every corner is visited and the trapezoidal average of the sequence is the centre (see the module doc)."""
+    if num_samples < 6:
+        raise ValueError(f"a synthesised trace needs at least 6 samples per word, got {num_samples}")
+    inner = num_samples - 2
+    loops, rest = divmod(inner, 4)
+    tail = {0: [], 1: ["C"], 2: ["TL", "BR"], 3: ["TL", "BR", "C"]}[rest]
+    return ["C"] + ["TL", "TR", "BR", "BL"] * loops + tail + ["C"]
+
+
+def synthesise_trace(boxes: np.ndarray, timed_caption: Sequence[dict],
+                     num_samples: int = NUM_TRACE_SAMPLES) -> list[list[dict[str, float]]]:
+    """An LN trace (one segment) whose per-utterance LN targets are exactly ``boxes``.
+
+    Args:
+        boxes: (n, 4) normalised ``(x0, y0, x1, y1)``, one per utterance.
+        timed_caption: n utterances whose slots last > 0 s and do not touch (see :func:`_separable`).
+        num_samples: the reader's samples per utterance (16); one trace point is placed at each sample time.
+    """
+    order = _corner_cycle(num_samples)
+    points = []
+    for (x0, y0, x1, y1), utterance in zip(np.asarray(boxes, dtype=np.float64).tolist(), timed_caption):
+        corners = {"C": ((x0 + x1) / 2.0, (y0 + y1) / 2.0), "TL": (x0, y0), "TR": (x1, y0), "BR": (x1, y1),
+                   "BL": (x0, y1)}
+        times = np.linspace(float(utterance["start_time"]), float(utterance["end_time"]), num_samples)
+        for name, t in zip(order, times.tolist()):
+            x, y = corners[name]
+            points.append({"x": float(x), "y": float(y), "t": float(t)})
+    return [points]
+
+
+def correction_trace(row: dict[str, Any]) -> CorrectionTrace:
+    """The LN narrative a correction implies (see the module docstring for the rules).
+
+    Args:
+        row: a correction row with ``words``, ``boxes`` (XYXY pixels), ``timed_caption``, ``traces`` and
+            ``image_width``/``image_height`` (as ``AnnotationStore.training_examples`` returns it).
+
+    Raises:
+        ValueError: if the correction has no words or the image size is unknown.
+    """
+    words = list(row["words"])
+    if not words:
+        raise ValueError(f"correction {row.get('id')} has no words")
+    width, height = float(row["image_width"]), float(row["image_height"])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"correction {row.get('id')}: unknown image size {width}x{height}")
+    traces = [list(segment) for segment in row.get("traces") or []]
+    stored_timing = list(row.get("timed_caption") or [])
+    if _point_count(traces) >= 2:
+        timed = ([{**u, "utterance": w} for u, w in zip(stored_timing, words)] if len(stored_timing) == len(words)
+                 else _spread_timing(words, traces))
+        boxes, centres = utterance_targets(traces, timed)
+        source = "recorded"
+    else:
+        scale = np.array([width, height, width, height], dtype=np.float64)
+        boxes = np.asarray(row["boxes"], dtype=np.float64).reshape(-1, 4) / scale
+        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2.0, (boxes[:, 1] + boxes[:, 3]) / 2.0], axis=1)
+        timed = ([{**u, "utterance": w} for u, w in zip(stored_timing, words)] if _separable(stored_timing, len(words))
+                 else _synthetic_timing(words))
+        traces = synthesise_trace(boxes, timed)
+        source = "synthesised"
+    ln_words, index = [], []
+    for i, word in enumerate(words):
+        for piece in word.split():
+            ln_words.append(piece)
+            index.append(i)
+    index_arr = np.asarray(index, dtype=np.int64)
+    return CorrectionTrace(words=ln_words, timed_caption=timed, traces=traces, boxes=boxes[index_arr],
+                           centres=centres[index_arr], word_index=index_arr, source=source)
+
+
+def ln_record(row: dict[str, Any], trace: CorrectionTrace, image_id: str) -> dict[str, Any]:
+    """The official LN record (exactly ``LN_KEYS``) of a correction."""
+    caption = row.get("caption") or ""
+    if not caption.strip():
+        caption = " ".join(u["utterance"] for u in trace.timed_caption)
+    record = {
+        "dataset_id": DATASET_ID,
+        "image_id": safe_id(image_id),
+        "annotator_id": str(row["annotator"]),
+        "caption": caption,
+        "timed_caption": [{"utterance": u["utterance"], "start_time": float(u["start_time"]),
+                           "end_time": float(u["end_time"])} for u in trace.timed_caption],
+        "traces": trace.traces,
+        "voice_recording": "",
+    }
+    assert tuple(record) == LN_KEYS
+    return record
+
+
+# --------------------------------------------------------------------------------------------------------
+# Region corrections (COCO-style)
+
+
+def _task(store: AnnotationStore, row: dict[str, Any], cache: dict[int, dict | None]) -> tuple[str, dict | None]:
+    gen_id = row.get("generation_id")
+    if gen_id is None:
+        return "caption", None
+    if gen_id not in cache:
+        cache[gen_id] = store.get_generation(gen_id)
+    generation = cache[gen_id]
+    return (generation["task"] if generation else "caption"), generation
+
+
+def prompt_box(generation: dict | None) -> list[float] | None:
+    """The box prompt (XYXY pixels of the stored image) a caption generation used, or None (global box,
+    points)."""
+    if not generation or not isinstance(generation.get("prompts"), dict):
+        return None
+    box = generation["prompts"].get("box")
+    if isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+        return [float(v) for v in box]
+    return None
+
+
+def _coco_annotation(ann_id: int, image_num: int, box: Sequence[float], row: dict, task: str,
+                     text_key: str, text: str) -> dict[str, Any]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = max(x1 - x0, 0.0), max(y1 - y0, 0.0)
+    return {"id": ann_id, "image_id": image_num, "category_id": 1, "bbox": [x0, y0, w, h], "area": w * h,
+            "iscrowd": 0, text_key: text, "task": task, "correction_id": row["id"],
+            "generation_id": row.get("generation_id"), "annotator": row["annotator"], "status": row["status"]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
+                       statuses: Sequence[str] = ("submitted", "accepted")) -> dict[str, Any]:
+    """Export the heads of correction chains whose status is in ``statuses`` into ``out_dir``.
+
+    Caption corrections become LN records (+ their images); referring / dense corrections and caption corrections
+    made under a box prompt become COCO-style regions. Returns a JSON-friendly summary: file paths, counts of
+    records (recorded / synthesised traces), regions and images, and what was skipped and why.
+    """
+    statuses = [statuses] if isinstance(statuses, str) else list(statuses)
+    unknown = [s for s in statuses if s not in STATUSES]
+    if not statuses or unknown:
+        raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
+    store_root = Path(store.root).resolve()
+    rows = store.training_examples(statuses)
+    generations: dict[int, dict | None] = {}
+    images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
+    lines: list[str] = []
+    annotations: list[dict] = []
+    counts = {"recorded": 0, "synthesised": 0}
+    skipped = {"no_words": 0, "missing_image": 0, "unsafe_image_path": 0}
+
+    def add_image(row: dict) -> str | None:
+        sha = row["image_sha"]
+        if sha in images:
+            return images[sha][0]
+        source = Path(row["image_path"]).resolve()
+        if store_root not in source.parents:
+            skipped["unsafe_image_path"] += 1
+            return None
+        if not source.is_file():
+            skipped["missing_image"] += 1
+            return None
+        name = f"{safe_id(sha)}.{_image_ext(source)}"
+        target = safe_join(out, IMAGES_DIR, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target = safe_join(out, IMAGES_DIR, name)  # again, now that images/ exists (a symlink is caught here)
+        if not (target.is_file() and target.stat().st_size == source.stat().st_size):
+            shutil.copyfile(source, target)
+        relative = f"{IMAGES_DIR}/{name}"
+        images[sha] = (relative, {"id": len(images) + 1, "file_name": relative, "width": int(row["image_width"]),
+                                  "height": int(row["image_height"]), "sha256": sha})
+        return relative
+
+    for row in rows:
+        if not row["words"]:
+            skipped["no_words"] += 1
+            continue
+        task, generation = _task(store, row, generations)
+        if add_image(row) is None:
+            continue
+        image_num = images[row["image_sha"]][1]["id"]
+        if task in ("refer", "dense"):
+            text_key = "expression" if task == "refer" else "caption"
+            for text, box in zip(row["words"], row["boxes"]):
+                annotations.append(_coco_annotation(len(annotations) + 1, image_num, box, row, task, text_key, text))
+            continue
+        trace = correction_trace(row)
+        counts[trace.source] += 1
+        lines.append(json.dumps(ln_record(row, trace, row["image_sha"]), ensure_ascii=False, allow_nan=False))
+        box = prompt_box(generation)
+        if box is not None:
+            caption = row.get("caption") or " ".join(row["words"])
+            annotations.append(_coco_annotation(len(annotations) + 1, image_num, box, row, "caption", "caption",
+                                                caption))
+
+    _write_atomically(ln_path, "".join(line + "\n" for line in lines))
+    if annotations:
+        coco = {
+            "info": {"description": "PixelLLM Studio region corrections (referring, dense, box-prompted captions)",
+                     "date_created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                     "statuses": statuses, "bbox": "[x, y, width, height] in pixels of the image file"},
+            "images": [entry for _, entry in images.values()],
+            "annotations": annotations,
+            "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
+        }
+        _write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    elif coco_path.is_file():
+        coco_path.unlink()  # a stale file from an earlier export would describe corrections no longer selected
+    return {
+        "out_dir": str(out.resolve()),
+        "ln_file": str(ln_path),
+        "coco_file": str(coco_path) if annotations else None,
+        "statuses": statuses,
+        "ln_records": len(lines),
+        "recorded_traces": counts["recorded"],
+        "synthesised_traces": counts["synthesised"],
+        "regions": len(annotations),
+        "images": len(images),
+        "skipped": skipped,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", default="data/annotations.db", help="annotation store (SQLite file)")
+    parser.add_argument("--out", required=True, help="export folder (created; nothing is written outside it)")
+    parser.add_argument("--statuses", default="submitted,accepted",
+                        help=f"comma-separated correction statuses to export (of {', '.join(STATUSES)})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not Path(args.db).is_file():
+        print(f"no annotation store at {args.db}", file=sys.stderr)
+        return 2
+    statuses = [s.strip() for s in args.statuses.split(",") if s.strip()]
+    try:
+        with AnnotationStore(args.db) as store:
+            summary = export_corrections(store, args.out, statuses)
+    except ValueError as err:
+        print(f"export failed: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
