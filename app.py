@@ -27,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to listen on (0.0.0.0 to serve the network; Spaces set it)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    parser.add_argument("--db", default="data/annotations.db", help="annotation store (SQLite file)")
+    parser.add_argument("--db", default="data/annotations.db",
+                        help="annotation store (SQLite file); the app refuses to start if it cannot be opened")
+    parser.add_argument("--no-store", action="store_true",
+                        help="run without the annotation store: nothing is logged, corrections cannot be saved")
     parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once")
     return parser.parse_args(argv)
 
@@ -58,12 +61,39 @@ def resolve_checkpoint(checkpoint: str) -> str:
     return checkpoint
 
 
+def open_store(path: str):
+    """The annotation store, or SystemExit naming the file. Annotators' work goes there: a store that cannot be
+    opened (corrupt, not an annotation store, read-only folder, newer schema) stops the app at start rather
+    than letting people work for hours with nothing saved. `--no-store` runs without one, on purpose."""
+    from pixelllm.store import AnnotationStore, StoreError
+
+    try:
+        return AnnotationStore(path)
+    except (StoreError, ValueError) as err:
+        raise SystemExit(f"cannot open the annotation store {Path(path).absolute()}: {err}\n"
+                         "Move the file aside (or restore a backup), pass --db OTHER.db, or run with --no-store "
+                         "to serve without logging.") from err
+
+
+def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True) -> None:
+    """Serve `demo` with the app's limits (upload cap MAX_FILE_SIZE, no SSR). block=False returns once the
+    server is up (tests serve the app in their own process this way)."""
+    from pixelllm.ui import MAX_FILE_SIZE
+
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, ssr_mode=False,
+                prevent_thread_lock=not block, quiet=not block)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.no_store:
+        logging.warning("--no-store: outputs and corrections will not be saved")
+        store = None
+    else:
+        store = open_store(args.db)  # before torch, gradio and the model load: a bad store fails at once
     from pixelllm import PixelLLM, PixelLLMPredictor
-    from pixelllm.store import AnnotationStore, StoreError
-    from pixelllm.ui import MAX_FILE_SIZE, build_demo
+    from pixelllm.ui import build_demo
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
@@ -73,18 +103,14 @@ def main(argv: list[str] | None = None) -> None:
                 "--config training/configs/shapes_tiny.yaml`); or pass --checkpoint PATH|HUB_ID."
                 if args.checkpoint == DEFAULT_CHECKPOINT else "")
         raise SystemExit(f"cannot load the checkpoint: {err}.{hint}") from err
+    except ValueError as err:  # pickle weights refused, weights that do not match the config
+        raise SystemExit(f"cannot load the checkpoint {checkpoint}: {err}") from err
     device, dtype = pick_device(args.device)
     predictor = PixelLLMPredictor(model, device=device, dtype=dtype)
-    try:
-        store = AnnotationStore(args.db)
-    except (StoreError, ValueError) as err:
-        logging.warning("annotation store %s unavailable (%s): outputs will not be logged", args.db, err)
-        store = None
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
     demo = build_demo(predictor, store, checkpoint=args.checkpoint, examples=examples,
                       concurrency=args.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
-                ssr_mode=False)
+    launch(demo, host=args.host, port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

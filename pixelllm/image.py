@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,10 @@ MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompress
 MAX_SIDE = 2048  # larger images are downscaled on load; coordinates then refer to the downscaled image
 MAX_POINTS = 100
 MAX_TEXT_CHARS = 2000
+# What decoding a hostile or broken file can raise inside PIL (found by mutating valid PNG/JPEG/GIF/BMP/TIFF/WebP
+# files): all of it means "this upload cannot be decoded", never a server error.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
+                  struct.error, Image.DecompressionBombError)
 
 
 def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -35,16 +41,24 @@ def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError as err:
             raise ValueError("this file is not an image PIL can read (PNG, JPEG, GIF, WebP, BMP, TIFF)") from err
+        except Image.DecompressionBombError as err:  # PIL's own check: headers claiming > ~179 MP
+            pixels = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"{int(pixels.group(1)) / 1e6:.0f} MP" if pixels else "far too large"
+            raise ValueError(f"image is {size}; the limit is {MAX_PIXELS / 1e6:.0f} MP") from err
+        except _DECODE_ERRORS as err:  # a recognised format with a broken header
+            raise ValueError(f"the image could not be decoded (truncated or corrupt file?): {err}") from err
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise ValueError(f"image is {width}x{height} = {width * height / 1e6:.0f} MP; the limit is "
                          f"{MAX_PIXELS / 1e6:.0f} MP")
+    if width < 1 or height < 1:
+        raise ValueError(f"the image is empty ({width}x{height} pixels)")
     try:
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except _DECODE_ERRORS as err:
         raise ValueError(f"the image could not be decoded (truncated or corrupt file?): {err}") from err
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -100,6 +114,14 @@ def to_model_input(image: np.ndarray, size: int) -> torch.Tensor:
     return tensor[0].clamp(0, 255)
 
 
+def _numbers(values: object, what: str, shape: str) -> np.ndarray:
+    """values as float64, or ValueError naming the expected shape (JSON from API clients can be anything)."""
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be {shape} (numbers only)") from err
+
+
 def _finite(values: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{what} contains NaN or infinite values")
@@ -109,16 +131,21 @@ def _finite(values: np.ndarray, what: str) -> np.ndarray:
 def check_points(points: object, labels: object, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Points Nx2 (x, y) pixels + labels N (1 positive, 0 negative). Points outside the image are clamped to its
     border (documented normalisation); at most MAX_POINTS; at least one positive point."""
-    pts = _finite(np.asarray(points, dtype=np.float64).reshape(-1, 2), "point prompt")
+    raw = _numbers(points, "the point prompt", "a list of [x, y] pixel pairs")
+    if raw.size % 2:
+        raise ValueError(f"the point prompt must be a list of [x, y] pixel pairs, got {raw.size} numbers")
+    pts = _finite(raw.reshape(-1, 2), "point prompt")
     if len(pts) == 0:
         raise ValueError("the point prompt is empty")
     if len(pts) > MAX_POINTS:
         raise ValueError(f"{len(pts)} points given; at most {MAX_POINTS} are allowed")
-    lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1).astype(np.int64)
+    lab = np.ones(len(pts)) if labels is None else _numbers(labels, "point labels", "1 (positive) or 0 (negative)")
+    lab = lab.reshape(-1)
     if len(lab) != len(pts):
         raise ValueError(f"{len(pts)} points but {len(lab)} labels")
-    if not np.isin(lab, (0, 1)).all():
+    if not np.isin(lab, (0, 1)).all():  # before any cast: 0.5 must not silently become 0
         raise ValueError("point labels must be 1 (positive) or 0 (negative)")
+    lab = lab.astype(np.int64)
     if not (lab == 1).any():
         raise ValueError("give at least one positive point (negative points only say where the object is not)")
     pts[:, 0] = pts[:, 0].clip(0, width)
@@ -129,7 +156,7 @@ def check_points(points: object, labels: object, width: int, height: int) -> tup
 def check_box(box: object, width: int, height: int) -> np.ndarray:
     """A box (x0, y0, x1, y1) in pixels. Corners given in any order are sorted; the box is clipped to the image;
     a box with no area inside the image is refused."""
-    arr = _finite(np.asarray(box, dtype=np.float64).reshape(-1), "box prompt")
+    arr = _finite(_numbers(box, "a box", "4 numbers (x0, y0, x1, y1)").reshape(-1), "box prompt")
     if arr.shape != (4,):
         raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got {arr.size}")
     x0, x1 = sorted((arr[0], arr[2]))
@@ -148,6 +175,10 @@ def check_text(text: str | None, *, allow_empty: bool = True) -> str | None:
     if not isinstance(text, str):
         raise ValueError("the text prompt must be a string")
     text = " ".join(text.split())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # e.g. an unpaired surrogate sent as "\ud800" in JSON
+        raise ValueError("the text contains characters that are not valid Unicode (unpaired surrogates)") from err
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"the text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
     if not text:

@@ -330,6 +330,8 @@ class PixelLLMPredictor:
         self._check_state(state)
         if not 1 <= int(max_regions) <= 100:
             raise ValueError("max_regions must be between 1 and 100")
+        if not 0.0 <= float(score_threshold) <= 1.0:  # also refuses NaN, which would silently keep nothing
+            raise ValueError("score_threshold must be between 0 and 1")
         with self._model_lock.read(), torch.inference_mode():
             boxes, scores = self.model.propose(state.features, top_k=int(max_regions),
                                                score_threshold=float(score_threshold), nms_iou=float(nms_iou))[0]

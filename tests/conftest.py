@@ -142,3 +142,39 @@ def artifacts_dir() -> Path:
     """test-artifacts/ at the repository root (screenshots and the like; git-ignored)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# ------------------------------------------------------------------------------------------ served app (API)
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_app(small_checkpoint, tmp_path_factory):
+    """The studio serving `small_checkpoint` from this process on a free port, launched by app.py's own `launch`
+    (same upload cap, queue and concurrency as `python app.py`), with a fresh AnnotationStore. For gradio_client
+    and raw-HTTP tests. Yields SimpleNamespace(url, demo, studio, store, db_path, checkpoint)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import app as app_module
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.ui import build_demo
+
+    torch.set_num_threads(1)
+    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(small_checkpoint), device="cpu")
+    db_path = tmp_path_factory.mktemp("served-store") / "annotations.db"
+    store = app_module.open_store(str(db_path))
+    demo = build_demo(predictor, store, checkpoint=str(small_checkpoint), min_word_interval=0.0)
+    port = free_port()
+    app_module.launch(demo, host="127.0.0.1", port=port, block=False)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", demo=demo, studio=demo.studio, store=store,
+                          db_path=db_path, checkpoint=small_checkpoint)
+    demo.close()
+    store.close()

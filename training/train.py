@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     while step < total:
         index = int(np.searchsorted(bounds, step, side="right") - 1)
         stage = stages[index]
+        for key, value in (stage.get("config") or {}).items():  # per-stage loss weights, e.g. loc_loss_weight
+            if not hasattr(model.config, key) or isinstance(getattr(model.config, key), (dict, list)):
+                raise SystemExit(f"stage {stage['name']!r}: unknown or non-scalar config field {key!r}")
+            setattr(model.config, key, type(getattr(model.config, key))(value))
         trainable = model.set_stage(stage.get("stage", "scratch"))
         if "adapter" in stage and stage["adapter"] not in model.adapters:
             model.add_adapter(stage["adapter"])

@@ -53,11 +53,11 @@ class ReferringMaskHead(nn.Module):
         Returns mask logits Kx1x(4h)x(4w) over the model input frame and predicted IoU Kx1.
         """
         scale = float(self.prompt_encoder.input_image_size[0])
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.to(sam_features.dtype) * scale, masks=None)
-        sparse = torch.cat([sparse, self.mask_embedding.expand(sparse.shape[0], -1, -1)], dim=1)
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.float() * scale, masks=None)
+        sparse = torch.cat([sparse.to(sam_features.dtype), self.mask_embedding.expand(sparse.shape[0], -1, -1)], dim=1)
         return self.mask_decoder(
             image_embeddings=sam_features,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.prompt_encoder.get_dense_pe().to(sam_features.dtype),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
@@ -94,7 +94,7 @@ class ProposalHead(nn.Module):
                nms_iou: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Peaks of the heatmap (3x3 max-pool) -> boxes -> NMS. Returns per image (boxes Kx4 normalised
         (x0, y0, x1, y1), scores K), sorted by score."""
-        heat = torch.sigmoid(out["heatmap"])
+        heat = torch.sigmoid(out["heatmap"].float())  # decode in float32 whatever the model's dtype
         batch, _, height, width = heat.shape
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
         results = []
@@ -103,8 +103,8 @@ class ProposalHead(nn.Module):
             keep = scores >= score_threshold
             scores, idx = scores[keep], idx[keep]
             ys, xs = (idx // width).float(), (idx % width).float()
-            off = out["offset"][b].flatten(1)[:, idx]
-            size = out["size"][b].flatten(1)[:, idx]
+            off = out["offset"][b].flatten(1)[:, idx].float()
+            size = out["size"][b].flatten(1)[:, idx].float()
             cx, cy = (xs + off[0]) / width, (ys + off[1]) / height
             boxes = torch.stack([cx - size[0] / 2, cy - size[1] / 2, cx + size[0] / 2, cy + size[1] / 2], -1)
             boxes = boxes.clamp(0.0, 1.0)

@@ -7,7 +7,7 @@ Persistence (save_pretrained / from_pretrained) lives in `pixelllm.checkpoint`; 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,17 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         self.version = f"untrained-{id(self):x}"  # weights fingerprint; part of the image-embedding cache key
         self.source = "in-memory"
         self.adapter_configs: dict[str, Any] = {}
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PixelLLM:
+        """After any cast (`.to(torch.bfloat16)`, `.half()`, ...) keep SAM's random-Fourier position encoding in
+        float32: segment_anything casts prompt coordinates to float32 before multiplying them with this matrix
+        (`PositionEmbeddingRandom.forward_with_coords`), so a bf16 matrix fails, and sin/cos of bf16 products
+        would be imprecise anyway. Its outputs are cast to the model's dtype where they are used."""
+        super()._apply(fn, recurse)
+        pe = self.prompt_extractor.prompt_encoder.pe_layer
+        if pe.positional_encoding_gaussian_matrix.is_floating_point():
+            pe.positional_encoding_gaussian_matrix = pe.positional_encoding_gaussian_matrix.float()
+        return self
 
     # ------------------------------------------------------------------ encoding
     @property

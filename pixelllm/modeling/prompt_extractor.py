@@ -42,15 +42,15 @@ class PromptFeatureExtractor(nn.Module):
         if points is not None:
             if point_labels is None:
                 point_labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
-            pts = (points.to(self.queries.dtype) * scale, point_labels)
-        box_px = boxes.to(self.queries.dtype) * scale if boxes is not None else None
+            pts = (points.float() * scale, point_labels)  # float32 coordinates: bf16 would round pixels
+        box_px = boxes.float() * scale if boxes is not None else None
         sparse, _ = self.prompt_encoder(points=pts, boxes=box_px, masks=None)
-        return sparse
+        return sparse.to(self.queries.dtype)  # float32 from SAM's position encoding (see PixelLLM._apply)
 
     def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor) -> torch.Tensor:
         """image_embeddings: BxCxhxw; prompt_tokens: BxKxC. Returns the visual prefix, B x num_queries x D_lm."""
         batch = image_embeddings.shape[0]
-        image_pe = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
+        image_pe = self.prompt_encoder.get_dense_pe().to(image_embeddings.dtype).expand(batch, -1, -1, -1)
         queries = self.queries.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat([prompt_tokens, queries], dim=1)
         out, _ = self.transformer(image_embeddings, image_pe, tokens)

@@ -730,7 +730,10 @@ def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: in
     sx, sy = scale
     points = labels = box = None
     if data.get("points"):
-        raw = np.asarray(data["points"], dtype=np.float64)
+        try:
+            raw = np.asarray(data["points"], dtype=np.float64)
+        except (TypeError, ValueError) as err:  # ragged lists, strings, objects
+            raise ValueError("points must be a list of [x, y] pairs (pixels)") from err
         if raw.ndim != 2 or raw.shape[1] not in (2, 3):
             raise ValueError("points must be a list of [x, y] pairs")
         points = raw[:, :2] / np.array([sx, sy])
@@ -739,7 +742,10 @@ def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: in
             labels = raw[:, 2]
         points, labels = imaging.check_points(points, labels, width, height)
     if data.get("box") is not None:
-        raw_box = np.asarray(data["box"], dtype=np.float64).reshape(-1)
+        try:
+            raw_box = np.asarray(data["box"], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise ValueError("box must be [x0, y0, x1, y1] (pixels)") from err
         if raw_box.shape != (4,):
             raise ValueError("box must be [x0, y0, x1, y1]")
         box = imaging.check_box(raw_box / np.array([sx, sy, sx, sy]), width, height).tolist()

@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from pixelllm.ui import callbacks as cb
+from pixelllm.ui.annotate_tab import build_annotate_tab
 
 STATIC = Path(__file__).parent / "static"
 MAX_FILE_SIZE = "25mb"  # uploads above this are refused by Gradio itself (launch(max_file_size=...))
@@ -121,9 +122,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                                       elem_id="dense-run")
                                 dense_files = gr.File(label="Download: JSON and overlay PNG", file_count="multiple",
                                                       interactive=False, elem_id="dense-files")
-                    # ---------------------------------------------------------------- (5th tab: Annotate)
-                    # The Annotate tab (corrections) goes here: it reads `Session.last` (the last output shown,
-                    # with its generation id) from the `session` state and writes to `studio.store`.
+                    # ---------------------------------------------------------------- annotate (annotate_tab.py)
+                    # Corrections: reads `Session.last` from the `session` state, writes to `studio.store`; also
+                    # adds the /save_correction API endpoint.
+                    build_annotate_tab(studio, session)
                     # ---------------------------------------------------------------- model
                     with gr.Tab("Model", id="model", elem_id="tab-model"):
                         model_html = gr.HTML(cb.model_panel(studio), elem_id="model-panel")

@@ -1,0 +1,171 @@
+"""The Annotate tab: components and wiring only (the logic is in annotate.py, the editor in static/annotate.*).
+
+`build_annotate_tab(studio, session)` is called from layout.py's Annotate slot, inside the `gr.Tabs` block; it
+adds the tab and the hidden `/save_correction` API endpoint. (No `from __future__ import annotations`: Gradio
+inspects the `gr.EventData` hints.)
+"""
+
+import functools
+import json
+import threading
+
+import gradio as gr
+
+from pixelllm.ui import annotate as an
+from pixelllm.ui import callbacks as cb
+from pixelllm.ui import render
+
+LIST_TEMPLATE = ('<div class="pl-root"><div class="pl-msg"></div><table class="pl-table"><thead><tr></tr></thead>'
+                 "<tbody></tbody></table></div>")
+EXPORT_STATUSES = ("submitted", "accepted", "rejected", "draft")
+
+
+@functools.lru_cache(maxsize=1)
+def _assets() -> tuple[str, str, str]:
+    static = an.static_dir()
+    css = (static / "annotate.css").read_text()
+    editor_js = f"const PIXELLLM_ANNOTATE_CSS = {json.dumps(css)};\n" + (static / "annotate.js").read_text()
+    return (static / "annotate.html").read_text(), editor_js, (static / "annotate_list.js").read_text()
+
+
+def build_annotate_tab(studio: cb.Studio, session: gr.State) -> gr.Tab:
+    """The Annotate tab (correct the last output or a stored one, re-record its trace, save, review, export,
+    compare adapters) and the `/save_correction` endpoint. `session` is the studio's per-user `gr.State`
+    holding a callbacks.Session (its `last` output is what "Open current output" opens)."""
+    from pixelllm.ui.layout import viewer  # the caption viewer, reused for the adapter comparison
+
+    template, editor_js, list_js = _assets()
+    compare_lock = threading.Lock()  # adapter switches for comparisons, one at a time
+    private = {"api_visibility": "private"}
+    edits = {**private, "concurrency_id": "annotate-edit", "concurrency_limit": 1, "trigger_mode": "multiple",
+             "show_progress": "hidden"}
+
+    with gr.Tab("Annotate", id="annotate", elem_id="tab-annotate") as tab:
+        state = gr.State(None)  # created inside the tab: a bare child of gr.Tabs would show as a second tab
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=360):
+                editor = gr.HTML(value=an.editor_value(None), html_template=template, js_on_load=editor_js,
+                                 apply_default_css=False, elem_id="annotate-editor", elem_classes=["pa-editor"])
+            with gr.Column(scale=2, min_width=280):
+                open_btn = gr.Button("Open current output", variant="secondary", elem_id="annotate-open-current")
+                annotator = gr.Textbox(label="Your name (annotator / reviewer) — required to save",
+                                       max_length=an.MAX_ANNOTATOR_CHARS, elem_id="annotate-annotator",
+                                       placeholder="e.g. ana")
+                comment = gr.Textbox(label="Comment (optional; stored with a save or a review)", lines=2,
+                                     max_length=an.MAX_COMMENT_CHARS, elem_id="annotate-comment")
+                with gr.Row():
+                    save_btn = gr.Button("Save draft (s)", elem_id="annotate-save")
+                    submit_btn = gr.Button("Submit", variant="primary", elem_id="annotate-submit")
+                with gr.Accordion("Review the open correction", open=False, elem_id="annotate-review"):
+                    with gr.Row():
+                        accept_btn = gr.Button("Accept", elem_id="annotate-accept")
+                        reject_btn = gr.Button("Reject", variant="stop", elem_id="annotate-reject")
+                with gr.Accordion("Browse outputs and corrections", open=True, elem_id="annotate-browse"):
+                    show = gr.Radio(["Corrections", "Model outputs"], value="Corrections", show_label=False,
+                                    elem_id="annotate-show")
+                    with gr.Row():
+                        sha_prefix = gr.Textbox(label="Image id (sha256 prefix)", elem_id="annotate-sha",
+                                                max_length=64)
+                        who = gr.Textbox(label="Annotator", elem_id="annotate-who", max_length=an.MAX_ANNOTATOR_CHARS)
+                    with gr.Row():
+                        status = gr.Dropdown(list(an.LIST_STATUSES), value="any", label="Status",
+                                             elem_id="annotate-status")
+                        search = gr.Textbox(label="Text contains", elem_id="annotate-search", max_length=200)
+                    refresh_btn = gr.Button("Search", size="sm", elem_id="annotate-refresh")
+                    items = gr.HTML(value={"kind": "correction", "rows": [], "message": ""},
+                                    html_template=LIST_TEMPLATE, js_on_load=list_js, apply_default_css=False,
+                                    elem_id="annotate-list")
+                with gr.Accordion("Export (LN JSONL + images, zipped)", open=False, elem_id="annotate-export"):
+                    statuses = gr.CheckboxGroup(list(EXPORT_STATUSES), value=["submitted", "accepted"],
+                                                label="Statuses", elem_id="annotate-export-statuses")
+                    export_btn = gr.Button("Export", elem_id="annotate-export-run")
+                    export_note = gr.Textbox(label="Export summary", interactive=False, elem_id="annotate-export-note")
+                    export_file = gr.File(label="Download", interactive=False, elem_id="annotate-export-file")
+        with gr.Accordion("Compare adapters (base model vs the active LoRA adapter, current image)", open=False,
+                          elem_id="annotate-compare"):
+            compare_btn = gr.Button("Compare adapters", elem_id="annotate-compare-run")
+            compare_note = gr.Textbox(label="Comparison", interactive=False, elem_id="annotate-compare-note")
+            with gr.Row(equal_height=False):
+                empty = render.viewer_value(None, mode="caption")
+                base_view = viewer(empty, "annotate-compare-base")
+                tuned_view = viewer(empty, "annotate-compare-adapter")
+        with gr.Column(visible=False):
+            api_in = gr.JSON(label="correction")
+            api_out = gr.JSON(label="saved")
+            api_btn = gr.Button()
+
+    # ---------------------------------------------------------------------------------------- handlers
+    filters = [show, sha_prefix, who, status, search]
+
+    def refresh(kind, prefix, name, wanted, text):
+        return an.list_items(studio, kind, prefix, name, wanted, text)
+
+    def on_tab(sess, st, *filter_values):
+        listing = an.list_items(studio, *filter_values) if studio.store is not None else gr.skip()
+        if (st is None or st.doc is None) and isinstance(sess, cb.Session) and sess.last and sess.image:
+            try:
+                st, view = an.open_current(studio, sess, st)
+                return st, view, listing
+            except gr.Error:
+                pass
+        return gr.skip(), gr.skip(), listing
+
+    def on_open_current(sess, st):
+        return an.open_current(studio, sess, st)
+
+    def on_open_item(st, evt: gr.EventData):
+        return an.open_item(studio, st, evt._data)
+
+    def on_edit(st, evt: gr.EventData):
+        return an.edit_event(st, evt._data)
+
+    def on_history(st, evt: gr.EventData):
+        return an.history_event(st, evt._data)
+
+    def on_key_save(st, name, note, evt: gr.EventData):
+        return an.save(studio, st, "draft", name, note)
+
+    def on_save(st, name, note):
+        return an.save(studio, st, "draft", name, note)
+
+    def on_submit(st, name, note):
+        return an.save(studio, st, "submitted", name, note)
+
+    def on_autosave(st, name, note):
+        st, view = an.save(studio, st, "draft", name, note, auto=True)
+        return st, (gr.skip() if view is None else view)
+
+    def on_accept(st, name, note):
+        return an.review(studio, st, name, True, note)
+
+    def on_reject(st, name, note):
+        return an.review(studio, st, name, False, note)
+
+    def on_export(chosen):
+        return an.export(studio, chosen)
+
+    def on_compare(sess):
+        return an.compare_adapters(studio, sess, compare_lock)
+
+    def save_correction(correction):
+        return an.api_save_correction(studio, correction)
+
+    tab.select(on_tab, [session, state, *filters], [state, editor, items], **private, show_progress="hidden")
+    open_btn.click(on_open_current, [session, state], [state, editor], **edits)
+    items.open(on_open_item, [state], [state, editor], **edits)
+    editor.edit(on_edit, [state], [state, editor], **edits)
+    editor.history(on_history, [state], [state, editor], **edits)
+    saving = [state, annotator, comment]
+    for event, fn in ((editor.save, on_key_save), (save_btn.click, on_save), (submit_btn.click, on_submit),
+                      (accept_btn.click, on_accept), (reject_btn.click, on_reject)):
+        event(fn, saving, [state, editor], **edits).then(refresh, filters, items, **private,
+                                                           show_progress="hidden")
+    editor.autosave(on_autosave, saving, [state, editor], **edits)
+    for trigger in (refresh_btn.click, show.change, status.change, sha_prefix.submit, who.submit, search.submit):
+        trigger(refresh, filters, items, **private, show_progress="hidden")
+    export_btn.click(on_export, [statuses], [export_file, export_note], **private, show_progress="minimal")
+    compare_btn.click(on_compare, [session], [base_view, tuned_view, compare_note], **private,
+                      show_progress="minimal")
+    api_btn.click(save_correction, [api_in], [api_out], api_name="save_correction",
+                  concurrency_id="annotate-api", concurrency_limit=4)
+    return tab

@@ -1,0 +1,465 @@
+// PixelLLM annotate editor (gr.HTML js_on_load). Gradio runs this with `element`, `trigger`, `props`, `watch`;
+// PIXELLLM_ANNOTATE_CSS is prepended by annotate_tab.py.
+//
+// The document (words, boxes, timing, trace) and its undo/redo history live on the server (pixelllm/ui/annotate.py);
+// this script draws props.value and sends one edit at a time with trigger("edit", {op, ..., rev}), plus
+// trigger("history", {op: "undo" | "redo"}), trigger("save", {status}) and trigger("autosave", {}).
+// Recording happens here: words highlight in turn (at the pace, or on Space), pointer moves over the image are
+// captured as LN points {x, y, t} (x, y normalised to the image, t = seconds since the start, performance.now),
+// a new segment each time the pointer re-enters the image; at the end the trace and each word's start/end time
+// go to the server, which derives the boxes with the LN reader's rule. Text only reaches the DOM via textContent.
+(function () {
+  const NS = "http://www.w3.org/2000/svg";
+  if (!document.getElementById("pixelllm-annotate-css")) {
+    const style = document.createElement("style");
+    style.id = "pixelllm-annotate-css";
+    style.textContent = PIXELLLM_ANNOTATE_CSS;
+    document.head.appendChild(style);
+  }
+  const images = (window.__pixelllmAnnotateImages = window.__pixelllmAnnotateImages || new Map());
+  const $ = (sel) => element.querySelector(sel);
+  const root = $(".pa-root");
+  const stage = $(".pa-stage");
+  const svg = $(".pa-svg");
+  const wordsBox = $(".pa-words");
+  const statusEl = $(".pa-status");
+  const sourceEl = $(".pa-source");
+  const textIn = $(".pa-text");
+  const selectedEl = $(".pa-selected");
+  const nvBox = $(".pa-nonvisual");
+  const paceIn = $(".pa-pace");
+  const paceOut = $(".pa-pace-value");
+  const advanceIn = $(".pa-advance");
+  const boxModeIn = $(".pa-boxmode");
+  const btn = (name) => $(".pa-" + name);
+
+  let view = {};
+  let sel = null;        // selected word index
+  let hover = null;      // word under the pointer in the word list
+  let rec = null;        // the recording in progress
+  let drag = null;       // a box being moved or drawn
+  let corner = null;     // first corner in "click two corners" mode
+  let base = null;       // the <image> element (kept across renders)
+  let replayTimers = [];
+  let shownKey = null;
+
+  function el(name, attrs, parent) {
+    const node = document.createElementNS(NS, name);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+    if (parent) parent.appendChild(node);
+    return node;
+  }
+  const words = () => view.words || [];
+  const W = () => (view.image ? view.image.width : 1);
+  const H = () => (view.image ? view.image.height : 1);
+  function visible() { return root.isConnected && root.getClientRects().length > 0; }
+  function say(text, level) {
+    statusEl.textContent = text || "";
+    statusEl.title = text || "";
+    statusEl.className = "pa-status" + (level === "error" ? " pa-error" : level === "warn" ? " pa-warn" : "");
+  }
+  function send(op) {
+    if (!view.words || rec) return;
+    op.rev = view.rev;
+    trigger("edit", op);
+  }
+
+  // ------------------------------------------------------------------ drawing
+  function render() {
+    view = props.value && typeof props.value === "object" ? props.value : {};
+    const img = view.image;
+    const ws = words();
+    root.dataset.words = String(ws.length);
+    root.dataset.rev = String(view.rev || 0);
+    root.dataset.dirty = view.dirty ? "1" : "0";
+    root.dataset.status = img ? "ready" : "empty";
+    root.dataset.points = String((view.traces || []).reduce((n, s) => n + s.length, 0));
+    if (view.message) say(view.message, view.level);
+    const src = view.source || {};
+    const parts = [];
+    if (src.image) parts.push("image " + src.image);
+    if (src.generation_id) parts.push("generation #" + src.generation_id);
+    if (src.correction_id) parts.push("correction #" + src.correction_id + (src.status ? " (" + src.status + ")" : ""));
+    if (view.dirty) parts.push("unsaved edits");
+    sourceEl.textContent = parts.join(" · ");
+    btn("undo").disabled = !view.can_undo;
+    btn("redo").disabled = !view.can_redo;
+    btn("record").disabled = !!rec || !view.recordable || !ws.length;
+    btn("stop").disabled = !rec;
+    btn("replay").disabled = !(view.traces || []).length;
+    btn("clear-trace").disabled = !(view.traces || []).length;
+    if (!img) {
+      svg.replaceChildren();
+      base = null;
+      stage.classList.remove("pa-has-image");
+      svg.removeAttribute("viewBox");
+      wordsBox.replaceChildren();
+      sel = null;
+      updateTools();
+      return;
+    }
+    if (img.src && images.get(img.key) !== img.src) {
+      images.delete(img.key);
+      images.set(img.key, img.src);
+      while (images.size > 8) images.delete(images.keys().next().value);
+    }
+    if (shownKey !== img.key) { sel = null; shownKey = img.key; corner = null; }
+    if (sel !== null && sel >= ws.length) sel = ws.length ? ws.length - 1 : null;
+    stage.classList.add("pa-has-image");
+    svg.setAttribute("viewBox", "0 0 " + img.width + " " + img.height);
+    Array.from(svg.children).forEach((c) => { if (c !== base) c.remove(); });
+    if (!base || !base.isConnected) base = el("image", { x: 0, y: 0, preserveAspectRatio: "none", class: "pa-base" }, svg);
+    base.setAttribute("width", img.width);
+    base.setAttribute("height", img.height);
+    const href = images.get(img.key);
+    if (href && base.getAttribute("href") !== href) base.setAttribute("href", href);
+    drawTrace(el("g", { class: "pa-trace-layer" }, svg), view.traces || [], view.timed_caption || []);
+    drawBoxes(el("g", { class: "pa-boxes" }, svg));
+    el("g", { class: "pa-live-layer" }, svg);
+    drawWords();
+    updateTools();
+  }
+
+  function colourAt(t, timed) {
+    const ws = words();
+    if (!ws.length) return "#dc2626";
+    let k = 0;
+    for (let i = 0; i < timed.length; i++) if (t >= timed[i].start_time) k = i;
+    return (ws[Math.min(k, ws.length - 1)] || ws[0]).color;
+  }
+
+  // The trace in the words' gradient: each stretch of a segment takes the colour of the word spoken then.
+  function drawTrace(g, traces, timed, upTo) {
+    g.replaceChildren();
+    const w = W(), h = H();
+    traces.forEach((seg) => {
+      const pts = upTo === undefined ? seg : seg.filter((p) => p.t <= upTo);
+      if (pts.length < 2) return;
+      el("polyline", { class: "pa-trace-halo", points: pts.map((p) => p.x * w + "," + p.y * h).join(" ") }, g);
+      let run = [pts[0]];
+      let colour = colourAt(pts[0].t, timed);
+      const flush = () => {
+        if (run.length > 1) el("polyline", { class: "pa-trace", stroke: colour,
+          points: run.map((p) => p.x * w + "," + p.y * h).join(" ") }, g);
+      };
+      for (let i = 1; i < pts.length; i++) {
+        const c = colourAt(pts[i].t, timed);
+        run.push(pts[i]);
+        if (c !== colour) { flush(); run = [pts[i]]; colour = c; }
+      }
+      flush();
+    });
+  }
+
+  function drawBoxes(g) {
+    words().forEach((wd, i) => {
+      const b = wd.box;
+      const a = { x: b[0], y: b[1], width: Math.max(b[2] - b[0], 0.5), height: Math.max(b[3] - b[1], 0.5) };
+      if (i === sel) el("rect", Object.assign({ class: "pa-box-halo" }, a), g);
+      const r = el("rect", Object.assign({ class: "pa-box" + (wd.non_visual ? " pa-nv" : "") + (i === sel ? " pa-sel" : ""),
+        stroke: wd.color, fill: i === sel ? wd.color : "none", "data-i": i }, a), g);
+      const title = el("title", {}, r);
+      title.textContent = wd.text;
+      // Many words: only the selected / hovered word's box is drawn at full strength.
+      const focus = sel !== null || hover !== null;
+      if (i !== sel && i !== hover) r.style.opacity = focus ? "0.15" : (view.traces || []).length ? "0.3" : "0.7";
+    });
+    if (corner) el("circle", { class: "pa-corner", cx: corner[0], cy: corner[1], r: Math.max(W(), H()) / 90 }, g);
+  }
+
+  function drawWords() {
+    wordsBox.replaceChildren();
+    words().forEach((wd, i) => {
+      const chip = document.createElement("span");
+      chip.className = "pa-word" + (wd.non_visual ? " pa-nv" : "") + (i === sel ? " pa-sel" : "");
+      chip.dataset.i = String(i);
+      chip.textContent = wd.text;
+      chip.style.background = wd.color;
+      chip.style.color = wd.ink || "#fff";
+      chip.title = (wd.non_visual ? "non-visual · " : "") + "box " + wd.box.map((v) => Math.round(v)).join(", ");
+      chip.addEventListener("click", () => select(i === sel ? null : i));
+      chip.addEventListener("mouseenter", () => { hover = i; redrawBoxes(); });
+      chip.addEventListener("mouseleave", () => { hover = null; redrawBoxes(); });
+      wordsBox.appendChild(chip);
+    });
+    markRecording();
+  }
+
+  function markRecording() {
+    wordsBox.querySelectorAll(".pa-word").forEach((c) => {
+      const i = Number(c.dataset.i);
+      c.classList.toggle("pa-current", !!rec && i === rec.i);
+      c.classList.toggle("pa-pending", !!rec && i > rec.i);
+    });
+  }
+
+  function redrawBoxes() {
+    const g = svg.querySelector(".pa-boxes");
+    if (g) { g.replaceChildren(); drawBoxes(g); }
+  }
+  function select(i) {
+    sel = i;
+    corner = null;
+    redrawBoxes();
+    wordsBox.querySelectorAll(".pa-word").forEach((c) => c.classList.toggle("pa-sel", Number(c.dataset.i) === sel));
+    updateTools();
+  }
+
+  function updateTools() {
+    const wd = sel === null ? null : words()[sel];
+    selectedEl.textContent = wd ? "word " + (sel + 1) + " of " + words().length : "no word selected";
+    if (document.activeElement !== textIn) textIn.value = wd ? wd.text : "";
+    nvBox.checked = !!(wd && wd.non_visual);
+    ["apply", "delete", "split"].forEach((n) => { btn(n).disabled = !wd; });
+    btn("merge").disabled = !wd || sel >= words().length - 1;
+    btn("insert").disabled = !view.words;
+    nvBox.disabled = !wd;
+  }
+
+  // ------------------------------------------------------------------ word tools
+  btn("undo").addEventListener("click", () => trigger("history", { op: "undo" }));
+  btn("redo").addEventListener("click", () => trigger("history", { op: "redo" }));
+  btn("apply").addEventListener("click", () => { if (sel !== null) send({ op: "text", i: sel, text: textIn.value }); });
+  btn("insert").addEventListener("click", () => {
+    const typed = textIn.value.trim();
+    const current = sel === null ? null : words()[sel];
+    const text = typed && (!current || typed !== current.text) ? typed : "word";
+    const at = sel === null ? words().length - 1 : sel;
+    send({ op: "insert", i: at, text: text });
+    sel = at + 1;
+  });
+  btn("delete").addEventListener("click", () => { if (sel !== null) send({ op: "delete", i: sel }); });
+  btn("merge").addEventListener("click", () => { if (sel !== null) send({ op: "merge", i: sel }); });
+  btn("split").addEventListener("click", () => {
+    if (sel === null) return;
+    const at = document.activeElement === textIn || textIn.selectionStart ? textIn.selectionStart : null;
+    send({ op: "split", i: sel, at: at || null });
+  });
+  nvBox.addEventListener("change", () => { if (sel !== null) send({ op: "non_visual", i: sel, value: nvBox.checked }); });
+  textIn.addEventListener("keydown", (evt) => {
+    if (evt.key === "Enter" && sel !== null) { evt.preventDefault(); send({ op: "text", i: sel, text: textIn.value }); }
+  });
+  paceIn.addEventListener("input", () => { paceOut.textContent = Number(paceIn.value).toFixed(1); });
+  btn("clear-trace").addEventListener("click", () => send({ op: "clear_trace" }));
+  btn("replay").addEventListener("click", replay);
+  btn("record").addEventListener("click", (evt) => { evt.currentTarget.blur(); startRecording(); });
+  btn("stop").addEventListener("click", (evt) => { evt.currentTarget.blur(); if (rec) finish(now()); });
+
+  // ------------------------------------------------------------------ pointer: boxes
+  function toImage(evt) {
+    const ctm = svg.getScreenCTM();
+    if (!ctm || !view.image) return null;
+    const p = new DOMPoint(evt.clientX, evt.clientY).matrixTransform(ctm.inverse());
+    return [p.x, p.y];
+  }
+  const clampX = (x) => Math.min(Math.max(x, 0), W());
+  const clampY = (y) => Math.min(Math.max(y, 0), H());
+  function wordAt(p) {
+    let best = null;
+    words().forEach((wd, i) => {
+      const b = wd.box;
+      if (p[0] >= b[0] && p[0] <= b[2] && p[1] >= b[1] && p[1] <= b[3]) {
+        const area = (b[2] - b[0]) * (b[3] - b[1]);
+        if (!best || area < best.area) best = { i: i, area: area };
+      }
+    });
+    return best ? best.i : null;
+  }
+  function live() { return svg.querySelector(".pa-live-layer"); }
+
+  svg.addEventListener("pointerdown", (evt) => {
+    if (rec || !view.image || evt.button !== 0) return;
+    const p = toImage(evt);
+    if (!p) return;
+    evt.preventDefault();
+    if (boxModeIn.value === "corners" && sel !== null) {
+      if (!corner) { corner = [clampX(p[0]), clampY(p[1])]; select(sel); return; }
+      const c = corner;
+      corner = null;
+      send({ op: "box", i: sel, box: [c[0], c[1], clampX(p[0]), clampY(p[1])] });
+      return;
+    }
+    const b = sel !== null ? words()[sel].box : null;
+    const inside = b && p[0] >= b[0] && p[0] <= b[2] && p[1] >= b[1] && p[1] <= b[3];
+    drag = { start: p, sx: evt.clientX, sy: evt.clientY, moved: false, mode: inside ? "move" : "draw", box: b };
+    try { svg.setPointerCapture(evt.pointerId); } catch (e) { /* optional */ }
+  });
+  svg.addEventListener("pointermove", (evt) => {
+    if (rec) { capture(evt); return; }
+    if (!drag) return;
+    if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > 5) drag.moved = true;
+    if (!drag.moved || sel === null) return;
+    const p = toImage(evt);
+    if (!p) return;
+    drag.box = dragBox(p);
+    const g = live();
+    g.replaceChildren();
+    const b = drag.box;
+    el("rect", { class: "pa-rubber", x: b[0], y: b[1], width: b[2] - b[0], height: b[3] - b[1] }, g);
+  });
+  function dragBox(p) {
+    if (drag.mode === "move") {
+      const b = words()[sel].box;
+      let dx = p[0] - drag.start[0], dy = p[1] - drag.start[1];
+      dx = Math.min(Math.max(dx, -b[0]), W() - b[2]);
+      dy = Math.min(Math.max(dy, -b[1]), H() - b[3]);
+      return [b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy];
+    }
+    const x0 = clampX(drag.start[0]), y0 = clampY(drag.start[1]), x1 = clampX(p[0]), y1 = clampY(p[1]);
+    return [Math.min(x0, x1), Math.min(y0, y1), Math.max(x0, x1), Math.max(y0, y1)];
+  }
+  svg.addEventListener("pointerup", (evt) => {
+    if (rec || !drag) return;
+    const d = drag;
+    drag = null;
+    const g = live();
+    if (g) g.replaceChildren();
+    if (d.moved && sel !== null) {
+      const b = d.box.map((v) => Math.round(v * 10) / 10);
+      send({ op: "box", i: sel, box: b });
+    } else {
+      const hit = wordAt(d.start);
+      select(hit === null ? null : hit);
+    }
+  });
+  svg.addEventListener("pointercancel", () => { drag = null; const g = live(); if (g) g.replaceChildren(); });
+
+  // ------------------------------------------------------------------ recording (LN style)
+  function now() { return rec ? (performance.now() - rec.t0) / 1000 : 0; }
+  const r6 = (v) => Math.round(v * 1e6) / 1e6;
+  const r4 = (v) => Math.round(v * 1e4) / 1e4;
+  function pace() { return Math.max(0.1, Number(paceIn.value) || 1.5); }
+
+  function startRecording() {
+    if (rec || !view.recordable || !words().length) return;
+    select(null);
+    rec = { t0: performance.now(), i: 0, starts: [0], segs: [], cur: null, timer: null };
+    root.dataset.recording = "1";
+    btn("stop").disabled = false;
+    btn("record").disabled = true;
+    say("Recording: trace each highlighted word over the image. Space = next word, Esc = cancel.", "warn");
+    schedule();
+    markRecording();
+    live().replaceChildren();
+  }
+  function schedule() {
+    clearTimeout(rec.timer);
+    if (advanceIn.value === "pace") rec.timer = setTimeout(advance, 1000 / pace());
+  }
+  function advance() {
+    if (!rec) return;
+    const t = now();
+    if (rec.i >= words().length - 1) { finish(t); return; }
+    rec.i += 1;
+    rec.starts.push(t);
+    schedule();
+    markRecording();
+  }
+  function capture(evt) {
+    const p = toImage(evt);
+    if (!p) return;
+    const t = r4(now());
+    if (!rec.cur) { rec.cur = []; rec.segs.push(rec.cur); }
+    rec.cur.push({ x: r6(p[0] / W()), y: r6(p[1] / H()), t: t });
+    const g = live();
+    let line = g.querySelector("polyline[data-seg='" + (rec.segs.length - 1) + "']");
+    if (!line) line = el("polyline", { class: "pa-live", "data-seg": rec.segs.length - 1, points: "" }, g);
+    line.setAttribute("points", rec.cur.map((q) => q.x * W() + "," + q.y * H()).join(" "));
+  }
+  svg.addEventListener("pointerleave", () => { if (rec) rec.cur = null; });  // LN: re-entering starts a segment
+
+  function cancelRecording(message) {
+    if (!rec) return;
+    clearTimeout(rec.timer);
+    rec = null;
+    root.dataset.recording = "0";
+    btn("stop").disabled = true;
+    btn("record").disabled = false;
+    live().replaceChildren();
+    markRecording();
+    say(message, "warn");
+  }
+  function finish(tEnd) {
+    if (!rec) return;
+    const r = rec;
+    clearTimeout(r.timer);
+    rec = null;
+    root.dataset.recording = "0";
+    btn("stop").disabled = true;
+    btn("record").disabled = false;
+    markRecording();
+    const ws = words();
+    const timed = ws.map((wd, i) => ({ utterance: wd.text, start_time: r4(r.starts[i] !== undefined ? r.starts[i] : tEnd),
+      end_time: r4(i + 1 < r.starts.length ? r.starts[i + 1] : tEnd) }));
+    const traces = r.segs.filter((s) => s.length);
+    const count = traces.reduce((n, s) => n + s.length, 0);
+    if (count < 2) { live().replaceChildren(); say("No trace was captured: move the mouse over the image while the words advance.", "error"); return; }
+    say("Recorded " + count + " points; deriving the word boxes…", "info");
+    trigger("edit", { op: "trace", traces: traces, timed_caption: timed, rev: view.rev });
+  }
+
+  function replay() {
+    replayTimers.forEach(clearTimeout);
+    replayTimers = [];
+    const traces = view.traces || [];
+    const timed = view.timed_caption || [];
+    const g = svg.querySelector(".pa-trace-layer");
+    if (!g || !traces.length) return;
+    const end = traces.reduce((m, s) => Math.max(m, s.length ? s[s.length - 1].t : 0), 0);
+    const speed = Math.max(1, end / 6);  // at most ~6 s (real time when shorter)
+    root.dataset.replaying = "1";
+    const steps = 60;
+    for (let k = 0; k <= steps; k++) {
+      replayTimers.push(setTimeout(() => {
+        drawTrace(g, traces, timed, (end * k) / steps);
+        if (k === steps) root.dataset.replaying = "0";
+      }, ((end / speed) * 1000 * k) / steps));
+    }
+  }
+
+  // ------------------------------------------------------------------ keyboard
+  function onKey(evt) {
+    if (!visible()) return;
+    if (rec) {
+      if (evt.key === " " || evt.code === "Space") { evt.preventDefault(); evt.stopPropagation(); if (evt.type === "keydown" && !evt.repeat) advance(); return; }
+      if (evt.key === "Escape" && evt.type === "keydown") { evt.preventDefault(); cancelRecording("Recording cancelled."); }
+      return;
+    }
+    if (evt.type !== "keydown") return;
+    const typing = evt.target && evt.target.closest && evt.target.closest("input, textarea, select, [contenteditable]");
+    if (typing) return;
+    const k = evt.key;
+    const ctrl = evt.ctrlKey || evt.metaKey;
+    let handled = true;
+    if ((k === "z" || k === "Z") && !evt.shiftKey) trigger("history", { op: "undo" });
+    else if (k === "y" || k === "Y" || (ctrl && evt.shiftKey && (k === "z" || k === "Z"))) trigger("history", { op: "redo" });
+    else if ((k === "s" || k === "S") && !evt.altKey) trigger("save", { status: "draft" });
+    else if (ctrl || evt.altKey) handled = false;
+    else if (k === "r") startRecording();
+    else if (k === "ArrowRight" && words().length) select(sel === null ? 0 : Math.min(sel + 1, words().length - 1));
+    else if (k === "ArrowLeft" && words().length) select(sel === null ? words().length - 1 : Math.max(sel - 1, 0));
+    else if ((k === "Delete" || k === "Backspace") && sel !== null) send({ op: "delete", i: sel });
+    else if (k === "m" && sel !== null) send({ op: "merge", i: sel });
+    else if (k === "n" && sel !== null) send({ op: "non_visual", i: sel, value: !words()[sel].non_visual });
+    else if (k === "Escape") select(null);
+    else handled = false;
+    if (handled) evt.preventDefault();
+  }
+  // One listener per page even if the component is mounted again.
+  if (window.__pixelllmAnnotateKeys) {
+    document.removeEventListener("keydown", window.__pixelllmAnnotateKeys, true);
+    document.removeEventListener("keyup", window.__pixelllmAnnotateKeys, true);
+  }
+  window.__pixelllmAnnotateKeys = onKey;
+  document.addEventListener("keydown", onKey, true);
+  document.addEventListener("keyup", onKey, true);
+
+  // ------------------------------------------------------------------ autosave
+  if (window.__pixelllmAutosave) clearInterval(window.__pixelllmAutosave);
+  window.__pixelllmAutosave = setInterval(() => {
+    if (root.isConnected && view.dirty && !rec) trigger("autosave", {});
+  }, 30000);
+
+  watch("value", render);
+  render();
+})();

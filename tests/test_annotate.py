@@ -1,0 +1,323 @@
+"""The Annotate tab's callbacks (pixelllm/ui/annotate.py) on a real predictor (the small random checkpoint) and a
+real annotation store: editor document -> save -> store row; trace -> boxes (the LN reader's rule); undo/redo;
+review; idempotent saves; errors; browse; export; adapter comparison."""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from pixelllm import PixelLLMPredictor
+from pixelllm.store import StoreError
+from pixelllm.ui import annotate as an
+from pixelllm.ui import callbacks as cb
+from training.data.localized_narratives import utterance_targets
+
+
+@pytest.fixture
+def studio(small_predictor, annotation_store):
+    torch.set_num_threads(1)
+    return cb.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
+
+
+@pytest.fixture
+def captioned(studio, example_images):
+    """A session whose last output is a real streamed caption (logged as a generation)."""
+    session, *_ = cb.load_image(studio, str(example_images[0]), None)
+    *_, (view, text, files, session) = list(cb.generate(studio, session, "", 6, False, 1.0, 1.0, None, "s1"))
+    assert session.last["generation_id"] is not None and len(session.last["words"]) >= 2
+    return session
+
+
+def _opened(studio, session):
+    state, view = an.open_current(studio, session, None)
+    assert view["words"] and view["image"]["src"].startswith("data:image/png")
+    return state
+
+
+def _recording(n: int, seed: int = 0) -> tuple[list, list]:
+    """A plausible recording: 2 segments of points (normalised) and one time slot per word."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0, 0.5 * n, 40))
+    xy = rng.uniform(0.05, 0.95, (40, 2))
+    points = [{"x": float(x), "y": float(y), "t": float(s)} for (x, y), s in zip(xy, t)]
+    traces = [points[:25], points[25:]]
+    edges = np.linspace(0, 0.5 * n, n + 1)
+    timed = [{"utterance": f"w{i}", "start_time": float(edges[i]), "end_time": float(edges[i + 1])} for i in range(n)]
+    return traces, timed
+
+
+def test_editor_edits_then_save_and_submit_reach_the_store(studio, captioned, annotation_store):
+    state = _opened(studio, captioned)
+    n = len(state.doc["words"])
+    gen_id = captioned.last["generation_id"]
+    state, view = an.edit_event(state, {"op": "text", "i": 0, "text": "circle", "rev": state.rev})
+    state, view = an.edit_event(state, {"op": "non_visual", "i": 1, "value": True, "rev": state.rev})
+    state, view = an.edit_event(state, {"op": "box", "i": 0, "box": [50, 60, 10, 20], "rev": state.rev})
+    assert view["dirty"] and view["words"][0]["box"] == [10, 20, 50, 60]  # corners sorted
+    state, view = an.save(studio, state, "draft", "  ana  ", "first pass")
+    row = annotation_store.list_corrections(status="draft")[0]
+    assert view["source"]["correction_id"] == row["id"] and not view["dirty"]
+    assert row["annotator"] == "ana" and row["comment"] == "first pass" and row["generation_id"] == gen_id
+    assert row["words"][0] == "circle" and row["non_visual"] == [1] and len(row["words"]) == n
+    assert row["boxes"][0] == [10, 20, 50, 60] and row["caption"] == " ".join(row["words"])
+    assert row["traces"] == [] and row["timed_caption"] == []
+
+    traces, timed = _recording(n)
+    state, view = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
+    state, view = an.save(studio, state, "submitted", "ana", None)
+    head = annotation_store.list_corrections(status="submitted")[0]
+    assert head["parent_id"] == row["id"]  # the submit supersedes the draft: one chain
+    assert head["traces"] == traces
+    assert [u["utterance"] for u in head["timed_caption"]] == head["words"]  # utterances follow the words
+    assert [(u["start_time"], u["end_time"]) for u in head["timed_caption"]] == [
+        (u["start_time"], u["end_time"]) for u in timed]
+    expected = an.boxes_from_trace(traces, head["timed_caption"], 256, 256)
+    np.testing.assert_allclose(head["boxes"], expected)
+    np.testing.assert_allclose([w["box"] for w in view["words"]], expected, atol=0.01)  # what the editor shows
+
+
+def test_trace_to_boxes_is_the_ln_reader_rule(annotation_store):
+    traces, timed = _recording(5, seed=3)
+    traces[1].append({"x": 1.02, "y": -0.01, "t": 0.7})  # LN traces may leave the image a little; interleaved t
+    norm, _ = utterance_targets(traces, timed)
+    got = an.boxes_from_trace(traces, timed, 200, 100)
+    np.testing.assert_allclose(got, norm * np.array([200, 100, 200, 100]), rtol=0, atol=1e-9)
+    # the save path derives the same boxes when only words, timing and trace are sent (no boxes)
+    sha = annotation_store.add_image(cb.render.png_bytes(np.zeros((100, 200, 3), np.uint8)), 200, 100)
+    result = an.save_correction_from_editor(
+        annotation_store, None, {"image_sha": sha, "words": [f"w{i}" for i in range(5)], "traces": traces,
+                                 "timed_caption": timed}, "submitted", "bo")
+    row = annotation_store.get_correction(result["correction_id"])
+    assert result["boxes_from_trace"] is True
+    np.testing.assert_allclose(row["boxes"], got, atol=1e-9)
+
+
+def test_undo_redo_restore_exact_documents(studio, captioned):
+    state = _opened(studio, captioned)
+    original = json.loads(json.dumps(state.doc))
+    assert not state.dirty and an.editor_value(state)["can_undo"] is False
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "alpha", "rev": state.rev})
+    after_text = json.loads(json.dumps(state.doc))
+    state, _ = an.edit_event(state, {"op": "delete", "i": 1, "rev": state.rev})
+    assert len(state.doc["words"]) == len(original["words"]) - 1
+    state, view = an.history_event(state, {"op": "undo"})
+    assert state.doc == after_text and view["can_redo"]
+    state, view = an.history_event(state, {"op": "undo"})
+    assert state.doc == original and not view["can_undo"] and not view["dirty"]
+    state, _ = an.history_event(state, {"op": "redo"})
+    assert state.doc == after_text
+    state, message = an.undo(state)
+    state, _ = an.edit_event(state, {"op": "insert", "i": 0, "text": "big red", "rev": state.rev})
+    assert [w["text"] for w in state.doc["words"][1:3]] == ["big", "red"]  # spaces make several words
+    assert not state.future  # a new edit clears redo
+    assert an.redo(state)[1] == "nothing to redo"
+
+
+def test_structural_edits_keep_boxes_on_the_trace_and_a_box_move_drops_it(studio, captioned):
+    state = _opened(studio, captioned)
+    n = len(state.doc["words"])
+    traces, timed = _recording(n, seed=1)
+    state, _ = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
+    for op in ({"op": "merge", "i": 0}, {"op": "split", "i": 0, "at": 1}, {"op": "insert", "i": 0, "text": "x"},
+               {"op": "delete", "i": 1}, {"op": "text", "i": 0, "text": "left side"}):
+        state, _ = an.edit_event(state, {**op, "rev": state.rev})
+        doc = state.doc
+        assert len(doc["timed_caption"]) == len(doc["words"])
+        assert [u["utterance"] for u in doc["timed_caption"]] == [w["text"] for w in doc["words"]]
+        np.testing.assert_allclose([w["box"] for w in doc["words"]],
+                                   an.boxes_from_trace(traces, doc["timed_caption"], 256, 256), err_msg=op["op"])
+    with_trace = json.loads(json.dumps(state.doc))
+    state, view = an.edit_event(state, {"op": "box", "i": 0, "box": [1, 2, 30, 40], "rev": state.rev})
+    assert state.doc["traces"] == [] and state.doc["timed_caption"] == [] and "dropped" in view["message"]
+    state, _ = an.undo(state)
+    assert state.doc == with_trace
+
+
+def test_bad_edits_are_user_errors(studio, captioned):
+    state = _opened(studio, captioned)
+    with pytest.raises(gr.Error, match="changed meanwhile"):
+        an.edit_event(state, {"op": "delete", "i": 0, "rev": state.rev - 1})
+    with pytest.raises(gr.Error, match="cannot be empty"):
+        an.edit_event(state, {"op": "text", "i": 0, "text": "   ", "rev": state.rev})
+    with pytest.raises(gr.Error, match="No trace"):
+        an.edit_event(state, {"op": "trace", "traces": [[{"x": 0.1, "y": 0.1, "t": 0}]], "timed_caption": [],
+                              "rev": state.rev})
+    with pytest.raises(gr.Error, match="no area"):
+        an.edit_event(state, {"op": "box", "i": 0, "box": [5, 5, 5, 40], "rev": state.rev})
+    with pytest.raises(gr.Error, match="Open the current output"):
+        an.edit_event(None, {"op": "delete", "i": 0})
+    for _ in range(len(state.doc["words"]) - 1):
+        state, _ = an.edit_event(state, {"op": "delete", "i": 0, "rev": state.rev})
+    with pytest.raises(gr.Error, match="at least one word"):
+        an.edit_event(state, {"op": "delete", "i": 0, "rev": state.rev})
+
+
+def test_missing_annotator_is_an_error_and_autosave_waits(studio, captioned, annotation_store):
+    state = _opened(studio, captioned)
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "edited", "rev": state.rev})
+    for name in (None, "", "   "):
+        with pytest.raises(gr.Error, match="annotator name"):
+            an.save(studio, state, "draft", name)
+    state, view = an.save(studio, state, "draft", "", auto=True)
+    assert "waiting for your annotator name" in view["message"]
+    assert annotation_store.list_corrections() == []
+    state, view = an.save(studio, state, "draft", "cy", auto=True)
+    assert "Autosaved" in view["message"] and len(annotation_store.list_corrections()) == 1
+    assert an.save(studio, state, "draft", "cy", auto=True) == (state, None)  # clean: nothing to autosave
+    with pytest.raises(gr.Error, match="annotator name"):
+        an.api_save_correction(studio, {"image_sha": state.image["sha"], "words": ["a"], "boxes": [[0, 0, 1, 1]]})
+
+
+def test_client_token_makes_saves_idempotent(studio, captioned, annotation_store):
+    state = _opened(studio, captioned)
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "edited", "rev": state.rev})
+    token = an.client_token_for(state, "submitted")
+    first = an.save_correction_from_editor(studio.store, state, state.doc, "submitted", "dee", token)
+    again = an.save_correction_from_editor(studio.store, state, state.doc, "submitted", "dee", token)
+    assert first["correction_id"] == again["correction_id"]
+    state, _ = an.save(studio, state, "submitted", "dee")  # the button after the same version: still one row
+    assert len(annotation_store.history(first["correction_id"])) == 1
+    payload = {"generation_id": captioned.last["generation_id"], "annotator": "api", "words": ["one", "two"],
+               "boxes": [[0, 0, 10, 10], [10, 10, 30, 30]], "client_token": "tok-1"}
+    ids = {an.api_save_correction(studio, json.dumps(payload))["correction_id"] for _ in range(3)}
+    assert len(ids) == 1
+    with pytest.raises(gr.Error, match="already used"):
+        an.api_save_correction(studio, {**payload, "annotator": "someone else"})
+
+
+def test_api_payloads(studio, captioned, annotation_store):
+    sha = annotation_store.list_generations(limit=1)[0]["image_sha"]
+    result = an.api_save_correction(studio, {"image_sha": sha, "annotator": "<b>x</b>", "status": "draft",
+                                             "words": ["a", "b"], "boxes": [[-5, 0, 10, 400], [3, 3, 3, 3]],
+                                             "non_visual": [1]})
+    row = annotation_store.get_correction(result["correction_id"])
+    assert row["annotator"] == "<b>x</b>" and row["status"] == "draft" and row["generation_id"] is None
+    assert row["boxes"] == [[0, 0, 10, 256], [3, 3, 3, 3]] and row["non_visual"] == [1]  # clipped to the image
+    edit = an.api_save_correction(studio, {"parent_id": row["id"], "annotator": "y", "words": ["c"],
+                                           "boxes": [[1, 1, 2, 2]]})
+    assert annotation_store.head(row["id"])["id"] == edit["correction_id"]
+    for bad, match in (({"image_sha": sha, "annotator": "a", "words": ["a"], "boxes": [[0, 0, 1, 1]], "x": 1},
+                        "unknown keys"),
+                       ({"image_sha": sha, "annotator": "a", "words": ["a"]}, "needs a box"),
+                       ({"image_sha": sha, "annotator": "a", "words": [], "boxes": []}, "non-empty"),
+                       ({"annotator": "a", "words": ["a"], "boxes": [[0, 0, 1, 1]]}, "name the image"),
+                       ({"image_sha": sha, "annotator": "a", "words": ["a"], "boxes": [[0, 0, 1, 1]],
+                         "status": "accepted"}, "draft' or 'submitted"),
+                       ({"parent_id": row["id"], "annotator": "a", "words": ["a"], "boxes": [[0, 0, 1, 1]]},
+                        "superseded")):
+        with pytest.raises(gr.Error, match=match):
+            an.api_save_correction(studio, bad)
+    with pytest.raises(gr.Error, match="not valid JSON"):
+        an.api_save_correction(studio, "{words:")
+
+
+def test_review_accept_and_reject(studio, captioned, annotation_store):
+    state = _opened(studio, captioned)
+    with pytest.raises(gr.Error, match="Open a submitted correction"):
+        an.review(studio, state, "rev", True, "")
+    state, _ = an.save(studio, state, "draft", "eve")
+    with pytest.raises(gr.Error, match="draft"):
+        an.review(studio, state, "rev", True, "")
+    state, _ = an.save(studio, state, "submitted", "eve")
+    submitted = state.head_id
+    with pytest.raises(gr.Error, match="annotator name"):
+        an.review(studio, state, " ", True, "")
+    state, view = an.review(studio, state, "rita", False, "box 2 is off")
+    head = annotation_store.head(submitted)
+    assert head["status"] == "rejected" and head["reviewer"] == "rita" and head["comment"] == "box 2 is off"
+    assert head["annotator"] == "eve" and view["source"]["status"] == "rejected"
+    # fix, resubmit, accept: the chain keeps the whole history
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "fixed", "rev": state.rev})
+    with pytest.raises(gr.Error, match="unsaved edits"):
+        an.review(studio, state, "rita", True, "")
+    state, _ = an.save(studio, state, "submitted", "eve")
+    state, _ = an.review(studio, state, "rita", True, "ok now")
+    chain = annotation_store.history(submitted)
+    assert [r["status"] for r in chain] == ["draft", "submitted", "rejected", "submitted", "accepted"]
+
+
+def test_store_failure_warns_and_keeps_the_edits(studio, captioned, annotation_store, monkeypatch):
+    state = _opened(studio, captioned)
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "kept", "rev": state.rev})
+
+    def broken(**kwargs):
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(annotation_store, "save_correction", broken)
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: warnings.append(message))
+    state, view = an.save(studio, state, "submitted", "fay")
+    assert warnings and "disk full" in warnings[0] and view["level"] == "error" and view["dirty"]
+    assert state.doc["words"][0]["text"] == "kept" and state.head_id is None
+    monkeypatch.undo()
+    state, view = an.save(studio, state, "submitted", "fay")  # the retry saves it
+    assert annotation_store.get_correction(state.head_id)["words"][0] == "kept"
+
+
+def test_browse_filters_and_open(studio, captioned, annotation_store):
+    state = _opened(studio, captioned)
+    sha = state.image["sha"]
+    state, _ = an.save(studio, state, "submitted", "Gil Smith")
+    listing = an.list_items(studio, "Corrections", sha[:6], "smith", "submitted", "")
+    assert [r["id"] for r in listing["rows"]] == [state.head_id] and listing["rows"][0]["annotator"] == "Gil Smith"
+    assert an.list_items(studio, "Corrections", sha[:6], "nobody", "any", "")["rows"] == []
+    assert an.list_items(studio, "Corrections", "", "", "draft", "")["rows"] == []
+    outputs = an.list_items(studio, "Model outputs", sha, "", "any", "")
+    assert outputs["rows"][0]["id"] == captioned.last["generation_id"]
+    with pytest.raises(gr.Error, match="hexadecimal"):
+        an.list_items(studio, "Corrections", "xyz", "", "any", "")
+
+    other, view = an.open_item(studio, None, {"kind": "correction", "id": state.head_id})
+    assert other.head_id == state.head_id and view["image"]["src"].startswith("data:image/")
+    assert [w["text"] for w in view["words"]] == annotation_store.get_correction(state.head_id)["words"]
+    other, _ = an.edit_event(other, {"op": "text", "i": 0, "text": "unsaved", "rev": other.rev})
+    target = {"kind": "generation", "id": captioned.last["generation_id"]}
+    with pytest.raises(gr.Error, match="unsaved edits"):
+        an.open_item(studio, other, target)
+    other, view = an.open_item(studio, other, target)  # asked again: discard and open
+    assert other.head_id is None and other.generation_id == target["id"] and "correction chain" in view["message"]
+
+
+def test_export_zip(studio, captioned, annotation_store):
+    pytest.importorskip("training.export")
+    state = _opened(studio, captioned)
+    traces, timed = _recording(len(state.doc["words"]))
+    state, _ = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
+    state, _ = an.save(studio, state, "submitted", "hal")
+    path, summary = an.export(studio, ["submitted"])
+    assert "1 LN record" in summary
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        record = json.loads(archive.read("pixelllm-corrections/corrections.ln.jsonl").decode())
+    assert any(n.startswith("pixelllm-corrections/images/") for n in names)
+    assert record["traces"] == traces and record["annotator_id"] == "hal"
+    with pytest.raises(gr.Error, match="at least one status"):
+        an.export(studio, [])
+
+
+def test_compare_adapters(studio, captioned, tmp_path):
+    from tests.conftest import _talkative
+    from tests.helpers import small_model
+
+    lock = threading.Lock()
+    base_view, tuned_view, note = an.compare_adapters(studio, captioned, lock)
+    assert "No LoRA adapter is active" in note and tuned_view["image"] is None
+    model = small_model(seed=0)
+    _talkative(model)  # an untrained model otherwise stops at once (see conftest)
+    model.add_adapter("fix")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    own = cb.Studio(predictor=PixelLLMPredictor(model, device="cpu"), store=None)
+    base_view, tuned_view, note = an.compare_adapters(own, captioned, lock)
+    assert own.predictor.adapter == "fix"  # restored
+    assert "fix" in note and base_view["words"] and tuned_view["words"]
+    assert base_view["message"].startswith("base model") and "fix" in tuned_view["message"]

@@ -1,0 +1,210 @@
+"""End-to-end: the Annotate tab in headless Chromium (pytest-playwright `page`), served from this process.
+
+Records a trace LN-style with synthesised mouse moves (words advanced with Space), submits it and finds it in the
+store; checks undo/redo keys and that a hostile annotator name stays text. Every wait is an `expect`; a page error,
+a console error or a dialog fails the test. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from playwright.sync_api import Page, expect
+
+from pixelllm.ui import annotate as an
+
+pytestmark = pytest.mark.browser
+
+TIMEOUT = 20_000  # ms; streamed output on 2 busy cores
+EDITOR = "#annotate-editor"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def annotate_app(app_checkpoint, example_images, tmp_path_factory):
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.store import AnnotationStore
+    from pixelllm.ui import MAX_FILE_SIZE, build_demo
+
+    torch.set_num_threads(1)
+    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(app_checkpoint), device="cpu")
+    store = AnnotationStore(tmp_path_factory.mktemp("annotate-store") / "annotations.db")
+    demo = build_demo(predictor, store, checkpoint=str(app_checkpoint), examples=[str(p) for p in example_images])
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
+                max_file_size=MAX_FILE_SIZE)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo)
+    demo.close()
+    store.close()
+
+
+@pytest.fixture
+def app(page: Page, annotate_app):
+    """The page on the app; fails the test on any page error, console error or dialog (alert/confirm)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
+    page.on("console", lambda msg: errors.append(f"console.error: {msg.text}") if msg.type == "error" else None)
+
+    def on_dialog(dialog):
+        errors.append(f"dialog: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.set_viewport_size({"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(annotate_app.url)
+    yield page
+    assert not errors, errors
+
+
+def _caption_then_annotate(page: Page, example: int = 0) -> int:
+    """Caption an example in the first tab, switch to Annotate (which opens that output); returns the word count."""
+    page.locator("#examples button").nth(example).click()
+    expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+    page.locator("#generate").click()
+    root = page.locator("#caption-viewer .px-root")
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    n = int(root.get_attribute("data-words"))
+    assert n >= 2
+    page.get_by_role("tab", name="Annotate").click()
+    page.locator("#annotate-open-current").click()
+    expect(page.locator(f"{EDITOR} .pa-root")).to_have_attribute("data-words", str(n), timeout=TIMEOUT)
+    expect(page.locator(f"{EDITOR} image.pa-base")).to_have_attribute("href", re.compile(r"^data:image/png"))
+    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation")
+    return n
+
+
+def _to_screen(page: Page, x: float, y: float) -> tuple[float, float]:
+    return page.evaluate(
+        """([sel, x, y]) => { const svg = document.querySelector(sel + ' svg.pa-svg');
+             const p = new DOMPoint(x, y).matrixTransform(svg.getScreenCTM()); return [p.x, p.y]; }""",
+        [EDITOR, x, y])
+
+
+def _to_image(page: Page, sx: float, sy: float) -> tuple[float, float]:
+    return page.evaluate(
+        """([sel, x, y]) => { const svg = document.querySelector(sel + ' svg.pa-svg');
+             const p = new DOMPoint(x, y).matrixTransform(svg.getScreenCTM().inverse()); return [p.x, p.y]; }""",
+        [EDITOR, sx, sy])
+
+
+def _distance_to_polyline(p: np.ndarray, line: np.ndarray) -> float:
+    best = math.inf
+    for a, b in zip(line[:-1], line[1:]):
+        ab = b - a
+        t = 0.0 if not ab.any() else float(np.clip(np.dot(p - a, ab) / np.dot(ab, ab), 0, 1))
+        best = min(best, float(np.linalg.norm(p - (a + t * ab))))
+    return best
+
+
+def test_record_a_trace_with_the_mouse_and_submit_it(app: Page, annotate_app, artifacts_dir):
+    n = _caption_then_annotate(app)
+    root = app.locator(f"{EDITOR} .pa-root")
+    gen_id = annotate_app.store.list_generations(limit=1)[0]["id"]
+    app.locator(f"{EDITOR} .pa-advance").select_option("key")  # words advance on Space only
+    record = app.locator(f"{EDITOR} .pa-record")
+    box = record.bounding_box()
+    start = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    record.click()
+    expect(root).to_have_attribute("data-recording", "1")
+    path_start = _to_image(app, *start)  # where the mouse is, in image pixels (the image stays put while recording)
+    expect(app.locator(f"{EDITOR} .pa-word.pa-current")).to_have_attribute("data-i", "0")
+
+    w, h = 256, 256  # the example images
+    targets = [(30 + (i * 67) % 190, 40 + (i * 41) % 170) for i in range(n)]
+    for i, (x, y) in enumerate(targets):
+        app.mouse.move(*_to_screen(app, x, y), steps=6)
+        if i < n - 1:
+            app.keyboard.press("Space")
+            expect(app.locator(f"{EDITOR} .pa-word.pa-current")).to_have_attribute("data-i", str(i + 1))
+    app.keyboard.press("Space")  # after the last word: the recording ends and goes to the server
+    expect(root).to_have_attribute("data-recording", "0")
+    expect(root).not_to_have_attribute("data-points", "0", timeout=TIMEOUT)
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("boxes derived from the trace")
+    assert app.locator(f"{EDITOR} .pa-trace").count() >= 2  # the gradient preview: a stretch per word colour
+
+    # undo / redo from the keyboard (z / y) take the recording away and bring it back
+    points = root.get_attribute("data-points")
+    app.keyboard.press("z")
+    expect(root).to_have_attribute("data-points", "0")
+    app.keyboard.press("y")
+    expect(root).to_have_attribute("data-points", points)
+
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("mouse tester")
+    app.locator("#annotate-submit").click()
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Submitted as correction #", timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-dirty", "0")
+    app.screenshot(path=str(artifacts_dir / "app-annotate.png"), full_page=True)
+
+    row = annotate_app.store.list_corrections(status="submitted", limit=1)[0]
+    assert row["annotator"] == "mouse tester" and row["generation_id"] == gen_id and len(row["words"]) == n
+    timed = row["timed_caption"]
+    assert [u["utterance"] for u in timed] == row["words"]
+    starts = [u["start_time"] for u in timed]
+    assert starts[0] == 0 and starts == sorted(starts)
+    assert all(u["end_time"] >= u["start_time"] for u in timed)
+    assert all(a["end_time"] == pytest.approx(b["start_time"]) for a, b in zip(timed, timed[1:]))
+    pts = [p for segment in row["traces"] for p in segment]
+    times = [p["t"] for p in pts]
+    assert times == sorted(times) and len(pts) >= n
+    assert times[-1] <= timed[-1]["end_time"] + 1e-3
+    xy = np.array([[p["x"] * w, p["y"] * h] for p in pts])
+    # every recorded point lies on the path the mouse took (start -> target 0 -> target 1 ...), within 2 px
+    path = np.array([path_start, *targets], dtype=np.float64)
+    assert max(_distance_to_polyline(p, path) for p in xy) <= 2.0
+    # and each target was reached while its word was highlighted
+    for i, (x, y) in enumerate(targets):
+        hits = [p for p, q in zip(pts, xy) if np.hypot(q[0] - x, q[1] - y) <= 2.0
+                and timed[i]["start_time"] <= p["t"] <= timed[i]["end_time"]]
+        assert hits, f"word {i}: no point at {targets[i]} during [{timed[i]['start_time']}, {timed[i]['end_time']}]"
+    # the stored boxes are the LN reader's boxes of that trace
+    np.testing.assert_allclose(row["boxes"], an.boxes_from_trace(row["traces"], timed, w, h), atol=1e-6)
+    rows = app.locator("#annotate-list tr.pl-row")
+    expect(rows.first).to_contain_text("mouse tester", timeout=TIMEOUT)
+
+
+def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotate_app, artifacts_dir):
+    _caption_then_annotate(app, 1)
+    root = app.locator(f"{EDITOR} .pa-root")
+    app.locator(f"{EDITOR} .pa-word").first.click()
+    text = app.locator(f"{EDITOR} .pa-text")
+    text.fill("<b>square</b>")
+    text.press("Enter")
+    expect(app.locator(f"{EDITOR} .pa-word").first).to_have_text("<b>square</b>")
+    assert app.locator(f"{EDITOR} .pa-word b").count() == 0
+    # draw a new box for the selected word by dragging on the image
+    rev = int(root.get_attribute("data-rev"))
+    app.mouse.move(*_to_screen(app, 20, 30))
+    app.mouse.down()
+    app.mouse.move(*_to_screen(app, 60, 60), steps=4)
+    app.mouse.move(*_to_screen(app, 100, 90), steps=4)
+    app.mouse.up()
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    sel = app.locator(f"{EDITOR} rect.pa-box.pa-sel")
+    assert float(sel.get_attribute("x")) == pytest.approx(20, abs=2)
+    assert float(sel.get_attribute("width")) == pytest.approx(80, abs=3)
+
+    hostile = '<img src=x onerror="window.__xss=1;alert(1)">'
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill(hostile)
+    app.evaluate("document.activeElement.blur()")  # shortcuts are ignored while typing in a field
+    app.keyboard.press("s")  # save draft
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+    row = annotate_app.store.list_corrections(status="draft", limit=1)[0]
+    assert row["annotator"] == hostile and row["words"][0] == "<b>square</b>"
+    assert row["boxes"][0] == [pytest.approx(v, abs=2) for v in (20, 30, 100, 90)]
+    cell = app.locator("#annotate-list tr.pl-row td.pl-annotator").first
+    expect(cell).to_have_text(hostile, timeout=TIMEOUT)
+    assert app.evaluate("window.__xss") is None
+    assert app.locator('img[src="x"]').count() == 0
+    app.screenshot(path=str(artifacts_dir / "app-annotate-edit.png"), full_page=True)

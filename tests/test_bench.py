@@ -1,0 +1,49 @@
+"""`python -m pixelllm.bench` runs end to end (plumbing only).
+
+A smoke run of the benchmark with `--quick --no-fail` on a small random checkpoint: it checks that every
+measurement runs (streaming vs generate(), cache hit vs miss, batched vs single dense captions, the per-step
+profile, the in-process app called through gradio_client, the app.py subprocess, one- and two-process training)
+and that the JSON report holds every ratio as a positive finite number. It asserts no timing: speed is the
+benchmark's job, and wall-clock thresholds do not belong in tests (TESTING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers import save_small_checkpoint
+
+RATIOS = ["location_head_overhead", "prompt_reuse_speedup", "batched_dense_speedup", "per_token_cost_ratio",
+          "app_overhead", "train_scaleout"]
+
+
+@pytest.mark.slow
+def test_bench_quick_run_reports_every_ratio(tmp_path):
+    checkpoint = save_small_checkpoint(tmp_path / "checkpoint")
+    report = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pixelllm.bench", "--quick", "--no-fail", "--checkpoint", str(checkpoint),
+         "--json", str(report)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["quick"] is True
+    for key in RATIOS:
+        entry = data["ratios"][key]
+        assert entry["status"] in ("PASS", "FAIL"), (key, entry)
+        assert isinstance(entry["value"], float) and math.isfinite(entry["value"]) and entry["value"] > 0, (key, entry)
+        assert entry["label"] in done.stdout  # the table names every ratio
+    absolute = data["absolute"]
+    assert absolute["app_peak_rss_mb"] > 0
+    assert absolute["words_per_s"] > 0 and absolute["time_to_first_word_ms"] > 0
+    assert absolute["paper_parameters"] > 3_000_000_000  # ≈ 4B, as in the paper
+    assert data["machine"]["torch"] and data["machine"]["cpu"]

@@ -1,0 +1,232 @@
+"""Tests for training.finetune and training.simulate_annotators on a small random PixelLLM (tests/helpers.py).
+
+What is checked: finetuning trains LoRA tensors only (every base weight bit-identical, in memory and on disk), the
+saved adapter loads into a fresh model and changes its outputs, `PixelLLM.from_pretrained(out)` comes back with
+the adapter active, correction samples follow the generation's prompt and skip box supervision on non-visual
+words, replay batches work, and the run is recorded in `finetune_runs` (finished, or failed with the error).
+The simulate test is a plumbing smoke run with tiny sizes: a random model cannot learn anything in 2 steps, so it
+checks that every stage runs and reports, not the acceptance numbers (those come from the real checkpoint run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelllm import PixelLLM
+from pixelllm.adapters import base_state_dict
+from pixelllm.store import AnnotationStore
+from tests.helpers import save_small_checkpoint
+from training import finetune as ft
+
+W, H = 80, 48
+
+
+def png_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return save_small_checkpoint(tmp_path_factory.mktemp("base"), seed=3)
+
+
+def fill_store(store: AnnotationStore) -> None:
+    """Four corrections covering the prompt kinds: global box, box, points + text, and a referring one."""
+    prompts = [
+        {"points": [], "point_labels": [], "box": None, "text": None},
+        {"points": [], "point_labels": [], "box": [10.0, 5.0, 50.0, 40.0], "text": None},
+        {"points": [[20.0, 20.0], [30.0, 25.0]], "point_labels": [1, 0], "box": None, "text": "In this picture"},
+    ]
+    for i, prompt in enumerate(prompts):
+        sha = store.add_image(png_bytes(i), W, H)
+        gen = store.log_generation(sha, "caption", ["a", "circle"], [[0, 0, 9, 9], [1, 1, 8, 8]], model_id="base",
+                                   model_version="v", prompts=prompt)
+        store.save_correction(annotator="ann", generation_id=gen, status="submitted",
+                              caption="a large red circle", words=["a", "large", "red", "circle"],
+                              boxes=[[0, 0, W, H], [10, 5, 50, 40], [10, 5, 50, 40], [10, 5, 50, 40]],
+                              non_visual=[0])
+    sha = store.add_image(png_bytes(9), W, H)
+    gen = store.log_generation(sha, "refer", ["the red circle"], [[0, 0, 5, 5]], model_id="base", model_version="v",
+                               prompts={"expressions": ["the red circle"]})
+    store.save_correction(annotator="ann", generation_id=gen, status="submitted", words=["the red circle"],
+                          boxes=[[20, 10, 60, 40]])
+    draft = store.save_correction(annotator="ann", image_sha=sha, status="draft", words=["ignored"],
+                                  boxes=[[0, 0, 1, 1]])
+    assert draft
+
+
+@pytest.fixture
+def store(tmp_path):
+    with AnnotationStore(tmp_path / "annotations.db") as s:
+        fill_store(s)
+        yield s
+
+
+def settings(base_dir: Path, store: AnnotationStore, out: Path, **overrides) -> ft.FinetuneSettings:
+    values = dict(db=str(store.path), base=str(base_dir), out=str(out), steps=4, batch_size=2, lr=5e-2, warmup=1,
+                  log_every=2, replay_data=None)
+    values.update(overrides)
+    return ft.FinetuneSettings(**values)
+
+
+def fixed_batch(model: PixelLLM) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    s = model.config.image_size
+    return {"images": torch.rand(2, 3, s, s, generator=gen) * 255,
+            "labels": torch.tensor([[5, 6, 7, 1], [8, 9, 1, -100]]),
+            "prompt_boxes": torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.0, 0.0, 1.0, 1.0]])}
+
+
+def outputs(model: PixelLLM, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        feats = model.encode_image(batch["images"])
+        prefix = model.encode_prefix(feats, boxes=batch["prompt_boxes"])
+        return model.teacher_forced(prefix, batch["labels"])
+
+
+def test_correction_samples_follow_the_generation_prompt_and_skip_non_visual_words(base_dir, store):
+    model = PixelLLM.from_pretrained(base_dir)
+    examples, pixels, counts = ft.correction_examples(store, model.config.image_size)
+    assert counts["corrections"] == 4 and len(examples) == 4 and len(pixels) == 4
+    caption = [e for e in examples if e.task == "caption"]
+    assert [e.words for e in caption] == [["a", "large", "red", "circle"]] * 3
+    np.testing.assert_allclose(caption[0].box, [0, 0, 1, 1])  # no prompt: the global box
+    np.testing.assert_allclose(caption[1].box, [10 / W, 5 / H, 50 / W, 40 / H], atol=1e-6)
+    assert caption[2].box is None and caption[2].text == "In this picture"
+    np.testing.assert_allclose(caption[2].points, [[20 / W, 20 / H], [30 / W, 25 / H]], atol=1e-6)
+    assert caption[2].point_labels.tolist() == [1, 0]
+    assert caption[0].supervised.tolist() == [False, True, True, True]
+    np.testing.assert_allclose(caption[0].word_boxes[1], [10 / W, 5 / H, 50 / W, 40 / H], atol=1e-6)
+    [refer] = [e for e in examples if e.task == "refer"]
+    assert refer.words == ["the red circle"]
+    np.testing.assert_allclose(refer.word_boxes[0], [20 / W, 10 / H, 60 / W, 40 / H], atol=1e-6)
+
+    bank = ft.FeatureBank(model, pixels)
+    collate = ft.FinetuneCollator(None, model.tokenizer, model.config.image_size, replay_bank=None,
+                                  correction_bank=bank, max_tokens=32)
+    batch = collate.corrections([caption[2]])
+    assert "prompt_points" in batch and batch["point_labels"].tolist() == [[1, 0]] and "prompt_ids" in batch
+    n_first = len(model.tokenizer("a", add_special_tokens=False)["input_ids"])
+    assert not batch["token_box_mask"][0, :n_first].any() and batch["token_box_mask"][0, n_first]
+    assert set(model(batch)) >= {"loss", "caption", "location"}
+    refer_batch = collate.corrections([refer])
+    assert "refer_boxes" in refer_batch and "eos_l1" in model(refer_batch)
+
+
+def test_finetune_trains_only_lora_and_the_adapter_changes_outputs(base_dir, store, tmp_path):
+    base = PixelLLM.from_pretrained(base_dir)
+    base_state = {k: v.clone() for k, v in base_state_dict(base).items()}
+    batch = fixed_batch(base)
+    logits_before, points_before = outputs(base, batch)
+
+    out = tmp_path / "runs" / "fix-1"
+    summary = ft.finetune(settings(base_dir, store, out), store=store, progress=False)
+    assert summary["steps"] == 4 and summary["adapter"] == "fix-1"
+    adapter_dir = out / "adapters" / "fix-1"
+    assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "adapter_config.json").is_file()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert "loc_head" in config["target_modules"]
+
+    # on disk: the run's checkpoint holds the base weights bit for bit, plus LoRA tensors that moved
+    reloaded = PixelLLM.from_pretrained(out)
+    assert reloaded.active_adapter == "fix-1"
+    for key, value in base_state_dict(reloaded).items():
+        assert torch.equal(value, base_state[key]), key
+    lora_b = {k: v for k, v in reloaded.state_dict().items() if "lora_B" in k}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: it was trained
+    assert any("loc_head" in k for k in lora_b)
+
+    # a fresh base model + the adapter folder (what the running app does) changes the outputs
+    fresh = PixelLLM.from_pretrained(base_dir)
+    fresh.load_adapter(adapter_dir, "fix-1")
+    logits_after, points_after = outputs(fresh, batch)
+    assert not torch.allclose(logits_after, logits_before, atol=1e-4)
+    assert not torch.allclose(points_after, points_before, atol=1e-4)
+    fresh.set_adapter(None)
+    assert torch.equal(outputs(fresh, batch)[0], logits_before)
+    reloaded_logits, _ = outputs(reloaded, batch)
+    torch.testing.assert_close(reloaded_logits, logits_after)
+
+    [run] = store.list_finetune_runs()
+    assert run["status"] == "finished" and run["name"] == "fix-1" and run["num_corrections"] == 4
+    assert run["adapter_path"] == str(adapter_dir.resolve()) and run["metrics"]["steps"] == 4
+    assert run["params"]["examples"] == 4 and run["finished_at"]
+    assert json.loads((out / "finetune.json").read_text())["run_id"] == run["id"]
+
+
+def test_finetune_with_replay_and_a_custom_rank(base_dir, store, tmp_path):
+    from training.data.shapes import generate_split
+
+    data = tmp_path / "shapes"
+    generate_split(data, "train", 3, seed=5, size=64)
+    out = tmp_path / "runs" / "replay"
+    summary = ft.finetune(settings(base_dir, store, out, replay_data=str(data), replay_ratio=0.75, steps=6, rank=2),
+                          store=store, progress=False)
+    assert summary["replay_images"] == 3
+    kinds = {k for row in summary["history"] for k in row if k.startswith("loss_replay")}
+    assert kinds, summary["history"]
+    assert json.loads((out / "adapters" / "replay" / "adapter_config.json").read_text())["r"] == 2
+    assert json.loads((out / "config.json").read_text())["lora"] == json.loads(
+        (base_dir / "config.json").read_text())["lora"]
+
+
+def test_a_failing_run_is_recorded_as_failed(base_dir, store, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ft.FinetuneCollator, "corrections", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ft.finetune(settings(base_dir, store, tmp_path / "runs" / "bad"), store=store, progress=False)
+    [run] = store.list_finetune_runs()
+    assert run["status"] == "failed" and "disk on fire" in run["metrics"]["error"]
+
+
+def test_no_corrections_is_a_clear_error_and_records_nothing(base_dir, tmp_path):
+    with AnnotationStore(tmp_path / "empty.db") as empty:
+        with pytest.raises(ValueError, match="no usable corrections"):
+            ft.finetune(settings(base_dir, empty, tmp_path / "runs" / "none"), store=empty, progress=False)
+        assert empty.list_finetune_runs() == []
+
+
+def test_cli_runs_and_refuses_a_missing_store(base_dir, store, tmp_path, capsys):
+    out = tmp_path / "runs" / "cli"
+    code = ft.main(["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "2",
+                    "--batch-size", "2", "--log-every", "1"])
+    assert code == 0 and "load_adapter" in capsys.readouterr().out
+    assert (out / "adapters" / "cli" / "adapter_model.safetensors").is_file()
+    assert ft.main(["--db", str(tmp_path / "nope.db"), "--out", str(out)]) == 2
+
+
+def test_simulate_annotators_smoke(base_dir, tmp_path, capsys):
+    """Plumbing only (random model, 2 steps): shift data -> logged generations -> corrections -> finetune ->
+    before/after table and JSON. The acceptance numbers come from the real checkpoint, not from this test."""
+    from training import simulate_annotators as sim
+
+    work = tmp_path / "simulate"
+    code = sim.main(["--base", str(base_dir), "--work", str(work), "--corrections", "3", "--steps", "2",
+                     "--batch-size", "2", "--replay-images", "2", "--shift-eval-images", "2",
+                     "--base-eval-images", "2", "--image-size", "64", "--max-new-tokens", "4", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "cross loc-caption accuracy" in printed and "referring P@0.5" in printed and "acceptance:" in printed
+    result = json.loads((work / "simulate.json").read_text())
+    assert result["collected"]["corrections"] == 3
+    assert result["finetune_run"]["status"] == "finished" and result["finetune_run"]["num_corrections"] == 3
+    assert result["adapter_active_after_load"] == "simulated-cross"
+    assert result["after"]["shift"]["objects"] >= 2 and result["before"]["base"]["images"] == 2
+    with AnnotationStore(work / "annotations.db") as store:
+        gens = store.list_generations()
+        assert len(gens) == 3 and all(g["task"] == "caption" and g["prompts"]["box"] for g in gens)
+        rows = store.training_examples()
+        assert len(rows) == 3 and all(r["words"][-1] == "cross" and r["annotator"] == sim.ANNOTATOR for r in rows)

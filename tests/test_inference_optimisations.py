@@ -1,0 +1,88 @@
+"""Inference optimisations keep the model's results: SDPA attention in SAM's ViT, bfloat16 predictor.
+
+- `build_vit` swaps segment_anything's hand-written ViT attention for `SDPAAttention`: outputs and gradients must
+  equal the original's (relative positions, windows with padding, global blocks) and checkpoints keep their keys.
+- The predictor in bfloat16 (what the app uses on CUDA) runs every task; checked on CPU, which has bf16 kernels
+  too. Regression: SAM's prompt encoder casts coordinates to float32 before multiplying them with its
+  random-Fourier matrix, so a model cast with `.to(torch.bfloat16)` failed on the first prompt; PixelLLM keeps
+  that matrix in float32 and casts its outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling import image_encoder as sam_vit
+
+from pixelllm.config import ViTConfig
+from pixelllm.modeling.image_encoder import SDPAAttention, build_vit
+from pixelllm.predictor import PixelLLMPredictor
+from tests.helpers import random_image, small_model
+
+
+def test_sdpa_vit_attention_matches_segment_anything():
+    # 8x8 grid, windows of 3 (padded to 9x9), one global block; relative positions made non-trivial.
+    cfg = ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=3,
+                    global_attn_indexes=[1])
+    torch.manual_seed(0)
+    ours = build_vit(cfg, 16)
+    with torch.no_grad():
+        for block in ours.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    reference = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=16,
+                                qkv_bias=True, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+                                use_rel_pos=True, rel_pos_zero_init=True, window_size=3, global_attn_indexes=(1,))
+    assert set(reference.state_dict()) == set(ours.state_dict())
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    assert all(type(b.attn) is SDPAAttention for b in ours.blocks)
+    assert all(type(b.attn) is sam_vit.Attention for b in reference.blocks)
+
+    x = torch.randn(2, 3, 64, 64)
+    out, ref = ours(x), reference(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    grads = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_bfloat16_predictor_runs_every_task():
+    model = small_model(seed=3)
+    predictor = PixelLLMPredictor(model, device="cpu", dtype=torch.bfloat16)
+    assert model.language_model.shared.weight.dtype == torch.bfloat16
+    assert model.prompt_extractor.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+    state = predictor.set_image(random_image(1, 48, 80))
+    assert state.features.fused.dtype == torch.bfloat16
+
+    for prompt in ({"box": [5, 5, 40, 30]}, {"points": [[10, 10], [60, 40]], "point_labels": [1, 0]},
+                   {"text": "In this picture"}, {}):
+        caption = predictor.caption(state, max_new_tokens=6, **prompt)
+        for word in caption.words:
+            assert np.isfinite(word.box).all() and 0 <= word.box[0] <= word.box[2] <= 80
+    captions = predictor.caption_boxes(state, [[5, 5, 40, 30], [20, 10, 70, 45]], max_new_tokens=6)
+    assert len(captions) == 2
+    regions = predictor.dense_caption(state, score_threshold=0.0, max_regions=3, max_new_tokens=4)
+    assert 1 <= len(regions) <= 3 and all(np.isfinite(r.box).all() for r in regions)
+    referral = predictor.refer(state, ["the red circle"])[0]
+    assert np.isfinite(referral.box).all() and referral.mask.shape == (48, 80)
+
+
+def test_bfloat16_prompt_embedding_stays_close_to_float32():
+    """The position encoding runs in float32 inside a bf16 model: prompt tokens match the float32 model's up to
+    bf16 rounding of the learned embeddings (a bf16 Fourier matrix would scramble sin/cos of large arguments)."""
+    model = small_model(seed=4)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0.33, 0.01, 0.99, 0.5]])
+    points = torch.tensor([[[0.25, 0.75], [0.9, 0.1]]]).expand(2, -1, -1)
+    labels = torch.tensor([[1, 0], [1, 1]])
+    with torch.no_grad():
+        for kwargs in ({"boxes": boxes}, {"points": points, "point_labels": labels}):
+            full = model.prompt_extractor.embed_prompt(**kwargs)
+            low = half.prompt_extractor.embed_prompt(**kwargs)
+            assert low.dtype == torch.bfloat16
+            torch.testing.assert_close(low.float(), full, atol=2e-2, rtol=2e-2)
