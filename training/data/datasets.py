@@ -47,22 +47,30 @@ class ImageRecord:
 
 
 class ShapesData:
-    """One split of a data folder (written by `python -m training.shapes`), held in memory at model size."""
+    """One split of a data folder, held in memory at model size.
+
+    A Shapes folder (written by `python -m training.shapes`) has `<split>.objects.jsonl` with instance maps, so
+    every task is available. A plain Localized Narratives folder (`<split>.ln.jsonl` + `images/<image_id>.jpg`
+    or `.png`, e.g. LN COCO) gives the caption/trace tasks only; `<split>.refer.jsonl` in the documented format
+    adds referring (masks when a `mask_file` instance map is given). See docs/data_formats.md.
+    """
 
     def __init__(self, root: str | Path, split: str, image_size: int, limit: int | None = None) -> None:
         self.root = Path(root)
         self.split = split
-        objects = read_jsonl(self.root / f"{split}.objects.jsonl")[:limit]
         samples, self.ln_stats = read_localized_narratives(self.root / f"{split}.ln.jsonl")
         ln = {s.image_id: s for s in samples}
+        objects_file = self.root / f"{split}.objects.jsonl"
+        entries = read_jsonl(objects_file) if objects_file.is_file() else [self._ln_entry(i) for i in ln]
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
-        for entry in objects:
+        for entry in entries[:limit]:
             img = np.asarray(Image.open(self.root / entry["file_name"]).convert("RGB"))
-            inst = np.asarray(Image.open(self.root / entry["mask_file"]))
-            rec = ImageRecord(image_id=entry["image_id"], width=entry["width"], height=entry["height"],
+            mask_file = entry.get("mask_file")
+            inst = np.asarray(Image.open(self.root / mask_file)) if mask_file else np.zeros(img.shape[:2], np.uint8)
+            rec = ImageRecord(image_id=entry["image_id"], width=img.shape[1], height=img.shape[0],
                               pixels=to_model_input(img, image_size).round().to(torch.uint8),
-                              instance_map=inst, objects=entry["objects"])
+                              instance_map=inst, objects=entry.get("objects", []))
             sample = ln.get(entry["image_id"])
             if sample is not None:
                 rec.words = sample.words
@@ -70,10 +78,18 @@ class ShapesData:
                 rec.sentences = list(sample.sentences)
             self.index[rec.image_id] = len(self.records)
             self.records.append(rec)
-        self.refer = [r for r in read_jsonl(self.root / f"{split}.refer.jsonl") if r["image_id"] in self.index]
+        refer_file = self.root / f"{split}.refer.jsonl"
+        refer = read_jsonl(refer_file) if refer_file.is_file() else []
+        self.refer = [r for r in refer if r["image_id"] in self.index]
         self.regions = [(i, obj) for i, rec in enumerate(self.records) for obj in rec.objects]
         self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
         self.sentence_items = [(i, s) for i in self.narratives for s in self.records[i].sentences]
+
+    def _ln_entry(self, image_id: str) -> dict:
+        for ext in (".jpg", ".jpeg", ".png"):
+            if (self.root / "images" / f"{image_id}{ext}").is_file():
+                return {"image_id": image_id, "file_name": f"images/{image_id}{ext}"}
+        raise FileNotFoundError(f"no image for LN record {image_id!r} under {self.root / 'images'}")
 
     def size(self, task: str) -> int:
         return {"narrative": len(self.narratives), "prefix": len(self.narratives),
@@ -107,7 +123,7 @@ class Collator:
         return ids, np.array(tok_boxes, np.float32).reshape(-1, 4)
 
     def _common(self, recs: list[ImageRecord]) -> dict:
-        max_obj = max(len(r.objects) for r in recs)
+        max_obj = max(1, max(len(r.objects) for r in recs))
         gt = torch.zeros(len(recs), max_obj, 4)
         valid = torch.zeros(len(recs), max_obj, dtype=torch.bool)
         for i, rec in enumerate(recs):
@@ -225,11 +241,11 @@ class Collator:
         batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
         masks = []
         for r, rec in zip(refs, recs):
-            m = (rec.instance_map == r["object_id"]).astype(np.uint8)
+            m = (rec.instance_map == r.get("object_id", -1)).astype(np.uint8)
             m = Image.fromarray(m * 255).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             masks.append(torch.from_numpy((np.asarray(m) >= 128).astype(np.float32)))
         batch["masks"] = torch.stack(masks)
-        batch["mask_valid"] = torch.ones(len(refs), dtype=torch.bool)
+        batch["mask_valid"] = torch.tensor([bool(r.get("mask_file")) for r in refs])
         return batch
 
 
