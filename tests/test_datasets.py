@@ -80,3 +80,14 @@ def test_plain_localized_narratives_folder_loads(tmp_path):
     np.testing.assert_allclose(rec.word_boxes[1], rec.word_boxes[2])  # one utterance, two words
     batch = Collator(data, small_tokenizer(), 32)("narrative", [0], np.random.default_rng(0))
     assert batch["gt_valid"].sum() == 0
+
+
+def test_lazy_loading_gives_the_same_batches(shapes_dir):
+    tok = small_tokenizer()
+    eager = Collator(ShapesData(shapes_dir, "train", 64), tok, 64)
+    lazy = Collator(ShapesData(shapes_dir, "train", 64, lazy=True), tok, 64)
+    assert lazy.data.records[0].pixels is None
+    for task in ("refer", "region_points"):
+        a = eager(task, [0, 2], np.random.default_rng(1))
+        b = lazy(task, [0, 2], np.random.default_rng(1))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer_state = {"step": 0}
     model.to(device).train()
 
-    data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"))
+    data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"),
+                      lazy=bool(cfg["data"].get("lazy", model.config.image_size > 256)))
     collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)))
     stages = cfg["stages"]
     bounds = np.cumsum([0] + [int(s["steps"]) for s in stages])

@@ -38,9 +38,11 @@ class ImageRecord:
     image_id: str
     width: int
     height: int
-    pixels: torch.Tensor  # 3xSxS uint8, model input size
-    instance_map: np.ndarray  # HxW uint8 at the original size, 0 = background, k = object id k
+    pixels: torch.Tensor | None  # 3xSxS uint8, model input size (None when the dataset loads lazily)
+    instance_map: np.ndarray | None  # HxW uint8 at the original size, 0 = background, k = object id k
     objects: list[dict]
+    file_name: str = ""
+    mask_file: str | None = None
     words: list[str] = field(default_factory=list)
     word_boxes: np.ndarray | None = None  # n x 4 normalised, clipped to [0, 1]
     sentences: list[tuple[int, int]] = field(default_factory=list)
@@ -55,9 +57,14 @@ class ShapesData:
     adds referring (masks when a `mask_file` instance map is given). See docs/data_formats.md.
     """
 
-    def __init__(self, root: str | Path, split: str, image_size: int, limit: int | None = None) -> None:
+    def __init__(self, root: str | Path, split: str, image_size: int, limit: int | None = None,
+                 lazy: bool = False) -> None:
+        """lazy=False decodes every image once into memory at model size (Shapes scale); lazy=True reads image
+        files when a batch needs them (real datasets at 1024 px do not fit in memory)."""
         self.root = Path(root)
         self.split = split
+        self.image_size = image_size
+        self.lazy = lazy
         samples, self.ln_stats = read_localized_narratives(self.root / f"{split}.ln.jsonl")
         ln = {s.image_id: s for s in samples}
         objects_file = self.root / f"{split}.objects.jsonl"
@@ -65,12 +72,16 @@ class ShapesData:
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
         for entry in entries[:limit]:
-            img = np.asarray(Image.open(self.root / entry["file_name"]).convert("RGB"))
-            mask_file = entry.get("mask_file")
-            inst = np.asarray(Image.open(self.root / mask_file)) if mask_file else np.zeros(img.shape[:2], np.uint8)
-            rec = ImageRecord(image_id=entry["image_id"], width=img.shape[1], height=img.shape[0],
-                              pixels=to_model_input(img, image_size).round().to(torch.uint8),
-                              instance_map=inst, objects=entry.get("objects", []))
+            rec = ImageRecord(image_id=entry["image_id"], width=0, height=0, pixels=None, instance_map=None,
+                              objects=entry.get("objects", []), file_name=entry["file_name"],
+                              mask_file=entry.get("mask_file"))
+            if "width" in entry and "height" in entry:
+                rec.width, rec.height = int(entry["width"]), int(entry["height"])
+            else:
+                with Image.open(self.root / rec.file_name) as probe:
+                    rec.width, rec.height = probe.size
+            if not lazy:
+                rec.pixels, rec.instance_map = self.pixels(rec), self.instance_map(rec)
             sample = ln.get(entry["image_id"])
             if sample is not None:
                 rec.words = sample.words
@@ -84,6 +95,20 @@ class ShapesData:
         self.regions = [(i, obj) for i, rec in enumerate(self.records) for obj in rec.objects]
         self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
         self.sentence_items = [(i, s) for i in self.narratives for s in self.records[i].sentences]
+
+    def pixels(self, rec: ImageRecord) -> torch.Tensor:
+        """3xSxS uint8 model input of a record (cached in memory unless lazy)."""
+        if rec.pixels is not None:
+            return rec.pixels
+        img = np.asarray(Image.open(self.root / rec.file_name).convert("RGB"))
+        return to_model_input(img, self.image_size).round().to(torch.uint8)
+
+    def instance_map(self, rec: ImageRecord) -> np.ndarray:
+        if rec.instance_map is not None:
+            return rec.instance_map
+        if rec.mask_file:
+            return np.asarray(Image.open(self.root / rec.mask_file))
+        return np.zeros((rec.height, rec.width), np.uint8)
 
     def _ln_entry(self, image_id: str) -> dict:
         for ext in (".jpg", ".jpeg", ".png"):
@@ -130,7 +155,8 @@ class Collator:
             for j, obj in enumerate(rec.objects):
                 gt[i, j] = torch.from_numpy(_norm_box(obj["box"], rec))
                 valid[i, j] = True
-        return {"images": torch.stack([r.pixels for r in recs]).float(), "gt_boxes": gt, "gt_valid": valid}
+        images = torch.stack([self.data.pixels(r) for r in recs]).float()
+        return {"images": images, "gt_boxes": gt, "gt_valid": valid}
 
     def _pad_targets(self, seqs: list[tuple[list[int], np.ndarray, bool]]) -> dict:
         """seqs: (token ids without EOS, per-token boxes, boxes supervised?) -> labels/token_boxes/mask."""
@@ -220,7 +246,7 @@ class Collator:
         count = int(rng.integers(1, 4))
         points = np.zeros((len(recs), count, 2), np.float32)
         for i, (rec, obj) in enumerate(zip(recs, objs)):
-            ys, xs = np.nonzero(rec.instance_map == obj["object_id"])
+            ys, xs = np.nonzero(self.data.instance_map(rec) == obj["object_id"])
             pick = rng.integers(0, len(xs), count)
             points[i, :, 0] = (xs[pick] + 0.5) / rec.width
             points[i, :, 1] = (ys[pick] + 0.5) / rec.height
@@ -241,7 +267,7 @@ class Collator:
         batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
         masks = []
         for r, rec in zip(refs, recs):
-            m = (rec.instance_map == r.get("object_id", -1)).astype(np.uint8)
+            m = (self.data.instance_map(rec) == r.get("object_id", -1)).astype(np.uint8)
             m = Image.fromarray(m * 255).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             masks.append(torch.from_numpy((np.asarray(m) >= 128).astype(np.float32)))
         batch["masks"] = torch.stack(masks)
