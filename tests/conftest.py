@@ -178,3 +178,29 @@ def served_app(small_checkpoint, tmp_path_factory):
                           db_path=db_path, checkpoint=small_checkpoint)
     demo.close()
     store.close()
+
+
+def start_studio(checkpoint, example_images, store_path):
+    """Launch the real app (build_demo) in this process on a free port; returns url/store/demo. Close with
+    `stop_studio`."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.store import AnnotationStore
+    from pixelllm.ui import MAX_FILE_SIZE, build_demo
+
+    torch.set_num_threads(1)
+    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(checkpoint), device="cpu")
+    store = AnnotationStore(store_path)
+    demo = build_demo(predictor, store, checkpoint=str(checkpoint), examples=[str(p) for p in example_images])
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
+                max_file_size=MAX_FILE_SIZE)
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo)
+
+
+def stop_studio(studio) -> None:
+    studio.demo.close()
+    studio.store.close()

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-import socket
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from playwright.sync_api import Page, expect
 
 from pixelllm.ui import annotate as an
+from tests.conftest import start_studio, stop_studio
 
 pytestmark = pytest.mark.browser
 
@@ -25,28 +23,11 @@ TIMEOUT = 20_000  # ms; streamed output on 2 busy cores
 EDITOR = "#annotate-editor"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def annotate_app(app_checkpoint, example_images, tmp_path_factory):
-    from pixelllm import PixelLLM, PixelLLMPredictor
-    from pixelllm.store import AnnotationStore
-    from pixelllm.ui import MAX_FILE_SIZE, build_demo
-
-    torch.set_num_threads(1)
-    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(app_checkpoint), device="cpu")
-    store = AnnotationStore(tmp_path_factory.mktemp("annotate-store") / "annotations.db")
-    demo = build_demo(predictor, store, checkpoint=str(app_checkpoint), examples=[str(p) for p in example_images])
-    port = _free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
-                max_file_size=MAX_FILE_SIZE)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo)
-    demo.close()
-    store.close()
+    studio = start_studio(app_checkpoint, example_images, tmp_path_factory.mktemp("annotate-store") / "annotations.db")
+    yield studio
+    stop_studio(studio)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ whole text) so that every token inherits its word's target, as DESIGN §1 requir
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +23,9 @@ from PIL import Image
 from pixelllm.image import to_model_input
 from pixelllm.tokenizer import encode_text
 from training.data.localized_narratives import read_localized_narratives
+from training.data.shapes import load_jsonl as read_jsonl
 
 TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 @dataclass
