@@ -216,7 +216,8 @@ def test_simulate_annotators_smoke(base_dir, tmp_path, capsys):
     work = tmp_path / "simulate"
     code = sim.main(["--base", str(base_dir), "--work", str(work), "--corrections", "3", "--steps", "2",
                      "--batch-size", "2", "--replay-images", "2", "--shift-eval-images", "2",
-                     "--base-eval-images", "2", "--image-size", "64", "--max-new-tokens", "4", "--no-progress"])
+                     "--base-eval-images", "2", "--image-size", "64", "--max-new-tokens", "4", "--max-words", "3",
+                     "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "cross loc-caption accuracy" in printed and "referring P@0.5" in printed and "acceptance:" in printed
@@ -228,5 +229,6 @@ def test_simulate_annotators_smoke(base_dir, tmp_path, capsys):
     with AnnotationStore(work / "annotations.db") as store:
         gens = store.list_generations()
         assert len(gens) == 3 and all(g["task"] == "caption" and g["prompts"]["box"] for g in gens)
+        assert all(g["session"] == "simulate_annotators" for g in gens)  # logged by the app's /caption function
         rows = store.training_examples()
         assert len(rows) == 3 and all(r["words"][-1] == "cross" and r["annotator"] == sim.ANNOTATOR for r in rows)

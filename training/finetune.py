@@ -423,7 +423,7 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
     replay_bank = None
     if settings.replay_data and settings.replay_ratio > 0:
         replay = ShapesData(settings.replay_data, settings.replay_split, size, settings.replay_limit)
-        replay_bank = FeatureBank(model, [r.pixels for r in replay.records])
+        replay_bank = FeatureBank(model, [replay.pixels(r) for r in replay.records])
         replay_sampler = MultiTaskSampler(replay, settings.replay_tasks, settings.batch_size, settings.seed + 1)
     collate = FinetuneCollator(replay, model.tokenizer, size, replay_bank=replay_bank,
                                correction_bank=correction_bank, max_tokens=settings.max_tokens)

@@ -8,14 +8,14 @@ python -m training.simulate_annotators --base assets/checkpoints/shapes-tiny --w
 
 1. **Shift.** A Shapes split in ``world="shift"``: every image holds at least one ``cross``, a shape word the base
    model never saw (``training.data.shapes.SHIFT_SHAPE``).
-2. **Model output.** The base model captions each cross's box (location-conditioned captioning,
-   ``PixelLLMPredictor.caption_boxes``, greedy). Each output is logged with ``AnnotationStore.log_generation`` in
-   the app's format (task ``caption``, prompts ``{points, point_labels, box, text}`` in pixels of the stored image,
-   extra ``{text, decoding}``). The store API is called directly: ``pixelllm.ui.callbacks`` logs through private,
-   Gradio-session-bound helpers, not a function meant for batch use.
+2. **Model output.** The base model captions each cross's box (location-conditioned captioning, greedy)
+   through the app's own ``/caption`` API function, ``pixelllm.ui.callbacks.api_caption`` with a box prompt: it
+   decodes with ``PixelLLMPredictor`` and logs the output with ``AnnotationStore.log_generation`` exactly as the
+   app does (image stored as the app stores it, prompts in the app's format).
 3. **Corrections.** A simulated annotator submits the truth from the objects file — words
-   ``<size> <colour> cross``, every word's box = the object's box — with ``save_correction(status="submitted")``.
-   No mouse trace is recorded, so the corrections take the moved-boxes path (see ``training.export``).
+   ``<size> <colour> cross``, every word's box = the object's box — through the Annotate tab's one save path,
+   ``pixelllm.ui.annotate.save_correction_from_editor(status="submitted")``. No mouse trace is recorded, so the
+   corrections take the moved-boxes path (see ``training.export``).
 4. **Finetune.** ``training.finetune`` on those corrections (at most ``--corrections``) mixed with replay of a
    standard-world split, within ``--max-minutes`` of training.
 5. **Evaluate** before (the base checkpoint) and after (``PixelLLM.from_pretrained`` of the run's folder, adapter
@@ -78,7 +78,8 @@ class SimulateSettings:
     heldout_seed: int = 202
     base_seed: int = 303
     replay_seed: int = 404
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # evaluation: location-conditioned caption length cap (tokens)
+    max_words: int = 6  # collection: the app's word limit for the captions shown to the annotator
     max_minutes: float = 15.0
     threads: int | None = None
     seed: int = 0
@@ -106,7 +107,12 @@ def make_splits(s: SimulateSettings, data: Path) -> dict[str, Any]:
 
 
 def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSettings, model_id: str) -> dict[str, Any]:
-    """Base-model captions of cross boxes -> generations in the store -> simulated corrections (submitted)."""
+    """Base-model captions of cross boxes, logged by the app's /caption function -> simulated corrections saved
+    by the Annotate tab's save function (status submitted)."""
+    from pixelllm.ui import callbacks as cb
+    from pixelllm.ui.annotate import save_correction_from_editor
+
+    studio = cb.Studio(predictor=predictor, store=store, checkpoint=model_id)
     split = load_split(data, "shift_train")
     made = correct_before = 0
     examples = []
@@ -114,27 +120,20 @@ def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSetti
         if made >= s.corrections:
             break
         crosses = [o for o in record["objects"] if o["shape"] == SHIFT_SHAPE][: s.corrections - made]
-        if not crosses:
-            continue
-        image = load_image(data, record["file_name"])
-        sha = store.add_image((data / record["file_name"]).read_bytes(), int(record["width"]), int(record["height"]))
-        state = predictor.set_image(image)
-        captions = predictor.caption_boxes(state, [o["box"] for o in crosses], max_new_tokens=s.max_new_tokens)
-        for obj, caption in zip(crosses, captions):
+        for obj in crosses:
             box = [float(v) for v in obj["box"]]
-            prompts = {"points": [], "point_labels": [], "box": box, "text": None}
-            gen_id = store.log_generation(
-                sha, "caption", [w.text for w in caption.words], [w.box for w in caption.words],
-                model_id=model_id, model_version=str(predictor.model.version), prompts=prompts,
-                extra={"text": caption.text, "decoding": {"do_sample": False, "max_new_tokens": s.max_new_tokens}},
-                adapter=predictor.adapter, session="simulate_annotators")
+            output = cb.api_caption(studio, str(data / record["file_name"]), json.dumps({"box": box}), None,
+                                    s.max_words, False, 1.0, 1.0, None, session_id="simulate_annotators")
+            if output["generation_id"] is None:
+                raise RuntimeError("the app's caption function did not log its output to the store")
             words = [obj["size"], obj["color"], obj["shape"]]
-            store.save_correction(annotator=ANNOTATOR, generation_id=gen_id, status="submitted",
-                                  caption=" ".join(words), words=words, boxes=[box] * len(words))
-            correct_before += caption_is_triple(caption.text, tuple(words))
+            save_correction_from_editor(
+                store, None, {"generation_id": output["generation_id"], "words": words, "boxes": [box] * len(words),
+                              "caption": " ".join(words)}, "submitted", ANNOTATOR)
+            correct_before += caption_is_triple(output["text"], tuple(words))
             made += 1
             if len(examples) < 5:
-                examples.append({"model": caption.text, "corrected": " ".join(words)})
+                examples.append({"model": output["text"], "corrected": " ".join(words)})
     return {"corrections": made, "base_model_correct": correct_before, "examples": examples}
 
 
@@ -281,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-eval-images", type=int, default=d.shift_eval_images)
     p.add_argument("--base-eval-images", type=int, default=d.base_eval_images)
     p.add_argument("--image-size", type=int, default=d.image_size, help="Shapes image side in pixels")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="evaluation caption token cap")
+    p.add_argument("--max-words", type=int, default=d.max_words, help="word cap of the collected captions")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="finetuning time budget")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_images=args.replay_images,
         replay_data=args.replay_data, replay_split=args.replay_split, shift_eval_images=args.shift_eval_images,
         base_eval_images=args.base_eval_images, image_size=args.image_size, max_new_tokens=args.max_new_tokens,
+        max_words=args.max_words,
         max_minutes=args.max_minutes, threads=args.threads, seed=args.seed, progress=not args.no_progress)
     if not Path(s.base).is_dir():
         print(f"no checkpoint folder at {s.base}", file=sys.stderr)
