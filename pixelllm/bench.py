@@ -612,7 +612,8 @@ def machine(device: torch.device, threads: int) -> dict[str, Any]:
     info = {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "torch_threads": threads, "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device)}
+            "transformers": transformers.__version__, "device": str(device),
+            "load_avg_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -671,7 +672,20 @@ def main(argv: list[str] | None = None) -> int:
     info["dtype"] = str(predictor.model.dtype).replace("torch.", "")
     info["checkpoint"] = checkpoint
     absolute: dict[str, Any] = {}
+    ratios: list[Ratio] = []
     only = set(args.only.split(",")) if args.only else None
+
+    def write_json(complete: bool) -> None:  # after every measurement: a killed run keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "machine": info, "quick": args.quick, "complete": complete, "settings": asdict(settings),
+                "ratios": {r.key: {"label": r.label, "value": r.value, "target": r.target, "op": r.op,
+                                   "status": r.status, "reason": r.reason, "detail": r.detail} for r in ratios},
+                "absolute": absolute, "failed": [r.key for r in ratios if r.status == "FAIL"],
+            }, indent=2, default=str))
+
+    absolute.update(paper_preset())
     with tempfile.TemporaryDirectory(prefix="pixelllm-bench-") as tmp:
         workdir = Path(tmp)
         os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "gradio"))
@@ -686,7 +700,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                   settings.rss_calls))),
             ("train_scaleout", lambda: bench_training(settings, workdir, args.threads)),
         ]
-        ratios = []
         for key, run in steps:
             if only is not None and key not in only:
                 continue
@@ -694,17 +707,14 @@ def main(argv: list[str] | None = None) -> int:
             result = run()
             if isinstance(result, Ratio):
                 ratios.append(result)
-    absolute.update(paper_preset())
+                print(f"    {result.value if result.value is None else round(result.value, 3)} "
+                      f"({result.op} {result.target:g}) {result.status}", file=sys.stderr, flush=True)
+            write_json(complete=False)
+    if hasattr(os, "getloadavg"):  # other work on the machine skews every figure: say how busy it was
+        info["load_avg_at_end"] = round(os.getloadavg()[0], 2)
     print(render(ratios, absolute, info))
+    write_json(complete=True)
     failed = [r.key for r in ratios if r.status == "FAIL"]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "machine": info, "quick": args.quick, "settings": asdict(settings),
-            "ratios": {r.key: {"label": r.label, "value": r.value, "target": r.target, "op": r.op,
-                               "status": r.status, "reason": r.reason, "detail": r.detail} for r in ratios},
-            "absolute": absolute, "failed": failed,
-        }, indent=2, default=str))
     return 1 if failed and not args.no_fail else 0
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -536,8 +537,19 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         seed=args.seed, threads=args.threads, log_every=args.log_every, max_minutes=args.max_minutes)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so a killed run is still recorded as failed (a CLI-only hook: signal
+    handlers belong to the main thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     if not Path(args.db).is_file():
         print(f"no annotation store at {args.db}", file=sys.stderr)
         return 2

@@ -215,6 +215,11 @@ def report(before: dict, after: dict, s: SimulateSettings) -> tuple[str, dict[st
 # ---------------------------------------------------------------------------- driver
 
 
+def _say(s: SimulateSettings, message: str) -> None:
+    if s.progress:
+        print(message, flush=True)
+
+
 def run(s: SimulateSettings) -> dict[str, Any]:
     import torch
 
@@ -236,11 +241,15 @@ def run(s: SimulateSettings) -> dict[str, Any]:
     t = time.perf_counter()
     splits = make_splits(s, data)
     timings = {"generate_data": time.perf_counter() - t}
+    sizes = ", ".join(f"{name} {info['images']} images" for name, info in splits.items())
+    _say(s, f"data: {sizes} ({timings['generate_data']:.0f} s)")
     base_predictor = PixelLLMPredictor(PixelLLM.from_pretrained(s.base), device="cpu")
     with AnnotationStore(db, synchronous="NORMAL") as store:
         t = time.perf_counter()
         collected = collect_corrections(base_predictor, store, data, s, model_id=str(s.base))
         timings["collect_corrections"] = time.perf_counter() - t
+        _say(s, f"collected {collected['corrections']} corrections (base model right on "
+                f"{collected['base_model_correct']}) in {timings['collect_corrections']:.0f} s; finetuning")
         t = time.perf_counter()
         replay_data, replay_split = (s.replay_data, s.replay_split) if s.replay_data else (str(data), "replay")
         ft = finetune(FinetuneSettings(
@@ -249,6 +258,7 @@ def run(s: SimulateSettings) -> dict[str, Any]:
             replay_split=replay_split, replay_ratio=s.replay_ratio, replay_limit=s.replay_images, seed=s.seed,
             max_minutes=s.max_minutes), store=store, progress=s.progress)
         timings["finetune"] = time.perf_counter() - t
+        _say(s, f"finetuned {ft['steps']} steps in {ft['train_seconds']:.0f} s; evaluating before/after")
         run_row = store.get_finetune_run(ft["run_id"])
     t = time.perf_counter()
     before = evaluate_model(base_predictor, data, s)
@@ -292,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.finetune import exit_on_sigterm
+
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     s = SimulateSettings(
         base=args.base, work=args.work, corrections=args.corrections, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_images=args.replay_images,
