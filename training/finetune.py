@@ -35,11 +35,13 @@ the adapter without a restart: `predictor.load_adapter(out / "adapters" / name, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,24 +539,29 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         seed=args.seed, threads=args.threads, log_every=args.log_every, max_minutes=args.max_minutes)
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so a killed run is still recorded as failed (a CLI-only hook: signal
-    handlers belong to the main thread)."""
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit, so a killed run is still recorded as failed (CLI only:
+    signal handlers belong to the main thread). The previous handler comes back afterwards."""
 
     def handler(signum: int, frame: Any) -> None:
         raise SystemExit(f"terminated by signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    exit_on_sigterm()
     if not Path(args.db).is_file():
         print(f"no annotation store at {args.db}", file=sys.stderr)
         return 2
     try:
-        summary = finetune(settings_from_args(args))
+        with sigterm_as_exit():
+            summary = finetune(settings_from_args(args))
     except ValueError as err:
         print(f"finetune: {err}", file=sys.stderr)
         return 2

@@ -302,10 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.finetune import exit_on_sigterm
+    from training.finetune import sigterm_as_exit
 
     args = build_parser().parse_args(argv)
-    exit_on_sigterm()
     s = SimulateSettings(
         base=args.base, work=args.work, corrections=args.corrections, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_images=args.replay_images,
@@ -316,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(s.base).is_dir():
         print(f"no checkpoint folder at {s.base}", file=sys.stderr)
         return 2
-    result = run(s)
+    with sigterm_as_exit():
+        result = run(s)
     c, ft = result["collected"], result["finetune"]
     print(f"\n{c['corrections']} corrections of cross captions (base model right on {c['base_model_correct']}); "
           f"finetuned {ft['steps']} steps in {ft['train_seconds']:.0f} s"
