@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python app.py
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -34,7 +34,8 @@ def _config(tmp: Path, steps: tuple[int, int], checkpoint_every: int = 2) -> Pat
     cfg = {
         "model": {"preset": "tiny", "init": "scratch", "overrides": SMALL_OVERRIDES},
         "data": {"root": str(tmp / "data"), "train_split": "train", "generate": {"train": {"num": 12, "seed": 5}}},
-        "train": {"out": str(tmp / "run"), "batch_size": 4, "lr": 2e-3, "warmup": 2, "seed": 0, "threads": 1,
+        "train": {"out": str(tmp / "run"), "batch_size": 4, "lr": 2e-3, "lm_lr_scale": 0.1, "warmup": 2, "seed": 0,
+                  "threads": 1,
                   "log_every": 1, "checkpoint_every": checkpoint_every, "max_tokens": 48},
         "stages": [
             {"name": "caption_pretraining", "stage": "scratch", "steps": steps[0],
@@ -46,6 +47,49 @@ def _config(tmp: Path, steps: tuple[int, int], checkpoint_every: int = 2) -> Pat
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def test_language_model_trains_at_its_own_learning_rate():
+    """Adam's first step moves every weight by about the LR: T5's weights by lm_lr_scale x the others'."""
+    from tests.helpers import small_model
+    from training.train import param_groups
+
+    model = small_model().train()
+    named = list(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in named}
+    groups = param_groups(named, weight_decay=0.0, lm_lr_scale=0.1)
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr_scale"] * 1e-2
+    batch = {"images": torch.rand(2, 3, 64, 64) * 255, "labels": torch.tensor([[5, 6, 1], [7, 8, 1]]),
+             "token_boxes": torch.rand(2, 3, 4), "token_box_mask": torch.ones(2, 3, dtype=torch.bool)}
+    model(batch)["loss"].backward()
+    optimizer.step()
+    steps = {n: float((p.detach() - before[n]).abs().max()) for n, p in named if p.grad is not None}
+    lm = [v for n, v in steps.items() if n.startswith("language_model.")]
+    rest = [v for n, v in steps.items() if not n.startswith("language_model.")]
+    assert lm and rest
+    assert max(lm) == pytest.approx(1e-3, rel=0.05)
+    assert max(rest) == pytest.approx(1e-2, rel=0.05)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_caption_loss_weight_zero_trains_grounding_only():
+    """The Shapes recipe's warm-up stage: with caption_loss_weight 0 the total is the location terms alone, so
+    the lm_head rows of tokens that are never decoder inputs receive no gradient; at weight 1 they do."""
+    from tests.helpers import small_model
+
+    batch = {"images": torch.rand(2, 3, 64, 64) * 255, "labels": torch.tensor([[5, 6, 1], [7, 8, 1]]),
+             "token_boxes": torch.rand(2, 3, 4), "token_box_mask": torch.ones(2, 3, dtype=torch.bool)}
+    grads = {}
+    for weight in (0.0, 1.0):
+        model = small_model().train()
+        model.config.caption_loss_weight = weight
+        out = model(batch)
+        assert float(out["loss"]) == pytest.approx(float(out["location"]) + float(out["caption"]))
+        out["loss"].backward()
+        grads[weight] = model.language_model.shared.weight.grad[[1, 9, 10]].abs().sum().item()  # never inputs
+    assert grads[0.0] == 0.0 and grads[1.0] > 0.0
 
 
 def _env() -> dict:

@@ -152,7 +152,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                                         text_mask=batch.get("prompt_mask"))
             labels = batch["labels"]
             logits, points = self.teacher_forced(prefix, labels)
-            out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
+            out["caption"] = cfg.caption_loss_weight * losses.caption_loss(logits, labels, cfg.label_smoothing)
             if "token_boxes" in batch:
                 loc = losses.location_loss(points, batch["token_boxes"], batch["token_box_mask"] & (labels != -100))
                 out["location"] = cfg.loc_loss_weight * loc
