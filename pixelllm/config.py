@@ -76,6 +76,7 @@ class PixelLLMConfig:
     semantic_encoder: ViTConfig | None = None
     prompt_embed_dim: int = 256  # SAM's neck width C: prompt encoder, extractor and mask decoder work in it
     num_query_tokens: int = 32
+    roi_grid: int = 0  # > 0: also g*g RoI-aligned region tokens in the prefix (our deviation; prompt_extractor.py)
     extractor_depth: int = 2
     extractor_heads: int = 8
     extractor_mlp_dim: int = 2048
@@ -92,7 +93,7 @@ class PixelLLMConfig:
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     # Loss weights (DESIGN §1, Eq. 4: label smoothing 0.1, lambda = 0.1)
     label_smoothing: float = 0.1
-    caption_loss_weight: float = 1.0  # 0 in the Shapes recipe's grounding warm-up stage (training/configs)
+    caption_loss_weight: float = 1.0  # 0 trains grounding alone (a stage `config:` can set it)
     loc_loss_weight: float = 0.1
     eos_l1_weight: float = 1.0
     eos_giou_weight: float = 1.0
@@ -154,6 +155,7 @@ def _tiny() -> PixelLLMConfig:
         lora=LoraSettings(r=8, alpha=16, target_modules=LoraSettings().target_modules),
         loc_head_hidden=256,
         proposal_channels=64,
+        roi_grid=4,
     )
 
 

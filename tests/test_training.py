@@ -75,7 +75,7 @@ def test_language_model_trains_at_its_own_learning_rate():
 
 
 def test_caption_loss_weight_zero_trains_grounding_only():
-    """The Shapes recipe's warm-up stage: with caption_loss_weight 0 the total is the location terms alone, so
+    """A stage can train grounding alone: with caption_loss_weight 0 the total is the location terms alone, so
     the lm_head rows of tokens that are never decoder inputs receive no gradient; at weight 1 they do."""
     from tests.helpers import small_model
 

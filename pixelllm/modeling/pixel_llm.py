@@ -46,7 +46,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             prompt_encoder=prompt_encoder,
             transformer=TwoWayTransformer(depth=config.extractor_depth, embedding_dim=c,
                                           num_heads=config.extractor_heads, mlp_dim=config.extractor_mlp_dim),
-            num_queries=config.num_query_tokens, embed_dim=c, lm_dim=config.t5.d_model,
+            num_queries=config.num_query_tokens, embed_dim=c, lm_dim=config.t5.d_model, roi_grid=config.roi_grid,
         )
         self.language_model = build_t5(config.t5, pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
         self.loc_head = LocationHead(config.t5.d_model, config.loc_head_hidden, config.loc_head_layers)
@@ -110,7 +110,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         prompt = self.prompt_extractor.embed_prompt(boxes=boxes, points=points, point_labels=point_labels)
         prompt = prompt.expand(batch, -1, -1)
         image = features.fused.expand(batch, -1, -1, -1)
-        visual = self.prompt_extractor(image, prompt)
+        regions = self.prompt_extractor.region_of(boxes, points, point_labels, batch, image.device)
+        visual = self.prompt_extractor(image, prompt, regions)
         mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)
         if text_ids is not None and text_ids.shape[1] > 0:
             text_ids = text_ids.expand(batch, -1)
@@ -233,7 +234,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             "sam_encoder": ("image_encoder.sam_encoder.",),
             "semantic_encoder": ("image_encoder.semantic_encoder.", "image_encoder.fuse."),
             "prompt_encoder": ("prompt_extractor.prompt_encoder.",),
-            "extractor": ("prompt_extractor.transformer.", "prompt_extractor.queries", "prompt_extractor.proj."),
+            "extractor": ("prompt_extractor.transformer.", "prompt_extractor.queries", "prompt_extractor.proj.",
+                          "prompt_extractor.roi_"),
             "language_model": ("language_model.",),
             "loc_head": ("loc_head.",),
             "mask_decoder": ("mask_head.mask_decoder.",),
