@@ -184,13 +184,13 @@ def fixed_length(model: PixelLLM) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ban_eos(model: PixelLLM) -> Iterator[None]:
-    """Greedy decoding that cannot pick EOS (its logit is -inf, as transformers' min_new_tokens does), so a caption
+    """Greedy decoding that cannot pick EOS or pad (their logits are -inf, as transformers' min_new_tokens does), so a caption
     runs to a requested number of words even with a model whose captions are shorter; the words stay the
     model's own (the next most likely tokens)."""
-    eos = model.config.eos_token_id
+    banned = [model.config.eos_token_id, model.config.pad_token_id]  # pad would end the words just the same
 
     def hook(_module: torch.nn.Module, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
-        logits[..., eos] = float("-inf")
+        logits[..., banned] = float("-inf")
         return logits
 
     handle = model.language_model.lm_head.register_forward_hook(hook)
