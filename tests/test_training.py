@@ -92,6 +92,22 @@ def test_caption_loss_weight_zero_trains_grounding_only():
     assert grads[0.0] == 0.0 and grads[1.0] > 0.0
 
 
+def test_roi_tokens_read_the_prompt_region():
+    """The RoI tokens' region: the box; the positive points' bounding box grown by 0.1 and clipped; the image."""
+    from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor as E
+
+    box = torch.tensor([[0.2, 0.3, 0.6, 0.9]])
+    assert torch.equal(E.region_of(box, None, None, 1, box.device), box)
+    points = torch.tensor([[[0.5, 0.5], [0.95, 0.05], [0.3, 0.6]]])
+    labels = torch.tensor([[1, 0, 1]])  # the negative point is ignored
+    region = E.region_of(None, points, labels, 2, box.device)
+    assert region.shape == (2, 4)
+    assert torch.allclose(region[0], torch.tensor([0.2, 0.4, 0.6, 0.7]))
+    edge = E.region_of(None, torch.tensor([[[0.02, 0.97]]]), None, 1, box.device)
+    assert torch.allclose(edge[0], torch.tensor([0.0, 0.87, 0.12, 1.0]))
+    assert torch.equal(E.region_of(None, None, None, 3, box.device), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3))
+
+
 def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return env

@@ -89,6 +89,8 @@ class PromptFeatureExtractor(nn.Module):
         prefix = self.proj(out[:, -queries.shape[1]:])
         if not self.roi_grid:
             return prefix
+        if regions is None:  # no prompt region given: the whole image (the global-box convention)
+            regions = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=image_embeddings.device).expand(batch, 4)
         grid_w = image_embeddings.shape[-1]
         rois = torch.cat([torch.arange(batch, device=regions.device, dtype=torch.float32)[:, None],
                           regions.float() * grid_w], dim=1)
