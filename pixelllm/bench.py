@@ -184,9 +184,9 @@ def fixed_length(model: PixelLLM) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ban_eos(model: PixelLLM) -> Iterator[None]:
-    """Greedy decoding that cannot pick EOS or pad (their logits are -inf, as transformers' min_new_tokens does), so a caption
-    runs to a requested number of words even with a model whose captions are shorter; the words stay the
-    model's own (the next most likely tokens)."""
+    """Greedy decoding that cannot pick EOS or pad (their logits are -inf, as transformers' min_new_tokens
+    does), so a caption runs to a requested number of words even with a model whose captions are shorter; the
+    words stay the model's own (the next most likely tokens)."""
     banned = [model.config.eos_token_id, model.config.pad_token_id]  # pad would end the words just the same
 
     def hook(_module: torch.nn.Module, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:

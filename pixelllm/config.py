@@ -93,7 +93,6 @@ class PixelLLMConfig:
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     # Loss weights (DESIGN §1, Eq. 4: label smoothing 0.1, lambda = 0.1)
     label_smoothing: float = 0.1
-    caption_loss_weight: float = 1.0  # 0 trains grounding alone (a stage `config:` can set it)
     loc_loss_weight: float = 0.1
     eos_l1_weight: float = 1.0
     eos_giou_weight: float = 1.0

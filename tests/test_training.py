@@ -74,24 +74,6 @@ def test_language_model_trains_at_its_own_learning_rate():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
-def test_caption_loss_weight_zero_trains_grounding_only():
-    """A stage can train grounding alone: with caption_loss_weight 0 the total is the location terms alone, so
-    the lm_head rows of tokens that are never decoder inputs receive no gradient; at weight 1 they do."""
-    from tests.helpers import small_model
-
-    batch = {"images": torch.rand(2, 3, 64, 64) * 255, "labels": torch.tensor([[5, 6, 1], [7, 8, 1]]),
-             "token_boxes": torch.rand(2, 3, 4), "token_box_mask": torch.ones(2, 3, dtype=torch.bool)}
-    grads = {}
-    for weight in (0.0, 1.0):
-        model = small_model().train()
-        model.config.caption_loss_weight = weight
-        out = model(batch)
-        assert float(out["loss"]) == pytest.approx(float(out["location"]) + float(out["caption"]))
-        out["loss"].backward()
-        grads[weight] = model.language_model.shared.weight.grad[[1, 9, 10]].abs().sum().item()  # never inputs
-    assert grads[0.0] == 0.0 and grads[1.0] > 0.0
-
-
 def test_roi_tokens_read_the_prompt_region():
     """The RoI tokens' region: the box; the positive points' bounding box grown by 0.1 and clipped; the image."""
     from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor as E

@@ -109,9 +109,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         batch = max(x.shape[0] for x in (boxes, points, text_ids, features.fused) if x is not None)
         prompt = self.prompt_extractor.embed_prompt(boxes=boxes, points=points, point_labels=point_labels)
         prompt = prompt.expand(batch, -1, -1)
-        image = features.fused.expand(batch, -1, -1, -1)
-        regions = self.prompt_extractor.region_of(boxes, points, point_labels, batch, image.device)
-        visual = self.prompt_extractor(image, prompt, regions)
+        regions = self.prompt_extractor.region_of(boxes, points, point_labels, batch, prompt.device)
+        visual = self.prompt_extractor(features.fused, prompt, regions)
         mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)
         if text_ids is not None and text_ids.shape[1] > 0:
             text_ids = text_ids.expand(batch, -1)
@@ -153,7 +152,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                                         text_mask=batch.get("prompt_mask"))
             labels = batch["labels"]
             logits, points = self.teacher_forced(prefix, labels)
-            out["caption"] = cfg.caption_loss_weight * losses.caption_loss(logits, labels, cfg.label_smoothing)
+            out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
             if "token_boxes" in batch:
                 loc = losses.location_loss(points, batch["token_boxes"], batch["token_box_mask"] & (labels != -100))
                 out["location"] = cfg.loc_loss_weight * loc

@@ -79,21 +79,24 @@ class PromptFeatureExtractor(nn.Module):
 
     def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
                 regions: torch.Tensor | None = None) -> torch.Tensor:
-        """image_embeddings: BxCxhxw; prompt_tokens: BxKxC; regions: Bx4 normalised (needed when roi_grid > 0).
-        Returns the visual prefix, B x (num_queries [+ roi_grid^2]) x D_lm."""
-        batch = image_embeddings.shape[0]
-        image_pe = self.prompt_encoder.get_dense_pe().to(image_embeddings.dtype).expand(batch, -1, -1, -1)
+        """image_embeddings: BxCxhxw, or 1xCxhxw shared by all B prompts; prompt_tokens: BxKxC; regions: Bx4
+        normalised, the RoI tokens' regions (default: the whole image). Returns the visual prefix,
+        B x (num_queries [+ roi_grid^2]) x D_lm."""
+        batch = prompt_tokens.shape[0]
+        image = image_embeddings.expand(batch, -1, -1, -1)
+        image_pe = self.prompt_encoder.get_dense_pe().to(image.dtype).expand(batch, -1, -1, -1)
         queries = self.queries.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat([prompt_tokens, queries], dim=1)
-        out, _ = self.transformer(image_embeddings, image_pe, tokens)
+        out, _ = self.transformer(image, image_pe, tokens)
         prefix = self.proj(out[:, -queries.shape[1]:])
         if not self.roi_grid:
             return prefix
-        if regions is None:  # no prompt region given: the whole image (the global-box convention)
-            regions = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=image_embeddings.device).expand(batch, 4)
-        grid_w = image_embeddings.shape[-1]
-        rois = torch.cat([torch.arange(batch, device=regions.device, dtype=torch.float32)[:, None],
-                          regions.float() * grid_w], dim=1)
+        if regions is None:
+            regions = self.region_of(None, None, None, batch, image.device)
+        # Pool from the un-expanded features: K prompts on one image all read row 0 (no K-fold copy).
+        rows = torch.arange(batch, device=regions.device) if image_embeddings.shape[0] == batch else \
+            torch.zeros(batch, device=regions.device)
+        rois = torch.cat([rows.float()[:, None], regions.float() * image.shape[-1]], dim=1)
         pooled = roi_align(image_embeddings.float(), rois, output_size=self.roi_grid, spatial_scale=1.0,
                            sampling_ratio=2, aligned=True)  # B x C x g x g
         pooled = pooled.flatten(2).transpose(1, 2).to(prefix.dtype) + self.roi_pos
