@@ -1,11 +1,13 @@
-"""Training datasets over a Shapes/LN data folder, the multi-task sampler and collate functions.
+"""Training datasets over a data folder (Shapes, LN, converted RefCOCO/GoldG/VG), the multi-task sampler and
+collate functions.
 
 Tasks (each batch holds one task; every batch also carries all object boxes for the proposal head):
 - `narrative`      full-image narrative (all sentences) under the global box, per-token trace boxes from LN;
 - `sentence`       one LN sentence as a separate target (Scenic's LN practice), global box;
 - `prefix`         PrefixLM: a random prefix of the narrative as the text prompt, the rest as target;
-- `region_box`     location-conditioned caption ("large red circle") prompted by the object's (jittered) box;
-- `region_points`  the same prompted by 1-3 positive points inside the object's mask;
+- `region_box`     location-conditioned caption ("large red circle", or a dense region's own caption) prompted by
+                   the object's (jittered) box;
+- `region_points`  the same prompted by 1-3 positive points inside the object's mask (inside its box if none);
 - `refer`          referring expression -> box at EOS + SAM mask, global box prompt.
 Captions are tokenised word by word (Metaspace tokenisers split at word starts, so this equals tokenising the
 whole text) so that every token inherits its word's target, as DESIGN §1 requires.
@@ -22,7 +24,7 @@ from PIL import Image
 
 from pixelllm.image import to_model_input
 from pixelllm.tokenizer import encode_text
-from training.data.localized_narratives import read_localized_narratives
+from training.data.localized_narratives import LNReadStats, read_localized_narratives
 from training.data.shapes import load_jsonl as read_jsonl
 
 TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer")
@@ -47,9 +49,10 @@ class ShapesData:
     """One split of a data folder, held in memory at model size.
 
     A Shapes folder (written by `python -m training.shapes`) has `<split>.objects.jsonl` with instance maps, so
-    every task is available. A plain Localized Narratives folder (`<split>.ln.jsonl` + `images/<image_id>.jpg`
-    or `.png`, e.g. LN COCO) gives the caption/trace tasks only; `<split>.refer.jsonl` in the documented format
-    adds referring (masks when a `mask_file` instance map is given). See docs/data_formats.md.
+    every task is available. A Localized Narratives folder (`<split>.ln.jsonl` + `images/`, e.g. LN COCO) gives
+    the caption/trace tasks; `<split>.refer.jsonl` adds referring (masks when a `mask_file` instance map is
+    given) and `<split>.dense.jsonl` region captions (`python -m training.convert` writes both from RefCOCO /
+    GoldG / Visual Genome). Every image of the split is taken once. See docs/data_formats.md.
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int, limit: int | None = None,
@@ -60,13 +63,15 @@ class ShapesData:
         self.split = split
         self.image_size = image_size
         self.lazy = lazy
-        samples, self.ln_stats = read_localized_narratives(self.root / f"{split}.ln.jsonl")
+        ln_file = self.root / f"{split}.ln.jsonl"
+        samples, self.ln_stats = read_localized_narratives(ln_file) if ln_file.is_file() \
+            else ([], LNReadStats())
         ln = {s.image_id: s for s in samples}
-        objects_file = self.root / f"{split}.objects.jsonl"
-        entries = read_jsonl(objects_file) if objects_file.is_file() else [self._ln_entry(i) for i in ln]
+        refer_file = self.root / f"{split}.refer.jsonl"
+        refer = read_jsonl(refer_file) if refer_file.is_file() else []
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
-        for entry in entries[:limit]:
+        for entry in self._image_entries(split, ln, refer)[:limit]:
             rec = ImageRecord(image_id=entry["image_id"], width=0, height=0, pixels=None, instance_map=None,
                               objects=entry.get("objects", []), file_name=entry["file_name"],
                               mask_file=entry.get("mask_file"))
@@ -84,8 +89,8 @@ class ShapesData:
                 rec.sentences = list(sample.sentences)
             self.index[rec.image_id] = len(self.records)
             self.records.append(rec)
-        refer_file = self.root / f"{split}.refer.jsonl"
-        refer = read_jsonl(refer_file) if refer_file.is_file() else []
+        if not self.records:
+            raise FileNotFoundError(f"no {split}.objects/ln/dense/refer.jsonl with images under {self.root}")
         self.refer = [r for r in refer if r["image_id"] in self.index]
         self.regions = [(i, obj) for i, rec in enumerate(self.records) for obj in rec.objects]
         self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
@@ -105,10 +110,36 @@ class ShapesData:
             return np.asarray(Image.open(self.root / rec.mask_file))
         return np.zeros((rec.height, rec.width), np.uint8)
 
+    def _image_entries(self, split: str, ln: dict, refer: list[dict]) -> list[dict]:
+        """Every image of the split, once: Shapes ground truth (`objects.jsonl`) first, then LN images, then
+        images that only have dense regions (e.g. Visual Genome: region captions become the image's objects)
+        or only referring expressions (e.g. RefCOCO). Images named by several files keep their first entry."""
+        entries: dict[str, dict] = {}
+        objects_file = self.root / f"{split}.objects.jsonl"
+        for entry in read_jsonl(objects_file) if objects_file.is_file() else []:
+            entries.setdefault(entry["image_id"], entry)
+        for image_id in ln:
+            if image_id not in entries:
+                entries[image_id] = self._ln_entry(image_id)
+        dense_file = self.root / f"{split}.dense.jsonl"
+        for entry in read_jsonl(dense_file) if dense_file.is_file() else []:
+            if entry["image_id"] not in entries:
+                objects = [{"object_id": k, "box": r["box"], "caption": r["caption"]}
+                           for k, r in enumerate(entry.get("regions", []), start=1)]
+                entries[entry["image_id"]] = {**{k: entry[k] for k in ("image_id", "file_name", "width", "height")
+                                                 if k in entry}, "objects": objects}
+        for r in refer:
+            if r["image_id"] not in entries:
+                entries[r["image_id"]] = {k: r[k] for k in ("image_id", "file_name", "width", "height") if k in r}
+        return list(entries.values())
+
     def _ln_entry(self, image_id: str) -> dict:
-        for ext in (".jpg", ".jpeg", ".png"):
-            if (self.root / "images" / f"{image_id}{ext}").is_file():
-                return {"image_id": image_id, "file_name": f"images/{image_id}{ext}"}
+        # LN COCO's image ids are COCO ids without the zero padding of COCO 2017's file names
+        names = [image_id] + ([f"{int(image_id):012d}"] if image_id.isdigit() else [])
+        for name in names:
+            for ext in (".jpg", ".jpeg", ".png"):
+                if (self.root / "images" / f"{name}{ext}").is_file():
+                    return {"image_id": image_id, "file_name": f"images/{name}{ext}"}
         raise FileNotFoundError(f"no image for LN record {image_id!r} under {self.root / 'images'}")
 
     def size(self, task: str) -> int:
@@ -217,7 +248,7 @@ class Collator:
     def _region_targets(self, recs, objs) -> dict:
         seqs = []
         for rec, obj in zip(recs, objs):
-            words = f"{obj['size']} {obj['color']} {obj['shape']}".split()
+            words = (obj["caption"] if "caption" in obj else f"{obj['size']} {obj['color']} {obj['shape']}").split()
             seqs.append((*self._word_tokens(words, np.repeat(_norm_box(obj["box"], rec)[None], len(words), 0)), True))
         return self._pad_targets(seqs)
 
@@ -242,9 +273,14 @@ class Collator:
         points = np.zeros((len(recs), count, 2), np.float32)
         for i, (rec, obj) in enumerate(zip(recs, objs)):
             ys, xs = np.nonzero(self.data.instance_map(rec) == obj["object_id"])
-            pick = rng.integers(0, len(xs), count)
-            points[i, :, 0] = (xs[pick] + 0.5) / rec.width
-            points[i, :, 1] = (ys[pick] + 0.5) / rec.height
+            if len(xs):
+                pick = rng.integers(0, len(xs), count)
+                points[i, :, 0] = (xs[pick] + 0.5) / rec.width
+                points[i, :, 1] = (ys[pick] + 0.5) / rec.height
+            else:  # a region without a mask (Visual Genome): points inside its box
+                x0, y0, x1, y1 = _norm_box(obj["box"], rec)
+                points[i, :, 0] = rng.uniform(x0, x1, count)
+                points[i, :, 1] = rng.uniform(y0, y1, count)
         batch = self._common(recs)
         batch["prompt_points"] = torch.from_numpy(points)
         batch["point_labels"] = torch.ones(len(recs), count, dtype=torch.long)
