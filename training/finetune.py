@@ -489,7 +489,7 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
 # ---------------------------------------------------------------------------- command line
 
 
-def _parse_tasks(text: str) -> dict[str, float]:
+def parse_task_weights(text: str) -> dict[str, float]:
     tasks = {}
     for item in text.split(","):
         if item.strip():
@@ -535,7 +535,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         extra_targets=tuple(t for t in args.extra_targets.split(",") if t.strip()),
         statuses=tuple(s.strip() for s in args.statuses.split(",") if s.strip()),
         replay_data=args.replay_data, replay_split=args.replay_split, replay_ratio=args.replay_ratio,
-        replay_limit=args.replay_limit, replay_tasks=_parse_tasks(args.replay_tasks), max_tokens=args.max_tokens,
+        replay_limit=args.replay_limit, replay_tasks=parse_task_weights(args.replay_tasks), max_tokens=args.max_tokens,
         seed=args.seed, threads=args.threads, log_every=args.log_every, max_minutes=args.max_minutes)
 
 

@@ -71,6 +71,7 @@ class SimulateSettings:
     replay_images: int = 600
     replay_data: str | None = None  # default: a standard-world split generated in <work>/data
     replay_split: str = "train"
+    replay_tasks: dict[str, float] | None = None  # default: training.finetune's replay mix
     shift_eval_images: int = 60
     base_eval_images: int = 60
     image_size: int = 256
@@ -256,7 +257,8 @@ def run(s: SimulateSettings) -> dict[str, Any]:
             db=str(db), base=s.base, out=str(run_dir), name="simulated-cross", steps=s.steps,
             batch_size=s.batch_size, lr=s.lr, rank=s.rank, replay_data=replay_data if s.replay_ratio > 0 else None,
             replay_split=replay_split, replay_ratio=s.replay_ratio, replay_limit=s.replay_images, seed=s.seed,
-            max_minutes=s.max_minutes), store=store, progress=s.progress)
+            max_minutes=s.max_minutes, **({"replay_tasks": s.replay_tasks} if s.replay_tasks else {})),
+            store=store, progress=s.progress)
         timings["finetune"] = time.perf_counter() - t
         _say(s, f"finetuned {ft['steps']} steps in {ft['train_seconds']:.0f} s; evaluating before/after")
         run_row = store.get_finetune_run(ft["run_id"])
@@ -287,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-images", type=int, default=d.replay_images)
     p.add_argument("--replay-data", default=None, help="replay this Shapes folder instead of a generated split")
     p.add_argument("--replay-split", default=d.replay_split)
+    p.add_argument("--replay-tasks", default=None,
+                   help="replay task weights, e.g. region_box=4,refer=2 (default: training.finetune's mix)")
     p.add_argument("--shift-eval-images", type=int, default=d.shift_eval_images)
     p.add_argument("--base-eval-images", type=int, default=d.base_eval_images)
     p.add_argument("--image-size", type=int, default=d.image_size, help="Shapes image side in pixels")
@@ -302,13 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.finetune import sigterm_as_exit
+    from training.finetune import parse_task_weights, sigterm_as_exit
 
     args = build_parser().parse_args(argv)
     s = SimulateSettings(
         base=args.base, work=args.work, corrections=args.corrections, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_images=args.replay_images,
-        replay_data=args.replay_data, replay_split=args.replay_split, shift_eval_images=args.shift_eval_images,
+        replay_data=args.replay_data, replay_split=args.replay_split,
+        replay_tasks=parse_task_weights(args.replay_tasks) if args.replay_tasks else None,
+        shift_eval_images=args.shift_eval_images,
         base_eval_images=args.base_eval_images, image_size=args.image_size, max_new_tokens=args.max_new_tokens,
         max_words=args.max_words,
         max_minutes=args.max_minutes, threads=args.threads, seed=args.seed, progress=not args.no_progress)

@@ -235,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         if trainer_state.get("stage_index") == index:
             optimizer.load_state_dict(trainer_state["optimizer"])
             sampler.load_state(trainer_state["sampler"])
-        engine = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+        # Tasks use different heads, hence find_unused_parameters. The only buffers are constants (pixel
+        # mean/std, SAM's Fourier matrix), so no per-forward buffer broadcast; gradients live in the allreduce
+        # buckets and are copied there per bucket, not per parameter (many small T5/SAM tensors).
+        engine = DistributedDataParallel(model, find_unused_parameters=True, forward_sync_buffers=False,
+                                         gradient_as_bucket_view=True, batched_grad_copy=True) \
+            if world > 1 else model
         start, end = int(bounds[index]), int(bounds[index + 1])
         warmup = int(stage.get("warmup", tcfg.get("warmup", 100)))
         bar = tqdm(total=end - start, initial=step - start, desc=stage["name"], disable=rank != 0, mininterval=5,
