@@ -69,7 +69,8 @@ def test_mdetr_refcoco_and_goldg_become_referring_records():
 def test_visual_genome_regions_become_dense_records():
     sizes = {"42": (64, 48)}
     records, counts = convert.convert_vg(VG_REGIONS, sizes, max_regions=50)
-    assert len(records) == 1 and records[0]["image_id"] == "42" and (records[0]["width"], records[0]["height"]) == (64, 48)
+    assert len(records) == 1 and records[0]["image_id"] == "42"
+    assert (records[0]["width"], records[0]["height"]) == (64, 48)
     assert records[0]["regions"] == [{"box": [5.0, 6.0, 25.0, 36.0], "caption": "a green tree"},
                                      {"box": [0.0, 0.0, 64.0, 10.0], "caption": "sky"}]
     assert counts["skipped_duplicate"] == 1 and counts["skipped_empty_text"] == 1

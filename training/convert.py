@@ -19,10 +19,10 @@
 (region captions + boxes); `image_data.json` supplies the image sizes (without it they are read from the files).
 
 Images are not copied: `file_name` is `images/<name>` under `--out`, so link the image folders there (COCO
-train2014 for RefCOCO, Flickr30k / VG for GoldG, VG for the regions). Boxes are clipped to the image; boxes
-under one pixel wide or high, empty phrases and duplicates are skipped and counted. Masks are not converted
-(RefCOCO's polygons live in the COCO instances file): referring trains the box, and the mask loss only where a
-`mask_file` is given. The converter prints what it wrote and skipped; it never downloads anything.
+train2014 for RefCOCO, Flickr30k / VG for GoldG, VG for the regions). Boxes are clipped to the image when its
+size is known; boxes under one pixel wide or high, empty phrases and duplicates are skipped and counted. Masks are
+not converted (RefCOCO's polygons live in the COCO instances file): referring trains the box, and the mask loss
+only where a `mask_file` is given. The converter prints what it wrote and skipped; it never downloads anything.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 
 
 def xywh_to_box(bbox: list[float], width: float | None, height: float | None) -> list[float] | None:
-    """[x, y, w, h] -> [x0, y0, x1, y1] clipped to the image; None when under one pixel wide or high."""
+    """[x, y, w, h] -> [x0, y0, x1, y1], clipped to the image if its size is given; None when under one pixel
+    wide or high."""
     x, y, w, h = (float(v) for v in bbox)
     x0, y0, x1, y1 = x, y, x + w, y + h
     if width is not None and height is not None:
