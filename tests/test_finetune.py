@@ -171,7 +171,8 @@ def test_finetune_with_replay_and_a_custom_rank(base_dir, store, tmp_path):
     data = tmp_path / "shapes"
     generate_split(data, "train", 3, seed=5, size=64)
     out = tmp_path / "runs" / "replay"
-    summary = ft.finetune(settings(base_dir, store, out, replay_data=str(data), replay_ratio=0.75, steps=6, rank=2),
+    summary = ft.finetune(settings(base_dir, store, out, replay_data=str(data), replay_ratio=0.75, steps=6, rank=2,
+                                   replay_mode="alternate"),
                           store=store, progress=False)
     assert summary["replay_images"] == 3
     kinds = {k for row in summary["history"] for k in row if k.startswith("loss_replay")}
@@ -179,6 +180,27 @@ def test_finetune_with_replay_and_a_custom_rank(base_dir, store, tmp_path):
     assert json.loads((out / "adapters" / "replay" / "adapter_config.json").read_text())["r"] == 2
     assert json.loads((out / "config.json").read_text())["lora"] == json.loads(
         (base_dir / "config.json").read_text())["lora"]
+
+
+def test_joint_replay_trains_on_corrections_and_replay_every_step(base_dir, store, tmp_path):
+    from training.data.shapes import generate_split
+
+    data = tmp_path / "shapes"
+    generate_split(data, "train", 3, seed=5, size=64)
+    joint = settings(base_dir, store, tmp_path / "runs" / "joint", replay_data=str(data), replay_ratio=0.85,
+                     replay_mode="joint", steps=4, log_every=1)
+    summary = ft.finetune(joint, store=store, progress=False)
+    assert len(summary["history"]) == 4
+    for row in summary["history"]:  # one logged row per step: both kinds in every one
+        kinds = {k.split("_")[1] for k in row if k.startswith("loss_") and k != "loss_all"}
+        assert kinds == {"corrections", "replay"}, row
+        parts = [v for k, v in row.items() if k.startswith("loss_") and k != "loss_all"]
+        weighted = 0.15 * next(v for k, v in row.items() if k.startswith("loss_corrections")) + \
+            0.85 * next(v for k, v in row.items() if k.startswith("loss_replay"))
+        assert len(parts) == 2 and row["loss_all"] == pytest.approx(weighted, rel=1e-3)
+    with pytest.raises(ValueError, match="replay mode"):
+        ft.finetune(settings(base_dir, store, tmp_path / "runs" / "x", replay_mode="mixed"), store=store,
+                    progress=False)
 
 
 def test_a_failing_run_is_recorded_as_failed(base_dir, store, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ finetune -> before/after evaluation.
 
 ```
 python -m training.simulate_annotators --base assets/checkpoints/shapes-tiny --work runs/simulate \
-    [--corrections 200] [--steps N] [--shift-eval-images 60] [--base-eval-images 60] [--json OUT]
+    [--corrections 200] [--steps N] [--shift-eval-images 60] [--base-eval-images 200] [--json OUT]
 ```
 
 1. **Shift.** A Shapes split in ``world="shift"``: every image holds at least one ``cross``, a shape word the base
@@ -63,17 +63,18 @@ class SimulateSettings:
     base: str
     work: str
     corrections: int = 200
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     lr: float = 2e-3
     rank: int | None = None
-    replay_ratio: float = 0.5
-    replay_images: int = 600
+    replay_ratio: float = 0.85
+    replay_mode: str = "joint"  # training.finetune's --replay-mode
+    replay_images: int = 400
     replay_data: str | None = None  # default: a standard-world split generated in <work>/data
     replay_split: str = "train"
     replay_tasks: dict[str, float] | None = None  # default: training.finetune's replay mix
     shift_eval_images: int = 60
-    base_eval_images: int = 60
+    base_eval_images: int = 200  # 680 objects: 40 images (125) moved the forgetting figure by 8 points
     image_size: int = 256
     shift_seed: int = 101
     heldout_seed: int = 202
@@ -256,7 +257,8 @@ def run(s: SimulateSettings) -> dict[str, Any]:
         ft = finetune(FinetuneSettings(
             db=str(db), base=s.base, out=str(run_dir), name="simulated-cross", steps=s.steps,
             batch_size=s.batch_size, lr=s.lr, rank=s.rank, replay_data=replay_data if s.replay_ratio > 0 else None,
-            replay_split=replay_split, replay_ratio=s.replay_ratio, replay_limit=s.replay_images, seed=s.seed,
+            replay_split=replay_split, replay_ratio=s.replay_ratio, replay_mode=s.replay_mode,
+            replay_limit=s.replay_images, seed=s.seed,
             max_minutes=s.max_minutes, **({"replay_tasks": s.replay_tasks} if s.replay_tasks else {})),
             store=store, progress=s.progress)
         timings["finetune"] = time.perf_counter() - t
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the checkpoint config's)")
     p.add_argument("--replay-ratio", type=float, default=d.replay_ratio)
+    p.add_argument("--replay-mode", choices=("alternate", "joint"), default=d.replay_mode,
+                   help="alternate replay and correction batches, or train on one of each every step")
     p.add_argument("--replay-images", type=int, default=d.replay_images)
     p.add_argument("--replay-data", default=None, help="replay this Shapes folder instead of a generated split")
     p.add_argument("--replay-split", default=d.replay_split)
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s = SimulateSettings(
         base=args.base, work=args.work, corrections=args.corrections, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_images=args.replay_images,
+        lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_mode=args.replay_mode,
+        replay_images=args.replay_images,
         replay_data=args.replay_data, replay_split=args.replay_split,
         replay_tasks=parse_task_weights(args.replay_tasks) if args.replay_tasks else None,
         shift_eval_images=args.shift_eval_images,
