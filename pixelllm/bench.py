@@ -91,7 +91,7 @@ class Settings:
 
 QUICK = Settings(warmup=1, reps=3, gen_tokens=41, flat_reps=3, reuse_tokens=8, dense_tokens=8, app_reps=2,
                  app_words=5, rss_calls=1, train_steps=4, train_log_every=2, train_batch=4, train_images=8,
-                 train_rounds=1, train_one_thread=False, reuse_preset=None,
+                 train_rounds=1, train_one_thread=True, reuse_preset="tiny",
                  train_model={"image_encoder": {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2,
                                                 "num_heads": 2, "window_size": 4, "global_attn_indexes": [1]},
                               "prompt_embed_dim": 32, "num_query_tokens": 8, "extractor_heads": 2,

@@ -2,7 +2,8 @@
 
 A smoke run of the benchmark with `--quick --no-fail` on a small random checkpoint: it checks that every
 measurement runs (streaming vs generate(), cache hit vs miss, batched vs single dense captions, the per-step
-profile, the in-process app called through gradio_client, the app.py subprocess, one- and two-process training)
+profile, the in-process app called through gradio_client, the app.py subprocess, one- and two-process training,
+and the two ceilings printed beside bounded ratios: prompt reuse on a second preset, the independent-pair run)
 and that the JSON report holds every ratio as a positive finite number. It asserts no timing: speed is the
 benchmark's job, and wall-clock thresholds do not belong in tests (TESTING.md).
 """
@@ -47,3 +48,10 @@ def test_bench_quick_run_reports_every_ratio(tmp_path):
     assert absolute["words_per_s"] > 0 and absolute["time_to_first_word_ms"] > 0
     assert absolute["paper_parameters"] > 3_000_000_000  # ≈ 4B, as in the paper
     assert data["machine"]["torch"] and data["machine"]["cpu"]
+    # The two explanations printed beside the bounded ratios ran too: prompt reuse on a second (randomly
+    # initialised) preset, and the per-core / independent-pair ceilings of the DDP figure (more than one thread).
+    reuse = data["ratios"]["prompt_reuse_speedup"]["detail"]
+    assert reuse["tiny_preset_speedup"] > 0 and reuse["tiny_preset_encode_image_ms"] > 0
+    if data["machine"]["torch_threads"] > 1:
+        scale = data["ratios"]["train_scaleout"]["detail"]
+        assert scale["independent_pair_samples_per_s"] > 0 and scale["machine_ceiling"] > 0
