@@ -81,7 +81,8 @@ class ShapesData:
                 with Image.open(self.root / rec.file_name) as probe:
                     rec.width, rec.height = probe.size
             if not lazy:
-                rec.pixels, rec.instance_map = self.pixels(rec), self.instance_map(rec)
+                rec.pixels = self.pixels(rec)
+                rec.instance_map = self.instance_map(rec) if rec.mask_file else None
             sample = ln.get(entry["image_id"])
             if sample is not None:
                 rec.words = sample.words
@@ -102,6 +103,10 @@ class ShapesData:
             return rec.pixels
         img = np.asarray(Image.open(self.root / rec.file_name).convert("RGB"))
         return to_model_input(img, self.image_size).round().to(torch.uint8)
+
+    @staticmethod
+    def has_masks(rec: ImageRecord) -> bool:
+        return bool(rec.mask_file)
 
     def instance_map(self, rec: ImageRecord) -> np.ndarray:
         if rec.instance_map is not None:
@@ -272,7 +277,8 @@ class Collator:
         count = int(rng.integers(1, 4))
         points = np.zeros((len(recs), count, 2), np.float32)
         for i, (rec, obj) in enumerate(zip(recs, objs)):
-            ys, xs = np.nonzero(self.data.instance_map(rec) == obj["object_id"])
+            ys, xs = np.nonzero(self.data.instance_map(rec) == obj["object_id"]) if self.data.has_masks(rec) \
+                else ((), ())
             if len(xs):
                 pick = rng.integers(0, len(xs), count)
                 points[i, :, 0] = (xs[pick] + 0.5) / rec.width
@@ -296,13 +302,16 @@ class Collator:
         batch.update(self._pad_targets(seqs))
         batch["refer_boxes"] = torch.tensor(np.stack([_norm_box(r["box"], rec) for r, rec in zip(refs, recs)]))
         batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
-        masks = []
-        for r, rec in zip(refs, recs):
+        masks, valid = [], [bool(r.get("mask_file")) and self.data.has_masks(rec) for r, rec in zip(refs, recs)]
+        for r, rec, has_mask in zip(refs, recs, valid):
+            if not has_mask:  # no mask (e.g. RefCOCO through MDETR's files): the mask loss skips this row
+                masks.append(torch.zeros(self.image_size, self.image_size))
+                continue
             m = (self.data.instance_map(rec) == r.get("object_id", -1)).astype(np.uint8)
             m = Image.fromarray(m * 255).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             masks.append(torch.from_numpy((np.asarray(m) >= 128).astype(np.float32)))
         batch["masks"] = torch.stack(masks)
-        batch["mask_valid"] = torch.tensor([bool(r.get("mask_file")) for r in refs])
+        batch["mask_valid"] = torch.tensor(valid)
         return batch
 
 
