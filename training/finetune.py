@@ -445,6 +445,7 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
     params = [p for n, p in model.named_parameters() if n in names]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.98))
     replay_ratio = settings.replay_ratio if replay is not None else 0.0
+    joint = settings.replay_mode == "joint" and replay_ratio > 0
     model.train()
     window: dict[str, list[float]] = {}
     history: list[dict[str, Any]] = []
@@ -455,7 +456,6 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
     while step < settings.steps:
         rng = np.random.default_rng([settings.seed, step])
         parts: list[tuple[str, dict, float]] = []  # (kind, batch, loss weight) summed into one update
-        joint = settings.replay_mode == "joint" and replay_ratio > 0
         if joint or rng.random() >= replay_ratio:
             chosen = [examples[i] for i in sampler.draw(step)]
             parts.append((f"corrections_{chosen[0].task}", collate.corrections(chosen), 1.0 - replay_ratio if joint
@@ -580,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.db).is_file():
         print(f"no annotation store at {args.db}", file=sys.stderr)
         return 2
+    if not args.replay_data:
+        print("finetune: no --replay-data, so the adapter trains on corrections only and may lose old skills; "
+              "for the embedded model: python -m training.shapes --out data/replay --split train --num 400 "
+              "--seed 404, then --replay-data data/replay", file=sys.stderr)
     try:
         with sigterm_as_exit():
             summary = finetune(settings_from_args(args))
