@@ -25,6 +25,7 @@ from PIL import Image
 from pixelllm.image import to_model_input
 from pixelllm.tokenizer import encode_text
 from training.data.localized_narratives import LNReadStats, read_localized_narratives
+from training.data.shapes import load_instance_map
 from training.data.shapes import load_jsonl as read_jsonl
 
 TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer")
@@ -104,16 +105,9 @@ class ShapesData:
         img = np.asarray(Image.open(self.root / rec.file_name).convert("RGB"))
         return to_model_input(img, self.image_size).round().to(torch.uint8)
 
-    @staticmethod
-    def has_masks(rec: ImageRecord) -> bool:
-        return bool(rec.mask_file)
-
     def instance_map(self, rec: ImageRecord) -> np.ndarray:
-        if rec.instance_map is not None:
-            return rec.instance_map
-        if rec.mask_file:
-            return np.asarray(Image.open(self.root / rec.mask_file))
-        return np.zeros((rec.height, rec.width), np.uint8)
+        """HxW object-id map of a record that has a `mask_file` (cached in memory unless lazy)."""
+        return rec.instance_map if rec.instance_map is not None else load_instance_map(self.root, rec.mask_file)
 
     def _image_entries(self, split: str, ln: dict, refer: list[dict]) -> list[dict]:
         """Every image of the split, once: Shapes ground truth (`objects.jsonl`) first, then LN images, then
@@ -277,8 +271,7 @@ class Collator:
         count = int(rng.integers(1, 4))
         points = np.zeros((len(recs), count, 2), np.float32)
         for i, (rec, obj) in enumerate(zip(recs, objs)):
-            ys, xs = np.nonzero(self.data.instance_map(rec) == obj["object_id"]) if self.data.has_masks(rec) \
-                else ((), ())
+            ys, xs = np.nonzero(self.data.instance_map(rec) == obj["object_id"]) if rec.mask_file else ((), ())
             if len(xs):
                 pick = rng.integers(0, len(xs), count)
                 points[i, :, 0] = (xs[pick] + 0.5) / rec.width
@@ -302,7 +295,7 @@ class Collator:
         batch.update(self._pad_targets(seqs))
         batch["refer_boxes"] = torch.tensor(np.stack([_norm_box(r["box"], rec) for r, rec in zip(refs, recs)]))
         batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
-        masks, valid = [], [bool(r.get("mask_file")) and self.data.has_masks(rec) for r, rec in zip(refs, recs)]
+        masks, valid = [], [bool(r.get("mask_file") and rec.mask_file) for r, rec in zip(refs, recs)]
         for r, rec, has_mask in zip(refs, recs, valid):
             if not has_mask:  # no mask (e.g. RefCOCO through MDETR's files): the mask loss skips this row
                 masks.append(torch.zeros(self.image_size, self.image_size))
