@@ -77,6 +77,10 @@ class PixelLLMConfig:
     prompt_embed_dim: int = 256  # SAM's neck width C: prompt encoder, extractor and mask decoder work in it
     num_query_tokens: int = 32
     roi_grid: int = 0  # > 0: also g*g RoI-aligned region tokens in the prefix (our deviation; prompt_extractor.py)
+    # How a RoI token knows where it is: "learned" (a per-cell embedding added before the LayerNorm) or "sine"
+    # (SAM's Fourier code of the cell centre in image coordinates, projected and LayerNormed, added after the
+    # token's projection so it arrives at full strength in the attended value; docs/referring.md).
+    roi_position: str = "learned"
     extractor_depth: int = 2
     extractor_heads: int = 8
     extractor_mlp_dim: int = 2048
@@ -99,6 +103,9 @@ class PixelLLMConfig:
     mask_focal_weight: float = 20.0  # SAM's 20:1 focal:dice ratio
     mask_dice_weight: float = 1.0
     mask_iou_weight: float = 1.0
+    # Training-only auxiliary (0 = off, the paper's loss): -log of the last decoder layer's cross-attention mass
+    # (mean over heads) on the RoI cells inside each supervised token's target box (docs/referring.md).
+    attn_supervision_weight: float = 0.0
     proposal_weight: float = 1.0
     # Special token ids (T5 convention: pad = decoder start = 0, eos = 1, unk = 2)
     pad_token_id: int = 0

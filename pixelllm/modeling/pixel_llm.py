@@ -7,6 +7,7 @@ Persistence (save_pretrained / from_pretrained) lives in `pixelllm.checkpoint`; 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             transformer=TwoWayTransformer(depth=config.extractor_depth, embedding_dim=c,
                                           num_heads=config.extractor_heads, mlp_dim=config.extractor_mlp_dim),
             num_queries=config.num_query_tokens, embed_dim=c, lm_dim=config.t5.d_model, roi_grid=config.roi_grid,
+            roi_position=config.roi_position,
         )
         self.language_model = build_t5(config.t5, pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
         self.loc_head = LocationHead(config.t5.d_model, config.loc_head_hidden, config.loc_head_layers)
@@ -151,7 +153,10 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                                         point_labels=batch.get("point_labels"), text_ids=batch.get("prompt_ids"),
                                         text_mask=batch.get("prompt_mask"))
             labels = batch["labels"]
-            logits, points = self.teacher_forced(prefix, labels)
+            supervise = cfg.attn_supervision_weight > 0 and self.prompt_extractor.roi_grid > 0 and \
+                ("token_boxes" in batch or "refer_boxes" in batch)
+            with self._capture_cross_attention(supervise) as captured:
+                logits, points = self.teacher_forced(prefix, labels)
             out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
             if "token_boxes" in batch:
                 loc = losses.location_loss(points, batch["token_boxes"], batch["token_box_mask"] & (labels != -100))
@@ -162,6 +167,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                 l1, giou = losses.eos_box_loss(eos_box, batch["refer_boxes"], batch["refer_valid"])
                 out["eos_l1"] = cfg.eos_l1_weight * l1
                 out["eos_giou"] = cfg.eos_giou_weight * giou
+            if supervise:
+                out["attn_cells"] = cfg.attn_supervision_weight * self._attention_supervision(batch, prefix, captured)
         if "masks" in batch and bool(batch["mask_valid"].any()):
             rows = batch["mask_valid"].nonzero().flatten().tolist()
             logits, iou = zip(*(self.mask_head(features.sam[r:r + 1], batch["refer_boxes"][r:r + 1]) for r in rows))
@@ -181,6 +188,68 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             raise ValueError("batch has no targets: give labels, masks or gt_boxes")
         out["loss"] = sum(out.values())
         return out
+
+    @contextlib.contextmanager
+    def _capture_cross_attention(self, active: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """While active, records the inputs of the last decoder layer's cross-attention (its layer-normed
+        queries and the encoder states), so its attention map can be recomputed without eager attention."""
+        captured: dict[str, torch.Tensor] = {}
+        if not active:
+            yield captured
+            return
+        attention = self.language_model.decoder.block[-1].layer[1].EncDecAttention
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["queries"] = args[0] if args else kwargs["hidden_states"]
+            captured["keys"] = kwargs["key_value_states"]
+
+        handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _attention_supervision(self, batch: dict[str, Any], prefix: Prefix,
+                               captured: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-log of the last decoder layer's cross-attention (mean over heads) on the RoI cells whose centre lies
+        in the token's target box (the nearest cell when none does), averaged over supervised positions: the
+        trace tokens (`token_box_mask`) and the EOS of referring expressions. Teaches the decoder to look where
+        the location head must point (docs/referring.md)."""
+        labels = batch["labels"]
+        rows, length = labels.shape
+        attention = self.language_model.decoder.block[-1].layer[1].EncDecAttention
+        heads, dim = attention.n_heads, attention.key_value_proj_dim
+        q = attention.q(captured["queries"]).view(rows, length, heads, dim).transpose(1, 2)
+        k = attention.k(captured["keys"]).view(rows, -1, heads, dim).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)).float()  # T5 does not scale by sqrt(d)
+        scores = scores.masked_fill(prefix.mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1).mean(1)  # B x T x S
+        ex = self.prompt_extractor
+        first = self.config.num_query_tokens
+        cells = probs[..., first:first + ex.roi_grid ** 2]  # B x T x g*g
+        regions = ex.region_of(batch.get("prompt_boxes"), batch.get("prompt_points"), batch.get("point_labels"),
+                               rows, labels.device)
+        centres = ex.cell_centres(regions)  # B x g*g x 2
+        targets = torch.zeros(rows, length, 4, device=labels.device)
+        valid = torch.zeros(rows, length, dtype=torch.bool, device=labels.device)
+        if "token_boxes" in batch:
+            targets = batch["token_boxes"].float().clone()
+            valid = batch["token_box_mask"] & (labels != -100)
+        if "refer_boxes" in batch:
+            eos = (labels == self.config.eos_token_id).int().argmax(dim=1)
+            index = torch.arange(rows, device=labels.device)
+            targets[index, eos] = batch["refer_boxes"].float()
+            valid[index, eos] = batch["refer_valid"]
+        if not bool(valid.any()):
+            return probs.sum() * 0.0
+        box = targets[:, :, None, :]  # B x T x 1 x 4
+        cx, cy = centres[:, None, :, 0], centres[:, None, :, 1]  # B x 1 x g*g
+        inside = (cx >= box[..., 0]) & (cx <= box[..., 2]) & (cy >= box[..., 1]) & (cy <= box[..., 3])
+        middle = (box[..., :2] + box[..., 2:]) / 2  # B x T x 1 x 2
+        nearest = ((centres[:, None] - middle) ** 2).sum(-1).argmin(-1)  # B x T
+        inside = inside | F.one_hot(nearest, cells.shape[-1]).bool() & ~inside.any(-1, keepdim=True)
+        mass = (cells * inside).sum(-1)
+        return -torch.log(mass[valid] + 1e-6).mean()
 
     # ------------------------------------------------------------------ inference
     def stream(self, prefix: Prefix, *, max_new_tokens: int | None = None, do_sample: bool = False,

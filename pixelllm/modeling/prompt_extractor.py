@@ -10,6 +10,12 @@ features inside the prompt's region, RoI-aligned (torchvision) to a g x g grid w
 embedding, GPT4RoI-style. Trained from scratch on Shapes, the 32 tokens learned where the prompt box is but not
 what is in it: a linear probe reads the object's colour from them at chance (0.20, majority 0.20) while the mean
 image feature in the box gives 0.73 (README, "The embedded model").
+
+`roi_position="sine"` gives each RoI token SAM's Fourier code of its cell centre in *image* coordinates (so a
+cell of a box prompt knows where it is in the image, which is the frame of the location head), projected and
+LayerNormed, added after the token's own projection: an attended RoI value then carries its position at the
+same strength as its content. The learned per-cell embedding is added before a LayerNorm, where it is small next
+to the feature (norm 0.78 against 9.5) — docs/referring.md.
 """
 
 from __future__ import annotations
@@ -22,15 +28,22 @@ from torchvision.ops import roi_align
 
 class PromptFeatureExtractor(nn.Module):
     def __init__(self, *, prompt_encoder: PromptEncoder, transformer: TwoWayTransformer, num_queries: int,
-                 embed_dim: int, lm_dim: int, roi_grid: int = 0) -> None:
+                 embed_dim: int, lm_dim: int, roi_grid: int = 0, roi_position: str = "learned") -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.transformer = transformer
         self.queries = nn.Parameter(torch.randn(num_queries, embed_dim) * 0.02)
         self.proj = nn.Linear(embed_dim, lm_dim)
         self.roi_grid = roi_grid
+        if roi_position not in ("learned", "sine"):
+            raise ValueError(f"roi_position must be 'learned' or 'sine', got {roi_position!r}")
+        self.roi_position = roi_position
         if roi_grid:
-            self.roi_pos = nn.Parameter(torch.randn(roi_grid * roi_grid, embed_dim) * 0.02)
+            if roi_position == "learned":
+                self.roi_pos = nn.Parameter(torch.randn(roi_grid * roi_grid, embed_dim) * 0.02)
+            else:
+                self.roi_pos_proj = nn.Linear(embed_dim, lm_dim)
+                self.roi_pos_norm = nn.LayerNorm(lm_dim)
             self.roi_norm = nn.LayerNorm(embed_dim)
             self.roi_proj = nn.Linear(embed_dim, lm_dim)
 
@@ -77,6 +90,16 @@ class PromptFeatureExtractor(nn.Module):
         high = torch.where(keep[..., None], pts, -big).amax(dim=1)
         return torch.cat([low - pad, high + pad], dim=1).clamp(0.0, 1.0).expand(batch, 4)
 
+    def cell_centres(self, regions: torch.Tensor) -> torch.Tensor:
+        """regions: Bx4 normalised -> B x g*g x 2, the (x, y) image coordinates of the RoI cells' centres in
+        the row-major order of the RoI tokens."""
+        g = self.roi_grid
+        steps = (torch.arange(g, device=regions.device, dtype=torch.float32) + 0.5) / g
+        x0, y0, x1, y1 = regions.float().unbind(-1)
+        xs = x0[:, None] + steps[None] * (x1 - x0)[:, None]  # B x g
+        ys = y0[:, None] + steps[None] * (y1 - y0)[:, None]
+        return torch.stack([xs[:, None, :].expand(-1, g, -1), ys[:, :, None].expand(-1, -1, g)], -1).flatten(1, 2)
+
     def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
                 regions: torch.Tensor | None = None) -> torch.Tensor:
         """image_embeddings: BxCxhxw, or 1xCxhxw shared by all B prompts; prompt_tokens: BxKxC; regions: Bx4
@@ -99,5 +122,11 @@ class PromptFeatureExtractor(nn.Module):
         rois = torch.cat([rows.float()[:, None], regions.float() * image.shape[-1]], dim=1)
         pooled = roi_align(image_embeddings.float(), rois, output_size=self.roi_grid, spatial_scale=1.0,
                            sampling_ratio=2, aligned=True)  # B x C x g x g
-        pooled = pooled.flatten(2).transpose(1, 2).to(prefix.dtype) + self.roi_pos
-        return torch.cat([prefix, self.roi_proj(self.roi_norm(pooled))], dim=1)
+        pooled = pooled.flatten(2).transpose(1, 2).to(prefix.dtype)
+        if self.roi_position == "learned":
+            return torch.cat([prefix, self.roi_proj(self.roi_norm(pooled + self.roi_pos))], dim=1)
+        size = self.input_size
+        code = self.prompt_encoder.pe_layer.forward_with_coords(self.cell_centres(regions) * size, (size, size))
+        code = code.to(prefix.dtype)
+        roi = self.roi_proj(self.roi_norm(pooled)) + self.roi_pos_norm(self.roi_pos_proj(code))
+        return torch.cat([prefix, roi], dim=1)

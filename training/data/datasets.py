@@ -25,7 +25,7 @@ from PIL import Image
 from pixelllm.image import to_model_input
 from pixelllm.tokenizer import encode_text
 from training.data.localized_narratives import LNReadStats, read_localized_narratives
-from training.data.shapes import load_instance_map
+from training.data.shapes import load_image, load_instance_map
 from training.data.shapes import load_jsonl as read_jsonl
 
 TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer")
@@ -102,7 +102,7 @@ class ShapesData:
         """3xSxS uint8 model input of a record (cached in memory unless lazy)."""
         if rec.pixels is not None:
             return rec.pixels
-        img = np.asarray(Image.open(self.root / rec.file_name).convert("RGB"))
+        img = load_image(self.root, rec.file_name)
         return to_model_input(img, self.image_size).round().to(torch.uint8)
 
     def instance_map(self, rec: ImageRecord) -> np.ndarray:

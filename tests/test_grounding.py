@@ -1,0 +1,102 @@
+"""The grounding aids of the tiny recipe (docs/referring.md): RoI tokens that carry their cell's position in image
+coordinates (`roi_position="sine"`) and the cross-attention supervision loss (`attn_supervision_weight`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixelllm.tokenizer import encode_text
+from tests.helpers import small_model
+
+torch.set_num_threads(2)
+
+
+def test_cell_centres_are_image_coordinates_in_token_order():
+    ex = small_model(roi_grid=2, roi_position="sine").prompt_extractor
+    centres = ex.cell_centres(torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.2, 0.4, 0.6, 0.8]]))
+    expected = torch.tensor([[[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]],
+                             [[0.3, 0.5], [0.5, 0.5], [0.3, 0.7], [0.5, 0.7]]])
+    assert torch.allclose(centres, expected)
+
+
+def test_sine_roi_tokens_follow_the_image_location_not_the_cell_index():
+    """With constant image features the RoI tokens differ only by their position code: the last cell of the
+    region (0, 0, .5, .5) and the first cell of (.25, .25, .75, .75) sit at the same image point (.375, .375),
+    so they must be the same token, and differ from the tokens at other points. The learned per-index code
+    of the paper-style variant cannot do this (same index, same code, whatever the region)."""
+    model = small_model(roi_grid=2, roi_position="sine")
+    ex = model.prompt_extractor
+    c = model.config.prompt_embed_dim
+    features = torch.zeros(2, c, model.config.grid_size, model.config.grid_size)
+    prompt = ex.embed_prompt(boxes=torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]))
+    regions = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]])
+    with torch.no_grad():
+        roi = ex(features, prompt, regions)[:, -4:]
+    assert torch.allclose(roi[0, 3], roi[1, 0], atol=1e-5)
+    gap = (roi[0, :3] - roi[1, 0]).norm(dim=-1)
+    assert bool((gap > 0.1 * roi[1, 0].norm()).all()), gap
+
+    learned = small_model(roi_grid=2, roi_position="learned").prompt_extractor
+    with torch.no_grad():
+        tokens = learned(features, prompt, regions)[:, -4:]
+    assert torch.allclose(tokens[0], tokens[1], atol=1e-5)  # per-index code: blind to where the region is
+
+
+def test_unknown_roi_position_is_refused():
+    with pytest.raises(ValueError, match="roi_position"):
+        small_model(roi_grid=2, roi_position="fourier")
+
+
+def _refer_batch(model, boxes: torch.Tensor) -> dict:
+    tok = model.tokenizer
+    words = ["the green square", "the small blue star", "orange triangle", "a large red circle"]
+    seqs = [encode_text(tok, w, eos=True) for w in words]
+    labels = torch.full((4, max(map(len, seqs))), -100)
+    for i, seq in enumerate(seqs):
+        labels[i, : len(seq)] = torch.tensor(seq)
+    s = model.config.image_size
+    images = torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(3)) * 255
+    return {"images": images, "labels": labels, "refer_boxes": boxes, "refer_valid": torch.ones(4, dtype=torch.bool)}
+
+
+def _cell_mass(model, batch: dict, boxes: torch.Tensor) -> torch.Tensor:
+    """Eager attention (transformers' own) of the last decoder layer at EOS, summed over the RoI cells whose
+    centre is inside the target box."""
+    lm = model.language_model
+    with torch.no_grad():
+        prefix = model.encode_prefix(model.encode_image(batch["images"]))
+        out = lm.decoder(input_ids=lm._shift_right(batch["labels"]), encoder_hidden_states=prefix.hidden,
+                         encoder_attention_mask=prefix.mask, output_attentions=True)
+    probs = out.cross_attentions[-1].mean(1)  # B x T x S
+    eos = (batch["labels"] == model.config.eos_token_id).int().argmax(1)
+    q = model.config.num_query_tokens
+    cells = probs[torch.arange(4), eos, q:]
+    centres = model.prompt_extractor.cell_centres(torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4))
+    inside = (centres[..., 0] >= boxes[:, None, 0]) & (centres[..., 0] <= boxes[:, None, 2]) & \
+        (centres[..., 1] >= boxes[:, None, 1]) & (centres[..., 1] <= boxes[:, None, 3])
+    assert bool(inside.any(-1).all())
+    return (cells * inside).sum(-1)
+
+
+def test_attention_supervision_is_off_by_default_and_moves_eos_attention_to_the_box():
+    boxes = torch.tensor([[0.0, 0.0, 0.3, 0.3], [0.7, 0.0, 1.0, 0.3], [0.0, 0.7, 0.3, 1.0], [0.6, 0.6, 1.0, 1.0]])
+    model = small_model(seed=1, roi_grid=4, roi_position="sine").train()
+    model.language_model.set_attn_implementation("eager")  # for output_attentions in _cell_mass
+    batch = _refer_batch(model, boxes)
+    assert "attn_cells" not in model(batch)  # the paper's loss unless the recipe asks for it
+
+    model.config.attn_supervision_weight = 1.0
+    # The loss recomputes the attention from the hooked inputs; it must be the attention transformers computes.
+    first = model(batch)["attn_cells"]
+    before = _cell_mass(model, batch, boxes)
+    assert torch.allclose(first, -torch.log(before + 1e-6).mean(), atol=1e-4), (first, before)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    for _ in range(40):
+        loss = model(batch)["attn_cells"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _cell_mass(model, batch, boxes)
+    assert float(before.max()) < 0.4 and float(after.min()) > 0.8, (before, after)
