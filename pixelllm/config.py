@@ -103,6 +103,10 @@ class PixelLLMConfig:
     mask_focal_weight: float = 20.0  # SAM's 20:1 focal:dice ratio
     mask_dice_weight: float = 1.0
     mask_iou_weight: float = 1.0
+    # Text prompt (encoder side) that marks the referring task, "" = none (the paper). Without it a model trained
+    # from scratch on referring expressions and narratives under the same global-box prompt answers "describe the
+    # image" with an expression ("the large purple circle"), since both start from the same input (README).
+    refer_prompt: str = ""
     # Training-only auxiliary (0 = off, the paper's loss): -log of the last decoder layer's cross-attention mass
     # (mean over heads) on the RoI cells inside each supervised token's target box (docs/referring.md).
     attn_supervision_weight: float = 0.0

@@ -100,3 +100,52 @@ def test_attention_supervision_is_off_by_default_and_moves_eos_attention_to_the_
         optimizer.step()
     after = _cell_mass(model, batch, boxes)
     assert float(before.max()) < 0.4 and float(after.min()) > 0.8, (before, after)
+
+
+def _train_caption_and_refer(refer_prompt: str, steps: int = 150):
+    """One image, two targets under the same global-box prompt: a narrative sentence (trace task) and a
+    referring expression (refer task). Returns the trained model and its first-token distribution unprompted."""
+    torch.manual_seed(0)
+    model = small_model(seed=2, roi_grid=4, roi_position="sine", refer_prompt=refer_prompt).train()
+    tok = model.tokenizer
+    s = model.config.image_size
+    image = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(5)) * 255
+    narrative = encode_text(tok, "in this picture we can see a large red circle.", eos=True)
+    expression = encode_text(tok, "the green square", eos=True)
+    caption = {"images": image, "labels": torch.tensor([narrative]),
+               "token_boxes": torch.full((1, len(narrative), 4), 0.5) + torch.tensor([-0.2, -0.2, 0.2, 0.2]),
+               "token_box_mask": torch.ones(1, len(narrative), dtype=torch.bool)}
+    refer = {"images": image, "labels": torch.tensor([expression]),
+             "refer_boxes": torch.tensor([[0.1, 0.1, 0.4, 0.4]]), "refer_valid": torch.ones(1, dtype=torch.bool)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    for step in range(steps):
+        loss = model(caption if step % 2 == 0 else refer)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        prefix = model.encode_prefix(model.encode_image(image))
+        step, _ = next(model.stream(prefix, max_new_tokens=1))
+        logits, _ = model.teacher_forced(prefix, torch.tensor([[narrative[0]]]))
+    probs = logits[0, 0].softmax(-1)
+    return model, image, narrative, expression, float(probs[narrative[0]]), float(probs[expression[0]])
+
+
+def test_refer_prompt_keeps_the_unprompted_caption_a_narrative():
+    """Without a task prompt both targets share one input, so the unprompted first token is split between them;
+    with `refer_prompt` the unprompted caption is the narrative, and `refer` (which adds the prompt) still
+    gives the expression's box."""
+    _, _, _, _, p_narrative, p_expression = _train_caption_and_refer("")
+    assert min(p_narrative, p_expression) > 0.1, (p_narrative, p_expression)
+
+    model, image, narrative, expression, p_narrative, p_expression = _train_caption_and_refer("refer:")
+    assert p_narrative > 0.8 and p_expression < 0.05, (p_narrative, p_expression)  # label smoothing: <= 0.9
+    with torch.no_grad():
+        features = model.encode_image(image)
+        tokens = [int(step.tokens[0]) for step, _ in model.stream(model.encode_prefix(features),
+                                                                  max_new_tokens=len(narrative) + 3)]
+        ids = torch.tensor([expression[:-1]])
+        box = model.refer(features, ids, torch.ones_like(ids))["boxes"][0]
+    assert tokens == narrative
+    assert float((box - torch.tensor([0.1, 0.1, 0.4, 0.4])).abs().max()) < 0.05, box

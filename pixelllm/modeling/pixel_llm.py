@@ -24,6 +24,7 @@ from pixelllm.modeling.heads import LocationHead, ProposalHead, ReferringMaskHea
 from pixelllm.modeling.image_encoder import ImageFeatures, PixelImageEncoder, build_vit
 from pixelllm.modeling.language_model import DecodeStep, Prefix, build_t5, decode, decoder_features
 from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor
+from pixelllm.tokenizer import encode_text
 
 
 class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_url="https://github.com/pixelllm"):
@@ -149,9 +150,12 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         features = batch["image_features"] if "image_features" in batch else self.encode_image(batch["images"])
         out: dict[str, torch.Tensor] = {}
         if "labels" in batch:
+            text_ids, text_mask = batch.get("prompt_ids"), batch.get("prompt_mask")
+            if "refer_boxes" in batch and text_ids is None:
+                text_ids = self.refer_prompt_ids()
             prefix = self.encode_prefix(features, boxes=batch.get("prompt_boxes"), points=batch.get("prompt_points"),
-                                        point_labels=batch.get("point_labels"), text_ids=batch.get("prompt_ids"),
-                                        text_mask=batch.get("prompt_mask"))
+                                        point_labels=batch.get("point_labels"), text_ids=text_ids,
+                                        text_mask=text_mask)
             labels = batch["labels"]
             supervise = cfg.attn_supervision_weight > 0 and self.prompt_extractor.roi_grid > 0 and \
                 ("token_boxes" in batch or "refer_boxes" in batch)
@@ -188,6 +192,14 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             raise ValueError("batch has no targets: give labels, masks or gt_boxes")
         out["loss"] = sum(out.values())
         return out
+
+    def refer_prompt_ids(self) -> torch.Tensor | None:
+        """1xL token ids of `config.refer_prompt`, the encoder text prompt of the referring task (None when
+        empty): the same in training (`forward` on batches with `refer_boxes` and no text prompt) and in `refer`."""
+        if not self.config.refer_prompt:
+            return None
+        ids = encode_text(self.tokenizer, self.config.refer_prompt, eos=False)
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     @contextlib.contextmanager
     def _capture_cross_attention(self, active: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -279,7 +291,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             n = int(lengths[i])
             labels[i, :n] = expression_ids[i, :n]
             labels[i, n] = self.config.eos_token_id
-        prefix = self.encode_prefix(features, boxes=None).expand(k)
+        prefix = self.encode_prefix(features, boxes=None, text_ids=self.refer_prompt_ids()).expand(k)
         logits, points = self.teacher_forced(prefix, labels)
         rows = torch.arange(k, device=labels.device)
         boxes = LocationHead.as_box(points[rows, lengths])
