@@ -25,6 +25,7 @@ SMALL_OVERRIDES = {
                       "global_attn_indexes": [1]},
     "prompt_embed_dim": 32, "num_query_tokens": 8, "extractor_heads": 2, "extractor_mlp_dim": 64,
     "mask_decoder_heads": 2, "mask_decoder_mlp_dim": 64, "loc_head_hidden": 64, "proposal_channels": 16,
+    "roi_position": "sine", "refer_prompt": "refer:",  # as the shipped recipe (shapes_tiny.yaml)
     "t5": {"vocab_size": 400, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2,
            "num_heads": 4, "dropout_rate": 0.0, "tie_word_embeddings": True},
 }
@@ -40,7 +41,7 @@ def _config(tmp: Path, steps: tuple[int, int], checkpoint_every: int = 2) -> Pat
         "stages": [
             {"name": "caption_pretraining", "stage": "scratch", "steps": steps[0],
              "tasks": {"narrative": 1, "region_box": 1}},
-            {"name": "multitask", "stage": "scratch", "steps": steps[1],
+            {"name": "multitask", "stage": "scratch", "steps": steps[1], "config": {"attn_supervision_weight": 1.0},
              "tasks": {"narrative": 1, "sentence": 1, "prefix": 1, "region_box": 1, "region_points": 1, "refer": 1}},
         ],
     }
