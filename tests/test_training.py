@@ -180,3 +180,37 @@ def test_ddp_two_gloo_processes_train(tmp_path):
     init = build_pixelllm(cfg, tokenizer=tok).state_dict()
     moved = [k for k in final if not torch.equal(init[k], final[k].to(init[k].dtype))]
     assert len(moved) > len(final) // 2, f"only {len(moved)} of {len(final)} tensors changed"
+
+
+def test_bfloat16_autocast_matches_float32_and_keeps_float32_weights(tmp_path):
+    """`train.autocast: bfloat16` runs the model's matmuls in bf16 (the LM's logits come out bf16) while the
+    weights and their gradients stay float32, and the losses and gradient direction match a float32 step."""
+    from tests.helpers import small_model
+    from training.data.datasets import Collator, ShapesData
+    from training.data.shapes import generate_split
+    from training.train import autocast_context
+
+    generate_split(tmp_path, "train", 4, seed=3)
+    model = small_model(roi_grid=4, roi_position="sine", attn_supervision_weight=1.0).train()
+    collate = Collator(ShapesData(tmp_path, "train", 64), model.tokenizer, 64, max_tokens=48)
+    logits_dtype = []
+    model.language_model.lm_head.register_forward_hook(lambda m, i, o: logits_dtype.append(o.dtype))
+    device = torch.device("cpu")
+    for task in ("narrative", "refer"):
+        batch = collate(task, [0, 1, 2, 3], np.random.default_rng(0))
+        runs = {}
+        for name in ("", "bfloat16"):
+            model.zero_grad()
+            with autocast_context(device, name):
+                losses = model(batch)
+            losses["loss"].backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            runs[name] = ({k: float(v.detach()) for k, v in losses.items()}, grads, logits_dtype[-1])
+        (fp32, g32, d32), (bf16, g16, d16) = runs[""], runs["bfloat16"]
+        assert d32 == torch.float32 and d16 == torch.bfloat16
+        assert g16.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+        for key, value in fp32.items():
+            assert abs(bf16[key] - value) <= 0.03 * abs(value) + 1e-3, (task, key, value, bf16[key])
+        assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.98
+    with pytest.raises(SystemExit, match="bfloat16 or float16"):
+        autocast_context(device, "int8")

@@ -133,6 +133,18 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def autocast_context(device: torch.device, name: str | None):
+    """`train.autocast`: "" (off, the default) or a torch dtype name ("bfloat16"). Mixed precision: weights,
+    optimizer state and the losses stay float32; matmuls run in the dtype. On CPUs with AMX/AVX-512 bf16 a
+    tiny-preset step is ~1.3x faster (README); elsewhere it may be slower."""
+    if not name:
+        return torch.autocast(device.type, enabled=False)
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.bfloat16, torch.float16):
+        raise SystemExit(f"train.autocast must be bfloat16 or float16 (or empty for off), not {name!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = setup_distributed()
     tcfg = cfg["train"]
     torch.set_num_threads(max(1, int(tcfg.get("threads", os.cpu_count() or 1)) // world))
+    autocast_context(device, tcfg.get("autocast"))  # a bad name fails here, before any work
     out = Path(tcfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
@@ -253,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = {k: v.to(device) for k, v in collate(task, indices, rng).items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["lr_scale"] * lr_at(step - start, end - start, warmup, peak)
-            losses = engine(batch)
+            with autocast_context(device, tcfg.get("autocast")):
+                losses = engine(batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, float(tcfg.get("grad_clip", 1.0)))
