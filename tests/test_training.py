@@ -155,6 +155,30 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stage_appended_to_a_finished_run_trains_as_in_one_run(tmp_path):
+    """Rerunning a finished run's folder with one more stage in its config resumes at the stage boundary and ends
+    bit-identical to running the longer config in one go: the new stage starts with a fresh optimizer and sampler,
+    as in an uninterrupted run (it used to inherit the finished stage's Adam moments and stream positions)."""
+    steps = (3, 3)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    _finish(_train(_config(straight, steps)))
+
+    appended = tmp_path / "appended"
+    appended.mkdir()
+    config = _config(appended, steps)
+    cfg = yaml.safe_load(config.read_text())
+    first = appended / "first_stage.yaml"
+    first.write_text(yaml.safe_dump(dict(cfg, stages=cfg["stages"][:1])))
+    _finish(_train(first))
+    out = _finish(_train(config))
+    assert "resume from step 3" in out
+    a = load_file(str(straight / "run" / "final" / "model.safetensors"))
+    b = load_file(str(appended / "run" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_train(tmp_path):
     """torchrun with 2 CPU processes (gloo): trains to the end, rank 0 logs and saves, and the saved weights moved
     away from the initialisation the script starts from (same seed, same builder)."""

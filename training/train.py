@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                                       lr=peak, betas=(0.9, 0.98))
         sampler = MultiTaskSampler(data, stage["tasks"], int(tcfg["batch_size"]) // world,
                                    int(tcfg.get("seed", 0)) + 1000 * index, rank, world)
-        if trainer_state.get("stage_index") == index:
+        start, end = int(bounds[index]), int(bounds[index + 1])
+        if trainer_state.get("stage_index") == index and step > start:
+            # resumed inside this stage; a stage always starts with a fresh optimizer and sampler, also when the
+            # run resumes at its first step (e.g. a stage appended to a finished run's config)
             optimizer.load_state_dict(trainer_state["optimizer"])
             sampler.load_state(trainer_state["sampler"])
         # Tasks use different heads, hence find_unused_parameters. The only buffers are constants (pixel
@@ -254,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         engine = DistributedDataParallel(model, find_unused_parameters=True, forward_sync_buffers=False,
                                          gradient_as_bucket_view=True, batched_grad_copy=True) \
             if world > 1 else model
-        start, end = int(bounds[index]), int(bounds[index + 1])
         warmup = int(stage.get("warmup", tcfg.get("warmup", 100)))
         bar = tqdm(total=end - start, initial=step - start, desc=stage["name"], disable=rank != 0, mininterval=5,
                    file=sys.stdout)
