@@ -63,7 +63,7 @@ class SimulateSettings:
     base: str
     work: str
     corrections: int = 200
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
     rank: int | None = None
