@@ -107,6 +107,21 @@ def _finish(proc: subprocess.Popen, timeout: int = 600) -> str:
     return out
 
 
+def _uninterrupted_run(tmp: Path, steps: tuple[int, int]) -> Path:
+    """The reference: the config run once from start to end in `tmp/straight`; returns that folder."""
+    straight = tmp / "straight"
+    straight.mkdir()
+    _finish(_train(_config(straight, steps)))
+    return straight
+
+
+def _assert_same_final_weights(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "run" / "final" / "model.safetensors"))
+    b = load_file(str(b_dir / "run" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
 def test_task_stream_shards_are_disjoint_and_cover_the_data():
     streams = [TaskStream(size=10, batch_size=2, seed=3, rank=r, world=2) for r in range(2)]
     seen = [[i for _ in range(2) for i in s.next_batch()] for s in streams]  # 4 of each rank's 5 items
@@ -123,9 +138,7 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
     """SIGKILL mid-run, restart the same command: it resumes from the last checkpoint and ends with weights
     bit-identical to a run that was never interrupted (sampler, optimizer and schedule state restored)."""
     steps = (4, 8)
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    _finish(_train(_config(straight, steps)))
+    straight = _uninterrupted_run(tmp_path, steps)
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -145,10 +158,7 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert torch.load(state, weights_only=True)["step"] < sum(steps), "killed too late to test resuming"
     out = _finish(_train(config))
     assert "resume from step" in out and "resume from step 0" not in out
-    a = load_file(str(straight / "run" / "final" / "model.safetensors"))
-    b = load_file(str(killed / "run" / "final" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    _assert_same_final_weights(straight, killed)
     rows = [json.loads(line) for line in (killed / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == sum(steps)
     assert (killed / "run" / "loss_curves.png").stat().st_size > 1000
@@ -160,9 +170,7 @@ def test_a_stage_appended_to_a_finished_run_trains_as_in_one_run(tmp_path):
     bit-identical to running the longer config in one go: the new stage starts with a fresh optimizer and sampler,
     as in an uninterrupted run (it used to inherit the finished stage's Adam moments and stream positions)."""
     steps = (3, 3)
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    _finish(_train(_config(straight, steps)))
+    straight = _uninterrupted_run(tmp_path, steps)
 
     appended = tmp_path / "appended"
     appended.mkdir()
@@ -173,9 +181,7 @@ def test_a_stage_appended_to_a_finished_run_trains_as_in_one_run(tmp_path):
     _finish(_train(first))
     out = _finish(_train(config))
     assert "resume from step 3" in out
-    a = load_file(str(straight / "run" / "final" / "model.safetensors"))
-    b = load_file(str(appended / "run" / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    _assert_same_final_weights(straight, appended)
 
 
 @pytest.mark.slow
