@@ -15,7 +15,7 @@ corrections and one batch of replayed base data (`ShapesData` + `Collator` + `Mu
 keeps its old skills; `--replay-mode alternate` makes each step one or the other instead (ratio = share of replay
 steps). Measured on the shift simulation (docs/closing_the_loop.md): alternating at 0.5 gained +50.5 points on the
 new word but lost 12.4 on the base set; joint at 0.85 for 300 steps gained +47.3 and lost 1.8 on the previous
-checkpoint; the current one needs 600 steps (+45.1, base +1.0; 300 steps gained only +8.8).
+checkpoint; the current one needs 600 steps (+44.0, base +0.3; 300 steps gained only +8.8).
 
 Correction -> training sample (one rule, shared with `training.export`):
 - image: the stored file (`pixelllm.image.load_image` -> `to_model_input`);
