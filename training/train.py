@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = setup_distributed()
     tcfg = cfg["train"]
     torch.set_num_threads(max(1, int(tcfg.get("threads", os.cpu_count() or 1)) // world))
-    autocast_context(device, tcfg.get("autocast"))  # a bad name fails here, before any work
+    amp = autocast_context(device, tcfg.get("autocast"))  # a bad name fails here, before any work
     out = Path(tcfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         start, end = int(bounds[index]), int(bounds[index + 1])
         if trainer_state.get("stage_index") == index and step > start:
             # resumed inside this stage; a stage always starts with a fresh optimizer and sampler, also when the
-            # run resumes at its first step (e.g. a stage appended to a finished run's config)
+            # run resumes at its first step (e.g. a stage appended to a finished run's config; checkpoints written
+            # before session 6 saved the finished stage's state there, hence `step > start`)
             optimizer.load_state_dict(trainer_state["optimizer"])
             sampler.load_state(trainer_state["sampler"])
         # Tasks use different heads, hence find_unused_parameters. The only buffers are constants (pixel
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = {k: v.to(device) for k, v in collate(task, indices, rng).items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["lr_scale"] * lr_at(step - start, end - start, warmup, peak)
-            with autocast_context(device, tcfg.get("autocast")):
+            with amp:
                 losses = engine(batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -292,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 window, samples, last_log = {}, 0, time.time()
             if step % int(tcfg.get("checkpoint_every", 200)) == 0 or step == end:
                 if rank == 0:
-                    save_checkpoint(out, model, {"step": step, "stage_index": index if step < end else index + 1,
-                                                 "optimizer": optimizer.state_dict(), "sampler": sampler.state()})
+                    # inside a stage: its optimizer and sampler; at its end only the step (the next stage starts fresh)
+                    save_checkpoint(out, model, {"step": step, "stage_index": index, "optimizer": optimizer.state_dict(),
+                                                 "sampler": sampler.state()} if step < end else {"step": step})
                     if metrics_path.exists():
                         plot_losses(metrics_path, out / "loss_curves.png")
                 if world > 1:
