@@ -109,6 +109,17 @@ def find_resume(out: Path) -> Path | None:
     return None
 
 
+def drop_rows_after(metrics_path: Path, step: int) -> None:
+    """Forget the metric rows a killed run logged after its last checkpoint: the resumed run trains those steps
+    again and logs them anew, so the curve has one row per step and task."""
+    if not metrics_path.exists():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
 def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         (out / "config.resolved.json").write_text(json.dumps(cfg, indent=2))
+        drop_rows_after(metrics_path, step)
         print(f"PixelLLM {model.config.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
               f"{len(data.records)} images, world={world}, resume from step {step}", flush=True)
 
