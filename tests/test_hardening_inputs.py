@@ -30,7 +30,6 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from pixelllm import image as imaging
-from pixelllm import store as store_module
 from pixelllm.store import AnnotationStore
 
 torch.set_num_threads(1)
@@ -552,7 +551,7 @@ def test_full_disk_keeps_the_result_warns_and_writes_nothing(served_app, client,
 
     # A new image: its file is written before its row, so that write is the one that meets the full disk.
     path = _write(tmp_path, "fresh.png", _encode(_noise(64, 48, seed=7), "PNG"))
-    monkeypatch.setattr(store_module.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     fresh = client.submit(image=handle_file(str(path)), prompts="", text="", max_words=2, do_sample=False,
                           temperature=1.0, top_p=1.0, seed=-1, api_name="/caption")
     out = fresh.result(timeout=120)

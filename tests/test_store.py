@@ -26,14 +26,11 @@ from pixelllm import store as store_module
 from pixelllm.store import AnnotationStore, Migration, StoreError, change_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-STORE_FILE = ROOT / "pixelllm" / "store.py"
-# Child processes load store.py by file so pixelllm/__init__.py (which may import torch) never runs.
+# Child processes import the store alone: pixelllm/__init__.py is lazy, so this must not import torch.
 LOAD_STORE = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("pixelllm_store_under_test", {str(STORE_FILE)!r})
-store = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = store
-spec.loader.exec_module(store)
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import pixelllm.store as store
 """
 IMAGE = b"\x89PNG fake image bytes: the store never decodes them"
 WORDS = ["a", "red", "circle", "left"]
@@ -577,7 +574,7 @@ def test_image_write_failure_leaves_no_file_and_no_row(store, db_path, monkeypat
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(store_module.os, "replace", fail)
+    monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(StoreError, match=message):
         store.add_image(IMAGE, 64, 48)
     monkeypatch.undo()

@@ -1,43 +1,12 @@
-"""Annotation store: images, model outputs shown to users, annotators' corrections, fine-tuning runs.
-
-One SQLite file (default ``data/annotations.db``), used through sqlite-utils on connections we open ourselves
-(DESIGN.md §5). The Gradio app calls one ``AnnotationStore`` from many threads; the training package reads
-``training_examples()``. This module never imports torch.
-
-Why it is built this way:
-
-- **One connection per thread** (``threading.local``), each ``sqlite3.connect(..., check_same_thread=False,
-  isolation_level=None)`` with ``busy_timeout``, ``foreign_keys=ON``, WAL and ``synchronous=FULL``. WAL lets
-  readers run while one writer writes. WAL + NORMAL already survives a killed process (a committed
-  transaction is in the WAL file, i.e. in the OS page cache); FULL also fsyncs the WAL at every commit so a
-  power cut or VM crash cannot lose an annotator's minutes of work. Writes come at human speed, so the fsync
-  per commit costs nothing anyone notices.
-- **Every write is ``BEGIN IMMEDIATE … COMMIT``** (``_write``), rolled back on any error, so a caller never
-  sees a partial row, and a read-then-write (is the parent still the head?) cannot interleave with another
-  writer. A deferred ``BEGIN`` would fail with SQLITE_BUSY instead of waiting when it upgrades to a write.
-- **corrections is append-only**: an edit or a review is a new row whose ``parent_id`` is the row it
-  supersedes. Triggers abort UPDATE, DELETE and replacing INSERTs; a UNIQUE index on ``parent_id`` means a row
-  is superseded at most once, so two annotators editing the same head cannot fork the chain (the second gets
-  ``ValueError("... superseded ...")``). ``client_token`` makes retries of the same request idempotent.
-- **Schema changes are migrations** (``MIGRATIONS``), applied in order inside one write transaction together
-  with the ``schema_version`` bump, so a failed migration leaves the file at its old version.
-- Callers only ever see ``ValueError`` (bad input) or ``StoreError`` (the file or the disk: not a database,
-  corrupt, read-only, full, locked too long) — never a raw ``sqlite3`` error. Rows come back as plain dicts
-  with JSON columns decoded (Gradio- and JSON-friendly).
-"""
+"""``AnnotationStore``: the thread-safe API over one SQLite file (the design is in ``pixelllm/store/__init__.py``)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
-import difflib
 import errno
 import functools
 import hashlib
 import json
-import math
-import numbers
 import os
 import re
 import sqlite3
@@ -50,12 +19,32 @@ from typing import Any
 
 import sqlite_utils
 
+from pixelllm.store.fields import (
+    _boxes,
+    _choice,
+    _choices,
+    _content,
+    _count,
+    _decode,
+    _dumps,
+    _name,
+    _now,
+    _number,
+    _opt_row_id,
+    _opt_text,
+    _row_id,
+    _sha,
+    _text,
+    _words,
+    change_summary,
+)
+from pixelllm.store.schema import MIGRATIONS, Migration
+
 DEFAULT_PATH = Path("data/annotations.db")
 TASKS = ("caption", "refer", "dense")
 STATUSES = ("draft", "submitted", "accepted", "rejected")
 EDIT_STATUSES = ("draft", "submitted")  # accepted/rejected rows are only written by review()
 RUN_STATUSES = ("running", "finished", "failed")
-BOX_MOVE_TOLERANCE_PX = 0.5  # a box counts as moved in change_summary when a corner moved by more than this
 MAX_LIST_LIMIT = 10_000
 
 _CONTENT_FIELDS = ("caption", "words", "boxes", "timed_caption", "traces", "non_visual")
@@ -74,340 +63,8 @@ class StoreError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Schema and migrations
-
-_SCHEMA_V1 = """
-CREATE TABLE images (
-    sha256 TEXT PRIMARY KEY NOT NULL CHECK (length(sha256) = 64 AND sha256 NOT GLOB '*[^0-9a-f]*'),
-    width INTEGER NOT NULL CHECK (width > 0),
-    height INTEGER NOT NULL CHECK (height > 0),
-    num_bytes INTEGER NOT NULL CHECK (num_bytes > 0),
-    path TEXT NOT NULL,                          -- relative to the folder holding the database file
-    created_at TEXT NOT NULL
-);
-
-CREATE TABLE generations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    image_sha TEXT NOT NULL REFERENCES images(sha256),
-    task TEXT NOT NULL CHECK (task IN ('caption', 'refer', 'dense')),
-    prompts TEXT NOT NULL CHECK (json_valid(prompts)),
-    words TEXT NOT NULL CHECK (json_valid(words) AND json_type(words) = 'array'),
-    boxes TEXT NOT NULL CHECK (json_valid(boxes) AND json_type(boxes) = 'array'),   -- XYXY, image pixels
-    extra TEXT NOT NULL CHECK (json_valid(extra)),
-    model_id TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    adapter TEXT,
-    session TEXT,
-    user TEXT,
-    created_at TEXT NOT NULL
-);
-CREATE INDEX generations_image ON generations(image_sha);
-
-CREATE TABLE corrections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,        -- AUTOINCREMENT: an id is never reused
-    generation_id INTEGER REFERENCES generations(id),
-    image_sha TEXT NOT NULL REFERENCES images(sha256),
-    parent_id INTEGER REFERENCES corrections(id),    -- the row this one supersedes
-    root_id INTEGER REFERENCES corrections(id),      -- first row of the chain; NULL on that first row
-    annotator TEXT NOT NULL CHECK (length(trim(annotator)) > 0),
-    status TEXT NOT NULL CHECK (status IN ('draft', 'submitted', 'accepted', 'rejected')),
-    caption TEXT NOT NULL,
-    timed_caption TEXT NOT NULL CHECK (json_valid(timed_caption)),   -- [{utterance, start_time, end_time}]
-    traces TEXT NOT NULL CHECK (json_valid(traces)),                 -- [[{x, y, t}]], LN-normalised
-    words TEXT NOT NULL CHECK (json_valid(words)),
-    boxes TEXT NOT NULL CHECK (json_valid(boxes)),                   -- XYXY, image pixels
-    non_visual TEXT NOT NULL CHECK (json_valid(non_visual)),         -- word indices
-    comment TEXT,
-    reviewer TEXT,
-    change_summary TEXT NOT NULL CHECK (json_valid(change_summary)),
-    created_at TEXT NOT NULL,
-    client_token TEXT UNIQUE,
-    CHECK ((parent_id IS NULL) = (root_id IS NULL))
-);
--- A row is superseded at most once, so a chain never forks (NULLs are distinct: many roots are fine).
-CREATE UNIQUE INDEX corrections_one_successor ON corrections(parent_id);
-CREATE INDEX corrections_chain ON corrections(coalesce(root_id, id));
-CREATE INDEX corrections_image ON corrections(image_sha);
-CREATE INDEX corrections_status ON corrections(status);
-CREATE INDEX corrections_annotator ON corrections(annotator);
-CREATE INDEX corrections_generation ON corrections(generation_id);
-
-CREATE TRIGGER corrections_no_update BEFORE UPDATE ON corrections
-BEGIN
-    SELECT RAISE(ABORT, 'corrections is append-only: rows are never updated, append a new row');
-END;
-CREATE TRIGGER corrections_no_delete BEFORE DELETE ON corrections
-BEGIN
-    SELECT RAISE(ABORT, 'corrections is append-only: rows are never deleted');
-END;
--- INSERT OR REPLACE deletes the conflicting row without firing DELETE triggers (unless recursive_triggers).
-CREATE TRIGGER corrections_no_replace BEFORE INSERT ON corrections
-WHEN EXISTS (SELECT 1 FROM corrections
-             WHERE id = NEW.id OR client_token = NEW.client_token OR parent_id = NEW.parent_id)
-BEGIN
-    SELECT RAISE(ABORT, 'corrections is append-only: this row conflicts with an existing row');
-END;
-CREATE TRIGGER corrections_chain_consistent BEFORE INSERT ON corrections
-WHEN NEW.parent_id IS NOT NULL AND NOT EXISTS (
-    SELECT 1 FROM corrections AS p
-    WHERE p.id = NEW.parent_id AND coalesce(p.root_id, p.id) = NEW.root_id AND p.image_sha = NEW.image_sha)
-BEGIN
-    SELECT RAISE(ABORT, 'corrections: root_id and image_sha must match the parent row');
-END;
-
-CREATE TABLE finetune_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    base_checkpoint TEXT NOT NULL,
-    adapter_path TEXT,
-    params TEXT NOT NULL CHECK (json_valid(params)),
-    num_corrections INTEGER NOT NULL CHECK (num_corrections >= 0),
-    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
-    metrics TEXT NOT NULL CHECK (json_valid(metrics)),
-    started_at TEXT NOT NULL,
-    finished_at TEXT
-);
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class Migration:
-    """One schema step. ``apply`` is SQL (several statements are fine) or a function of the
-    ``sqlite_utils.Database``; it runs in the same ``BEGIN IMMEDIATE`` transaction as the version bump.
-
-    Append new steps to ``MIGRATIONS``; never edit one that has shipped. A step that rebuilds
-    ``corrections`` (e.g. ``table.transform()``) must recreate its append-only triggers.
-    """
-
-    version: int
-    description: str
-    apply: str | Callable[[sqlite_utils.Database], None]
-
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "images, generations, append-only corrections, finetune_runs", _SCHEMA_V1),
-)
-
-# ----------------------------------------------------------------------------------------------------------
-# Input checks (each returns the canonical value that is stored)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _dumps(value: Any, name: str) -> str:
-    try:
-        return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"),
-                          default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be JSON-serialisable without NaN or infinity: {exc}") from exc
-
-
-def _text(value: Any, name: str, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"{name} must not be empty")
-    return value
-
-
-def _opt_text(value: Any, name: str, *, allow_empty: bool = False) -> str | None:
-    return None if value is None else _text(value, name, allow_empty=allow_empty)
-
-
-def _name(value: Any, name: str) -> str:
-    return _text(value, name).strip()
-
-
-def _row_id(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer id, got {value!r}")
-    return int(value)
-
-
-def _opt_row_id(value: Any, name: str) -> int | None:
-    return None if value is None else _row_id(value, name)
-
-
-def _count(value: Any, name: str, *, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-        high is not None and value > high
-    ):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-    return int(value)
-
-
-def _sha(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise ValueError(f"image_sha must be a 64-character lowercase sha256 hex digest, got {value!r}")
-    return value
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _as_list(value: Any, name: str) -> list:
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # numpy arrays
-        value = value.tolist()
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a list, got {type(value).__name__}")
-    return list(value)
-
-
-def _choice(value: Any, name: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def _choices(value: Any, name: str, allowed: Sequence[str]) -> list[str]:
-    values = [value] if isinstance(value, str) else _as_list(value, name)
-    if not values:
-        raise ValueError(f"{name} must not be empty")
-    return [_choice(v, name, allowed) for v in values]
-
-
-def _words(value: Any, name: str = "words") -> list[str]:
-    words = _as_list(value, name)
-    for i, word in enumerate(words):
-        if not isinstance(word, str) or not word.strip():
-            raise ValueError(f"{name}[{i}] must be a non-empty string, got {word!r}")
-    return words
-
-
-def _boxes(value: Any, name: str = "boxes") -> list[list[float]]:
-    boxes = []
-    for i, box in enumerate(_as_list(value, name)):
-        coords = _as_list(box, f"{name}[{i}]")
-        if len(coords) != 4:
-            raise ValueError(f"{name}[{i}] must be [x0, y0, x1, y1] in image pixels, got {box!r}")
-        x0, y0, x1, y1 = (_number(c, f"{name}[{i}]") for c in coords)
-        if x1 < x0 or y1 < y0:
-            raise ValueError(f"{name}[{i}] must have x0 <= x1 and y0 <= y1 (XYXY), got {coords}")
-        boxes.append([x0, y0, x1, y1])
-    return boxes
-
-
-def _timed_caption(value: Any) -> list[dict[str, Any]]:
-    items = []
-    for i, item in enumerate(_as_list(value, "timed_caption")):
-        if not isinstance(item, dict) or set(item) != {"utterance", "start_time", "end_time"}:
-            raise ValueError(f"timed_caption[{i}] must be {{utterance, start_time, end_time}}, got {item!r}")
-        start = _number(item["start_time"], f"timed_caption[{i}].start_time")
-        end = _number(item["end_time"], f"timed_caption[{i}].end_time")
-        if end < start:
-            raise ValueError(f"timed_caption[{i}] ends before it starts ({start} > {end})")
-        utterance = _text(item["utterance"], f"timed_caption[{i}].utterance", allow_empty=True)
-        items.append({"utterance": utterance, "start_time": start, "end_time": end})
-    return items
-
-
-def _traces(value: Any) -> list[list[dict[str, float]]]:
-    segments = []
-    for s, segment in enumerate(_as_list(value, "traces")):
-        points = []
-        for p, point in enumerate(_as_list(segment, f"traces[{s}]")):
-            if not isinstance(point, dict) or set(point) != {"x", "y", "t"}:
-                raise ValueError(f"traces[{s}][{p}] must be {{x, y, t}}, got {point!r}")
-            points.append({k: _number(point[k], f"traces[{s}][{p}].{k}") for k in ("x", "y", "t")})
-        segments.append(points)
-    return segments
-
-
-def _non_visual(value: Any, num_words: int) -> list[int]:
-    indices = _as_list(value, "non_visual")
-    for i, index in enumerate(indices):
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < num_words:
-            raise ValueError(f"non_visual[{i}] = {index!r} is not a word index in [0, {num_words})")
-    if len(set(indices)) != len(indices):
-        raise ValueError("non_visual has repeated word indices")
-    return sorted(int(i) for i in indices)
-
-
-def _content(caption: Any, words: Any, boxes: Any, timed_caption: Any, traces: Any, non_visual: Any) -> dict:
-    """Validate and canonicalise the editable fields of a correction."""
-    content = {
-        "caption": _text(caption, "caption", allow_empty=True),
-        "words": _words(words),
-        "boxes": _boxes(boxes),
-        "timed_caption": _timed_caption(timed_caption),
-        "traces": _traces(traces),
-    }
-    n = len(content["words"])
-    if len(content["boxes"]) != n:
-        raise ValueError(f"boxes must have one box per word: {len(content['boxes'])} boxes for {n} words")
-    if content["timed_caption"] and len(content["timed_caption"]) != n:
-        raise ValueError(f"timed_caption must have one entry per word (or none): "
-                         f"{len(content['timed_caption'])} entries for {n} words")
-    content["non_visual"] = _non_visual(non_visual, n)
-    return content
-
-
-def change_summary(old: dict[str, Any] | None, new: dict[str, Any], *, against: str | None = None,
-                   against_id: int | None = None) -> dict[str, Any]:
-    """What changed from ``old`` (a parent correction, a generation's output, or nothing) to ``new``.
-
-    Words are aligned with ``difflib``: a replaced run counts as edits (plus inserts/deletes for the length
-    difference); ``boxes_moved`` lists new word indices whose word is unchanged but whose box moved by more
-    than ``BOX_MOVE_TOLERANCE_PX``; ``ops`` are the non-equal opcodes ``[tag, i0, i1, j0, j1]``.
-    """
-    old = old or {}
-    old_words, new_words = old.get("words", []), new["words"]
-    old_boxes, new_boxes = old.get("boxes", []), new["boxes"]
-    edited = inserted = deleted = 0
-    ops, moved = [], []
-    matcher = difflib.SequenceMatcher(a=old_words, b=new_words, autojunk=False)
-    for tag, i0, i1, j0, j1 in matcher.get_opcodes():
-        if tag == "equal":
-            for k in range(i1 - i0):
-                i, j = i0 + k, j0 + k
-                if i < len(old_boxes) and j < len(new_boxes) and max(
-                    abs(a - b) for a, b in zip(old_boxes[i], new_boxes[j])
-                ) > BOX_MOVE_TOLERANCE_PX:
-                    moved.append(j)
-            continue
-        ops.append([tag, i0, i1, j0, j1])
-        edited += min(i1 - i0, j1 - j0)
-        inserted += max((j1 - j0) - (i1 - i0), 0)
-        deleted += max((i1 - i0) - (j1 - j0), 0)
-    old_status, new_status = old.get("status"), new.get("status")
-    return {
-        "against": against,
-        "against_id": against_id,
-        "words": {"edited": edited, "inserted": inserted, "deleted": deleted, "ops": ops},
-        "boxes_moved": moved,
-        "caption_changed": old.get("caption", "") != new["caption"],
-        "timed_caption_changed": old.get("timed_caption", []) != new["timed_caption"],
-        "trace_rerecorded": old.get("traces", []) != new["traces"],
-        "non_visual_changed": old.get("non_visual", []) != new["non_visual"],
-        "status": None if old_status == new_status else [old_status, new_status],
-    }
-
-
-def _decode(row: dict[str, Any] | None, json_columns: Sequence[str]) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    for column in json_columns:
-        if row.get(column) is not None:
-            row[column] = json.loads(row[column])
-    if "is_head" in row:
-        row["is_head"] = bool(row["is_head"])
-    return row
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Error translation
+
 
 _SQLITE_HINTS = {  # primary result codes
     3: "permission denied",
@@ -443,7 +100,6 @@ def _api(action: str) -> Callable:
     return decorate
 
 
-# ----------------------------------------------------------------------------------------------------------
 
 
 class AnnotationStore:
