@@ -1,0 +1,185 @@
+"""Writing and reading splits, and the command line (``python -m training.shapes``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from training.data.shapes.scenes import _check_options, generate_scene
+from training.data.shapes.world import _PNG_LEVEL, ALL_SHAPES, COLORS, SIZES, WORLDS
+
+# --------------------------------------------------------------------------------------------------
+# Writing and reading splits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitSummary:
+    """What :func:`generate_split` wrote."""
+
+    split: str
+    images: int
+    objects: int
+    expressions: int
+    seconds: float
+
+    def line(self) -> str:
+        """The one-line summary printed by the CLI."""
+        return (f"shapes split={self.split}: {self.images} images, {self.objects} objects, "
+                f"{self.expressions} referring expressions in {self.seconds:.1f} s")
+
+
+def _jsonl_line(record: dict[str, Any]) -> str:
+    """``record`` as one JSON line (key order preserved)."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def generate_split(
+    out_dir: str | Path, split: str, num: int, seed: int, *, size: int = 256, world: str = "standard",
+    holdout_only: bool = False,
+) -> SplitSummary:
+    """Write images 0..num-1 of a split into ``out_dir`` (see ``docs/data_formats.md``).
+
+    Creates ``images/``, ``masks/`` and ``<split>.{ln,refer,dense,objects}.jsonl`` (overwriting them);
+    several splits may share ``out_dir``.
+
+    Raises:
+        ValueError: on invalid options.
+    """
+    _check_options(split, size, world)
+    if num < 1 or seed < 0:
+        raise ValueError(f"num must be >= 1 and seed >= 0, got num={num}, seed={seed}")
+    began = time.perf_counter()
+    root = Path(out_dir)
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    objects = expressions = 0
+    with ExitStack() as stack:
+        files = {kind: stack.enter_context(open(root / f"{split}.{kind}.jsonl", "w", encoding="utf-8"))
+                 for kind in ("ln", "refer", "dense", "objects")}
+        for index in range(num):
+            scene = generate_scene(seed, index, split=split, size=size, world=world, holdout_only=holdout_only)
+            Image.fromarray(scene.image).save(root / scene.file_name, format="PNG", compress_level=_PNG_LEVEL)
+            Image.fromarray(scene.instance_map).save(root / scene.mask_file, format="PNG", compress_level=_PNG_LEVEL)
+            files["ln"].write(_jsonl_line(scene.ln))
+            files["refer"].writelines(_jsonl_line(r) for r in scene.refer)
+            files["dense"].write(_jsonl_line(scene.dense))
+            files["objects"].write(_jsonl_line(scene.objects_record))
+            objects += len(scene.objects)
+            expressions += len(scene.refer)
+    return SplitSummary(split, num, objects, expressions, time.perf_counter() - began)
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL file (blank lines ignored)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@dataclass
+class ShapesSplit:
+    """The parsed JSONL records of one split (plain dicts, formats in ``docs/data_formats.md``)."""
+
+    root: Path
+    split: str
+    ln: list[dict[str, Any]]
+    refer: list[dict[str, Any]]
+    dense: list[dict[str, Any]]
+    objects: list[dict[str, Any]]
+
+
+def load_split(root: str | Path, split: str) -> ShapesSplit:
+    """Read ``<split>.{ln,refer,dense,objects}.jsonl`` from ``root``.
+
+    Raises:
+        ValueError: if one of the files is missing.
+    """
+    root = Path(root)
+    records = {}
+    for kind in ("ln", "refer", "dense", "objects"):
+        path = root / f"{split}.{kind}.jsonl"
+        if not path.is_file():
+            raise ValueError(f"no Shapes split {split!r} in {root}: {path.name} is missing")
+        records[kind] = load_jsonl(path)
+    return ShapesSplit(root=root, split=split, **records)
+
+
+def load_instance_map(root: str | Path, mask_file: str) -> np.ndarray:
+    """The (H, W) uint8 instance map ``root/mask_file``: 0 = background, k = object_id k.
+
+    Raises:
+        ValueError: if the file is not an 8-bit single-channel ('L') PNG.
+    """
+    with Image.open(Path(root) / mask_file) as mask:
+        if mask.mode != "L":
+            raise ValueError(f"{mask_file} is a {mask.mode!r} image, expected an 8-bit 'L' instance map")
+        return np.asarray(mask, dtype=np.uint8).copy()
+
+
+def load_image(root: str | Path, file_name: str) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image ``root/file_name``."""
+    with Image.open(Path(root) / file_name) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+_MENTION_SIZES, _MENTION_COLORS, _MENTION_SHAPES = set(SIZES), set(COLORS), set(ALL_SHAPES)
+
+
+def parse_mentions(text: str) -> list[tuple[str, str, str]]:
+    """Every ``<size> <colour> <shape>`` mention in ``text`` in order, as ``(size, colour, shape)``.
+
+    Case and punctuation are ignored ("Large, RED circle." matches); ``cross`` counts as a shape.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    mentions, i = [], 0
+    while i + 2 < len(words):
+        size, color, shape = words[i:i + 3]
+        if size in _MENTION_SIZES and color in _MENTION_COLORS and shape in _MENTION_SHAPES:
+            mentions.append((size, color, shape))
+            i += 3
+        else:
+            i += 1
+    return mentions
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m training.shapes`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m training.shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (shared by several splits)")
+    parser.add_argument("--split", required=True, help="split name, e.g. train / val / test")
+    parser.add_argument("--num", type=int, required=True, help="number of images")
+    parser.add_argument("--seed", type=int, required=True, help="split seed (use different seeds per split)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--world", choices=WORLDS, default="standard",
+                        help="'shift' adds the unseen shape 'cross' to every image")
+    parser.add_argument("--holdout-only", action="store_true",
+                        help="every image contains the held-out green triangle (generalisation split)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: generate one split and print a one-line summary."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = generate_split(args.out, args.split, args.num, args.seed, size=args.size, world=args.world,
+                                 holdout_only=args.holdout_only)
+    except ValueError as err:
+        parser.error(str(err))
+    print(summary.line())
+    return 0
