@@ -16,6 +16,7 @@ import torch
 from pixelllm import PixelLLMPredictor
 from pixelllm.store import StoreError
 from pixelllm.ui import annotate as an
+from pixelllm.ui import annotate_doc
 from pixelllm.ui import callbacks as cb
 from training.data.localized_narratives import utterance_targets
 
@@ -78,7 +79,7 @@ def test_editor_edits_then_save_and_submit_reach_the_store(studio, captioned, an
     assert [u["utterance"] for u in head["timed_caption"]] == head["words"]  # utterances follow the words
     assert [(u["start_time"], u["end_time"]) for u in head["timed_caption"]] == [
         (u["start_time"], u["end_time"]) for u in timed]
-    expected = an.boxes_from_trace(traces, head["timed_caption"], 256, 256)
+    expected = annotate_doc.boxes_from_trace(traces, head["timed_caption"], 256, 256)
     np.testing.assert_allclose(head["boxes"], expected)
     np.testing.assert_allclose([w["box"] for w in view["words"]], expected, atol=0.01)  # what the editor shows
 
@@ -87,7 +88,7 @@ def test_trace_to_boxes_is_the_ln_reader_rule(annotation_store):
     traces, timed = _recording(5, seed=3)
     traces[1].append({"x": 1.02, "y": -0.01, "t": 0.7})  # LN traces may leave the image a little; interleaved t
     norm, _ = utterance_targets(traces, timed)
-    got = an.boxes_from_trace(traces, timed, 200, 100)
+    got = annotate_doc.boxes_from_trace(traces, timed, 200, 100)
     np.testing.assert_allclose(got, norm * np.array([200, 100, 200, 100]), rtol=0, atol=1e-9)
     # the save path derives the same boxes when only words, timing and trace are sent (no boxes)
     sha = annotation_store.add_image(cb.render.png_bytes(np.zeros((100, 200, 3), np.uint8)), 200, 100)
@@ -131,8 +132,8 @@ def test_structural_edits_keep_boxes_on_the_trace_and_a_box_move_drops_it(studio
         doc = state.doc
         assert len(doc["timed_caption"]) == len(doc["words"])
         assert [u["utterance"] for u in doc["timed_caption"]] == [w["text"] for w in doc["words"]]
-        np.testing.assert_allclose([w["box"] for w in doc["words"]],
-                                   an.boxes_from_trace(traces, doc["timed_caption"], 256, 256), err_msg=op["op"])
+        expected = annotate_doc.boxes_from_trace(traces, doc["timed_caption"], 256, 256)
+        np.testing.assert_allclose([w["box"] for w in doc["words"]], expected, err_msg=op["op"])
     with_trace = json.loads(json.dumps(state.doc))
     state, view = an.edit_event(state, {"op": "box", "i": 0, "box": [1, 2, 30, 40], "rev": state.rev})
     assert state.doc["traces"] == [] and state.doc["timed_caption"] == [] and "dropped" in view["message"]

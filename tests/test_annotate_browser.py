@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, expect
 
-from pixelllm.ui import annotate as an
+from pixelllm.ui import annotate_doc
 from tests.conftest import start_studio, stop_studio
 
 pytestmark = pytest.mark.browser
@@ -150,7 +150,7 @@ def test_record_a_trace_with_the_mouse_and_submit_it(app: Page, annotate_app, ar
                 and timed[i]["start_time"] <= p["t"] <= timed[i]["end_time"]]
         assert hits, f"word {i}: no point at {targets[i]} during [{timed[i]['start_time']}, {timed[i]['end_time']}]"
     # the stored boxes are the LN reader's boxes of that trace
-    np.testing.assert_allclose(row["boxes"], an.boxes_from_trace(row["traces"], timed, w, h), atol=1e-6)
+    np.testing.assert_allclose(row["boxes"], annotate_doc.boxes_from_trace(row["traces"], timed, w, h), atol=1e-6)
     rows = app.locator("#annotate-list tr.pl-row")
     expect(rows.first).to_contain_text("mouse tester", timeout=TIMEOUT)
 

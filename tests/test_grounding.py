@@ -102,6 +102,14 @@ def test_attention_supervision_is_off_by_default_and_moves_eos_attention_to_the_
     assert float(before.max()) < 0.4 and float(after.min()) > 0.8, (before, after)
 
 
+def test_attention_supervision_without_roi_cells_is_refused():
+    boxes = torch.tensor([[0.0, 0.0, 0.3, 0.3]]).expand(4, 4)
+    model = small_model(roi_grid=0).train()
+    model.config.attn_supervision_weight = 1.0  # as a training stage sets it
+    with pytest.raises(ValueError, match="roi_grid"):
+        model(_refer_batch(model, boxes))
+
+
 def _train_caption_and_refer(refer_prompt: str, steps: int = 150):
     """One image, two targets under the same global-box prompt: a narrative sentence (trace task) and a
     referring expression (refer task). Returns the trained model and its first-token distribution unprompted."""

@@ -157,8 +157,10 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                                         point_labels=batch.get("point_labels"), text_ids=text_ids,
                                         text_mask=text_mask)
             labels = batch["labels"]
-            supervise = cfg.attn_supervision_weight > 0 and self.prompt_extractor.roi_grid > 0 and \
-                ("token_boxes" in batch or "refer_boxes" in batch)
+            if cfg.attn_supervision_weight > 0 and self.prompt_extractor.roi_grid == 0:
+                raise ValueError("attn_supervision_weight > 0 needs RoI cells to supervise: set roi_grid > 0 "
+                                 "(or attn_supervision_weight 0)")
+            supervise = cfg.attn_supervision_weight > 0 and ("token_boxes" in batch or "refer_boxes" in batch)
             with self._capture_cross_attention(supervise) as captured:
                 logits, points = self.teacher_forced(prefix, labels)
             out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)

@@ -1,6 +1,7 @@
 """The Annotate tab's callbacks: open a model output (or a stored correction), edit it, re-record its trace
 Localized-Narratives style, save, review, export and compare adapters. Plain data in and out, tested directly
-(tests/test_annotate.py); the Gradio wiring is `annotate_tab.build_annotate_tab`.
+(tests/test_annotate.py); the document and its edits are in `annotate_doc.py`, the Gradio wiring is
+`annotate_tab.build_annotate_tab`.
 
 What lives where:
 - The **document** being edited (words, their pixel boxes, non-visual flags, the LN timed caption and trace) and
@@ -20,16 +21,13 @@ What lives where:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
-import math
 import re
-import secrets
 import shutil
 import threading
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,242 +35,32 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pixelllm import image as imaging
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import render
+from pixelllm.ui.annotate_doc import (
+    MAX_WORDS,
+    AnnotateState,
+    apply_edit,
+    as_state,
+    check_annotator,
+    doc_caption,
+    normalise_doc,
+    redo,
+    require_doc,
+    trace_point_count,
+    undo,
+)
 
 log = logging.getLogger(__name__)
 
 EDIT_STATUSES = ("draft", "submitted")
 LIST_STATUSES = ("any", "draft", "submitted", "accepted", "rejected")
-MAX_WORDS = 512
-MAX_WORD_CHARS = 200
-MAX_ANNOTATOR_CHARS = 64
 MAX_COMMENT_CHARS = 2000
-MAX_TRACE_POINTS = 50_000
-MAX_HISTORY = 200
 LIST_SCAN = 2000       # rows scanned when filtering by sha prefix / annotator substring
 LIST_SHOW = 50         # rows shown
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
 API_KEYS = ("image_sha", "generation_id", "parent_id", "annotator", "status", "caption", "words", "boxes",
             "non_visual", "timed_caption", "traces", "comment", "client_token", "task")
-
-
-# ------------------------------------------------------------------------------------------ per-tab state
-
-@dataclasses.dataclass
-class AnnotateState:
-    """One browser tab's editor (lives in gr.State).
-
-    doc: {task, words: [{text, box (XYXY pixels), non_visual}], timed_caption, traces} or None;
-    image: {sha, key, width, height} (sha None while the store has not got the image);
-    head_id: the correction the next save supersedes (None: the next save starts a new chain);
-    saved_doc: the document as last opened or saved (dirty = doc differs from it);
-    history / future: undo and redo stacks of documents; rev: bumped by every change (client tokens, stale edits).
-    """
-
-    doc: dict | None = None
-    image: dict | None = None
-    generation_id: int | None = None
-    head_id: int | None = None
-    head_status: str | None = None
-    saved_doc: dict | None = None
-    history: list[dict] = dataclasses.field(default_factory=list)
-    future: list[dict] = dataclasses.field(default_factory=list)
-    rev: int = 0
-    uid: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
-    pending_open: tuple | None = None  # an open request refused once because of unsaved edits
-    last_save: tuple[str, int | None] | None = None  # (client token, parent id) of the last save, for retries
-
-    @property
-    def dirty(self) -> bool:
-        return self.doc is not None and self.doc != self.saved_doc
-
-
-def _state(state: AnnotateState | None) -> AnnotateState:
-    return state if isinstance(state, AnnotateState) else AnnotateState()
-
-
-def _require_doc(state: AnnotateState) -> dict:
-    if state.doc is None:
-        raise ValueError("Open the current output (or one from the list) first.")
-    return state.doc
-
-
-# ------------------------------------------------------------------------------------------ validation
-
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_annotator(name: Any) -> str:
-    """The annotator (or reviewer) name: required, one line, at most 64 characters. Any other character is fine:
-    it is stored as typed and escaped wherever it is shown."""
-    if name is None or (isinstance(name, str) and not name.strip()):
-        raise ValueError("Type your annotator name first: it is stored with every correction and review.")
-    if not isinstance(name, str):
-        raise ValueError("the annotator name must be text")
-    name = " ".join(name.split())
-    if len(name) > MAX_ANNOTATOR_CHARS:
-        raise ValueError(f"the annotator name is {len(name)} characters long; the limit is {MAX_ANNOTATOR_CHARS}")
-    if _CONTROL.search(name):
-        raise ValueError("the annotator name contains control characters")
-    return name
-
-
-def _word_text(text: Any, name: str = "a word") -> str:
-    if not isinstance(text, str):
-        raise ValueError(f"{name} must be text, got {type(text).__name__}")
-    text = " ".join(text.split())
-    if not text:
-        raise ValueError(f"{name} cannot be empty (delete the word instead)")
-    if len(text) > MAX_WORD_CHARS:
-        raise ValueError(f"{name} is {len(text)} characters long; the limit is {MAX_WORD_CHARS}")
-    return text
-
-
-def _box(value: Any, width: int, height: int, name: str) -> list[float]:
-    """XYXY pixels: corners sorted, clipped to the image (a zero-area box is allowed: a point)."""
-    if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise ValueError(f"{name} must be [x0, y0, x1, y1] in image pixels, got {value!r}")
-    x0, y0, x1, y1 = (_finite(v, name) for v in value)
-    x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
-    y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
-    return [x0, y0, x1, y1]
-
-
-def _traces(value: Any) -> list[list[dict[str, float]]]:
-    """LN traces [[{x, y, t}]] (x, y normalised to the image, may fall slightly outside [0, 1]; t seconds)."""
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("traces must be a list of segments [[{x, y, t}, ...], ...]")
-    segments, total = [], 0
-    for s, segment in enumerate(value):
-        if not isinstance(segment, (list, tuple)):
-            raise ValueError(f"traces[{s}] must be a list of {{x, y, t}} points")
-        points = []
-        for p, point in enumerate(segment):
-            if not isinstance(point, Mapping) or not {"x", "y", "t"} <= set(point):
-                raise ValueError(f"traces[{s}][{p}] must be {{x, y, t}}, got {point!r}")
-            x, y, t = (_finite(point[k], f"traces[{s}][{p}].{k}") for k in ("x", "y", "t"))
-            if not (-1.0 <= x <= 2.0 and -1.0 <= y <= 2.0):
-                raise ValueError(f"traces[{s}][{p}] is far outside the image: x, y are normalised to [0, 1]")
-            points.append({"x": x, "y": y, "t": t})
-        total += len(points)
-        if points:
-            segments.append(points)
-    if total > MAX_TRACE_POINTS:
-        raise ValueError(f"the trace has {total} points; the limit is {MAX_TRACE_POINTS}")
-    return segments
-
-
-def trace_point_count(traces: Sequence[Sequence[Any]]) -> int:
-    return sum(len(segment) for segment in traces or [])
-
-
-def _timed_caption(value: Any, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """[] or one {utterance, start_time, end_time} per word, in order; utterances become the words' text."""
-    if not value:
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("timed_caption must be a list of {utterance, start_time, end_time}")
-    if len(value) != len(texts):
-        raise ValueError(f"timed_caption must have one entry per word: {len(value)} entries for {len(texts)} words")
-    out = []
-    for i, (item, text) in enumerate(zip(value, texts)):
-        if not isinstance(item, Mapping):
-            raise ValueError(f"timed_caption[{i}] must be {{utterance, start_time, end_time}}")
-        try:
-            start = _finite(item["start_time"], f"timed_caption[{i}].start_time")
-            end = _finite(item["end_time"], f"timed_caption[{i}].end_time")
-        except KeyError as err:
-            raise ValueError(f"timed_caption[{i}] lacks {err}") from None
-        if end < start:
-            raise ValueError(f"timed_caption[{i}] ends before it starts ({start} > {end})")
-        if out and start < out[-1]["start_time"]:
-            raise ValueError(f"timed_caption[{i}] starts before the previous word: words are timed in order")
-        out.append({"utterance": text, "start_time": start, "end_time": end})
-    return out
-
-
-def boxes_from_trace(traces: Sequence[Sequence[Mapping]], timed_caption: Sequence[Mapping], width: int,
-                     height: int) -> list[list[float]]:
-    """Each word's box (XYXY pixels) from an LN trace, exactly as the LN reader derives its targets: Scenic's rule
-    (`utterance_targets`: sort by t, interpolate, 16 samples over the word's [start, end], min/max) on the
-    normalised trace, scaled to pixels. Not clipped (LN traces may leave the image slightly)."""
-    from training.data.localized_narratives import utterance_targets
-
-    boxes, _ = utterance_targets([list(s) for s in traces], list(timed_caption))
-    scale = np.array([width, height, width, height], dtype=np.float64)
-    return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale).tolist()
-
-
-def normalise_doc(data: Mapping[str, Any], width: int, height: int) -> dict:
-    """Editor / API JSON -> the canonical document. `words` is either [{text, box, non_visual}] (the editor) or
-    a list of strings with parallel `boxes` and `non_visual` word indices (the API). Boxes may be omitted when a
-    trace (>= 2 points) and a timed caption are given: they are then derived from the trace."""
-    if not isinstance(data, Mapping):
-        raise ValueError("the correction must be a JSON object")
-    words = data.get("words")
-    if not isinstance(words, (list, tuple)) or not words:
-        raise ValueError("words must be a non-empty list (the corrected words, in order)")
-    if len(words) > MAX_WORDS:
-        raise ValueError(f"{len(words)} words; the limit is {MAX_WORDS}")
-    if all(isinstance(w, Mapping) for w in words):
-        texts = [_word_text(w.get("text"), f"words[{i}].text") for i, w in enumerate(words)]
-        raw_boxes = [w.get("box") for w in words]
-        non_visual = [i for i, w in enumerate(words) if w.get("non_visual")]
-    elif all(isinstance(w, str) for w in words):
-        texts = [_word_text(w, f"words[{i}]") for i, w in enumerate(words)]
-        raw_boxes = data.get("boxes")
-        if raw_boxes is None:
-            raw_boxes = [None] * len(texts)
-        if not isinstance(raw_boxes, (list, tuple)) or len(raw_boxes) != len(texts):
-            raise ValueError(f"boxes must have one [x0, y0, x1, y1] per word ({len(texts)} words)")
-        flags = data.get("non_visual") or []
-        if not isinstance(flags, (list, tuple)):
-            raise ValueError("non_visual must be a list of word indices")
-        if flags and all(isinstance(f, bool) for f in flags):
-            if len(flags) != len(texts):
-                raise ValueError("non_visual flags must have one entry per word")
-            non_visual = [i for i, f in enumerate(flags) if f]
-        else:
-            non_visual = []
-            for f in flags:
-                if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < len(texts):
-                    raise ValueError(f"non_visual lists word indices in [0, {len(texts)}), got {f!r}")
-                non_visual.append(f)
-            non_visual = sorted(set(non_visual))
-    else:
-        raise ValueError("words must be all strings or all {text, box} objects")
-    traces = _traces(data.get("traces"))
-    timed = _timed_caption(data.get("timed_caption"), texts)
-    if trace_point_count(traces) >= 2 and timed:
-        boxes = boxes_from_trace(traces, timed, width, height)
-    else:
-        if any(b is None for b in raw_boxes):
-            raise ValueError("every word needs a box [x0, y0, x1, y1] in image pixels (or send a recorded trace "
-                             "with >= 2 points and a timed_caption, and the boxes are derived from it)")
-        boxes = [_box(b, width, height, f"boxes[{i}]") for i, b in enumerate(raw_boxes)]
-    task = data.get("task") or "caption"
-    if task not in ("caption", "refer", "dense"):
-        raise ValueError(f"task must be caption, refer or dense, got {task!r}")
-    nv = set(non_visual)
-    return {"task": task,
-            "words": [{"text": t, "box": b, "non_visual": i in nv} for i, (t, b) in enumerate(zip(texts, boxes))],
-            "timed_caption": timed, "traces": traces}
-
-
-def _doc_caption(doc: dict, given: Any = None) -> str:
-    if isinstance(given, str) and given.strip():
-        return " ".join(given.split())
-    if doc.get("task", "caption") != "caption":
-        return ""
-    return " ".join(w["text"] for w in doc["words"])
 
 
 # ------------------------------------------------------------------------------------------ the ONE save path
@@ -360,7 +148,7 @@ def save_correction_from_editor(store: Any, session_state: AnnotateState | None,
     non_visual = [i for i, w in enumerate(doc["words"]) if w["non_visual"]]
     correction_id = store.save_correction(
         annotator=annotator, image_sha=sha, generation_id=generation_id, parent_id=parent_id, status=status,
-        caption=_doc_caption(doc, editor_json.get("caption")), words=words, boxes=boxes,
+        caption=doc_caption(doc, editor_json.get("caption")), words=words, boxes=boxes,
         timed_caption=doc["timed_caption"], traces=doc["traces"], non_visual=non_visual,
         comment=comment or None, client_token=client_token)
     if state is not None:
@@ -372,187 +160,6 @@ def save_correction_from_editor(store: Any, session_state: AnnotateState | None,
     return {"correction_id": correction_id, "parent_id": parent_id, "image_sha": sha, "generation_id": generation_id,
             "status": status, "annotator": annotator, "words": words, "boxes": boxes, "non_visual": non_visual,
             "boxes_from_trace": derived, "client_token": client_token}
-
-
-# ------------------------------------------------------------------------------------------ editing
-
-def _set_doc(state: AnnotateState, doc: dict) -> None:
-    """A new version of the document: the old one goes on the undo stack, redo is cleared."""
-    state.history.append(state.doc)
-    del state.history[:-MAX_HISTORY]
-    state.future.clear()
-    state.doc = doc
-    state.rev += 1
-
-
-def _rederive(doc: dict, width: int, height: int) -> None:
-    """With a trace, every box follows from it (LN rule); keeps the stored boxes and trace consistent."""
-    if trace_point_count(doc["traces"]) >= 2 and doc["timed_caption"]:
-        for word, box in zip(doc["words"], boxes_from_trace(doc["traces"], doc["timed_caption"], width, height)):
-            word["box"] = box
-
-
-def _index(op: Mapping, doc: dict, key: str = "i") -> int:
-    i = op.get(key)
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(doc["words"]):
-        raise ValueError("select a word first")
-    return i
-
-
-def _split_text(text: str, at: Any) -> list[str]:
-    parts = text.split()
-    if len(parts) > 1:
-        return parts
-    if isinstance(at, int) and not isinstance(at, bool) and 0 < at < len(text):
-        return [text[:at], text[at:]]
-    if len(text) < 2:
-        raise ValueError("a one-character word cannot be split")
-    mid = len(text) // 2
-    return [text[:mid], text[mid:]]
-
-
-def _replace_word(doc: dict, i: int, texts: list[str]) -> None:
-    """Word i becomes len(texts) words sharing its box (and splitting its time slot equally)."""
-    word = doc["words"][i]
-    new = [{"text": t, "box": list(word["box"]), "non_visual": word["non_visual"]} for t in texts]
-    doc["words"][i:i + 1] = new
-    if doc["timed_caption"]:
-        slot = doc["timed_caption"][i]
-        edges = np.linspace(slot["start_time"], slot["end_time"], len(texts) + 1).tolist()
-        doc["timed_caption"][i:i + 1] = [{"utterance": t, "start_time": edges[k], "end_time": edges[k + 1]}
-                                         for k, t in enumerate(texts)]
-
-
-def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[AnnotateState, str]:
-    """Apply one editor operation; returns (state, message). Operations (`i` = word index):
-    text {i, text} (spaces split the word) · insert {i, text} (after word i; i = -1: first) · delete {i} ·
-    merge {i} (with word i+1, joined without a space) · split {i, at?} (at spaces, else at character `at`,
-    else in the middle) · box {i, box} (pixels; drops a recorded trace) · non_visual {i, value} ·
-    trace {traces, timed_caption} (a new recording: boxes are derived from it) · clear_trace.
-    `rev`, when given, must be the revision the browser saw (a stale edit is refused, never misapplied)."""
-    state = _state(state)
-    doc = _require_doc(state)
-    if not isinstance(op, Mapping) or not isinstance(op.get("op"), str):
-        raise ValueError("unknown edit")
-    rev = op.get("rev")
-    if rev is not None and rev != state.rev:
-        raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
-    kind = op["op"]
-    width, height = state.image["width"], state.image["height"]
-    new = copy.deepcopy(doc)
-    words, timed = new["words"], new["timed_caption"]
-    message = ""
-    if kind == "text":
-        i = _index(op, new)
-        text = _word_text(op.get("text"))
-        parts = text.split(" ")
-        if len(parts) > 1:
-            _replace_word(new, i, parts)
-            message = f"word {i + 1} split into {len(parts)} words"
-        else:
-            words[i]["text"] = text
-            if timed:
-                timed[i]["utterance"] = text
-            message = f"word {i + 1} is now “{text}”"
-    elif kind == "insert":
-        i = op.get("i", len(words) - 1)
-        if isinstance(i, bool) or not isinstance(i, int) or not -1 <= i < len(words):
-            raise ValueError("insert after which word?")
-        text = _word_text(op.get("text") if op.get("text") is not None else "word")
-        ref = words[i] if i >= 0 else (words[0] if words else None)
-        box = list(ref["box"]) if ref else [0.0, 0.0, float(width), float(height)]
-        for k, piece in enumerate(text.split(" ")):
-            words.insert(i + 1 + k, {"text": piece, "box": list(box), "non_visual": False})
-            if timed:
-                at = timed[i + k]["end_time"] if i + k >= 0 else timed[0]["start_time"]
-                nxt = timed[i + 1 + k]["start_time"] if i + 1 + k < len(timed) else at
-                timed.insert(i + 1 + k, {"utterance": piece, "start_time": at, "end_time": max(at, nxt)})
-        message = f"inserted “{text}” after word {i + 1}" if i >= 0 else f"inserted “{text}” first"
-    elif kind == "delete":
-        i = _index(op, new)
-        gone = words.pop(i)
-        if timed:
-            timed.pop(i)
-        message = f"deleted “{gone['text']}”"
-    elif kind == "merge":
-        i = _index(op, new)
-        if i + 1 >= len(words):
-            raise ValueError("the last word has no next word to merge with")
-        a, b = words[i], words[i + 1]
-        text = _word_text(a["text"] + b["text"])
-        words[i:i + 2] = [{"text": text, "box": [min(a["box"][0], b["box"][0]), min(a["box"][1], b["box"][1]),
-                                                 max(a["box"][2], b["box"][2]), max(a["box"][3], b["box"][3])],
-                           "non_visual": a["non_visual"] and b["non_visual"]}]
-        if timed:
-            timed[i:i + 2] = [{"utterance": text, "start_time": timed[i]["start_time"],
-                               "end_time": timed[i + 1]["end_time"]}]
-        message = f"merged into “{text}”"
-    elif kind == "split":
-        i = _index(op, new)
-        parts = _split_text(words[i]["text"], op.get("at"))
-        _replace_word(new, i, parts)
-        message = f"split into {' · '.join(parts)}"
-    elif kind == "box":
-        i = _index(op, new)
-        box = imaging.check_box(op.get("box"), width, height).tolist()
-        words[i]["box"] = [float(c) for c in box]
-        if new["traces"]:
-            new["traces"], new["timed_caption"] = [], []
-            message = (f"moved the box of “{words[i]['text']}”; the recorded trace was dropped "
-                       "(boxes no longer follow it — undo to restore it)")
-        else:
-            message = f"moved the box of “{words[i]['text']}”"
-    elif kind == "non_visual":
-        i = _index(op, new)
-        words[i]["non_visual"] = bool(op.get("value", not words[i]["non_visual"]))
-        message = f"“{words[i]['text']}” is {'non-visual' if words[i]['non_visual'] else 'visual'}"
-    elif kind == "trace":
-        if new["task"] != "caption":
-            raise ValueError("Trace recording is for captions; referring and dense outputs are corrected by box.")
-        traces = _traces(op.get("traces"))
-        if trace_point_count(traces) < 2:
-            raise ValueError("No trace was captured: move the mouse over the image while the words advance.")
-        new["timed_caption"] = _timed_caption(op.get("timed_caption"), [w["text"] for w in words])
-        if not new["timed_caption"]:
-            raise ValueError("the recording has no word timing")
-        new["traces"] = traces
-        message = (f"recorded {trace_point_count(traces)} trace points over "
-                   f"{new['timed_caption'][-1]['end_time']:.1f} s; boxes derived from the trace")
-    elif kind == "clear_trace":
-        if not new["traces"]:
-            raise ValueError("there is no recorded trace")
-        new["traces"], new["timed_caption"] = [], []
-        message = "trace cleared (boxes kept)"
-    else:
-        raise ValueError(f"unknown edit {kind!r}")
-    if not words:
-        raise ValueError("a correction needs at least one word")
-    if kind != "box":
-        _rederive(new, width, height)
-    _set_doc(state, new)
-    return state, message
-
-
-def undo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
-    state = _state(state)
-    _require_doc(state)
-    if not state.history:
-        return state, "nothing to undo"
-    state.future.append(state.doc)
-    state.doc = state.history.pop()
-    state.rev += 1
-    return state, "undone"
-
-
-def redo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
-    state = _state(state)
-    _require_doc(state)
-    if not state.future:
-        return state, "nothing to redo"
-    state.history.append(state.doc)
-    state.doc = state.future.pop()
-    state.rev += 1
-    return state, "redone"
 
 
 @cb.user_errors
@@ -578,7 +185,7 @@ def editor_value(state: AnnotateState | None, message: str = "", *, level: str =
                  store_ok: bool = True) -> dict:
     """The JSON the editor (static/annotate.js) draws. Boxes are pixels of the image, traces normalised;
     all text reaches the page through textContent."""
-    state = _state(state)
+    state = as_state(state)
     doc = state.doc
     image = None
     if state.image is not None:
@@ -653,7 +260,7 @@ def _doc_from_output(last: dict) -> dict:
 def open_current(studio: cb.Studio, session: cb.Session | None, state: AnnotateState | None
                  ) -> tuple[AnnotateState, dict]:
     """Open the session's last output (Session.last: caption, referring or dense) in the editor."""
-    state = _state(state)
+    state = as_state(state)
     session = session if isinstance(session, cb.Session) else None
     if session is None or not session.last or session.image is None:
         raise ValueError("Nothing to correct yet: caption an image (or run Referring / Dense) first.")
@@ -688,7 +295,7 @@ def _unit(doc: dict) -> str:
 def open_item(studio: cb.Studio, state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
     """Open a stored output: data = {kind: "generation" | "correction", id}. A correction opens at the head of its
     chain (the next save supersedes it)."""
-    state = _state(state)
+    state = as_state(state)
     store = studio.store
     if store is None:
         raise ValueError("No annotation store is configured.")
@@ -741,9 +348,9 @@ def save(studio: cb.Studio, state: AnnotateState | None, status: str, annotator:
          auto: bool = False) -> tuple[AnnotateState, dict | None]:
     """Save draft / Submit / autosave from the editor. Bad input -> gr.Error; a store failure -> gr.Warning and
     the document stays in the editor (dirty), so saving again (same client token) retries without duplicating."""
-    state = _state(state)
+    state = as_state(state)
     try:
-        doc = _require_doc(state)
+        doc = require_doc(state)
         if auto:
             if not state.dirty:
                 return state, None  # nothing to do (the wiring leaves the editor as it is)
@@ -770,7 +377,7 @@ def save(studio: cb.Studio, state: AnnotateState | None, status: str, annotator:
 def review(studio: cb.Studio, state: AnnotateState | None, reviewer: Any, accept: bool, comment: Any
            ) -> tuple[AnnotateState, dict]:
     """Accept or reject the open correction (the head of its chain; it must be submitted) with a comment."""
-    state = _state(state)
+    state = as_state(state)
     if studio.store is None:
         raise ValueError("No annotation store is configured.")
     reviewer = check_annotator(reviewer)
@@ -897,7 +504,8 @@ def compare_adapters(studio: cb.Studio, session: cb.Session | None, lock: thread
         raise ValueError("Upload, paste or pick an example image first.")
     predictor = studio.predictor
     prompts = session.caption.get("prompts", {}) if session.caption else {}
-    kwargs = {"box": prompts.get("box"), "text": prompts.get("text"), "max_new_tokens": min(512, 4 * cb.DEFAULT_MAX_WORDS + 8)}
+    kwargs = {"box": prompts.get("box"), "text": prompts.get("text"),
+              "max_new_tokens": min(512, 4 * cb.DEFAULT_MAX_WORDS + 8)}
     if prompts.get("points"):
         kwargs["points"] = np.asarray(prompts["points"], dtype=np.float64)
         kwargs["point_labels"] = np.asarray(prompts["point_labels"], dtype=np.int64)

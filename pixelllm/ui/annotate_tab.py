@@ -12,8 +12,8 @@ import threading
 import gradio as gr
 
 from pixelllm.ui import annotate as an
+from pixelllm.ui import annotate_doc, render
 from pixelllm.ui import callbacks as cb
-from pixelllm.ui import render
 
 LIST_TEMPLATE = ('<div class="pl-root"><div class="pl-msg"></div><table class="pl-table"><thead><tr></tr></thead>'
                  "<tbody></tbody></table></div>")
@@ -49,7 +49,7 @@ def build_annotate_tab(studio: cb.Studio, session: gr.State) -> gr.Tab:
             with gr.Column(scale=2, min_width=280):
                 open_btn = gr.Button("Open current output", variant="secondary", elem_id="annotate-open-current")
                 annotator = gr.Textbox(label="Your name (annotator / reviewer) — required to save",
-                                       max_length=an.MAX_ANNOTATOR_CHARS, elem_id="annotate-annotator",
+                                       max_length=annotate_doc.MAX_ANNOTATOR_CHARS, elem_id="annotate-annotator",
                                        placeholder="e.g. ana")
                 comment = gr.Textbox(label="Comment (optional; stored with a save or a review)", lines=2,
                                      max_length=an.MAX_COMMENT_CHARS, elem_id="annotate-comment")
@@ -66,7 +66,8 @@ def build_annotate_tab(studio: cb.Studio, session: gr.State) -> gr.Tab:
                     with gr.Row():
                         sha_prefix = gr.Textbox(label="Image id (sha256 prefix)", elem_id="annotate-sha",
                                                 max_length=64)
-                        who = gr.Textbox(label="Annotator", elem_id="annotate-who", max_length=an.MAX_ANNOTATOR_CHARS)
+                        who = gr.Textbox(label="Annotator", elem_id="annotate-who",
+                                         max_length=annotate_doc.MAX_ANNOTATOR_CHARS)
                     with gr.Row():
                         status = gr.Dropdown(list(an.LIST_STATUSES), value="any", label="Status",
                                              elem_id="annotate-status")
