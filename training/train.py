@@ -147,7 +147,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 def autocast_context(device: torch.device, name: str | None):
     """`train.autocast`: "" (off, the default) or a torch dtype name ("bfloat16"). Mixed precision: weights,
     gradients and optimizer state stay float32; torch.autocast picks each op's precision (matmuls in the dtype).
-    On this machine's AMX CPU a tiny-preset training step is ~1.26x faster (README); elsewhere it may not be."""
+    On this machine's AMX CPU a tiny-preset multi-task step is ~1.13x faster (README); elsewhere it may be slower."""
     if not name:
         return torch.autocast(device.type, enabled=False)
     dtype = getattr(torch, str(name), None)
