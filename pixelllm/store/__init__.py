@@ -2,7 +2,7 @@
 
 One SQLite file (default ``data/annotations.db``), used through sqlite-utils on connections we open ourselves
 (DESIGN.md §5). The Gradio app calls one ``AnnotationStore`` from many threads; the training package reads
-``training_examples()``. This module never imports torch.
+``training_examples()``. This package never imports torch.
 
 Why it is built this way:
 

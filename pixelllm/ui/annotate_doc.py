@@ -400,25 +400,24 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
     return state, message
 
 
-def undo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
+def _travel(state: AnnotateState | None, back: bool) -> tuple[AnnotateState, str]:
+    """One step through the history: undo (`back`) pops `history` onto `future`, redo the reverse."""
     state = as_state(state)
     require_doc(state)
-    if not state.history:
-        return state, "nothing to undo"
-    state.future.append(state.doc)
-    state.doc = state.history.pop()
+    source, target = (state.history, state.future) if back else (state.future, state.history)
+    if not source:
+        return state, "nothing to undo" if back else "nothing to redo"
+    target.append(state.doc)
+    state.doc = source.pop()
     state.rev += 1
-    return state, "undone"
+    return state, "undone" if back else "redone"
+
+
+def undo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
+    return _travel(state, back=True)
 
 
 def redo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
-    state = as_state(state)
-    require_doc(state)
-    if not state.future:
-        return state, "nothing to redo"
-    state.history.append(state.doc)
-    state.doc = state.future.pop()
-    state.rev += 1
-    return state, "redone"
+    return _travel(state, back=False)
 
 
