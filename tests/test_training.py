@@ -160,6 +160,7 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
     # a row the killed run logged after its last checkpoint (whether the kill landed there is up to timing)
     with open(killed / "run" / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"step": resumed_at + 1, "stage": "multitask", "task": "lost", "loss": 0.0}) + "\n")
+        handle.write('{"step": 1')  # and a line the kill cut short
     out = _finish(_train(config))
     assert "resume from step" in out and "resume from step 0" not in out
     _assert_same_final_weights(straight, killed)

@@ -111,11 +111,18 @@ def find_resume(out: Path) -> Path | None:
 
 def drop_rows_after(metrics_path: Path, step: int) -> None:
     """Forget the metric rows a killed run logged after its last checkpoint: the resumed run trains those steps
-    again and logs them anew, so the curve has one row per step and task."""
+    again and logs them anew, so the curve has one row per step and task. A line cut short by the kill goes too."""
     if not metrics_path.exists():
         return
+
+    def kept_row(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+
     lines = metrics_path.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in lines if kept_row(line)]
     if len(kept) < len(lines):
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
