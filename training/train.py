@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         start, end = int(bounds[index]), int(bounds[index + 1])
         if trainer_state.get("stage_index") == index and step > start:
             # resumed inside this stage; a stage always starts with a fresh optimizer and sampler, also when the
-            # run resumes at its first step (e.g. a stage appended to a finished run's config; checkpoints written
-            # before session 6 saved the finished stage's state there, hence `step > start`)
+            # run resumes at its first step (e.g. a stage appended to a finished run's config; older checkpoints
+            # saved the finished stage's optimizer and sampler at its end, hence `step > start`)
             optimizer.load_state_dict(trainer_state["optimizer"])
             sampler.load_state(trainer_state["sampler"])
         # Tasks use different heads, hence find_unused_parameters. The only buffers are constants (pixel
