@@ -1,0 +1,5 @@
+"""`python -m pixelllm.bench`."""
+
+from pixelllm.bench.run import main
+
+raise SystemExit(main())
