@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,16 +26,31 @@ RATIOS = ["location_head_overhead", "prompt_reuse_speedup", "batched_dense_speed
           "app_overhead", "train_scaleout"]
 
 
+def run_process_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` in a session of its own; on timeout the whole group is killed. The bench starts `app.py`
+    and torchrun children: killing only the bench (what `subprocess.run`'s timeout does) would leave them
+    running, an app server holding ~1 GB for the rest of the suite."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s: {out[-2000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.slow
 def test_bench_quick_run_reports_every_ratio(tmp_path):
     checkpoint = save_small_checkpoint(tmp_path / "checkpoint")
     report = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
-    done = subprocess.run(
+    done = run_process_group(
         [sys.executable, "-m", "pixelllm.bench", "--quick", "--no-fail", "--checkpoint", str(checkpoint),
          "--json", str(report)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads(report.read_text())
     assert data["quick"] is True
