@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pixelllm.tokenizer import encode_text
@@ -53,10 +54,12 @@ def test_every_task_collates_with_consistent_shapes(shapes_dir):
         seen.add(task)
         assert batch["images"].shape == (3, 3, 64, 64)
         assert batch["labels"].shape == batch["token_box_mask"].shape
-        if task == "refer":
+        if task in ("refer", "refer_image"):
             # the box read at EOS is the object's box; the mask is that object's pixels
-            assert batch["masks"].shape == (3, 64, 64) and bool((batch["masks"].sum((1, 2)) > 0).all())
+            rows = batch["labels"].shape[0]
+            assert batch["masks"].shape == (rows, 64, 64) and bool((batch["masks"].sum((1, 2)) > 0).all())
             assert not bool(batch["token_box_mask"].any())
+            assert rows == 3 if task == "refer" else rows >= 3
         if task == "region_points":
             assert bool(((batch["prompt_points"] >= 0) & (batch["prompt_points"] <= 1)).all())
     assert seen == set(TASKS)
@@ -91,3 +94,49 @@ def test_lazy_loading_gives_the_same_batches(shapes_dir):
         a = eager(task, [0, 2], np.random.default_rng(1))
         b = lazy(task, [0, 2], np.random.default_rng(1))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_refer_image_items_bring_their_images_expressions(shapes_dir):
+    """A `refer_image` item is an image with up to `refer_per_image` of its expressions; each row is the same
+    (labels, box, mask) as that expression collated on its own by the `refer` task, and `image_index` names its
+    image in the batch."""
+    tok = small_tokenizer()
+    data = ShapesData(shapes_dir, "train", 64)
+    assert data.size("refer_image") == len({r["image_id"] for r in data.refer})
+    cap = 3
+    assert any(len(own) > cap for own in data.refer_by_image.values())  # the cap is exercised
+    grouped = Collator(data, tok, 64, refer_per_image=cap)
+    flat = Collator(data, tok, 64)
+    items = list(range(data.size("refer_image")))
+    batch = grouped("refer_image", items, np.random.default_rng(0))
+    assert batch["images"].shape[0] == len(items)
+    counts = [min(len(data.refer_by_image[data.refer_images[i]]), cap) for i in items]
+    assert batch["image_index"].tolist() == [b for b, n in enumerate(counts) for _ in range(n)]
+    seen = set()
+    for row, b in enumerate(batch["image_index"].tolist()):
+        rec = data.records[data.refer_images[b]]
+        assert torch.equal(batch["images"][b], rec.pixels.float())
+        labels = batch["labels"][row]
+        text = tok.decode(labels[labels >= 0].tolist(), skip_special_tokens=True)
+        [k] = [k for k in data.refer_by_image[data.refer_images[b]] if data.refer[k]["expression"] == text]
+        assert k not in seen
+        seen.add(k)
+        ref = data.refer[k]
+        assert ref["image_id"] == rec.image_id
+        expected_box = np.array(ref["box"], np.float32) / np.array([rec.width, rec.height] * 2, np.float32)
+        np.testing.assert_allclose(batch["refer_boxes"][row].numpy(), expected_box, atol=1e-6)
+        alone = flat("refer", [k], np.random.default_rng(0))
+        width = int((alone["labels"][0] >= 0).sum())
+        assert torch.equal(labels[:width], alone["labels"][0, :width]) and bool((labels[width:] == -100).all())
+        assert torch.equal(batch["masks"][row], alone["masks"][0]) and bool(batch["mask_valid"][row])
+
+
+def test_per_task_batch_sizes(shapes_dir):
+    data = ShapesData(shapes_dir, "train", 64)
+    sampler = MultiTaskSampler(data, {"narrative": 1, "refer_image": 1}, batch_size=4, seed=0,
+                               batch_sizes={"refer_image": 2})
+    sizes = {}
+    for step in range(20):
+        task, indices, _ = sampler.draw(step)
+        sizes.setdefault(task, set()).add(len(indices))
+    assert sizes == {"narrative": {4}, "refer_image": {2}}

@@ -15,6 +15,7 @@ from pixelllm.config import get_config
 from pixelllm.modeling.heads import LocationHead
 from pixelllm.modeling.language_model import Prefix
 from pixelllm.modeling.pixel_llm import PixelLLM
+from pixelllm.tokenizer import encode_text
 from tests.helpers import make_prompt_sensitive, small_model
 
 torch.set_num_threads(2)
@@ -306,3 +307,62 @@ def test_tiny_model_overfits_four_examples():
             assert tokens == seq, (captions[i], tok.decode(tokens))
             errors.append((pred - boxes[i, : len(seq)]).abs().mean())
     assert float(torch.stack(errors).mean()) < 0.02, errors
+
+
+def test_expressions_grouped_by_image_train_as_the_flat_batch():
+    """`image_index` (the `refer_image` task): two images encoded once for four expressions give the same referring
+    losses — caption, EOS box, attention supervision, SAM mask — as the four rows with their images repeated."""
+    model = small_model(seed=2, roi_grid=4, roi_position="sine", refer_prompt="refer:").train()
+    model.config.attn_supervision_weight = 1.0
+    s = model.config.image_size
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, s, s, generator=gen) * 255
+    tok = model.tokenizer
+    seqs = [encode_text(tok, w, eos=True) for w in ["the green square", "orange triangle", "a large red circle",
+                                                      "the small blue star"]]
+    labels = torch.full((4, max(map(len, seqs))), -100)
+    for i, seq in enumerate(seqs):
+        labels[i, : len(seq)] = torch.tensor(seq)
+    image_index = torch.tensor([0, 0, 1, 1])
+    targets = {
+        "labels": labels,
+        "refer_boxes": torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.0, 0.5, 0.5, 1.0],
+                                     [0.6, 0.6, 0.8, 0.9]]),
+        "refer_valid": torch.ones(4, dtype=torch.bool),
+        "masks": (torch.rand(4, s, s, generator=gen) > 0.7).float(),
+        "mask_valid": torch.tensor([True, False, True, True]),
+    }
+    gt = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6]], [[0.0, 0.5, 0.5, 1.0], [0.6, 0.6, 0.8, 0.9]]])
+    grouped = {**targets, "images": images, "image_index": image_index, "gt_boxes": gt,
+               "gt_valid": torch.ones(2, 2, dtype=torch.bool)}
+    flat = {**targets, "images": images[image_index], "gt_boxes": gt[image_index],
+            "gt_valid": torch.ones(4, 2, dtype=torch.bool)}
+    a, b = model(grouped), model(flat)
+    for name in ("caption", "eos_l1", "eos_giou", "attn_cells", "mask_focal", "mask_dice", "mask_iou"):
+        assert torch.allclose(a[name], b[name], atol=1e-5), (name, a[name], b[name])
+    # the encoder pass is shared: gradients reach the image encoder from every row, once per image
+    a["loss"].backward()
+    assert model.image_encoder.sam_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model({**grouped, "prompt_boxes": targets["refer_boxes"]})
+
+
+def test_saved_folder_has_a_model_card_describing_it(tmp_path):
+    """README.md beside the weights (pixelllm.model_card): what the network is, its size, the dtype the weights
+    were saved in, its adapters; how it was trained when the caller says (training.train does), else that it is
+    not recorded."""
+    model = small_model(seed=4)
+    model.add_adapter("fix")
+    model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    card = (tmp_path / "half" / "README.md").read_text()
+    count = sum(p.numel() for p in model.parameters())
+    assert "# PixelLLM `tiny`" in card and f"{count / 1e6:.2f} M parameters" in card
+    assert "weights, float16" in card and "(fix)" in card and "Not recorded" in card
+    assert "More Information Needed" not in card  # not huggingface_hub's generic mixin text
+    plain = small_model(seed=4)
+    plain.save_pretrained(tmp_path / "full", model_card_kwargs={"training": "1 step of `narrative`"})
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "weights, float32" in card and "1 step of `narrative`" in card and "Not recorded" not in card
+    assert "adapters/" not in card
+    PixelLLM.from_pretrained(tmp_path / "half")  # the card does not disturb loading

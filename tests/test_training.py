@@ -37,12 +37,14 @@ def _config(tmp: Path, steps: tuple[int, int], checkpoint_every: int = 2) -> Pat
         "data": {"root": str(tmp / "data"), "train_split": "train", "generate": {"train": {"num": 12, "seed": 5}}},
         "train": {"out": str(tmp / "run"), "batch_size": 4, "lr": 2e-3, "lm_lr_scale": 0.1, "warmup": 2, "seed": 0,
                   "threads": 1,
-                  "log_every": 1, "checkpoint_every": checkpoint_every, "max_tokens": 48},
+                  "log_every": 1, "checkpoint_every": checkpoint_every, "max_tokens": 48,
+                  "task_batch_size": {"refer_image": 2}, "refer_per_image": 3},
         "stages": [
             {"name": "caption_pretraining", "stage": "scratch", "steps": steps[0],
              "tasks": {"narrative": 1, "region_box": 1}},
             {"name": "multitask", "stage": "scratch", "steps": steps[1], "config": {"attn_supervision_weight": 1.0},
-             "tasks": {"narrative": 1, "sentence": 1, "prefix": 1, "region_box": 1, "region_points": 1, "refer": 1}},
+             "tasks": {"narrative": 1, "sentence": 1, "prefix": 1, "region_box": 1, "region_points": 1, "refer": 1,
+                       "refer_image": 1}},
         ],
     }
     path = tmp / "config.yaml"
@@ -170,6 +172,7 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
         return [(r["step"], r["task"], r["loss"]) for r in map(json.loads, lines)]
 
     assert curve(killed) == curve(straight)  # one row per step and task, none from the lost steps
+    assert "refer_image" in {task for _, task, _ in curve(killed)[-4:]}  # the grouped task trained after the resume
     assert (killed / "run" / "loss_curves.png").stat().st_size > 1000
 
 
@@ -206,6 +209,8 @@ def test_ddp_two_gloo_processes_train(tmp_path):
     assert all(np.isfinite(v.float().numpy()).all() for v in final.values())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and max(r["step"] for r in rows) == 6
+    card = (tmp_path / "run" / "final" / "README.md").read_text()  # the model card says how it was trained
+    assert f"--config {config}`: 6 steps" in card and "`multitask` (scratch): 3 steps, peak LR 0.002" in card
     # weights moved away from the initialisation of step 0: training happened
     from transformers import AutoTokenizer
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pixelllm.build import build_pixelllm
 from pixelllm.config import get_config
+from pixelllm.model_card import training_summary
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.tokenizer import train_tokenizer
 from training.data.datasets import Collator, MultiTaskSampler, ShapesData, read_jsonl
@@ -233,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
     data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"),
                       lazy=bool(cfg["data"].get("lazy", model.config.image_size > 256)))
-    collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)))
+    collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)),
+                       refer_per_image=int(tcfg.get("refer_per_image", 8)))
+    # per-task batch sizes (items per step over all ranks), e.g. {refer_image: 8}: 8 images, each with its expressions
+    task_batch = {t: max(1, int(n) // world) for t, n in (tcfg.get("task_batch_size") or {}).items()}
     stages = cfg["stages"]
     bounds = np.cumsum([0] + [int(s["steps"]) for s in stages])
     total = int(bounds[-1])
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    float(stage.get("lm_lr_scale", tcfg.get("lm_lr_scale", 1.0)))),
                                       lr=peak, betas=(0.9, 0.98))
         sampler = MultiTaskSampler(data, stage["tasks"], int(tcfg["batch_size"]) // world,
-                                   int(tcfg.get("seed", 0)) + 1000 * index, rank, world)
+                                   int(tcfg.get("seed", 0)) + 1000 * index, rank, world, batch_sizes=task_batch)
         start, end = int(bounds[index]), int(bounds[index + 1])
         if trainer_state.get("stage_index") == index and step > start:
             # resumed inside this stage; a stage always starts with a fresh optimizer and sampler, also when the
@@ -324,12 +328,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         model.eval()
-        model.save_pretrained(out / "final")
+        card = {"training": training_summary(args.config, stages, str(root), cfg["data"]["train_split"],
+                                             len(data.records), float(tcfg["lr"]))}
+        model.save_pretrained(out / "final", model_card_kwargs=card)
         export = cfg.get("export")
         if export:
             dtype = getattr(torch, export.get("dtype", "float32"))
             shutil.rmtree(export["dir"], ignore_errors=True)
-            model.save_pretrained(export["dir"], dtype=dtype)
+            model.save_pretrained(export["dir"], dtype=dtype, model_card_kwargs=card)
             print(f"exported {export['dir']} ({export.get('dtype', 'float32')})", flush=True)
         print(f"done: {step} steps -> {out / 'final'}", flush=True)
     if world > 1:

@@ -54,6 +54,10 @@ class Prefix:
     def expand(self, n: int) -> Prefix:
         return Prefix(self.hidden.expand(n, -1, -1), self.mask.expand(n, -1))
 
+    def select(self, rows: torch.Tensor) -> Prefix:
+        """The prefixes of `rows` (a 1-D index, repeats allowed): one encoded prefix serving several targets."""
+        return Prefix(self.hidden[rows], self.mask[rows])
+
 
 def decoder_features(lm: T5ForConditionalGeneration, decoder_input_ids: torch.Tensor, prefix: Prefix,
                      cache: EncoderDecoderCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:

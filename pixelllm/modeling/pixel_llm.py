@@ -19,6 +19,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from torch import nn
 
 from pixelllm.config import PixelLLMConfig
+from pixelllm.model_card import MODEL_CARD, PAPER_URL
 from pixelllm.modeling import losses
 from pixelllm.modeling.heads import LocationHead, ProposalHead, ReferringMaskHead
 from pixelllm.modeling.image_encoder import ImageFeatures, PixelImageEncoder, build_vit
@@ -27,7 +28,8 @@ from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor
 from pixelllm.tokenizer import encode_text
 
 
-class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_url="https://github.com/pixelllm"):
+class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_url="https://github.com/pixelllm",
+               paper_url=PAPER_URL, model_card_template=MODEL_CARD):
     def __init__(self, config: PixelLLMConfig) -> None:
         super().__init__()
         if isinstance(config, dict):
@@ -143,19 +145,26 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         token_boxes BxTx4 + token_box_mask BxT — per-token trace boxes (normalised);
         refer_boxes Bx4 + refer_valid B — object box read at the EOS position;
         masks BxSxS (0/1, model-input frame) + mask_valid B — referring masks, prompted by refer_boxes;
-        gt_boxes BxMx4 + gt_valid BxM — all objects, for the proposal head.
+        gt_boxes BxMx4 + gt_valid BxM — all objects, for the proposal head;
+        image_index R — optional: the targets (labels, refer_boxes, masks) have R rows, row r on image
+        image_index[r]; the image and its prompt are encoded once per image, so the prompt must be one per image
+        (the global box with the referring prompt: the `refer_image` task).
         Returns a dict of weighted loss terms and their sum under "loss".
         """
         cfg = self.config
         features = batch["image_features"] if "image_features" in batch else self.encode_image(batch["images"])
         out: dict[str, torch.Tensor] = {}
         if "labels" in batch:
+            if "image_index" in batch and any(k in batch for k in ("prompt_boxes", "prompt_points", "prompt_ids")):
+                raise ValueError("image_index shares one prompt per image: it cannot go with per-row prompts")
             text_ids, text_mask = batch.get("prompt_ids"), batch.get("prompt_mask")
             if "refer_boxes" in batch and text_ids is None:
                 text_ids = self.refer_prompt_ids()
             prefix = self.encode_prefix(features, boxes=batch.get("prompt_boxes"), points=batch.get("prompt_points"),
                                         point_labels=batch.get("point_labels"), text_ids=text_ids,
                                         text_mask=text_mask)
+            if "image_index" in batch:
+                prefix = prefix.select(batch["image_index"])
             labels = batch["labels"]
             if cfg.attn_supervision_weight > 0 and self.prompt_extractor.roi_grid == 0:
                 raise ValueError("attn_supervision_weight > 0 needs RoI cells to supervise: set roi_grid > 0 "
@@ -176,8 +185,14 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             if supervise:
                 out["attn_cells"] = cfg.attn_supervision_weight * self._attention_supervision(batch, prefix, captured)
         if "masks" in batch and bool(batch["mask_valid"].any()):
-            rows = batch["mask_valid"].nonzero().flatten().tolist()
-            logits, iou = zip(*(self.mask_head(features.sam[r:r + 1], batch["refer_boxes"][r:r + 1]) for r in rows))
+            # SAM's decoder takes one image and K prompts: one call per image, with all of its rows' boxes
+            image_of = batch.get("image_index", torch.arange(batch["masks"].shape[0], device=batch["masks"].device))
+            valid = batch["mask_valid"]
+            images = image_of[valid].unique().tolist()
+            groups = [(valid & (image_of == b)).nonzero().flatten() for b in images]
+            logits, iou = zip(*(self.mask_head(features.sam[b:b + 1], batch["refer_boxes"][g])
+                                for b, g in zip(images, groups)))
+            rows = torch.cat(groups)
             logits = F.interpolate(torch.cat(logits), size=batch["masks"].shape[-2:], mode="bilinear",
                                    align_corners=False)[:, 0]
             terms = losses.mask_losses(logits, batch["masks"][rows], torch.cat(iou)[:, 0])
@@ -403,6 +418,16 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             return super().save_pretrained(save_directory, **kwargs)
         finally:
             self._save_dtype = None
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """The README.md of a saved folder (pixelllm.model_card); `save_pretrained(..., model_card_kwargs={"training":
+        markdown})` adds how the weights were trained."""
+        count = sum(p.numel() for p in self.parameters())
+        facts = {"preset": self.config.preset, "parameters": f"{count / 1e6:.2f} M", "image_size": self.config.image_size,
+                 "vocab_size": self.config.t5.vocab_size,
+                 "dtype": str(getattr(self, "_save_dtype", None) or self.dtype).replace("torch.", ""),
+                 "adapters": ", ".join(self.adapters)}
+        return super().generate_model_card(*args, **{**facts, **kwargs})
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from pixelllm.checkpoint import save_checkpoint_files

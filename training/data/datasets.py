@@ -8,7 +8,11 @@ Tasks (each batch holds one task; every batch also carries all object boxes for 
 - `region_box`     location-conditioned caption ("large red circle", or a dense region's own caption) prompted by
                    the object's (jittered) box;
 - `region_points`  the same prompted by 1-3 positive points inside the object's mask (inside its box if none);
-- `refer`          referring expression -> box at EOS + SAM mask, global box prompt.
+- `refer`          referring expression -> box at EOS + SAM mask, global box prompt;
+- `refer_image`    the same, but an item is an *image* with (up to `refer_per_image` of) its expressions: the
+                   image and its prompt are encoded once for all of them (`image_index` in the batch), so a step
+                   costs less per expression and every batch holds expressions that differ on one input — the box
+                   has to come from the words, not from the image alone (docs/referring.md §7).
 Captions are tokenised word by word (Metaspace tokenisers split at word starts, so this equals tokenising the
 whole text) so that every token inherits its word's target, as DESIGN §1 requires.
 """
@@ -28,7 +32,7 @@ from training.data.localized_narratives import LNReadStats, read_localized_narra
 from training.data.shapes import load_image, load_instance_map
 from training.data.shapes import load_jsonl as read_jsonl
 
-TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer")
+TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer", "refer_image")
 
 
 @dataclass
@@ -94,6 +98,10 @@ class ShapesData:
         if not self.records:
             raise FileNotFoundError(f"no {split}.objects/ln/dense/refer.jsonl with images under {self.root}")
         self.refer = [r for r in refer if r["image_id"] in self.index]
+        self.refer_by_image: dict[int, list[int]] = {}
+        for k, r in enumerate(self.refer):
+            self.refer_by_image.setdefault(self.index[r["image_id"]], []).append(k)
+        self.refer_images = sorted(self.refer_by_image)
         self.regions = [(i, obj) for i, rec in enumerate(self.records) for obj in rec.objects]
         self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
         self.sentence_items = [(i, s) for i in self.narratives for s in self.records[i].sentences]
@@ -144,7 +152,8 @@ class ShapesData:
     def size(self, task: str) -> int:
         return {"narrative": len(self.narratives), "prefix": len(self.narratives),
                 "sentence": len(self.sentence_items), "region_box": len(self.regions),
-                "region_points": len(self.regions), "refer": len(self.refer)}[task]
+                "region_points": len(self.regions), "refer": len(self.refer),
+                "refer_image": len(self.refer_images)}[task]
 
 
 def _norm_box(box: list[float], rec: ImageRecord) -> np.ndarray:
@@ -155,8 +164,9 @@ class Collator:
     """Builds model batches (see `PixelLLM.forward`) for one task from item indices."""
 
     def __init__(self, data: ShapesData, tokenizer, image_size: int, max_tokens: int = 96,
-                 box_jitter: float = 0.05) -> None:
+                 box_jitter: float = 0.05, refer_per_image: int = 8) -> None:
         self.data = data
+        self.refer_per_image = refer_per_image
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_tokens = max_tokens
@@ -289,10 +299,32 @@ class Collator:
     def _refer(self, indices, rng) -> dict:
         refs = [self.data.refer[i] for i in indices]
         recs = [self.data.records[self.data.index[r["image_id"]]] for r in refs]
+        batch = self._common(recs)
+        batch.update(self._refer_targets(refs, recs))
+        return batch
+
+    def _refer_image(self, indices, rng) -> dict:
+        """Items are images (`data.refer_images`); each brings up to `refer_per_image` of its expressions, drawn
+        at random when it has more. `image_index` maps each expression row to its image in `images`."""
+        images = [self.data.refer_images[i] for i in indices]
+        refs, rows_image = [], []
+        for b, image in enumerate(images):
+            own = self.data.refer_by_image[image]
+            if len(own) > self.refer_per_image:
+                own = sorted(rng.choice(own, self.refer_per_image, replace=False).tolist())
+            refs += [self.data.refer[k] for k in own]
+            rows_image += [b] * len(own)
+        recs = [self.data.records[i] for i in images]
+        batch = self._common(recs)
+        batch.update(self._refer_targets(refs, [recs[b] for b in rows_image]))
+        batch["image_index"] = torch.tensor(rows_image, dtype=torch.long)
+        return batch
+
+    def _refer_targets(self, refs: list[dict], recs: list[ImageRecord]) -> dict:
+        """Labels, EOS boxes and masks of referring expressions (one row per expression; recs[i] its image)."""
         seqs = [(encode_text(self.tokenizer, r["expression"], eos=False), np.zeros((0, 4), np.float32), False)
                 for r in refs]
-        batch = self._common(recs)
-        batch.update(self._pad_targets(seqs))
+        batch = self._pad_targets(seqs)
         batch["refer_boxes"] = torch.tensor(np.stack([_norm_box(r["box"], rec) for r, rec in zip(refs, recs)]))
         batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
         masks, valid = [], [bool(r.get("mask_file") and rec.mask_file) for r, rec in zip(refs, recs)]
@@ -344,7 +376,9 @@ class MultiTaskSampler:
     """Chooses the task of each step from weights, identically on every rank (seeded by step)."""
 
     def __init__(self, data: ShapesData, weights: dict[str, float], batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, batch_sizes: dict[str, int] | None = None) -> None:
+        """batch_size: items per batch; batch_sizes: per-task exceptions (e.g. fewer `refer_image` images, each
+        bringing several expressions)."""
         unknown = set(weights) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
@@ -354,7 +388,8 @@ class MultiTaskSampler:
         w = np.array([weights[t] for t in self.tasks], dtype=np.float64)
         self.probs = w / w.sum()
         self.seed, self.rank = seed, rank
-        self.streams = {t: TaskStream(data.size(t), batch_size, seed + k, rank, world)
+        sizes = {t: int((batch_sizes or {}).get(t, batch_size)) for t in self.tasks}
+        self.streams = {t: TaskStream(data.size(t), sizes[t], seed + k, rank, world)
                         for k, t in enumerate(self.tasks)}
 
     def draw(self, step: int) -> tuple[str, list[int], np.random.Generator]:
