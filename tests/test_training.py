@@ -258,3 +258,15 @@ def test_bfloat16_autocast_matches_float32_and_keeps_float32_weights(tmp_path):
         assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.98
     with pytest.raises(SystemExit, match="bfloat16 or float16"):
         autocast_context(device, "int8")
+
+
+def test_a_misspelt_task_batch_size_is_refused_before_any_work(tmp_path):
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["task_batch_size"] = {"refer_images": 2}
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="refer_images"):
+        main(["--config", str(config)])
+    assert not (tmp_path / "data").exists()  # refused before generating data

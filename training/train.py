@@ -31,7 +31,7 @@ from pixelllm.config import get_config
 from pixelllm.model_card import training_summary
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.tokenizer import train_tokenizer
-from training.data.datasets import Collator, MultiTaskSampler, ShapesData, read_jsonl
+from training.data.datasets import TASKS, Collator, MultiTaskSampler, ShapesData, read_jsonl
 
 
 # ---------------------------------------------------------------------------- config
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = cfg["train"]
     torch.set_num_threads(max(1, int(tcfg.get("threads", os.cpu_count() or 1)) // world))
     amp = autocast_context(device, tcfg.get("autocast"))  # a bad name fails here, before any work
+    unknown = set(tcfg.get("task_batch_size") or {}) - set(TASKS)
+    if unknown:
+        raise SystemExit(f"train.task_batch_size: unknown tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
     out = Path(tcfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
