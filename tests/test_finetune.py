@@ -137,6 +137,8 @@ def test_finetune_trains_only_lora_and_the_adapter_changes_outputs(base_dir, sto
     assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "adapter_config.json").is_file()
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert "loc_head" in config["target_modules"]
+    card = (out / "README.md").read_text()  # the model card says what the folder is
+    assert f"`{base_dir}` plus the LoRA adapter `fix-1`" in card and f"{summary['examples']} stored corrections" in card
 
     # on disk: the run's checkpoint holds the base weights bit for bit, plus LoRA tensors that moved
     reloaded = PixelLLM.from_pretrained(out)

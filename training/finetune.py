@@ -493,7 +493,11 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
     train_seconds = time.perf_counter() - train_start
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, dtype=_checkpoint_dtype(Path(settings.base)))  # base + adapters/<name>/ (active)
+    card = {"training": f"The weights of `{settings.base}` plus the LoRA adapter `{name}` (active), trained by "
+                        f"`python -m training.finetune` on {len(examples)} stored corrections for {step} steps "
+                        f"(finetune run {run_id} in the annotation store)."}
+    model.save_pretrained(out, dtype=_checkpoint_dtype(Path(settings.base)),  # base + adapters/<name>/ (active)
+                          model_card_kwargs=card)
     adapter_dir = out / "adapters" / name
     final = {"steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
              "total_seconds": round(time.perf_counter() - began, 1),
