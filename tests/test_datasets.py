@@ -90,7 +90,7 @@ def test_lazy_loading_gives_the_same_batches(shapes_dir):
     eager = Collator(ShapesData(shapes_dir, "train", 64), tok, 64)
     lazy = Collator(ShapesData(shapes_dir, "train", 64, lazy=True), tok, 64)
     assert lazy.data.records[0].pixels is None
-    for task in ("refer", "region_points"):
+    for task in ("refer", "refer_image", "region_points"):
         a = eager(task, [0, 2], np.random.default_rng(1))
         b = lazy(task, [0, 2], np.random.default_rng(1))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

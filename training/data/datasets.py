@@ -328,11 +328,14 @@ class Collator:
         batch["refer_boxes"] = torch.tensor(np.stack([_norm_box(r["box"], rec) for r, rec in zip(refs, recs)]))
         batch["refer_valid"] = torch.ones(len(refs), dtype=torch.bool)
         masks, valid = [], [bool(r.get("mask_file") and rec.mask_file) for r, rec in zip(refs, recs)]
+        maps: dict[str, np.ndarray] = {}  # one read per image: `refer_image` rows share it (lazy data reads files)
         for r, rec, has_mask in zip(refs, recs, valid):
             if not has_mask:  # no mask (e.g. RefCOCO through MDETR's files): the mask loss skips this row
                 masks.append(torch.zeros(self.image_size, self.image_size))
                 continue
-            m = (self.data.instance_map(rec) == r.get("object_id", -1)).astype(np.uint8)
+            if rec.image_id not in maps:
+                maps[rec.image_id] = self.data.instance_map(rec)
+            m = (maps[rec.image_id] == r.get("object_id", -1)).astype(np.uint8)
             m = Image.fromarray(m * 255).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             masks.append(torch.from_numpy((np.asarray(m) >= 128).astype(np.float32)))
         batch["masks"] = torch.stack(masks)
