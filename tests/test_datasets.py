@@ -60,6 +60,9 @@ def test_every_task_collates_with_consistent_shapes(shapes_dir):
             assert batch["masks"].shape == (rows, 64, 64) and bool((batch["masks"].sum((1, 2)) > 0).all())
             assert not bool(batch["token_box_mask"].any())
             assert rows == 3 if task == "refer" else rows >= 3
+        if task == "region_image":
+            rows = batch["labels"].shape[0]
+            assert rows >= 3 and batch["prompt_boxes"].shape == (rows, 4) and batch["image_index"].shape == (rows,)
         if task == "region_points":
             assert bool(((batch["prompt_points"] >= 0) & (batch["prompt_points"] <= 1)).all())
     assert seen == set(TASKS)
@@ -90,7 +93,7 @@ def test_lazy_loading_gives_the_same_batches(shapes_dir):
     eager = Collator(ShapesData(shapes_dir, "train", 64), tok, 64)
     lazy = Collator(ShapesData(shapes_dir, "train", 64, lazy=True), tok, 64)
     assert lazy.data.records[0].pixels is None
-    for task in ("refer", "refer_image", "region_points"):
+    for task in ("refer", "refer_image", "region_points", "region_image"):
         a = eager(task, [0, 2], np.random.default_rng(1))
         b = lazy(task, [0, 2], np.random.default_rng(1))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
@@ -129,6 +132,39 @@ def test_refer_image_items_bring_their_images_expressions(shapes_dir):
         width = int((alone["labels"][0] >= 0).sum())
         assert torch.equal(labels[:width], alone["labels"][0, :width]) and bool((labels[width:] == -100).all())
         assert torch.equal(batch["masks"][row], alone["masks"][0]) and bool(batch["mask_valid"][row])
+
+
+def test_region_image_items_bring_their_images_objects(shapes_dir):
+    """A `region_image` item is an image with up to `region_per_image` of its objects, each object once; each row's
+    target is that object's caption with every token at its box, its prompt is the object's box moved by at most a
+    few jitter sigmas, and `image_index` names its image in the batch."""
+    tok = small_tokenizer()
+    data = ShapesData(shapes_dir, "train", 64)
+    assert data.size("region_image") == sum(1 for rec in data.records if rec.objects)
+    cap = 2
+    assert any(len(own) > cap for own in data.regions_by_image.values())  # the cap is exercised
+    collate = Collator(data, tok, 64, region_per_image=cap, box_jitter=0.05)
+    items = list(range(data.size("region_image")))
+    batch = collate("region_image", items, np.random.default_rng(0))
+    counts = [min(len(data.regions_by_image[data.region_images[i]]), cap) for i in items]
+    assert batch["image_index"].tolist() == [b for b, n in enumerate(counts) for _ in range(n)]
+    seen = set()
+    for row, b in enumerate(batch["image_index"].tolist()):
+        rec = data.records[data.region_images[b]]
+        assert torch.equal(batch["images"][b], rec.pixels.float())
+        labels = batch["labels"][row]
+        text = tok.decode(labels[labels >= 0].tolist(), skip_special_tokens=True)
+        scale = np.array([rec.width, rec.height] * 2, np.float32)
+        traced = batch["token_boxes"][row, 0].numpy()
+        [obj] = [o for o in rec.objects if np.allclose(np.array(o["box"], np.float32) / scale, traced, atol=1e-6)]
+        assert text == f"{obj['size']} {obj['color']} {obj['shape']}" and (rec.image_id, obj["object_id"]) not in seen
+        seen.add((rec.image_id, obj["object_id"]))
+        box = np.array(obj["box"], np.float32) / scale
+        n = int((labels >= 0).sum()) - 1  # the EOS has no trace box
+        np.testing.assert_allclose(batch["token_boxes"][row, :n].numpy(), np.repeat(box[None], n, 0), atol=1e-6)
+        size = np.array([box[2] - box[0], box[3] - box[1]] * 2)
+        assert np.all(np.abs(batch["prompt_boxes"][row].numpy() - box) <= 5 * 0.05 * size + 1e-3)
+    assert len(seen) == sum(counts)
 
 
 def test_per_task_batch_sizes(shapes_dir):

@@ -212,6 +212,42 @@ def test_batched_box_captions_equal_single_calls():
     assert len({tuple(r) for r in rows}) > 1, "boxes should condition the caption"
 
 
+def test_rows_that_end_leave_the_decoding_batch():
+    """A row leaves the batch at its EOS (its KV cache and prefix dropped): the decoder runs on fewer rows from then
+    on, and every row's tokens and boxes are still those of decoding it alone."""
+    model = make_prompt_sensitive(small_model(seed=6))
+    images = torch.rand(1, 3, model.config.image_size, model.config.image_size,
+                        generator=torch.Generator().manual_seed(9)) * 255
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.4, 0.1, 0.9, 0.6], [0.1, 0.5, 0.7, 1.0], [0.2, 0.2, 0.3, 0.9]])
+    n = 12
+    with torch.no_grad():
+        feats = model.encode_image(images)
+        prefix = model.encode_prefix(feats, boxes=boxes)
+        model.config.eos_token_id = -1  # no EOS: every row runs n steps
+        free = [[int(t) for t in step.tokens] for step, _ in model.stream(prefix, max_new_tokens=n)]
+        # an EOS id that some rows emit and others never do (this random model repeats one token per row)
+        emitted = [set(row) for row in zip(*free)]
+        model.config.eos_token_id = next(t for t in sorted(set().union(*emitted))
+                                         if 0 < sum(t in e for e in emitted) < len(boxes))
+        widths = []
+        handle = model.language_model.decoder.register_forward_pre_hook(
+            lambda _m, _a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        rows, row_boxes = [[] for _ in boxes], [[] for _ in boxes]
+        for step, box in model.stream(prefix, max_new_tokens=n):
+            for i in range(len(boxes)):
+                if not step.finished[i]:
+                    rows[i].append(int(step.tokens[i]))
+                    row_boxes[i].append(box[i])
+        handle.remove()
+        singles = [_decode(model, model.encode_prefix(feats, boxes=b[None]), n=n) for b in boxes]
+    for i, (tokens, single_boxes) in enumerate(singles):
+        assert rows[i] == tokens
+        assert torch.allclose(torch.stack(row_boxes[i]), single_boxes, atol=1e-5)
+    lengths = [len(r) for r in rows]
+    assert widths == [sum(length > step for length in lengths) for step in range(max(lengths))]
+    assert widths[-1] < len(boxes)
+
+
 def test_sam_checkpoint_and_t5_directory_load_into_base_style_build(tmp_path):
     """Component loading, with small random stand-ins of the real classes saved the way the originals are."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -344,8 +380,40 @@ def test_expressions_grouped_by_image_train_as_the_flat_batch():
     a["loss"].backward()
     assert model.image_encoder.sam_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
-    with pytest.raises(ValueError, match="one prompt per image"):
-        model({**grouped, "prompt_boxes": targets["refer_boxes"]})
+    with pytest.raises(ValueError, match="need 4 rows, one per target row"):  # a prompt per image is refused
+        model({**grouped, "prompt_boxes": targets["refer_boxes"][:2]})
+
+
+def test_region_rows_grouped_by_image_train_as_the_flat_batch():
+    """`image_index` with per-row box prompts (the `region_image` task): two images encoded once for four boxes give
+    the same caption, trace and attention losses as the four rows with their images repeated, and the image encoder
+    gets the gradient of every row."""
+    model = small_model(seed=3, roi_grid=4, roi_position="sine").train()
+    model.config.attn_supervision_weight = 1.0
+    s = model.config.image_size
+    images = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(6)) * 255
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.6], [0.0, 0.5, 0.5, 1.0], [0.6, 0.6, 0.8, 0.9]])
+    seqs = [encode_text(model.tokenizer, w, eos=True) for w in ["large green square", "small orange triangle",
+                                                                "large red circle", "small blue star"]]
+    labels = torch.full((4, max(map(len, seqs))), -100)
+    for i, seq in enumerate(seqs):
+        labels[i, : len(seq)] = torch.tensor(seq)
+    image_index = torch.tensor([0, 0, 1, 1])
+    targets = {"labels": labels, "prompt_boxes": boxes, "token_boxes": boxes[:, None].expand(4, labels.shape[1], 4),
+               "token_box_mask": labels != -100}
+    grouped = {**targets, "images": images, "image_index": image_index}
+    flat = {**targets, "images": images[image_index]}
+    a, b = model(grouped), model(flat)
+    for name in ("caption", "location", "attn_cells"):
+        assert torch.allclose(a[name], b[name], atol=1e-5), (name, a[name], b[name])
+    # swapping the rows' images changes the losses: each row reads its own image's features
+    swapped = model({**grouped, "image_index": torch.tensor([1, 1, 0, 0])})
+    assert not torch.allclose(swapped["caption"], a["caption"], atol=1e-4)
+    a["loss"].backward()
+    grad_grouped = model.image_encoder.sam_encoder.patch_embed.proj.weight.grad.clone()
+    model.zero_grad()
+    b["loss"].backward()
+    assert torch.allclose(grad_grouped, model.image_encoder.sam_encoder.patch_embed.proj.weight.grad, atol=1e-5)
 
 
 def test_saved_folder_has_a_model_card_describing_it(tmp_path):

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"),
                       lazy=bool(cfg["data"].get("lazy", model.config.image_size > 256)))
     collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)),
-                       refer_per_image=int(tcfg.get("refer_per_image", 8)))
+                       refer_per_image=int(tcfg.get("refer_per_image", 8)),
+                       region_per_image=int(tcfg.get("region_per_image", 8)))
     # per-task batch sizes (items per step over all ranks), e.g. {refer_image: 8}: 8 images, each with its expressions
     task_batch = {t: max(1, int(n) // world) for t, n in (tcfg.get("task_batch_size") or {}).items()}
     stages = cfg["stages"]

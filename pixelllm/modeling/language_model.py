@@ -95,7 +95,12 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
            pad_token_id: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> Iterator[DecodeStep]:
     """Incremental decoding with the KV cache, one step per yield; stops when every row emitted EOS or after
-    `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers."""
+    `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers.
+
+    A row that emits EOS leaves the batch: its KV cache and prefix rows are dropped (transformers'
+    `batch_select_indices`), so a batch of captions of different lengths costs what its live rows cost, not
+    16 rows until the longest ends. Steps still report the whole batch: finished rows get pad, zero hidden and
+    zero log-probability, with `finished` set."""
     batch = prefix.hidden.shape[0]
     device = prefix.hidden.device
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -105,6 +110,7 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
             warpers.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p))
+    live = torch.arange(batch, device=device)  # the batch rows still decoding, in order
     last = torch.full((batch, 1), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     history = last
@@ -118,11 +124,21 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             tokens = logits.argmax(dim=-1)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-        yield DecodeStep(tokens=tokens, hidden=hidden, logprob=logprobs.gather(1, tokens[:, None]).squeeze(1),
-                         finished=finished.clone())
-        finished = finished | (tokens == eos_token_id)
+        full_tokens = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+        full_tokens[live] = tokens
+        full_hidden = hidden.new_zeros(batch, hidden.shape[-1])
+        full_hidden[live] = hidden
+        full_logprob = logprobs.new_zeros(batch)
+        full_logprob[live] = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        yield DecodeStep(tokens=full_tokens, hidden=full_hidden, logprob=full_logprob, finished=finished.clone())
+        ended = tokens == eos_token_id
+        finished[live[ended]] = True
         if bool(finished.all()):
             return
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            prefix = prefix.select(keep)
+            live, tokens, history = live[keep], tokens[keep], history[keep]
         last = tokens[:, None]
         history = torch.cat([history, last], dim=1)

@@ -147,24 +147,30 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         masks BxSxS (0/1, model-input frame) + mask_valid B — referring masks, prompted by refer_boxes;
         gt_boxes BxMx4 + gt_valid BxM — all objects, for the proposal head;
         image_index R — optional: the targets (labels, refer_boxes, masks) have R rows, row r on image
-        image_index[r]; the image and its prompt are encoded once per image, so the prompt must be one per image
-        (the global box with the referring prompt: the `refer_image` task).
+        image_index[r], and each image is encoded once. Without per-row prompts the prompt is encoded once per
+        image too (the global box with the referring prompt: the `refer_image` task); with them (prompt_boxes /
+        prompt_points / prompt_ids of R rows: the `region_image` task) every row's prefix reads its image's features.
         Returns a dict of weighted loss terms and their sum under "loss".
         """
         cfg = self.config
         features = batch["image_features"] if "image_features" in batch else self.encode_image(batch["images"])
         out: dict[str, torch.Tensor] = {}
         if "labels" in batch:
-            if "image_index" in batch and any(k in batch for k in ("prompt_boxes", "prompt_points", "prompt_ids")):
-                raise ValueError("image_index shares one prompt per image: it cannot go with per-row prompts")
+            rows_image = batch.get("image_index")
             text_ids, text_mask = batch.get("prompt_ids"), batch.get("prompt_mask")
             if "refer_boxes" in batch and text_ids is None:
                 text_ids = self.refer_prompt_ids()
-            prefix = self.encode_prefix(features, boxes=batch.get("prompt_boxes"), points=batch.get("prompt_points"),
-                                        point_labels=batch.get("point_labels"), text_ids=text_ids,
-                                        text_mask=text_mask)
-            if "image_index" in batch:
-                prefix = prefix.select(batch["image_index"])
+            prompts = [k for k in ("prompt_boxes", "prompt_points", "prompt_ids") if k in batch]
+            if rows_image is not None and any(batch[k].shape[0] != rows_image.shape[0] for k in prompts):
+                raise ValueError(f"with image_index, prompts are per row: {', '.join(prompts)} need "
+                                 f"{rows_image.shape[0]} rows, one per target row")
+            # per-row prompts read their own image's features (an index, so gradients sum over its rows)
+            row_features = features.index(rows_image) if rows_image is not None and prompts else features
+            prefix = self.encode_prefix(row_features, boxes=batch.get("prompt_boxes"),
+                                        points=batch.get("prompt_points"), point_labels=batch.get("point_labels"),
+                                        text_ids=text_ids, text_mask=text_mask)
+            if rows_image is not None and not prompts:
+                prefix = prefix.select(rows_image)
             labels = batch["labels"]
             if cfg.attn_supervision_weight > 0 and self.prompt_extractor.roi_grid == 0:
                 raise ValueError("attn_supervision_weight > 0 needs RoI cells to supervise: set roi_grid > 0 "

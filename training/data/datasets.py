@@ -8,6 +8,9 @@ Tasks (each batch holds one task; every batch also carries all object boxes for 
 - `region_box`     location-conditioned caption ("large red circle", or a dense region's own caption) prompted by
                    the object's (jittered) box;
 - `region_points`  the same prompted by 1-3 positive points inside the object's mask (inside its box if none);
+- `region_image`   `region_box` with an *image* as the item: (up to `region_per_image` of) its objects, each a row
+                   with its own box prompt, share one encoding of the image (`image_index`); a row costs about a
+                   third of a `region_box` row on the tiny preset (README *The embedded model*);
 - `refer`          referring expression -> box at EOS + SAM mask, global box prompt;
 - `refer_image`    the same, but an item is an *image* with (up to `refer_per_image` of) its expressions: the
                    image and its prompt are encoded once for all of them (`image_index` in the batch), so a step
@@ -32,7 +35,7 @@ from training.data.localized_narratives import LNReadStats, read_localized_narra
 from training.data.shapes import load_image, load_instance_map
 from training.data.shapes import load_jsonl as read_jsonl
 
-TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "refer", "refer_image")
+TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "region_image", "refer", "refer_image")
 
 
 @dataclass
@@ -103,6 +106,10 @@ class ShapesData:
             self.refer_by_image.setdefault(self.index[r["image_id"]], []).append(k)
         self.refer_images = sorted(self.refer_by_image)
         self.regions = [(i, obj) for i, rec in enumerate(self.records) for obj in rec.objects]
+        self.regions_by_image: dict[int, list[int]] = {}
+        for k, (i, _) in enumerate(self.regions):
+            self.regions_by_image.setdefault(i, []).append(k)
+        self.region_images = sorted(self.regions_by_image)
         self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
         self.sentence_items = [(i, s) for i in self.narratives for s in self.records[i].sentences]
 
@@ -152,7 +159,8 @@ class ShapesData:
     def size(self, task: str) -> int:
         return {"narrative": len(self.narratives), "prefix": len(self.narratives),
                 "sentence": len(self.sentence_items), "region_box": len(self.regions),
-                "region_points": len(self.regions), "refer": len(self.refer),
+                "region_points": len(self.regions), "region_image": len(self.region_images),
+                "refer": len(self.refer),
                 "refer_image": len(self.refer_images)}[task]
 
 
@@ -164,9 +172,10 @@ class Collator:
     """Builds model batches (see `PixelLLM.forward`) for one task from item indices."""
 
     def __init__(self, data: ShapesData, tokenizer, image_size: int, max_tokens: int = 96,
-                 box_jitter: float = 0.05, refer_per_image: int = 8) -> None:
+                 box_jitter: float = 0.05, refer_per_image: int = 8, region_per_image: int = 8) -> None:
         self.data = data
         self.refer_per_image = refer_per_image
+        self.region_per_image = region_per_image
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_tokens = max_tokens
@@ -261,19 +270,41 @@ class Collator:
             seqs.append((*self._word_tokens(words, np.repeat(_norm_box(obj["box"], rec)[None], len(words), 0)), True))
         return self._pad_targets(seqs)
 
+    def _jittered_box(self, rec: ImageRecord, obj: dict, rng: np.random.Generator) -> list[float]:
+        """The object's normalised box, each side moved by N(0, box_jitter) of the box's width/height."""
+        box = _norm_box(obj["box"], rec)
+        wh = np.array([box[2] - box[0], box[3] - box[1]] * 2, np.float32)
+        box = box + rng.normal(0, self.box_jitter, 4).astype(np.float32) * wh
+        x0, x1 = sorted(np.clip(box[[0, 2]], 0, 1))
+        y0, y1 = sorted(np.clip(box[[1, 3]], 0, 1))
+        return [x0, y0, max(x1, x0 + 1e-3), max(y1, y0 + 1e-3)]
+
     def _region_box(self, indices, rng) -> dict:
         recs, objs = self._region_items(indices)
-        boxes = []
-        for rec, obj in zip(recs, objs):
-            box = _norm_box(obj["box"], rec)
-            wh = np.array([box[2] - box[0], box[3] - box[1]] * 2, np.float32)
-            box = box + rng.normal(0, self.box_jitter, 4).astype(np.float32) * wh
-            x0, x1 = sorted(np.clip(box[[0, 2]], 0, 1))
-            y0, y1 = sorted(np.clip(box[[1, 3]], 0, 1))
-            boxes.append([x0, y0, max(x1, x0 + 1e-3), max(y1, y0 + 1e-3)])
         batch = self._common(recs)
-        batch["prompt_boxes"] = torch.tensor(boxes, dtype=torch.float32)
+        batch["prompt_boxes"] = torch.tensor([self._jittered_box(r, o, rng) for r, o in zip(recs, objs)],
+                                             dtype=torch.float32)
         batch.update(self._region_targets(recs, objs))
+        return batch
+
+    def _region_image(self, indices, rng) -> dict:
+        """Items are images (`data.region_images`); each brings up to `region_per_image` of its objects (drawn at
+        random when it has more), a row each with its own jittered box prompt; `image_index` maps rows to images."""
+        images = [self.data.region_images[i] for i in indices]
+        objs, rows_image = [], []
+        for b, image in enumerate(images):
+            own = self.data.regions_by_image[image]
+            if len(own) > self.region_per_image:
+                own = sorted(rng.choice(own, self.region_per_image, replace=False).tolist())
+            objs += [self.data.regions[k][1] for k in own]
+            rows_image += [b] * len(own)
+        recs = [self.data.records[i] for i in images]
+        row_recs = [recs[b] for b in rows_image]
+        batch = self._common(recs)
+        batch["prompt_boxes"] = torch.tensor([self._jittered_box(r, o, rng) for r, o in zip(row_recs, objs)],
+                                             dtype=torch.float32)
+        batch.update(self._region_targets(row_recs, objs))
+        batch["image_index"] = torch.tensor(rows_image, dtype=torch.long)
         return batch
 
     def _region_points(self, indices, rng) -> dict:
