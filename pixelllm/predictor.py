@@ -26,6 +26,7 @@ from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.tokenizer import encode_text, starts_word
 
 MAX_PROMPT_TOKENS = 64
+MAX_TRACE_TOKENS = 512  # the longest caption `trace` reads (max_new_tokens' limit too)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,34 @@ class PixelLLMPredictor:
                 words[i].append(last)
         return [Caption(text=" ".join(w.text for w in ws), words=ws, score=float(np.exp(logp[i] / max(count[i], 1))))
                 for i, ws in enumerate(words)]
+
+    # ------------------------------------------------------------------ controlled trace generation
+    def trace(self, state: ImageState, text: str, *, points=None, point_labels=None, box=None) -> Caption:
+        """Where each word of a *given* caption points (MITR's controlled trace generation; the paper's LBM
+        protocol): the decoder is teacher-forced on the caption under the prompt (global box by default) and
+        every token's box is read from the location head, as while captioning. The caption is tokenised word
+        by word, as in training, so its words are exactly its whitespace-separated pieces, each boxed by the
+        mean of its tokens; score = geometric-mean probability of the caption's tokens and EOS."""
+        text = imaging.check_text(text)
+        if text is None:
+            raise ValueError("give the caption to trace")
+        pieces = [encode_text(self.tokenizer, word, eos=False) for word in text.split()]
+        if not all(pieces):
+            raise ValueError("a word of the caption has no tokens in this model's vocabulary")
+        ids = [t for p in pieces for t in p]
+        if len(ids) > MAX_TRACE_TOKENS:
+            raise ValueError(f"the caption is {len(ids)} tokens long; the limit is {MAX_TRACE_TOKENS}")
+        with self._model_lock.read(), torch.inference_mode():
+            prefix = self._prefix(state, points=points, point_labels=point_labels, box=box)
+            boxes, logp = self.model.trace(prefix, torch.tensor(ids, dtype=torch.long, device=self.device))
+        px = boxes.float().cpu().numpy() * self._norm(state)
+        words, start = [], 0
+        for k, (word, piece) in enumerate(zip(text.split(), pieces)):
+            own = px[start:start + len(piece)]
+            start += len(piece)
+            words.append(Word(text=word, box=own.mean(axis=0).round(2).tolist(), index=k, token_ids=piece,
+                              token_boxes=own.round(2).tolist()))
+        return Caption(text=text, words=words, score=float(logp.mean().exp()))
 
     # ------------------------------------------------------------------ referring
     def refer(self, state: ImageState, expressions: list[str]) -> list[Referral]:

@@ -79,7 +79,7 @@ def hand_world() -> tuple[list[ImageTruth], list[np.ndarray], dict[int, tuple[li
         expressions=[ExpressionTruth("the large red circle", 1, (0, 0, 20, 20)),
                      ExpressionTruth("the star", 2, (20, 20, 30, 30))],
         regions=[((0, 0, 20, 20), "large red circle"), ((20, 20, 30, 30), "small blue star")],
-        trace=_norm_trace(BOXES_A, 40, 40))
+        trace=_norm_trace(BOXES_A, 40, 40), narrative=WORDS_A)
     b_objects = [ObjectTruth(1, SGS, (0, 0, 10, 10), (5, 5)), ObjectTruth(2, SGS, (30, 10, 40, 20), (35, 15)),
                  ObjectTruth(3, ("large", "yellow", "hexagon"), (15, 0, 25, 10), (20, 5))]
     b = ImageTruth(
@@ -91,7 +91,7 @@ def hand_world() -> tuple[list[ImageTruth], list[np.ndarray], dict[int, tuple[li
                      ExpressionTruth("the hexagon", 3, (15, 0, 25, 10))],
         regions=[((0, 0, 10, 10), "small green square"), ((30, 10, 40, 20), "small green square"),
                  ((15, 0, 25, 10), "large yellow hexagon")],
-        trace=_norm_trace(BOXES_B, 40, 20))
+        trace=_norm_trace(BOXES_B, 40, 20), narrative=WORDS_B)
     images = [np.full((40, 40, 3), 1, np.uint8), np.full((20, 40, 3), 2, np.uint8)]
     narratives = {0: (WORDS_A, BOXES_A), 1: (WORDS_B, BOXES_B)}
     return [a, b], images, narratives
@@ -143,6 +143,13 @@ class ScriptedPredictor:
         words, boxes = self.narratives[state]
         return _caption(words, boxes)
 
+    def trace(self, state: int, text: str) -> Caption:
+        """The reference narrative's own boxes (perfect), shifted right by `trace_shift` pixels if set."""
+        words, boxes = self.narratives[state]
+        assert text == " ".join(words)
+        shift = getattr(self, "trace_shift", 0.0)
+        return _caption(words, [(b[0] + shift, b[1], b[2] + shift, b[3]) for b in boxes])
+
 
 def _predict(predictor: ScriptedPredictor, truths: list[ImageTruth], images: list[np.ndarray]):
     return [predict_image(predictor, img, t) for img, t in zip(images, truths)]
@@ -167,13 +174,15 @@ def test_perfect_predictor_gives_perfect_metrics() -> None:
                 "trace_point_in_object", "object_recall"):
         assert _model(result, key) == pytest.approx(1.0), key
     assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-12)
+    assert _model(result, "trace_lbm_given_caption") == pytest.approx(0.0, abs=1e-12)
     assert _model(result, "hallucination_rate") == 0.0
     # every GT object's box is captioned in one batched call per image
     assert predictor.calls == ["caption_boxes 2", "caption_boxes 3"]
     assert result["counts"] == {"images": 2, "objects": 5, "expressions": 5, "dense_regions": 5,
                                 "dense_predictions": 5, "trace_mentions_matched": 5, "trace_content_words": 15,
-                                "lbm_images": 2, "empty_captions": 0}
-    assert result["targets"]["lbm_at_most_half_centre_baseline"] is True
+                                "lbm_images": 2, "empty_captions": 0, "traced_narratives": 2}
+    assert result["targets"] == {"lbm_at_most_half_centre_baseline": True,
+                                 "lbm_given_caption_at_most_half_centre_baseline": True}
 
 
 def test_baselines_by_hand() -> None:
@@ -195,6 +204,7 @@ def test_baselines_by_hand() -> None:
     centre = np.array([0.45, 0.45, 0.55, 0.55])
     expected = np.mean([np.mean(np.abs(t.trace - centre)) for t in truths])
     assert _baseline(result, "trace_lbm") == pytest.approx(expected)
+    assert _baseline(result, "trace_lbm_given_caption") == pytest.approx(expected)  # the same words here
     # "small green square" once per image: A matches nothing, B matches one of 3 -> recall 1/5;
     # 2 mentions, 1 matched -> hallucination 1/2
     assert _baseline(result, "object_recall") == pytest.approx(0.2)
@@ -287,6 +297,25 @@ def test_trace_lbm_constant_offset() -> None:
     assert _model(result, "trace_lbm") == pytest.approx(0.1)
 
 
+def test_given_caption_lbm_scores_the_trace_of_the_reference_words_only() -> None:
+    """The controlled-trace LBM reads `predictor.trace` of the reference narrative, not the generated caption:
+    a trace shifted by 4 px (0.1 of A's width, 0.1 of B's) costs 0.1 / 2 per image (x coordinates only) while
+    the generated caption, still perfect, keeps its LBM at 0; an image without a narrative is left out."""
+    truths, images, narratives = hand_world()
+    predictor = ScriptedPredictor(truths, images, narratives)
+    predictor.trace_shift = 4.0
+    preds = _predict(predictor, truths, images)
+    result = compute_metrics(truths, preds)
+    assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-12)
+    assert _model(result, "trace_lbm_given_caption") == pytest.approx(np.mean([0.1 / 2, 0.1 / 2]))
+    truths[1].narrative = None
+    preds = _predict(predictor, truths, images)
+    assert preds[1].traced is None
+    result = compute_metrics(truths, preds)
+    assert result["counts"]["traced_narratives"] == 1
+    assert _model(result, "trace_lbm_given_caption") == pytest.approx(0.1 / 2)
+
+
 def test_empty_caption_counts_at_empty_cost_and_no_mentions_is_undefined() -> None:
     truths, preds = _perfect_predictions()
     preds[0].words = []
@@ -348,6 +377,7 @@ def test_oracle_on_generated_split(tmp_path) -> None:
         assert _model(result, key) == pytest.approx(1.0), key
     assert _model(result, "hallucination_rate") == 0.0
     assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-6)
+    assert _model(result, "trace_lbm_given_caption") == pytest.approx(0.0, abs=1e-6)
     # The LN trace loops inside each object while its words are spoken, so its word-box centres land on
     # the object (not guaranteed for every word: boxes of a looping trace can be off-centre).
     assert _model(result, "trace_point_in_object") >= 0.9

@@ -248,6 +248,49 @@ def test_rows_that_end_leave_the_decoding_batch():
     assert widths[-1] < len(boxes)
 
 
+def test_tracing_a_caption_gives_the_boxes_it_was_generated_with():
+    """Controlled trace generation: `PixelLLM.trace` of the model's own greedy tokens reads the boxes and
+    log-probabilities that decoding them gave (teacher forcing = incremental decoding on the same tokens)."""
+    model = small_model(seed=1)
+    prefix = _prefix(model, seed=3, box=[0.1, 0.1, 0.7, 0.8])
+    eos, model.config.eos_token_id = model.config.eos_token_id, -1  # decode a fixed length
+    with torch.no_grad():
+        steps = [(int(step.tokens[0]), box[0], float(step.logprob[0]))
+                 for step, box in model.stream(prefix, max_new_tokens=10)]
+        model.config.eos_token_id = eos
+        boxes, logp = model.trace(prefix, torch.tensor([t for t, _, _ in steps]))
+    assert boxes.shape == (10, 4) and logp.shape == (11,)  # the caption's tokens and EOS
+    assert torch.allclose(boxes, torch.stack([b for _, b, _ in steps]), atol=1e-5)
+    assert torch.allclose(logp[:10], torch.tensor([lp for _, _, lp in steps]), atol=1e-4)
+
+
+def test_predictor_traces_every_word_of_a_given_caption():
+    """`PixelLLMPredictor.trace`: one word per whitespace-separated piece of the caption, in pixels, each the mean
+    of its tokens' boxes from `PixelLLM.trace`; a blank caption is refused with a clear message."""
+    from pixelllm.predictor import PixelLLMPredictor
+    from tests.helpers import random_image
+
+    model = small_model(seed=1)
+    predictor = PixelLLMPredictor(model)
+    state = predictor.set_image(random_image(3, 48, 80))
+    text = "a large red circle on the left. the background is mint"
+    traced = predictor.trace(state, text, box=[5, 5, 60, 40])
+    assert [w.text for w in traced.words] == text.split() and traced.text == text
+    pieces = [encode_text(model.tokenizer, w, eos=False) for w in text.split()]
+    assert [w.token_ids for w in traced.words] == pieces
+    with torch.no_grad():
+        prefix = model.encode_prefix(state.features, boxes=torch.tensor([[5 / 80, 5 / 48, 60 / 80, 40 / 48]]))
+        boxes, logp = model.trace(prefix, torch.tensor([t for p in pieces for t in p]))
+    px = boxes.numpy() * [80, 48, 80, 48]
+    start = 0
+    for word, piece in zip(traced.words, pieces):
+        np.testing.assert_allclose(word.box, px[start:start + len(piece)].mean(0), atol=0.01)
+        start += len(piece)
+    assert traced.score == pytest.approx(float(logp.mean().exp()), rel=1e-4)
+    with pytest.raises(ValueError, match="give the caption"):
+        predictor.trace(state, "   ")
+
+
 def test_sam_checkpoint_and_t5_directory_load_into_base_style_build(tmp_path):
     """Component loading, with small random stand-ins of the real classes saved the way the originals are."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer

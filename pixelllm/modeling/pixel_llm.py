@@ -299,6 +299,17 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             boxes = LocationHead.as_box(self.loc_head(step.hidden)) if with_boxes else None
             yield step, boxes
 
+    def trace(self, prefix: Prefix, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Controlled trace generation (MITR's first task): the box of every token of a given caption.
+
+        prefix: one row; caption_ids: T token ids without EOS. The decoder is teacher-forced on [caption, EOS];
+        returns (boxes Tx4 normalised, log-probability of each of the T + 1 tokens)."""
+        eos = torch.tensor([self.config.eos_token_id], dtype=torch.long, device=caption_ids.device)
+        labels = torch.cat([caption_ids, eos])[None]
+        logits, points = self.teacher_forced(prefix, labels)
+        logp = torch.log_softmax(logits[0].float(), -1).gather(1, labels[0, :, None])[:, 0]
+        return LocationHead.as_box(points[0, : caption_ids.shape[0]]), logp
+
     def refer(self, features: ImageFeatures, expression_ids: torch.Tensor, expression_mask: torch.Tensor
               ) -> dict[str, torch.Tensor]:
         """Referring localisation + segmentation for K expressions on one image.
