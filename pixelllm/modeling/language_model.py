@@ -124,13 +124,18 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             tokens = logits.argmax(dim=-1)
-        full_tokens = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
-        full_tokens[live] = tokens
-        full_hidden = hidden.new_zeros(batch, hidden.shape[-1])
-        full_hidden[live] = hidden
-        full_logprob = logprobs.new_zeros(batch)
-        full_logprob[live] = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        yield DecodeStep(tokens=full_tokens, hidden=full_hidden, logprob=full_logprob, finished=finished.clone())
+        logprob = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        if len(live) == batch:  # every row still decoding (always, for one caption): no scatter
+            yield DecodeStep(tokens=tokens, hidden=hidden, logprob=logprob, finished=finished.clone())
+        else:
+            full_tokens = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+            full_tokens[live] = tokens
+            full_hidden = hidden.new_zeros(batch, hidden.shape[-1])
+            full_hidden[live] = hidden
+            full_logprob = logprob.new_zeros(batch)
+            full_logprob[live] = logprob
+            yield DecodeStep(tokens=full_tokens, hidden=full_hidden, logprob=full_logprob,
+                             finished=finished.clone())
         ended = tokens == eos_token_id
         finished[live[ended]] = True
         if bool(finished.all()):

@@ -9,8 +9,8 @@ Tasks (each batch holds one task; every batch also carries all object boxes for 
                    the object's (jittered) box;
 - `region_points`  the same prompted by 1-3 positive points inside the object's mask (inside its box if none);
 - `region_image`   `region_box` with an *image* as the item: (up to `region_per_image` of) its objects, each a row
-                   with its own box prompt, share one encoding of the image (`image_index`); a row costs about a
-                   third of a `region_box` row on the tiny preset (README *The embedded model*);
+                   with its own box prompt, share one encoding of the image (`image_index`); a row costs about
+                   two thirds of a `region_box` row on the tiny preset (docs/referring.md §8);
 - `refer`          referring expression -> box at EOS + SAM mask, global box prompt;
 - `refer_image`    the same, but an item is an *image* with (up to `refer_per_image` of) its expressions: the
                    image and its prompt are encoded once for all of them (`image_index` in the batch), so a step
