@@ -168,6 +168,21 @@ def _norm_box(box: list[float], rec: ImageRecord) -> np.ndarray:
     return np.array(box, dtype=np.float32) / np.array([rec.width, rec.height, rec.width, rec.height], np.float32)
 
 
+def _rows_of_images(images: list[int], rows_by_image: dict[int, list[int]], cap: int, rng: np.random.Generator
+                    ) -> tuple[list[int], list[int]]:
+    """The rows of a grouped batch: for each image (its position b in the batch), its row items, `cap` of them
+    drawn at random (kept in order) when it has more. Returns (row items, the batch position of each row)."""
+    rows: list[int] = []
+    rows_image: list[int] = []
+    for b, image in enumerate(images):
+        own = rows_by_image[image]
+        if len(own) > cap:
+            own = sorted(rng.choice(own, cap, replace=False).tolist())
+        rows += own
+        rows_image += [b] * len(own)
+    return rows, rows_image
+
+
 class Collator:
     """Builds model batches (see `PixelLLM.forward`) for one task from item indices."""
 
@@ -291,13 +306,8 @@ class Collator:
         """Items are images (`data.region_images`); each brings up to `region_per_image` of its objects (drawn at
         random when it has more), a row each with its own jittered box prompt; `image_index` maps rows to images."""
         images = [self.data.region_images[i] for i in indices]
-        objs, rows_image = [], []
-        for b, image in enumerate(images):
-            own = self.data.regions_by_image[image]
-            if len(own) > self.region_per_image:
-                own = sorted(rng.choice(own, self.region_per_image, replace=False).tolist())
-            objs += [self.data.regions[k][1] for k in own]
-            rows_image += [b] * len(own)
+        rows, rows_image = _rows_of_images(images, self.data.regions_by_image, self.region_per_image, rng)
+        objs = [self.data.regions[k][1] for k in rows]
         recs = [self.data.records[i] for i in images]
         row_recs = [recs[b] for b in rows_image]
         batch = self._common(recs)
@@ -338,13 +348,8 @@ class Collator:
         """Items are images (`data.refer_images`); each brings up to `refer_per_image` of its expressions, drawn
         at random when it has more. `image_index` maps each expression row to its image in `images`."""
         images = [self.data.refer_images[i] for i in indices]
-        refs, rows_image = [], []
-        for b, image in enumerate(images):
-            own = self.data.refer_by_image[image]
-            if len(own) > self.refer_per_image:
-                own = sorted(rng.choice(own, self.refer_per_image, replace=False).tolist())
-            refs += [self.data.refer[k] for k in own]
-            rows_image += [b] * len(own)
+        rows, rows_image = _rows_of_images(images, self.data.refer_by_image, self.refer_per_image, rng)
+        refs = [self.data.refer[k] for k in rows]
         recs = [self.data.records[i] for i in images]
         batch = self._common(recs)
         batch.update(self._refer_targets(refs, [recs[b] for b in rows_image]))
