@@ -304,8 +304,8 @@ class PixelLLMPredictor:
 
     # ------------------------------------------------------------------ controlled trace generation
     def trace(self, state: ImageState, text: str, *, points=None, point_labels=None, box=None) -> Caption:
-        """Where each word of a *given* caption points (MITR's controlled trace generation; the paper's LBM
-        protocol): the decoder is teacher-forced on the caption under the prompt (global box by default) and
+        """Where each word of a *given* caption points (MITR's controlled trace generation, the task LBM was
+        defined for): the decoder is teacher-forced on the caption under the prompt (global box by default) and
         every token's box is read from the location head, as while captioning. The caption is tokenised word
         by word, as in training, so its words are exactly its whitespace-separated pieces, each boxed by the
         mean of its tokens; score = geometric-mean probability of the caption's tokens and EOS."""

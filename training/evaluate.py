@@ -213,7 +213,8 @@ def predict_image(predictor: Predictor, image: np.ndarray, truth: ImageTruth, *,
     caption = predictor.caption(state, max_new_tokens=max_new_tokens)  # global box, greedy
     traced = None
     if truth.narrative:  # controlled trace generation: the reference narrative given, its words located
-        traced = [PredictedWord(w.text, _box(w.box)) for w in predictor.trace(state, " ".join(truth.narrative)).words]
+        words = predictor.trace(state, " ".join(truth.narrative)).words
+        traced = [PredictedWord(w.text, _box(w.box)) for w in words]
         if len(traced) != len(truth.narrative):
             raise RuntimeError(f"{truth.image_id}: the narrative has {len(truth.narrative)} words but its trace "
                                f"{len(traced)}")
@@ -344,8 +345,8 @@ def trace_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePrediction]
     ``lbm_dataset(..., empty_cost=LBM_EMPTY_COST)``. Baseline: as many boxes as the caption has words, each
     ``(0.5 ± CENTRE_BOX_HALF)`` on both axes. Images without an LN trace are left out of both.
 
-    LBM, reference narrative given (MITR's controlled trace generation, the protocol of MITR's and the paper's
-    LBM figures): predicted trace = ``pred.traced`` / (W, H, W, H), one box per reference word, against the same
+    LBM, reference narrative given (MITR's controlled trace generation, the task LBM was defined for):
+    predicted trace = ``pred.traced`` / (W, H, W, H), one box per reference word, against the same
     LN word boxes; baseline: the centre box for every word. It measures where the model points, apart from
     what it says.
 
@@ -416,6 +417,7 @@ def compute_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredictio
               "expressions": sum(len(t.expressions) for t in truths),
               "dense_regions": sum(len(t.regions) for t in truths),
               "dense_predictions": sum(len(p.dense) for p in preds), **trace_counts}
+
     def half(key: str) -> bool | None:
         lbm = metrics[key]
         return None if None in (lbm["model"], lbm["baseline"]) else lbm["model"] <= 0.5 * lbm["baseline"]
