@@ -312,7 +312,8 @@ class PixelLLMPredictor:
         text = imaging.check_text(text)
         if text is None:
             raise ValueError("give the caption to trace")
-        pieces = [encode_text(self.tokenizer, word, eos=False) for word in text.split()]
+        words_text = text.split()
+        pieces = [encode_text(self.tokenizer, word, eos=False) for word in words_text]
         if not all(pieces):
             raise ValueError("a word of the caption has no tokens in this model's vocabulary")
         ids = [t for p in pieces for t in p]
@@ -323,7 +324,7 @@ class PixelLLMPredictor:
             boxes, logp = self.model.trace(prefix, torch.tensor(ids, dtype=torch.long, device=self.device))
         px = boxes.float().cpu().numpy() * self._norm(state)
         words, start = [], 0
-        for k, (word, piece) in enumerate(zip(text.split(), pieces)):
+        for k, (word, piece) in enumerate(zip(words_text, pieces)):
             own = px[start:start + len(piece)]
             start += len(piece)
             words.append(Word(text=word, box=own.mean(axis=0).round(2).tolist(), index=k, token_ids=piece,

@@ -38,10 +38,11 @@ def _config(tmp: Path, steps: tuple[int, int], checkpoint_every: int = 2) -> Pat
         "train": {"out": str(tmp / "run"), "batch_size": 4, "lr": 2e-3, "lm_lr_scale": 0.1, "warmup": 2, "seed": 0,
                   "threads": 1,
                   "log_every": 1, "checkpoint_every": checkpoint_every, "max_tokens": 48,
-                  "task_batch_size": {"refer_image": 2}, "refer_per_image": 3},
+                  "task_batch_size": {"refer_image": 2, "region_image": 2}, "refer_per_image": 3,
+                  "region_per_image": 2},
         "stages": [
             {"name": "caption_pretraining", "stage": "scratch", "steps": steps[0],
-             "tasks": {"narrative": 1, "region_box": 1}},
+             "tasks": {"narrative": 1, "region_box": 1, "region_image": 1}},
             {"name": "multitask", "stage": "scratch", "steps": steps[1], "config": {"attn_supervision_weight": 1.0},
              "tasks": {"narrative": 1, "sentence": 1, "prefix": 1, "region_box": 1, "region_points": 1, "refer": 1,
                        "refer_image": 1}},
@@ -172,7 +173,8 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
         return [(r["step"], r["task"], r["loss"]) for r in map(json.loads, lines)]
 
     assert curve(killed) == curve(straight)  # one row per step and task, none from the lost steps
-    assert "refer_image" in {task for _, task, _ in curve(killed)}  # the runs include grouped referring steps
+    # the runs include both grouped tasks (image_index with a shared prompt and with per-row box prompts)
+    assert {"refer_image", "region_image"} <= {task for _, task, _ in curve(killed)}
     assert (killed / "run" / "loss_curves.png").stat().st_size > 1000
 
 
@@ -214,6 +216,7 @@ def test_ddp_two_gloo_processes_train(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and max(r["step"] for r in rows) == 6
     assert {r["task"] for r in rows if r["step"] > 3} == {"refer", "refer_image"}
+    assert "region_image" in {r["task"] for r in rows if r["step"] <= 3}  # per-row prompts on shared images too
     card = (tmp_path / "run" / "final" / "README.md").read_text()  # the model card says how it was trained
     assert f"--config {config}`: 6 steps" in card and "`multitask` (scratch): 3 steps, peak LR 0.002" in card
     # weights moved away from the initialisation of step 0: training happened
