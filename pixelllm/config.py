@@ -81,6 +81,10 @@ class PixelLLMConfig:
     # (SAM's Fourier code of the cell centre in image coordinates, projected and LayerNormed, added after the
     # token's projection so it arrives at full strength in the attended value; docs/referring.md).
     roi_position: str = "learned"
+    # RoI grid of the unprompted (global-box) prefix, 0 = roi_grid. The whole image through roi_grid cells pools
+    # 2 x 2 ViT patches per cell at the tiny preset (roi_grid 8, 16 x 16 patches); the narrative names every
+    # object from these cells (docs/referring.md §9). Needs roi_position "sine" (its code is per position).
+    global_roi_grid: int = 0
     extractor_depth: int = 2
     extractor_heads: int = 8
     extractor_mlp_dim: int = 2048

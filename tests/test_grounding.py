@@ -48,6 +48,58 @@ def test_unknown_roi_position_is_refused():
         small_model(roi_grid=2, roi_position="fourier")
 
 
+def test_the_unprompted_prefix_reads_the_whole_image_through_its_own_grid():
+    """`global_roi_grid`: the global-box prefix gets g_global^2 RoI tokens, box prompts keep roi_grid^2. With
+    constant image features a token is its position code, so the global grid's first cell (centre (.125, .125)
+    of a 4 x 4 grid) must be the first RoI token of the box (0, 0, .5, .5) read through 2 x 2 cells."""
+    model = small_model(roi_grid=2, roi_position="sine", global_roi_grid=4)
+    q, s = model.config.num_query_tokens, model.config.image_size
+    image = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        features = model.encode_image(image)
+        unprompted = model.encode_prefix(features)
+        boxed = model.encode_prefix(features, boxes=torch.tensor([[0.0, 0.0, 0.5, 0.5]]))
+        pointed = model.encode_prefix(features, points=torch.tensor([[[0.3, 0.3]]]))
+    assert unprompted.hidden.shape[1] == q + 16 and boxed.hidden.shape[1] == q + 4 == pointed.hidden.shape[1]
+
+    ex = model.prompt_extractor
+    zeros = torch.zeros(1, model.config.prompt_embed_dim, model.config.grid_size, model.config.grid_size)
+    with torch.no_grad():
+        whole = ex(zeros, ex.embed_prompt(), grid=model.roi_grid_for(None, None))[:, q:]
+        corner = ex(zeros, ex.embed_prompt(), torch.tensor([[0.0, 0.0, 0.5, 0.5]]), grid=2)[:, q:]
+    assert whole.shape[1] == 16 and corner.shape[1] == 4
+    assert torch.allclose(whole[0, 0], corner[0, 0], atol=1e-5)
+    assert not torch.allclose(whole[0, 1], corner[0, 0], atol=1e-2)
+
+    model.config.global_roi_grid = 2  # the same as roi_grid: nothing changes
+    with torch.no_grad():
+        assert model.encode_prefix(features).hidden.shape[1] == q + 4
+
+
+def test_a_global_grid_set_by_a_training_stage_survives_save_and_load(tmp_path):
+    """training.train sets it per stage on model.config (shapes_tiny.yaml `fine_global_cells`); the checkpoint
+    must carry it, or the loaded model would read the image through the other grid."""
+    model = small_model(roi_grid=2, roi_position="sine")
+    model.config.global_roi_grid = 4
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.config.global_roi_grid == 4
+    image = torch.rand(1, 3, model.config.image_size, model.config.image_size) * 255
+    with torch.no_grad():
+        a = model.encode_prefix(model.encode_image(image)).hidden
+        b = loaded.encode_prefix(loaded.encode_image(image)).hidden
+    assert a.shape[1] == model.config.num_query_tokens + 16
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_global_grid_needs_the_sine_position_code():
+    model = small_model(roi_grid=2, roi_position="learned", global_roi_grid=4)
+    features = model.encode_image(torch.zeros(1, 3, model.config.image_size, model.config.image_size))
+    with pytest.raises(ValueError, match="global_roi_grid"):
+        model.encode_prefix(features)
+    model.encode_prefix(features, boxes=torch.tensor([[0.0, 0.0, 0.5, 0.5]]))  # box prompts keep roi_grid
+
+
 def _refer_batch(model, boxes: torch.Tensor) -> dict:
     tok = model.tokenizer
     words = ["the green square", "the small blue star", "orange triangle", "a large red circle"]
@@ -72,7 +124,8 @@ def _cell_mass(model, batch: dict, boxes: torch.Tensor) -> torch.Tensor:
     eos = (batch["labels"] == model.config.eos_token_id).int().argmax(1)
     q = model.config.num_query_tokens
     cells = probs[torch.arange(4), eos, q:]
-    centres = model.prompt_extractor.cell_centres(torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4))
+    centres = model.prompt_extractor.cell_centres(torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4, 4),
+                                                  model.roi_grid_for(None, None))
     inside = (centres[..., 0] >= boxes[:, None, 0]) & (centres[..., 0] <= boxes[:, None, 2]) & \
         (centres[..., 1] >= boxes[:, None, 1]) & (centres[..., 1] <= boxes[:, None, 3])
     assert bool(inside.any(-1).all())
@@ -100,6 +153,17 @@ def test_attention_supervision_is_off_by_default_and_moves_eos_attention_to_the_
         optimizer.step()
     after = _cell_mass(model, batch, boxes)
     assert float(before.max()) < 0.4 and float(after.min()) > 0.8, (before, after)
+
+
+def test_attention_supervision_reads_the_global_grid_of_the_unprompted_prefix():
+    """The supervised cells are the ones the prefix holds: 4 x 4 global cells while box prompts use 2 x 2."""
+    boxes = torch.tensor([[0.0, 0.0, 0.3, 0.3], [0.7, 0.0, 1.0, 0.3], [0.0, 0.7, 0.3, 1.0], [0.6, 0.6, 1.0, 1.0]])
+    model = small_model(seed=1, roi_grid=2, roi_position="sine", global_roi_grid=4,
+                        attn_supervision_weight=1.0).train()
+    model.language_model.set_attn_implementation("eager")
+    batch = _refer_batch(model, boxes)
+    loss = model(batch)["attn_cells"]
+    assert torch.allclose(loss, -torch.log(_cell_mass(model, batch, boxes) + 1e-6).mean(), atol=1e-4)
 
 
 def test_attention_supervision_without_roi_cells_is_refused():

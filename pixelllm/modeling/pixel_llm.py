@@ -102,6 +102,10 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         """images: Bx3xSxS float in [0, 255], already resized to S = config.image_size."""
         return self.image_encoder(self.normalize(images))
 
+    def roi_grid_for(self, boxes: torch.Tensor | None, points: torch.Tensor | None) -> int:
+        """RoI grid of a prompt batch (config `global_roi_grid` for the unprompted prefix, else `roi_grid`)."""
+        return self.prompt_extractor.grid_for(boxes, points, self.config.global_roi_grid)
+
     def encode_prefix(self, features: ImageFeatures, *, boxes: torch.Tensor | None = None,
                       points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
                       text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> Prefix:
@@ -115,7 +119,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         prompt = self.prompt_extractor.embed_prompt(boxes=boxes, points=points, point_labels=point_labels)
         prompt = prompt.expand(batch, -1, -1)
         regions = self.prompt_extractor.region_of(boxes, points, point_labels, batch, prompt.device)
-        visual = self.prompt_extractor(features.fused, prompt, regions)
+        visual = self.prompt_extractor(features.fused, prompt, regions, self.roi_grid_for(boxes, points))
         mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)
         if text_ids is not None and text_ids.shape[1] > 0:
             text_ids = text_ids.expand(batch, -1)
@@ -261,10 +265,11 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         probs = scores.softmax(-1).mean(1)  # B x T x S
         ex = self.prompt_extractor
         first = self.config.num_query_tokens
-        cells = probs[..., first:first + ex.roi_grid ** 2]  # B x T x g*g
-        regions = ex.region_of(batch.get("prompt_boxes"), batch.get("prompt_points"), batch.get("point_labels"),
-                               rows, labels.device)
-        centres = ex.cell_centres(regions)  # B x g*g x 2
+        boxes, points = batch.get("prompt_boxes"), batch.get("prompt_points")
+        grid = self.roi_grid_for(boxes, points)
+        cells = probs[..., first:first + grid ** 2]  # B x T x g*g
+        regions = ex.region_of(boxes, points, batch.get("point_labels"), rows, labels.device)
+        centres = ex.cell_centres(regions, grid)  # B x g*g x 2
         targets = torch.zeros(rows, length, 4, device=labels.device)
         valid = torch.zeros(rows, length, dtype=torch.bool, device=labels.device)
         if "token_boxes" in batch:

@@ -90,10 +90,21 @@ class PromptFeatureExtractor(nn.Module):
         high = torch.where(keep[..., None], pts, -big).amax(dim=1)
         return torch.cat([low - pad, high + pad], dim=1).clamp(0.0, 1.0).expand(batch, 4)
 
-    def cell_centres(self, regions: torch.Tensor) -> torch.Tensor:
+    def grid_for(self, boxes: torch.Tensor | None, points: torch.Tensor | None, global_grid: int = 0) -> int:
+        """The RoI grid of a prompt batch: `global_grid` (if set) for the unprompted prefix, whose one region
+        is the whole image, else `roi_grid`. Another grid than `roi_grid` needs the sine position code (a learned
+        per-cell embedding has one size)."""
+        if not global_grid or global_grid == self.roi_grid or boxes is not None or points is not None:
+            return self.roi_grid
+        if not self.roi_grid or self.roi_position != "sine":
+            raise ValueError(f"global_roi_grid={global_grid} needs roi_grid > 0 and roi_position='sine'; got "
+                             f"roi_grid={self.roi_grid}, roi_position={self.roi_position!r}")
+        return global_grid
+
+    def cell_centres(self, regions: torch.Tensor, grid: int | None = None) -> torch.Tensor:
         """regions: Bx4 normalised -> B x g*g x 2, the (x, y) image coordinates of the RoI cells' centres in
-        the row-major order of the RoI tokens."""
-        g = self.roi_grid
+        the row-major order of the RoI tokens (g = `grid`, default `roi_grid`)."""
+        g = grid or self.roi_grid
         steps = (torch.arange(g, device=regions.device, dtype=torch.float32) + 0.5) / g
         x0, y0, x1, y1 = regions.float().unbind(-1)
         xs = x0[:, None] + steps[None] * (x1 - x0)[:, None]  # B x g
@@ -101,10 +112,10 @@ class PromptFeatureExtractor(nn.Module):
         return torch.stack([xs[:, None, :].expand(-1, g, -1), ys[:, :, None].expand(-1, -1, g)], -1).flatten(1, 2)
 
     def forward(self, image_embeddings: torch.Tensor, prompt_tokens: torch.Tensor,
-                regions: torch.Tensor | None = None) -> torch.Tensor:
+                regions: torch.Tensor | None = None, grid: int | None = None) -> torch.Tensor:
         """image_embeddings: BxCxhxw, or 1xCxhxw shared by all B prompts; prompt_tokens: BxKxC; regions: Bx4
-        normalised, the RoI tokens' regions (default: the whole image). Returns the visual prefix,
-        B x (num_queries [+ roi_grid^2]) x D_lm."""
+        normalised, the RoI tokens' regions (default: the whole image); grid: their g (default `roi_grid`).
+        Returns the visual prefix, B x (num_queries [+ g^2]) x D_lm."""
         batch = prompt_tokens.shape[0]
         image = image_embeddings.expand(batch, -1, -1, -1)
         image_pe = self.prompt_encoder.get_dense_pe().to(image.dtype).expand(batch, -1, -1, -1)
@@ -114,19 +125,20 @@ class PromptFeatureExtractor(nn.Module):
         prefix = self.proj(out[:, -queries.shape[1]:])
         if not self.roi_grid:
             return prefix
+        grid = grid or self.roi_grid
         if regions is None:
             regions = self.region_of(None, None, None, batch, image.device)
         # Pool from the un-expanded features: K prompts on one image all read row 0 (no K-fold copy).
         rows = torch.arange(batch, device=regions.device) if image_embeddings.shape[0] == batch else \
             torch.zeros(batch, device=regions.device)
         rois = torch.cat([rows.float()[:, None], regions.float() * image.shape[-1]], dim=1)
-        pooled = roi_align(image_embeddings.float(), rois, output_size=self.roi_grid, spatial_scale=1.0,
+        pooled = roi_align(image_embeddings.float(), rois, output_size=grid, spatial_scale=1.0,
                            sampling_ratio=2, aligned=True)  # B x C x g x g
         pooled = pooled.flatten(2).transpose(1, 2).to(prefix.dtype)
         if self.roi_position == "learned":
             return torch.cat([prefix, self.roi_proj(self.roi_norm(pooled + self.roi_pos))], dim=1)
         size = self.input_size
-        code = self.prompt_encoder.pe_layer.forward_with_coords(self.cell_centres(regions) * size, (size, size))
+        code = self.prompt_encoder.pe_layer.forward_with_coords(self.cell_centres(regions, grid) * size, (size, size))
         code = code.to(prefix.dtype)
         roi = self.roi_proj(self.roi_norm(pooled)) + self.roi_pos_norm(self.roi_pos_proj(code))
         return torch.cat([prefix, roi], dim=1)
