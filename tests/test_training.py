@@ -179,6 +179,25 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_left_over_from_a_kill_between_renames_does_not_stop_the_next_save(tmp_path):
+    """A kill after `save_checkpoint` renamed the new checkpoint into place but before it removed the previous one
+    leaves `checkpoint.old` beside `checkpoint` (the kill-and-resume test hit this once). The resumed run reads the
+    newer `checkpoint`, and its next save must replace both rather than fail on the non-empty `checkpoint.old`."""
+    from tests.helpers import small_model
+    from training.train import find_resume, save_checkpoint
+
+    model = small_model()
+    save_checkpoint(tmp_path, model, {"step": 4})
+    save_checkpoint(tmp_path, model, {"step": 6})
+    (tmp_path / "checkpoint.old").mkdir()  # what the killed save left: the step-4 checkpoint, partly removed
+    torch.save({"step": 4}, tmp_path / "checkpoint.old" / "trainer_state.pt")
+    assert torch.load(find_resume(tmp_path) / "trainer_state.pt", weights_only=True)["step"] == 6
+
+    save_checkpoint(tmp_path, model, {"step": 8})
+    assert torch.load(find_resume(tmp_path) / "trainer_state.pt", weights_only=True)["step"] == 8
+    assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+
 def test_a_stage_appended_to_a_finished_run_trains_as_in_one_run(tmp_path):
     """Rerunning a finished run's folder with one more stage in its config resumes at the stage boundary and ends
     bit-identical to running the longer config in one go: the new stage starts with a fresh optimizer and sampler,

@@ -97,6 +97,8 @@ def save_checkpoint(out: Path, model: PixelLLM, state: dict) -> None:
     model.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")
     if final.exists():
+        # a kill after the previous save's renames but before its rmtree leaves `old` behind; `final` is newer
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
