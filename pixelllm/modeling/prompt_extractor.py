@@ -16,6 +16,10 @@ cell of a box prompt knows where it is in the image, which is the frame of the l
 LayerNormed, added after the token's own projection: an attended RoI value then carries its position at the
 same strength as its content. The learned per-cell embedding is added before a LayerNorm, where it is small next
 to the feature (norm 0.78 against 9.5) — docs/referring.md.
+
+`forward(..., grid=)` reads the region through another grid than `roi_grid` (sine code only): the model's config
+`global_roi_grid` gives the unprompted prefix, whose region is the whole image, one cell per ViT patch
+(docs/referring.md §9).
 """
 
 from __future__ import annotations
