@@ -98,6 +98,9 @@ def test_a_global_grid_needs_the_sine_position_code():
     with pytest.raises(ValueError, match="global_roi_grid"):
         model.encode_prefix(features)
     model.encode_prefix(features, boxes=torch.tensor([[0.0, 0.0, 0.5, 0.5]]))  # box prompts keep roi_grid
+    sine = small_model(roi_grid=2, roi_position="sine", global_roi_grid=-4)
+    with pytest.raises(ValueError, match="global_roi_grid must be >= 0"):
+        sine.encode_prefix(features)
 
 
 def _refer_batch(model, boxes: torch.Tensor) -> dict:

@@ -98,6 +98,8 @@ class PromptFeatureExtractor(nn.Module):
         """The RoI grid of a prompt batch: `global_grid` (if set) for the unprompted prefix, whose one region
         is the whole image, else `roi_grid`. Another grid than `roi_grid` needs the sine position code (a learned
         per-cell embedding has one size)."""
+        if global_grid < 0:
+            raise ValueError(f"global_roi_grid must be >= 0 (0 = roi_grid), got {global_grid}")
         if not global_grid or global_grid == self.roi_grid or boxes is not None or points is not None:
             return self.roi_grid
         if not self.roi_grid or self.roi_position != "sine":
