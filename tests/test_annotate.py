@@ -322,3 +322,14 @@ def test_compare_adapters(studio, captioned, tmp_path):
     assert own.predictor.adapter == "fix"  # restored
     assert "fix" in note and base_view["words"] and tuned_view["words"]
     assert base_view["message"].startswith("base model") and "fix" in tuned_view["message"]
+
+    # a typed caption that was traced is compared as a trace: the same words, each model's boxes
+    _, _, _, traced = cb.trace(own, captioned, "a large red circle", "s1")
+    base_view, tuned_view, note = an.compare_adapters(own, traced, lock)
+    assert "tracing the same caption" in note and own.predictor.adapter == "fix"
+    assert [w["text"] for w in base_view["words"]] == [w["text"] for w in tuned_view["words"]] == \
+        ["a", "large", "red", "circle"]
+    assert [w["box"] for w in base_view["words"]] != [w["box"] for w in tuned_view["words"]]
+    own.predictor.set_adapter(None)
+    assert [w["box"] for w in base_view["words"]] == [w.to_dict()["box"] for w in own.predictor.trace(
+        own.predictor.set_image(traced.array), "a large red circle").words]

@@ -159,6 +159,28 @@ def test_box_from_two_clicks_conditions_the_caption(app: Page, studio_app):
     assert float(box.get_attribute("height")) == pytest.approx(60, abs=3)
 
 
+def test_trace_a_typed_caption(app: Page, studio_app):
+    _load_example(app, 0)
+    _click_image(app, "#caption-viewer", 150, 190)
+    expect(app.locator("#caption-viewer .px-point.px-pos")).to_have_count(1)
+    app.get_by_text("Trace your own caption").click()
+    typed = "In this picture we can see a large red circle."
+    app.locator("#trace-text textarea").fill(typed)
+    app.locator("#trace-run").click()
+    root = app.locator("#caption-viewer .px-root")
+    expect(app.locator("#caption-text textarea")).to_have_value(typed, timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-status", "done")
+    expect(root).to_have_attribute("data-words", str(len(typed.split())))
+    expect(app.locator("#caption-viewer .px-word")).to_have_count(len(typed.split()))
+    expect(app.locator("#caption-viewer .px-point.px-pos")).to_have_count(1)  # the prompt stays drawn
+    row = _last_generation(studio_app.store)
+    assert row["extra"]["traced"] is True and row["words"] == typed.split()
+    assert row["prompts"]["points"] == [[pytest.approx(150, abs=2), pytest.approx(190, abs=2)]]
+    expect(app.locator("#caption-files a[href$='/trace.json']")).to_have_count(1)
+    words = app.locator("#caption-viewer .px-word").evaluate_all("els => els.map(e => e.textContent.trim())")
+    assert words == typed.split()
+
+
 def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_app, artifacts_dir):
     _load_example(app, 0)
     _open_tab(app, "Referring", "#refer-viewer")

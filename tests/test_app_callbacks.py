@@ -211,6 +211,61 @@ def test_user_mistakes_become_gr_errors(studio, example_images, tmp_path):
     assert studio.store.list_generations() == []  # nothing was shown, nothing logged
 
 
+# ------------------------------------------------------------------------------------------ trace a typed caption
+
+def test_tracing_the_models_own_caption_gives_back_the_boxes_it_streamed(studio, example_images, prefix_calls):
+    """Trace teacher-forces a typed caption through the decoder under the current prompt; typed back, the greedy
+    caption must get the word boxes it was streamed with (same location head, same prompt, same tokens)."""
+    session = _loaded(studio, example_images[0])
+    session, _ = cb.drag_box(session, {"box": [20, 30, 150, 120]})
+    _, gen_view, caption, _, session = _run(studio, session, max_words=8)
+    view, text, files, session = cb.trace(studio, session, "  " + caption.replace(" ", "   ") + "\n", "t")
+    assert text == caption and [w["text"] for w in view["words"]] == caption.split()
+    w, h = session.image["width"], session.image["height"]
+    torch.testing.assert_close(prefix_calls[-1]["boxes"], torch.tensor([[20 / w, 30 / h, 150 / w, 120 / h]]),
+                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose([x["box"] for x in view["words"]], [x["box"] for x in gen_view["words"]], atol=0.5)
+    assert view["box"] == [20.0, 30.0, 150.0, 120.0] and view["status"] == "done"
+
+    other, *_ = cb.trace(studio, session, "the small green star", "t")  # another caption, other boxes
+    assert [x["text"] for x in other["words"]] == ["the", "small", "green", "star"]
+    assert [x["box"] for x in other["words"]] != [x["box"] for x in view["words"][:4]]
+
+
+def test_a_traced_caption_is_logged_downloadable_and_correctable(studio, example_images):
+    from pixelllm.ui import annotate as an
+
+    session = _loaded(studio, example_images[2])
+    session, _ = cb.click(session, "Positive point", {"x": 30, "y": 200})
+    view, text, files, session = cb.trace(studio, session, "a large red circle", "t")
+    json_path, png_path = (Path(f) for f in files)
+    assert json_path.name == "trace.json" and png_path.name == "trace_overlay.png"
+    record = json.loads(json_path.read_text())
+    assert record["task"] == "trace" and record["text"] == text == "a large red circle"
+    assert [x["box"] for x in record["words"]] == [x["box"] for x in view["words"]]
+    assert 0 < record["score"] <= 1 and record["prompts"]["points"] == [[30.0, 200.0]]
+    row = studio.store.list_generations()[0]
+    assert row["task"] == "caption" and row["extra"]["traced"] is True and row["extra"]["text"] == text
+    assert row["words"] == text.split() and row["boxes"] == [x["box"] for x in view["words"]]
+    assert row["prompts"]["points"] == [[30.0, 200.0]] and row["prompts"]["text"] is None
+    assert session.last["generation_id"] == row["id"]
+    _, doc_view = an.open_current(studio, session, None)  # the Annotate tab opens it for correction
+    assert [x["text"] for x in doc_view["words"]] == text.split()
+
+    with pytest.raises(gr.Error, match="caption to trace"):
+        cb.trace(studio, session, "   ", "t")
+    with pytest.raises(gr.Error, match="image first"):
+        cb.trace(studio, None, "a red circle", "t")
+    assert len(studio.store.list_generations()) == 1
+
+    api = cb.api_trace(studio, str(example_images[2]), '{"box": [10, 20, 110, 90]}', "the blue square")
+    json.loads(json.dumps(api, allow_nan=False))
+    assert api["task"] == "trace" and [x["text"] for x in api["words"]] == ["the", "blue", "square"]
+    assert api["prompts"]["box"] == [10.0, 20.0, 110.0, 90.0] and api["generation_id"] is not None
+    with pytest.raises(gr.Error, match="caption to trace"):
+        cb.api_trace(studio, str(example_images[2]), "", "")
+
+
 # ------------------------------------------------------------------------------------------ downloads
 
 def test_json_download_has_pixel_boxes_inside_the_image(studio, example_images):

@@ -166,6 +166,10 @@ def dense(client: Client, image: Path, score_threshold: float = 0.0, max_regions
                           api_name="/dense")
 
 
+def trace(client: Client, image: Path, caption: str, prompts: str = "") -> dict:
+    return client.predict(image=handle_file(str(image)), prompts=prompts, caption=caption, api_name="/trace")
+
+
 def generations(db_path: Path) -> int:
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         return conn.execute("SELECT count(*) FROM generations").fetchone()[0]
@@ -440,6 +444,20 @@ def test_text_too_long_through_the_api(served_app, client):
                    "the text is 9999 characters long; the limit is 2000")
     assert_refused(served_app, lambda: refer(client, NORMAL_IMAGE, "x" * 10_000),
                    "the text is 10000 characters long; the limit is 2000")
+
+
+def test_traced_captions_through_the_api(served_app, client):
+    hostile = '<img src=x onerror="window.__pwned=1"> 🔴 圆圈  spaced   out'
+    out = trace(client, NORMAL_IMAGE, hostile, json.dumps({"box": [100, 135, 200, 220]}))
+    assert out["text"] == " ".join(hostile.split()) and [w["text"] for w in out["words"]] == hostile.split()
+    assert_boxes_inside([w["box"] for w in out["words"]], 256, 256)
+    stored = served_app.store.get_generation(out["generation_id"])
+    assert stored["words"] == hostile.split() and stored["extra"]["traced"] is True
+    assert_refused(served_app, lambda: trace(client, NORMAL_IMAGE, "  \n "), "Type the caption to trace.")
+    assert_refused(served_app, lambda: trace(client, NORMAL_IMAGE, "a red circle", '{"box": [1, 2]}'),
+                   "box must be [x0, y0, x1, y1]")
+    assert_refused(served_app, lambda: trace(client, NORMAL_IMAGE, "a " * 600),
+                   "the caption is 600 tokens long; the limit is 512")
 
 
 @pytest.mark.parametrize("expressions, message", [

@@ -21,6 +21,7 @@ What lives where:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -497,13 +498,15 @@ def export(studio: cb.Studio, statuses: Any) -> tuple[str, str]:
 
 @cb.user_errors
 def compare_adapters(studio: cb.Studio, session: cb.Session | None, lock: threading.Lock) -> tuple[dict, dict, str]:
-    """The current image captioned by the base model (adapter None) and by the active adapter, side by side.
-    Adapter switches are serialised by `lock` and restored afterwards. Returns (base view, adapter view, note)."""
+    """The current image captioned by the base model (adapter None) and by the active adapter, side by side; when
+    the last caption was typed and traced, that caption traced by both. Adapter switches are serialised by `lock`
+    and restored afterwards. Returns (base view, adapter view, note)."""
     session = session if isinstance(session, cb.Session) else None
     if session is None or session.array is None or session.image is None:
         raise ValueError("Upload, paste or pick an example image first.")
     predictor = studio.predictor
     prompts = session.caption.get("prompts", {}) if session.caption else {}
+    traced = bool(session.caption and session.caption.get("traced"))
     kwargs = {"box": prompts.get("box"), "text": prompts.get("text"),
               "max_new_tokens": min(512, 4 * cb.DEFAULT_MAX_WORDS + 8)}
     if prompts.get("points"):
@@ -520,10 +523,15 @@ def compare_adapters(studio: cb.Studio, session: cb.Session | None, lock: thread
                                         message="base model")
             return empty, render.viewer_value(None, mode="caption"), note
         state = predictor.set_image(session.array)
-        tuned = predictor.caption(state, **kwargs)
+        if traced:  # a caption the user typed: compare where each model puts its words
+            kwargs = {key: kwargs[key] for key in ("points", "point_labels", "box") if key in kwargs}
+            run = functools.partial(predictor.trace, state, session.caption["text"], **kwargs)
+        else:
+            run = functools.partial(predictor.caption, state, **kwargs)
+        tuned = run()
         try:
             predictor.set_adapter(None)
-            base = predictor.caption(state, **kwargs)
+            base = run()
         finally:
             predictor.set_adapter(active)
     base_words = [w.to_dict() for w in base.words]
@@ -532,8 +540,12 @@ def compare_adapters(studio: cb.Studio, session: cb.Session | None, lock: thread
                                  message=f"base model: {base.text}"),
              render.viewer_value(session.image, mode="caption", words=tuned_words, clickable=False, status="done",
                                  message=f"adapter “{active}”: {tuned.text}"))
-    same = base.text == tuned.text
-    note = f"Base vs adapter “{active}” (greedy, same prompts)" + (": identical words." if same else ".")
+    if traced:
+        same = [w.box for w in base.words] == [w.box for w in tuned.words]
+        note = f"Base vs adapter “{active}”, tracing the same caption" + (": identical boxes." if same else ".")
+    else:
+        same = base.text == tuned.text
+        note = f"Base vs adapter “{active}” (greedy, same prompts)" + (": identical words." if same else ".")
     return views[0], views[1], note
 
 

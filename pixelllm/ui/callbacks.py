@@ -499,6 +499,54 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     yield (caption_view(session, words=words, status="done", message=done), record["text"], files, session)
 
 
+def trace_words(studio: Studio, array: np.ndarray, caption: str | None, *, points=None, point_labels=None,
+                box=None) -> tuple[list[dict], float]:
+    """A given caption's words with their boxes ({index, text, box}, model-frame pixels) and its score."""
+    caption = imaging.check_text(caption)
+    if caption is None:
+        raise ValueError("Type the caption to trace.")
+    traced = studio.predictor.trace(studio.predictor.set_image(array), caption, points=points,
+                                    point_labels=point_labels, box=box)
+    return [w.to_dict() for w in traced.words], traced.score
+
+
+@user_errors
+def trace(studio: Studio, session: Session | None, caption: str | None, session_id: str | None = None) -> tuple:
+    """Trace a caption the user typed (MITR's controlled trace generation): the decoder reads the caption under
+    the current prompts and every word gets the box the location head gives it. Shown, downloadable and logged
+    like a generated caption (task caption, extra.traced), so an annotator can correct it in the Annotate tab.
+    Returns (caption view, caption text, files, session)."""
+    session = _session(session)
+    _require_image(session)
+    points, labels, box = prompt_arrays(session.prompts)
+    if points is not None:
+        imaging.check_points(points, labels, session.image["width"], session.image["height"])
+    array = session.array
+    words, score = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
+    text = " ".join(w["text"] for w in words)
+    prompts_model = {"points": [] if points is None else points.tolist(),
+                     "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": None}
+    gen_id = _log(studio, session, array, "caption", [w["text"] for w in words], [w["box"] for w in words],
+                  prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
+                  session_id=session_id)
+    record = _caption_record(studio, words, _session_scale(session),
+                             (session.image["orig_width"], session.image["orig_height"]),
+                             prompts=_prompts_original(session, None), options=None, generation_id=gen_id,
+                             task="trace")
+    record["score"] = score
+    session.inspect = session.pending = None
+    session.caption = {"words": words, "text": text, "prompts": prompts_model, "decoding": None, "traced": True,
+                       "generation_id": gen_id}
+    session.last = {"task": "caption", **session.caption}
+    folder = _download_dir(studio)
+    files = [_write_json(folder, "trace.json", record),
+             _write_png(folder, "trace_overlay.png",
+                        render.trace_overlay(array, words, points=_points_list(points, labels), box=box))]
+    done = f"Traced {len(words)} words · geometric-mean token probability {score:.2f}" + (
+        f" · saved as generation #{gen_id}" if gen_id is not None else "")
+    return caption_view(session, words=words, status="done", message=done), text, files, session
+
+
 def _points_list(points: np.ndarray | None, labels: np.ndarray | None) -> list:
     if points is None:
         return []
@@ -763,17 +811,43 @@ def api_caption(studio: Studio, image: str | None, prompts: str | None, text: st
     options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words)
     words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
                               box=parsed["box"], text=text, options=options))
-    prompts_model = {"points": [] if parsed["points"] is None else parsed["points"].tolist(),
-                     "point_labels": [] if parsed["point_labels"] is None else parsed["point_labels"].tolist(),
-                     "box": parsed["box"], "text": text}
+    prompts_model, prompts_orig = _api_prompts(parsed, loaded.scale, text)
     gen_id = _log(studio, None, loaded.array, "caption", [x["text"] for x in words], [x["box"] for x in words],
                   prompts=prompts_model, extra={"decoding": options, "api": True}, session_id=session_id)
-    prompts_orig = {"points": [] if parsed["points"] is None else
-                    [[round(x * loaded.scale[0], 2), round(y * loaded.scale[1], 2)] for x, y in parsed["points"]],
-                    "point_labels": prompts_model["point_labels"],
-                    "box": None if parsed["box"] is None else _to_original(parsed["box"], loaded.scale), "text": text}
     return _caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
                            prompts=prompts_orig, options=options, generation_id=gen_id)
+
+
+def _api_prompts(parsed: dict, scale: tuple[float, float], text: str | None) -> tuple[dict, dict]:
+    """parse_prompts' result as logged (model frame) and as returned (pixels of the image as sent)."""
+    labels = [] if parsed["point_labels"] is None else parsed["point_labels"].tolist()
+    model = {"points": [] if parsed["points"] is None else parsed["points"].tolist(), "point_labels": labels,
+             "box": parsed["box"], "text": text}
+    original = {"points": [] if parsed["points"] is None else
+                [[round(x * scale[0], 2), round(y * scale[1], 2)] for x, y in parsed["points"]],
+                "point_labels": labels, "box": None if parsed["box"] is None else _to_original(parsed["box"], scale),
+                "text": text}
+    return model, original
+
+
+@user_errors
+def api_trace(studio: Studio, image: str | None, prompts: str | None, caption: str | None,
+              session_id: str | None = None) -> dict:
+    """/trace: image file + prompts JSON + a caption -> the caption's words, each with the pixel box the model
+    grounds it to, and the caption's score (geometric-mean token probability)."""
+    loaded = load_user_image(image)
+    h, w = loaded.array.shape[:2]
+    parsed = parse_prompts(prompts, loaded.scale, w, h)
+    words, score = trace_words(studio, loaded.array, caption, points=parsed["points"],
+                               point_labels=parsed["point_labels"], box=parsed["box"])
+    text = " ".join(x["text"] for x in words)
+    prompts_model, prompts_orig = _api_prompts(parsed, loaded.scale, None)
+    gen_id = _log(studio, None, loaded.array, "caption", [x["text"] for x in words], [x["box"] for x in words],
+                  prompts=prompts_model, extra={"traced": True, "text": text, "score": score, "api": True},
+                  session_id=session_id)
+    record = _caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
+                             prompts=prompts_orig, options=None, generation_id=gen_id, task="trace")
+    return {**record, "score": score}
 
 
 @user_errors

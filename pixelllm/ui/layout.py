@@ -92,6 +92,12 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                     seed = gr.Number(label="Seed (blank = random; used when sampling)",
                                                      value=None, precision=0, elem_id="seed")
                                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                                with gr.Accordion("Trace your own caption", open=False, elem_id="trace"):
+                                    trace_text = gr.Textbox(
+                                        label="Caption", lines=2, elem_id="trace-text",
+                                        placeholder="In this picture we can see a large red circle on the left.",
+                                        info="Where does the model put each word? Uses the prompts above.")
+                                    trace_btn = gr.Button("Trace", elem_id="trace-run")
                                 cap_files = gr.File(label="Download: JSON (words + boxes) and overlay PNG",
                                                     file_count="multiple", interactive=False, elem_id="caption-files")
                     # ---------------------------------------------------------------- referring
@@ -141,12 +147,15 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             api_top_p = gr.Number(label="top_p", value=1.0)
             api_seed = gr.Number(label="seed", value=-1, precision=0)  # -1: draw a seed (reported back)
             api_expressions = gr.Textbox(label="expressions", value="")
+            api_caption_text = gr.Textbox(label="caption", value="")
             api_threshold = gr.Number(label="score_threshold", value=0.3)
             api_max_regions = gr.Number(label="max_regions", value=16, precision=0)
             api_caption_out = gr.JSON(label="caption")
+            api_trace_out = gr.JSON(label="trace")
             api_refer_out = gr.JSON(label="refer")
             api_dense_out = gr.JSON(label="dense")
             api_caption_btn = gr.Button()
+            api_trace_btn = gr.Button()
             api_refer_btn = gr.Button()
             api_dense_btn = gr.Button()
 
@@ -163,6 +172,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_generate(state, text, n, sample, temp, p, s, request: gr.Request):
             yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request))
 
+        def on_trace(state, text, request: gr.Request):
+            return cb.trace(studio, state, text, _session_id(request))
+
         def on_refer(state, text, request: gr.Request):
             return cb.refer(studio, state, text, _session_id(request))
 
@@ -175,6 +187,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, request: gr.Request):
             return cb.api_caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
                                   _session_id(request))
+
+        def trace(image, prompts, caption, request: gr.Request):
+            return cb.api_trace(studio, image, prompts, caption, _session_id(request))
 
         def refer(image, expressions, request: gr.Request):
             return cb.api_refer(studio, image, expressions, _session_id(request))
@@ -198,6 +213,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         gen_outputs = [cap_view, cap_text, cap_files, session]
         gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
         text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
+        trace_btn.click(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
+        trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
         ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private,
                       show_progress="minimal")
         dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files], **private,
@@ -209,6 +226,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
 
         api_caption_btn.click(caption, [api_image, api_prompts, api_text, api_max_words, api_sample,
                                         api_temperature, api_top_p, api_seed], api_caption_out, api_name="caption")
+        api_trace_btn.click(trace, [api_image, api_prompts, api_caption_text], api_trace_out, api_name="trace")
         api_refer_btn.click(refer, [api_image, api_expressions], api_refer_out, api_name="refer")
         api_dense_btn.click(dense, [api_image, api_threshold, api_max_regions], api_dense_out, api_name="dense")
 
