@@ -478,21 +478,16 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
         last = time.monotonic()
         yield (caption_view(session, words=words, status="streaming", message=f"Generating… {len(words)} words"),
                " ".join(w["text"] for w in words), gr.skip(), session)
-    prompts_model = {"points": [] if points is None else points.tolist(),
-                     "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": text}
+    prompts_model = _model_prompts(points, labels, box, text)
     gen_id = _log(studio, session, array, "caption", [w["text"] for w in words], [w["box"] for w in words],
                   prompts=prompts_model, extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
                   session_id=session_id)
     record = _caption_record(studio, words, _session_scale(session),
                              (session.image["orig_width"], session.image["orig_height"]),
                              prompts=_prompts_original(session, text), options=options, generation_id=gen_id)
-    session.caption = {"words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
-                       "generation_id": gen_id}
-    session.last = {"task": "caption", **session.caption}
-    folder = _download_dir(studio)
-    files = [_write_json(folder, "caption.json", record),
-             _write_png(folder, "caption_overlay.png",
-                        render.trace_overlay(array, words, points=_points_list(points, labels), box=box))]
+    files = _keep_caption(studio, session, array, record, "caption", {
+        "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
+        "generation_id": gen_id})
     done = f"{len(words)} words" + (f" · saved as generation #{gen_id}" if gen_id is not None else "")
     if options["do_sample"]:
         done += f" · seed {options['seed']}"
@@ -524,8 +519,7 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     array = session.array
     words, score = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
     text = " ".join(w["text"] for w in words)
-    prompts_model = {"points": [] if points is None else points.tolist(),
-                     "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": None}
+    prompts_model = _model_prompts(points, labels, box, None)
     gen_id = _log(studio, session, array, "caption", [w["text"] for w in words], [w["box"] for w in words],
                   prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
                   session_id=session_id)
@@ -535,22 +529,33 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
                              task="trace")
     record["score"] = score
     session.inspect = session.pending = None
-    session.caption = {"words": words, "text": text, "prompts": prompts_model, "decoding": None, "traced": True,
-                       "generation_id": gen_id}
-    session.last = {"task": "caption", **session.caption}
-    folder = _download_dir(studio)
-    files = [_write_json(folder, "trace.json", record),
-             _write_png(folder, "trace_overlay.png",
-                        render.trace_overlay(array, words, points=_points_list(points, labels), box=box))]
+    files = _keep_caption(studio, session, array, record, "trace", {
+        "words": words, "text": text, "prompts": prompts_model, "decoding": None, "traced": True,
+        "generation_id": gen_id})
     done = f"Traced {len(words)} words · geometric-mean token probability {score:.2f}" + (
         f" · saved as generation #{gen_id}" if gen_id is not None else "")
     return caption_view(session, words=words, status="done", message=done), text, files, session
 
 
-def _points_list(points: np.ndarray | None, labels: np.ndarray | None) -> list:
-    if points is None:
-        return []
-    return [(x, y, int(lab)) for (x, y), lab in zip(points.tolist(), labels.tolist())]
+def _model_prompts(points: np.ndarray | None, labels: np.ndarray | None, box: list[float] | None,
+                   text: str | None) -> dict:
+    """The prompts as logged: model-frame pixels, plain lists."""
+    return {"points": [] if points is None else points.tolist(),
+            "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": text}
+
+
+def _keep_caption(studio: Studio, session: Session, array: np.ndarray, record: dict, name: str,
+                  caption: dict) -> list[str]:
+    """Remember a caption shown in the Caption tab (`Session.caption`, and `Session.last` for the Annotate tab)
+    and write its downloads, `<name>.json` and `<name>_overlay.png` (drawn on `array`, the image it was made
+    from); returns their paths."""
+    session.caption = caption
+    session.last = {"task": "caption", **caption}
+    prompts = caption["prompts"]
+    points = [(x, y, int(label)) for (x, y), label in zip(prompts["points"], prompts["point_labels"])]
+    overlay = render.trace_overlay(array, caption["words"], points=points, box=prompts["box"])
+    folder = _download_dir(studio)
+    return [_write_json(folder, f"{name}.json", record), _write_png(folder, f"{name}_overlay.png", overlay)]
 
 
 # ------------------------------------------------------------------------------------------ referring
