@@ -178,7 +178,6 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert (killed / "run" / "loss_curves.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
 def test_a_checkpoint_left_over_from_a_kill_between_renames_does_not_stop_the_next_save(tmp_path):
     """A kill after `save_checkpoint` renamed the new checkpoint into place but before it removed the previous one
     leaves `checkpoint.old` beside `checkpoint` (the kill-and-resume test hit this once). The resumed run reads the
@@ -198,6 +197,7 @@ def test_a_checkpoint_left_over_from_a_kill_between_renames_does_not_stop_the_ne
     assert not (tmp_path / "checkpoint.old").exists() and not (tmp_path / "checkpoint.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_appended_to_a_finished_run_trains_as_in_one_run(tmp_path):
     """Rerunning a finished run's folder with one more stage in its config resumes at the stage boundary and ends
     bit-identical to running the longer config in one go: the new stage starts with a fresh optimizer and sampler,

@@ -825,13 +825,9 @@ def api_caption(studio: Studio, image: str | None, prompts: str | None, text: st
 
 def _api_prompts(parsed: dict, scale: tuple[float, float], text: str | None) -> tuple[dict, dict]:
     """parse_prompts' result as logged (model frame) and as returned (pixels of the image as sent)."""
-    labels = [] if parsed["point_labels"] is None else parsed["point_labels"].tolist()
-    model = {"points": [] if parsed["points"] is None else parsed["points"].tolist(), "point_labels": labels,
-             "box": parsed["box"], "text": text}
-    original = {"points": [] if parsed["points"] is None else
-                [[round(x * scale[0], 2), round(y * scale[1], 2)] for x, y in parsed["points"]],
-                "point_labels": labels, "box": None if parsed["box"] is None else _to_original(parsed["box"], scale),
-                "text": text}
+    model = _model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)
+    original = {**model, "points": [[round(x * scale[0], 2), round(y * scale[1], 2)] for x, y in model["points"]],
+                "box": None if parsed["box"] is None else _to_original(parsed["box"], scale)}
     return model, original
 
 
