@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from pixelllm.store import StoreError
+from pixelllm.ui import api, render
 from pixelllm.ui import callbacks as cb
-from pixelllm.ui import render
 
 torch.set_num_threads(1)
 
@@ -205,9 +205,9 @@ def test_user_mistakes_become_gr_errors(studio, example_images, tmp_path):
     with pytest.raises(gr.Error, match="not an image|could not be decoded"):
         cb.load_image(studio, str(broken), None)
     with pytest.raises(gr.Error, match="JSON"):
-        cb.api_caption(studio, str(example_images[0]), "{points: oops", "", 5, False, 1, 1, None)
+        api.caption(studio, str(example_images[0]), "{points: oops", "", 5, False, 1, 1, None)
     with pytest.raises(gr.Error, match="box"):
-        cb.api_caption(studio, str(example_images[0]), '{"box": [1, 2, 3]}', "", 5, False, 1, 1, None)
+        api.caption(studio, str(example_images[0]), '{"box": [1, 2, 3]}', "", 5, False, 1, 1, None)
     assert studio.store.list_generations() == []  # nothing was shown, nothing logged
 
 
@@ -258,12 +258,12 @@ def test_a_traced_caption_is_logged_downloadable_and_correctable(studio, example
         cb.trace(studio, None, "a red circle", "t")
     assert len(studio.store.list_generations()) == 1
 
-    api = cb.api_trace(studio, str(example_images[2]), '{"box": [10, 20, 110, 90]}', "the blue square")
-    json.loads(json.dumps(api, allow_nan=False))
-    assert api["task"] == "trace" and [x["text"] for x in api["words"]] == ["the", "blue", "square"]
-    assert api["prompts"]["box"] == [10.0, 20.0, 110.0, 90.0] and api["generation_id"] is not None
+    traced = api.trace(studio, str(example_images[2]), '{"box": [10, 20, 110, 90]}', "the blue square")
+    json.loads(json.dumps(traced, allow_nan=False))
+    assert traced["task"] == "trace" and [x["text"] for x in traced["words"]] == ["the", "blue", "square"]
+    assert traced["prompts"]["box"] == [10.0, 20.0, 110.0, 90.0] and traced["generation_id"] is not None
     with pytest.raises(gr.Error, match="caption to trace"):
-        cb.api_trace(studio, str(example_images[2]), "", "")
+        api.trace(studio, str(example_images[2]), "", "")
 
 
 # ------------------------------------------------------------------------------------------ downloads
@@ -303,7 +303,7 @@ def test_downscaled_uploads_map_coordinates_back_to_the_original(studio, tmp_pat
         assert 0 <= word["box"][0] <= word["box"][2] <= 4096 and 0 <= word["box"][1] <= word["box"][3] <= 1024
 
     # the API takes prompts in the original pixels too
-    result = cb.api_caption(studio, str(big), json.dumps({"box": [200, 100, 1200, 800]}), "", 4, False, 1, 1, None)
+    result = api.caption(studio, str(big), json.dumps({"box": [200, 100, 1200, 800]}), "", 4, False, 1, 1, None)
     torch.testing.assert_close(prefix_calls[-1]["boxes"],
                                torch.tensor([[200 / 4096, 100 / 1024, 1200 / 4096, 800 / 1024]]), atol=1e-6, rtol=0)
     assert result["image"] == {"width": 4096, "height": 1024}
@@ -375,7 +375,7 @@ def test_every_output_shown_is_logged_with_the_adapter(studio, example_images):
     session, ref_view, _ = cb.refer(studio, session, "the red circle")
     session, dense_view, _ = cb.dense(studio, session, 0.0, 2)
     list(cb.dense_select(studio, session, {"i": 0}, "s1"))
-    cb.api_caption(studio, str(example_images[0]), "", "", 3, False, 1, 1, None, "api-session")
+    api.caption(studio, str(example_images[0]), "", "", 3, False, 1, 1, None, "api-session")
     rows = list(reversed(store.list_generations()))
     assert [r["task"] for r in rows] == ["caption", "caption", "refer", "dense", "caption", "caption"]
     first = rows[0]
@@ -423,10 +423,10 @@ def test_model_panel_and_viewer_text_are_escaped(small_predictor, example_images
 
 
 def test_api_outputs_are_plain_json(studio, example_images):
-    cap = cb.api_caption(studio, str(example_images[0]), '{"points": [[50, 60]], "point_labels": [1]}',
+    cap = api.caption(studio, str(example_images[0]), '{"points": [[50, 60]], "point_labels": [1]}',
                          "", 4, False, 1, 1, None)
-    ref = cb.api_refer(studio, str(example_images[0]), "the red circle\nthe blue triangle")
-    dense = cb.api_dense(studio, str(example_images[0]), 0.0, 2)
+    ref = api.refer(studio, str(example_images[0]), "the red circle\nthe blue triangle")
+    dense = api.dense(studio, str(example_images[0]), 0.0, 2)
     for result in (cap, ref, dense):
         json.loads(json.dumps(result, allow_nan=False))
     assert len(cap["words"]) == 4 and cap["prompts"]["points"] == [[50.0, 60.0]]

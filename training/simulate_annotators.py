@@ -9,7 +9,7 @@ python -m training.simulate_annotators --base assets/checkpoints/shapes-tiny --w
 1. **Shift.** A Shapes split in ``world="shift"``: every image holds at least one ``cross``, a shape word the base
    model never saw (``training.data.shapes.SHIFT_SHAPE``).
 2. **Model output.** The base model captions each cross's box (location-conditioned captioning, greedy)
-   through the app's own ``/caption`` API function, ``pixelllm.ui.callbacks.api_caption`` with a box prompt: it
+   through the app's own ``/caption`` API function, ``pixelllm.ui.api.caption`` with a box prompt: it
    decodes with ``PixelLLMPredictor`` and logs the output with ``AnnotationStore.log_generation`` exactly as the
    app does (image stored as the app stores it, prompts in the app's format).
 3. **Corrections.** A simulated annotator submits the truth from the objects file — words
@@ -111,6 +111,7 @@ def make_splits(s: SimulateSettings, data: Path) -> dict[str, Any]:
 def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSettings, model_id: str) -> dict[str, Any]:
     """Base-model captions of cross boxes, logged by the app's /caption function -> simulated corrections saved
     by the Annotate tab's save function (status submitted)."""
+    from pixelllm.ui import api
     from pixelllm.ui import callbacks as cb
     from pixelllm.ui.annotate import save_correction_from_editor
 
@@ -124,7 +125,7 @@ def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSetti
         crosses = [o for o in record["objects"] if o["shape"] == SHIFT_SHAPE][: s.corrections - made]
         for obj in crosses:
             box = [float(v) for v in obj["box"]]
-            output = cb.api_caption(studio, str(data / record["file_name"]), json.dumps({"box": box}), None,
+            output = api.caption(studio, str(data / record["file_name"]), json.dumps({"box": box}), None,
                                     s.max_words, False, 1.0, 1.0, None, session_id="simulate_annotators")
             if output["generation_id"] is None:
                 raise RuntimeError("the app's caption function did not log its output to the store")

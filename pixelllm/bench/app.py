@@ -88,7 +88,7 @@ def _app_times(b: Bench, build_demo: Callable, path: Path, alone: Callable[[], N
     from gradio_client import Client, handle_file
 
     from pixelllm.store import AnnotationStore
-    from pixelllm.ui import callbacks
+    from pixelllm.ui import api
 
     s = b.settings
     store = AnnotationStore(b.workdir / "annotations.db")  # the app logs every generation, as in production
@@ -126,7 +126,7 @@ def _app_times(b: Bench, build_demo: Callable, path: Path, alone: Callable[[], N
             app_words["http"].append(len(_sse_result(http, f"call/caption/{event}")[0]["words"]))
 
         def via_callback() -> None:  # the app's handler without Gradio: file read, decode, caption, store log
-            result = callbacks.api_caption(demo.studio, str(path), **args)
+            result = api.caption(demo.studio, str(path), **args)
             app_words["callback"].append(len(result["words"]))
 
         # gradio_client's own floor: the same upload, queue and event stream to an endpoint that does nothing.

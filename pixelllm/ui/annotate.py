@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from pixelllm.ui import callbacks as cb
-from pixelllm.ui import render
+from pixelllm.ui import records, render
 from pixelllm.ui.annotate_doc import (
     MAX_WORDS,
     AnnotateState,
@@ -473,7 +473,7 @@ def export(studio: cb.Studio, statuses: Any) -> tuple[str, str]:
     chosen = [s for s in (statuses or []) if isinstance(s, str)]
     if not chosen:
         raise ValueError("tick at least one status to export")
-    folder = cb._download_dir(studio)
+    folder = records.download_dir(studio)
     out = folder / "pixelllm-corrections"
     try:
         summary = export_corrections(studio.store, out, chosen)

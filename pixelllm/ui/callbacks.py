@@ -7,6 +7,8 @@ module level.
 Coordinate frames. The model sees the image as `pixelllm.image.load_image` returns it (downscaled when a side
 exceeds 2048 px). The viewer, the prompts and the store use that frame; downloads and the API map coordinates
 back to the pixels of the image the user sent (after EXIF rotation), so a client never sees the downscale.
+What leaves a callback for the store and the downloads is built in `pixelllm.ui.records`; the HTTP API's
+endpoints are in `pixelllm.ui.api`.
 
 Every user mistake raises `ValueError` inside and leaves as `gr.Error` (see `user_errors`); a failing store only
 warns (`gr.Warning`) — the user still gets the result.
@@ -18,13 +20,10 @@ import dataclasses
 import functools
 import inspect
 import io
-import json
 import logging
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from pixelllm import image as imaging
-from pixelllm.ui import render
+from pixelllm.ui import records, render
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box 
                "Inspect words": "inspect"}
 MAX_EXPRESSIONS = 16
 DEFAULT_MAX_WORDS = 40
-DOWNLOAD_MAX_AGE_S = 3600
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -162,11 +160,6 @@ def load_user_image(source: str | os.PathLike | bytes) -> LoadedImage:
             if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
                 orig_w, orig_h = orig_h, orig_w
     return LoadedImage(array=array, orig_width=int(orig_w), orig_height=int(orig_h))
-
-
-def _to_original(box: Sequence[float], scale: tuple[float, float]) -> list[float]:
-    sx, sy = scale
-    return [round(box[0] * sx, 2), round(box[1] * sy, 2), round(box[2] * sx, 2), round(box[3] * sy, 2)]
 
 
 def _session_scale(session: Session) -> tuple[float, float]:
@@ -325,57 +318,6 @@ def clear_prompts(session: Session | None) -> tuple[Session, dict]:
 
 # ------------------------------------------------------------------------------------------ store + files
 
-def _log(studio: Studio, session: Session | None, array: np.ndarray, task: str, words: list[str],
-         boxes: list[list[float]], *, prompts: Any, extra: dict, session_id: str | None) -> int | None:
-    """Log an output shown to a user. A failing store warns; the user keeps the result."""
-    if studio.store is None:
-        return None
-    try:
-        sha = session.sha if session is not None else None
-        if sha is None:
-            sha = studio.store.add_image(render.png_bytes(array), int(array.shape[1]), int(array.shape[0]))
-            if session is not None:
-                session.sha = sha
-        return studio.store.log_generation(
-            sha, task, words, boxes, model_id=studio.model_id, model_version=str(studio.model.version),
-            prompts=prompts, extra=extra, adapter=studio.predictor.adapter, session=session_id)
-    except Exception as err:  # noqa: BLE001 - any store failure must not cost the user the result
-        log.exception("annotation store: could not log a %s generation", task)
-        gr.Warning(f"The result is shown but could not be saved to the annotation store: {err}")
-        return None
-
-
-def _download_dir(studio: Studio) -> Path:
-    """A fresh per-request folder under GRADIO_TEMP_DIR (never a shared fixed path); old ones are pruned."""
-    root = studio.download_root or Path(os.environ.get("GRADIO_TEMP_DIR") or
-                                        Path(tempfile.gettempdir()) / "gradio") / "pixelllm-downloads"
-    root.mkdir(parents=True, exist_ok=True)
-    cutoff = time.time() - DOWNLOAD_MAX_AGE_S
-    for old in root.iterdir():
-        try:
-            if old.is_dir() and old.stat().st_mtime < cutoff:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-    return Path(tempfile.mkdtemp(prefix="result-", dir=root))
-
-
-def _write_json(folder: Path, name: str, payload: dict) -> str:
-    path = folder / name
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
-    return str(path)
-
-
-def _write_png(folder: Path, name: str, data: bytes | np.ndarray) -> str:
-    path = folder / name
-    path.write_bytes(data if isinstance(data, bytes) else render.png_bytes(data))
-    return str(path)
-
-
-def _model_meta(studio: Studio) -> dict:
-    return {"checkpoint": studio.model_id, "version": str(studio.model.version), "adapter": studio.predictor.adapter}
-
-
 # ------------------------------------------------------------------------------------------ captioning
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
@@ -424,29 +366,13 @@ def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels
                 break
 
 
-def _caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
-                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption") -> dict:
-    """The JSON a user downloads or the API returns: boxes in the pixels of the image the user sent."""
-    return {
-        "task": task,
-        "text": " ".join(w["text"] for w in words),
-        "image": {"width": size[0], "height": size[1]},
-        "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
-        "words": [{"index": w["index"], "text": w["text"], "box": _to_original(w["box"], scale)} for w in words],
-        "prompts": prompts,
-        "decoding": options,
-        "model": _model_meta(studio),
-        "generation_id": generation_id,
-    }
-
-
 def _prompts_original(session: Session, text: str | None) -> dict:
     points, labels, box = prompt_arrays(session.prompts)
     sx, sy = _session_scale(session)
     return {
         "points": [] if points is None else [[round(x * sx, 2), round(y * sy, 2)] for x, y in points.tolist()],
         "point_labels": [] if labels is None else labels.tolist(),
-        "box": None if box is None else _to_original(box, (sx, sy)),
+        "box": None if box is None else records.to_original(box, (sx, sy)),
         "text": text,
     }
 
@@ -478,11 +404,13 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
         last = time.monotonic()
         yield (caption_view(session, words=words, status="streaming", message=f"Generating… {len(words)} words"),
                " ".join(w["text"] for w in words), gr.skip(), session)
-    prompts_model = _model_prompts(points, labels, box, text)
-    gen_id = _log(studio, session, array, "caption", [w["text"] for w in words], [w["box"] for w in words],
-                  prompts=prompts_model, extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
-                  session_id=session_id)
-    record = _caption_record(studio, words, _session_scale(session),
+    prompts_model = records.model_prompts(points, labels, box, text)
+    gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
+                                [w["box"] for w in words],
+                                prompts=prompts_model,
+                                extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
+                                session_id=session_id)
+    record = records.caption_record(studio, words, _session_scale(session),
                              (session.image["orig_width"], session.image["orig_height"]),
                              prompts=_prompts_original(session, text), options=options, generation_id=gen_id)
     files = _keep_caption(studio, session, array, record, "caption", {
@@ -519,11 +447,12 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     array = session.array
     words, score = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
     text = " ".join(w["text"] for w in words)
-    prompts_model = _model_prompts(points, labels, box, None)
-    gen_id = _log(studio, session, array, "caption", [w["text"] for w in words], [w["box"] for w in words],
-                  prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
-                  session_id=session_id)
-    record = _caption_record(studio, words, _session_scale(session),
+    prompts_model = records.model_prompts(points, labels, box, None)
+    gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
+                                [w["box"] for w in words],
+                                prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
+                                session_id=session_id)
+    record = records.caption_record(studio, words, _session_scale(session),
                              (session.image["orig_width"], session.image["orig_height"]),
                              prompts=_prompts_original(session, None), options=None, generation_id=gen_id,
                              task="trace")
@@ -537,13 +466,6 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     return caption_view(session, words=words, status="done", message=done), text, files, session
 
 
-def _model_prompts(points: np.ndarray | None, labels: np.ndarray | None, box: list[float] | None,
-                   text: str | None) -> dict:
-    """The prompts as logged: model-frame pixels, plain lists."""
-    return {"points": [] if points is None else points.tolist(),
-            "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": text}
-
-
 def _keep_caption(studio: Studio, session: Session, array: np.ndarray, record: dict, name: str,
                   caption: dict) -> list[str]:
     """Remember a caption shown in the Caption tab (`Session.caption`, and `Session.last` for the Annotate tab)
@@ -554,8 +476,9 @@ def _keep_caption(studio: Studio, session: Session, array: np.ndarray, record: d
     prompts = caption["prompts"]
     points = [(x, y, int(label)) for (x, y), label in zip(prompts["points"], prompts["point_labels"])]
     overlay = render.trace_overlay(array, caption["words"], points=points, box=prompts["box"])
-    folder = _download_dir(studio)
-    return [_write_json(folder, f"{name}.json", record), _write_png(folder, f"{name}_overlay.png", overlay)]
+    folder = records.download_dir(studio)
+    return [records.write_json(folder, f"{name}.json", record),
+            records.write_png(folder, f"{name}_overlay.png", overlay)]
 
 
 # ------------------------------------------------------------------------------------------ referring
@@ -586,10 +509,10 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     state = studio.predictor.set_image(session.array)
     referrals = studio.predictor.refer(state, lines)
     boxes = [list(r.box) for r in referrals]
-    gen_id = _log(studio, session, session.array, "refer", lines, boxes,
-                  prompts={"expressions": lines},
-                  extra={"scores": [r.score for r in referrals], "mask_scores": [r.mask_score for r in referrals]},
-                  session_id=session_id)
+    gen_id = records.log_output(studio, session, session.array, "refer", lines, boxes,
+                                prompts={"expressions": lines},
+                                extra={"scores": [r.score for r in referrals], "mask_scores": [r.mask_score for r in referrals]},
+                                session_id=session_id)
     regions = [{"box": [round(c, 2) for c in r.box], "label": r.expression,
                 "detail": f"score {r.score:.2f} · mask {r.mask_score:.2f}", "score": r.score,
                 "color": render.palette_color(i), "mask": render.mask_overlay_url(r.mask, render.palette_color(i))}
@@ -599,11 +522,12 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     session.last = {"task": "refer", "results": session.refer, "generation_id": gen_id}
     scale = _session_scale(session)
     size = (session.image["orig_width"], session.image["orig_height"])
-    folder = _download_dir(studio)
-    files = [_write_json(folder, "refer.json", _refer_record(studio, referrals, scale, size, gen_id))]
+    folder = records.download_dir(studio)
+    files = [records.write_json(folder, "refer.json", records.refer_record(studio, referrals, scale, size, gen_id))]
     for i, r in enumerate(referrals):
-        files.append(_write_png(folder, f"mask_{i + 1}_{_slug(r.expression)}.png", render.mask_png(r.mask, size)))
-    files.append(_write_png(folder, "refer_overlay.png", render.regions_overlay(
+        files.append(records.write_png(folder, f"mask_{i + 1}_{_slug(r.expression)}.png",
+                                       render.mask_png(r.mask, size)))
+    files.append(records.write_png(folder, "refer_overlay.png", render.regions_overlay(
         session.array, [{"box": r.box, "label": f"{i + 1}. {r.expression}"} for i, r in enumerate(referrals)],
         [r.mask for r in referrals])))
     msg = f"{len(referrals)} expression(s) located" + (f" · generation #{gen_id}" if gen_id is not None else "")
@@ -612,25 +536,9 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     return session, view, files
 
 
-def _refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float], size: tuple[int, int],
-                  gen_id: int | None) -> dict:
-    results = []
-    for r in referrals:
-        mask = r.mask
-        if (mask.shape[1], mask.shape[0]) != size:
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
-        results.append({"expression": r.expression, "box": _to_original(r.box, scale), "score": round(r.score, 4),
-                        "mask_score": round(r.mask_score, 4), "mask_area": int(mask.sum()),
-                        "mask": render.mask_rle(mask)})
-    return {"task": "refer", "image": {"width": size[0], "height": size[1]},
-            "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]; "
-                           "masks are COCO uncompressed RLE (column-major)",
-            "results": results, "model": _model_meta(studio), "generation_id": gen_id}
-
-
 # ------------------------------------------------------------------------------------------ dense captions
 
-def _dense_options(score_threshold: Any, max_regions: Any) -> tuple[float, int]:
+def dense_options(score_threshold: Any, max_regions: Any) -> tuple[float, int]:
     try:
         threshold, regions = float(score_threshold), int(max_regions)
     except (TypeError, ValueError) as err:
@@ -661,7 +569,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     """Dense captioning: proposals -> one batched captioning pass. Returns (session, dense view, files)."""
     session = _session(session)
     _require_image(session)
-    threshold, top_k = _dense_options(score_threshold, max_regions)
+    threshold, top_k = dense_options(score_threshold, max_regions)
     state = studio.predictor.set_image(session.array)
     regions = studio.predictor.dense_caption(state, max_regions=top_k, score_threshold=threshold)
     session.dense = [{"box": list(r.box), "score": r.score, "caption": r.caption.text,
@@ -669,16 +577,17 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     session.dense_selected, session.dense_words = None, []
     gen_id = None
     if regions:
-        gen_id = _log(studio, session, session.array, "dense", [r["caption"] for r in session.dense],
-                      [r["box"] for r in session.dense], prompts={"score_threshold": threshold, "max_regions": top_k},
-                      extra={"scores": [r["score"] for r in session.dense]}, session_id=session_id)
+        gen_id = records.log_output(studio, session, session.array, "dense", [r["caption"] for r in session.dense],
+                                    [r["box"] for r in session.dense],
+                                    prompts={"score_threshold": threshold, "max_regions": top_k},
+                                    extra={"scores": [r["score"] for r in session.dense]}, session_id=session_id)
     session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
-    folder = _download_dir(studio)
-    record = _dense_record(studio, session.dense, _session_scale(session),
+    folder = records.download_dir(studio)
+    record = records.dense_record(studio, session.dense, _session_scale(session),
                            (session.image["orig_width"], session.image["orig_height"]), gen_id)
-    files = [_write_json(folder, "dense.json", record)]
+    files = [records.write_json(folder, "dense.json", record)]
     if regions:
-        files.append(_write_png(folder, "dense_overlay.png", render.regions_overlay(
+        files.append(records.write_png(folder, "dense_overlay.png", render.regions_overlay(
             session.array, [{"box": r["box"], "label": f"{i + 1}. {r['caption']}"}
                             for i, r in enumerate(session.dense)])))
         msg = (f"{len(regions)} region(s)" + (f" · generation #{gen_id}" if gen_id is not None else "")
@@ -686,16 +595,6 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     else:
         msg = f"No region scored above {threshold:.2f}: lower the score threshold."
     return session, dense_view(session, status="done", message=msg), files
-
-
-def _dense_record(studio: Studio, regions: Sequence[dict], scale: tuple[float, float], size: tuple[int, int],
-                  gen_id: int | None) -> dict:
-    return {"task": "dense", "image": {"width": size[0], "height": size[1]},
-            "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
-            "regions": [{"box": _to_original(r["box"], scale), "score": round(r["score"], 4), "caption": r["caption"],
-                         "words": [{"index": w["index"], "text": w["text"], "box": _to_original(w["box"], scale)}
-                                   for w in r["words"]]} for r in regions],
-            "model": _model_meta(studio), "generation_id": gen_id}
 
 
 def region_at(regions: Sequence[dict], x: float, y: float) -> int | None:
@@ -748,9 +647,11 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
         yield session, dense_view(shown, words=words, status="streaming",
                                   message=f"Tracing… {len(words)} words"), " ".join(w["text"] for w in words)
     text = " ".join(w["text"] for w in words)
-    gen_id = _log(studio, session, session.array, "caption", [w["text"] for w in words], [w["box"] for w in words],
-                  prompts={"box": box, "region": index}, extra={"decoding": options, "text": text, **extra_region},
-                  session_id=session_id)
+    gen_id = records.log_output(studio, session, session.array, "caption", [w["text"] for w in words],
+                                [w["box"] for w in words],
+                                prompts={"box": box, "region": index},
+                                extra={"decoding": options, "text": text, **extra_region},
+                                session_id=session_id)
     session.dense_words = words
     session.last = {"task": "caption", "words": words, "text": text, "prompts": {"box": box},
                     "generation_id": gen_id}
@@ -761,125 +662,6 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
 
 
 # ------------------------------------------------------------------------------------------ API
-
-def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: int, height: int) -> dict:
-    """API prompts (JSON): {"points": [[x, y], ...], "point_labels": [1, 0, ...], "box": [x0, y0, x1, y1]},
-    in pixels of the image as sent; any key optional. Returns model-frame arrays for the predictor."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return {"points": None, "point_labels": None, "box": None}
-    if isinstance(text, str):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError('prompts must be JSON like {"points": [[x, y]], "point_labels": [1], '
-                             f'"box": [x0, y0, x1, y1]}} (pixels): {err.msg}') from err
-    else:
-        data = text
-    if not isinstance(data, dict):
-        raise ValueError('prompts must be a JSON object such as {"box": [x0, y0, x1, y1]}')
-    unknown = set(data) - {"points", "point_labels", "labels", "box"}
-    if unknown:
-        raise ValueError(f"unknown prompt keys {sorted(unknown)}; use points, point_labels, box")
-    sx, sy = scale
-    points = labels = box = None
-    if data.get("points"):
-        try:
-            raw = np.asarray(data["points"], dtype=np.float64)
-        except (TypeError, ValueError) as err:  # ragged lists, strings, objects
-            raise ValueError("points must be a list of [x, y] pairs (pixels)") from err
-        if raw.ndim != 2 or raw.shape[1] not in (2, 3):
-            raise ValueError("points must be a list of [x, y] pairs")
-        points = raw[:, :2] / np.array([sx, sy])
-        labels = data.get("point_labels", data.get("labels"))
-        if labels is None and raw.shape[1] == 3:
-            labels = raw[:, 2]
-        points, labels = imaging.check_points(points, labels, width, height)
-    if data.get("box") is not None:
-        try:
-            raw_box = np.asarray(data["box"], dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError) as err:
-            raise ValueError("box must be [x0, y0, x1, y1] (pixels)") from err
-        if raw_box.shape != (4,):
-            raise ValueError("box must be [x0, y0, x1, y1]")
-        box = imaging.check_box(raw_box / np.array([sx, sy, sx, sy]), width, height).tolist()
-    return {"points": points, "point_labels": labels, "box": box}
-
-
-@user_errors
-def api_caption(studio: Studio, image: str | None, prompts: str | None, text: str | None, max_words: Any,
-                do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> dict:
-    """/caption: image file + prompts JSON + text prompt + decoding options -> words with pixel boxes."""
-    loaded = load_user_image(image)
-    h, w = loaded.array.shape[:2]
-    text = imaging.check_text(text)
-    parsed = parse_prompts(prompts, loaded.scale, w, h)
-    options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words)
-    words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
-                              box=parsed["box"], text=text, options=options))
-    prompts_model, prompts_orig = _api_prompts(parsed, loaded.scale, text)
-    gen_id = _log(studio, None, loaded.array, "caption", [x["text"] for x in words], [x["box"] for x in words],
-                  prompts=prompts_model, extra={"decoding": options, "api": True}, session_id=session_id)
-    return _caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
-                           prompts=prompts_orig, options=options, generation_id=gen_id)
-
-
-def _api_prompts(parsed: dict, scale: tuple[float, float], text: str | None) -> tuple[dict, dict]:
-    """parse_prompts' result as logged (model frame) and as returned (pixels of the image as sent)."""
-    model = _model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)
-    original = {**model, "points": [[round(x * scale[0], 2), round(y * scale[1], 2)] for x, y in model["points"]],
-                "box": None if parsed["box"] is None else _to_original(parsed["box"], scale)}
-    return model, original
-
-
-@user_errors
-def api_trace(studio: Studio, image: str | None, prompts: str | None, caption: str | None,
-              session_id: str | None = None) -> dict:
-    """/trace: image file + prompts JSON + a caption -> the caption's words, each with the pixel box the model
-    grounds it to, and the caption's score (geometric-mean token probability)."""
-    loaded = load_user_image(image)
-    h, w = loaded.array.shape[:2]
-    parsed = parse_prompts(prompts, loaded.scale, w, h)
-    words, score = trace_words(studio, loaded.array, caption, points=parsed["points"],
-                               point_labels=parsed["point_labels"], box=parsed["box"])
-    text = " ".join(x["text"] for x in words)
-    prompts_model, prompts_orig = _api_prompts(parsed, loaded.scale, None)
-    gen_id = _log(studio, None, loaded.array, "caption", [x["text"] for x in words], [x["box"] for x in words],
-                  prompts=prompts_model, extra={"traced": True, "text": text, "score": score, "api": True},
-                  session_id=session_id)
-    record = _caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
-                             prompts=prompts_orig, options=None, generation_id=gen_id, task="trace")
-    return {**record, "score": score}
-
-
-@user_errors
-def api_refer(studio: Studio, image: str | None, expressions: str | None, session_id: str | None = None) -> dict:
-    """/refer: image file + expressions (one per line) -> box, score and RLE mask per expression."""
-    loaded = load_user_image(image)
-    lines = parse_expressions(expressions)
-    referrals = studio.predictor.refer(studio.predictor.set_image(loaded.array), lines)
-    gen_id = _log(studio, None, loaded.array, "refer", lines, [list(r.box) for r in referrals],
-                  prompts={"expressions": lines}, extra={"scores": [r.score for r in referrals], "api": True},
-                  session_id=session_id)
-    return _refer_record(studio, referrals, loaded.scale, (loaded.orig_width, loaded.orig_height), gen_id)
-
-
-@user_errors
-def api_dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: Any,
-              session_id: str | None = None) -> dict:
-    """/dense: image file + score threshold + max regions -> regions with boxes, scores, captions, word boxes."""
-    loaded = load_user_image(image)
-    threshold, top_k = _dense_options(score_threshold, max_regions)
-    regions = studio.predictor.dense_caption(studio.predictor.set_image(loaded.array), max_regions=top_k,
-                                             score_threshold=threshold)
-    rows = [{"box": list(r.box), "score": r.score, "caption": r.caption.text,
-             "words": [w.to_dict() for w in r.caption.words]} for r in regions]
-    gen_id = None
-    if rows:
-        gen_id = _log(studio, None, loaded.array, "dense", [r["caption"] for r in rows], [r["box"] for r in rows],
-                      prompts={"score_threshold": threshold, "max_regions": top_k},
-                      extra={"scores": [r["score"] for r in rows], "api": True}, session_id=session_id)
-    return _dense_record(studio, rows, loaded.scale, (loaded.orig_width, loaded.orig_height), gen_id)
-
 
 # ------------------------------------------------------------------------------------------ model panel
 

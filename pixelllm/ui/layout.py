@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from pixelllm.ui import api
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui.annotate_tab import build_annotate_tab
 
@@ -185,17 +186,17 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             yield from cb.dense_select(studio, state, evt._data, _session_id(request))
 
         def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, request: gr.Request):
-            return cb.api_caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
+            return api.caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
                                   _session_id(request))
 
         def trace(image, prompts, caption, request: gr.Request):
-            return cb.api_trace(studio, image, prompts, caption, _session_id(request))
+            return api.trace(studio, image, prompts, caption, _session_id(request))
 
         def refer(image, expressions, request: gr.Request):
-            return cb.api_refer(studio, image, expressions, _session_id(request))
+            return api.refer(studio, image, expressions, _session_id(request))
 
         def dense(image, score_threshold, max_regions, request: gr.Request):
-            return cb.api_dense(studio, image, score_threshold, max_regions, _session_id(request))
+            return api.dense(studio, image, score_threshold, max_regions, _session_id(request))
 
         private = {"api_visibility": "private"}
         # Prompt edits are cheap and must apply in click order: one at a time, every click counted.
