@@ -126,7 +126,7 @@ def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSetti
         for obj in crosses:
             box = [float(v) for v in obj["box"]]
             output = api.caption(studio, str(data / record["file_name"]), json.dumps({"box": box}), None,
-                                    s.max_words, False, 1.0, 1.0, None, session_id="simulate_annotators")
+                                 s.max_words, False, 1.0, 1.0, None, session_id="simulate_annotators")
             if output["generation_id"] is None:
                 raise RuntimeError("the app's caption function did not log its output to the store")
             words = [obj["size"], obj["color"], obj["shape"]]

@@ -70,7 +70,7 @@ def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: in
 
 @user_errors
 def caption(studio: Studio, image: str | None, prompts: str | None, text: str | None, max_words: Any,
-                do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> dict:
+            do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> dict:
     """/caption: image file + prompts JSON + text prompt + decoding options -> words with pixel boxes."""
     loaded = load_user_image(image)
     h, w = loaded.array.shape[:2]
@@ -84,7 +84,7 @@ def caption(studio: Studio, image: str | None, prompts: str | None, text: str | 
                                 [x["box"] for x in words],
                                 prompts=prompts_model, extra={"decoding": options, "api": True}, session_id=session_id)
     return records.caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
-                           prompts=prompts_orig, options=options, generation_id=gen_id)
+                                  prompts=prompts_orig, options=options, generation_id=gen_id)
 
 
 def _api_prompts(parsed: dict, scale: tuple[float, float], text: str | None) -> tuple[dict, dict]:
@@ -97,7 +97,7 @@ def _api_prompts(parsed: dict, scale: tuple[float, float], text: str | None) -> 
 
 @user_errors
 def trace(studio: Studio, image: str | None, prompts: str | None, caption: str | None,
-              session_id: str | None = None) -> dict:
+          session_id: str | None = None) -> dict:
     """/trace: image file + prompts JSON + a caption -> the caption's words, each with the pixel box the model
     grounds it to, and the caption's score (geometric-mean token probability)."""
     loaded = load_user_image(image)
@@ -113,7 +113,7 @@ def trace(studio: Studio, image: str | None, prompts: str | None, caption: str |
                                 extra={"traced": True, "text": text, "score": score, "api": True},
                                 session_id=session_id)
     record = records.caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
-                             prompts=prompts_orig, options=None, generation_id=gen_id, task="trace")
+                                    prompts=prompts_orig, options=None, generation_id=gen_id, task="trace")
     return {**record, "score": score}
 
 
@@ -132,7 +132,7 @@ def refer(studio: Studio, image: str | None, expressions: str | None, session_id
 
 @user_errors
 def dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: Any,
-              session_id: str | None = None) -> dict:
+          session_id: str | None = None) -> dict:
     """/dense: image file + score threshold + max regions -> regions with boxes, scores, captions, word boxes."""
     loaded = load_user_image(image)
     threshold, top_k = dense_options(score_threshold, max_regions)

@@ -411,8 +411,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
                                 extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
                                 session_id=session_id)
     record = records.caption_record(studio, words, _session_scale(session),
-                             (session.image["orig_width"], session.image["orig_height"]),
-                             prompts=_prompts_original(session, text), options=options, generation_id=gen_id)
+                                    (session.image["orig_width"], session.image["orig_height"]),
+                                    prompts=_prompts_original(session, text), options=options, generation_id=gen_id)
     files = _keep_caption(studio, session, array, record, "caption", {
         "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
         "generation_id": gen_id})
@@ -453,9 +453,9 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
                                 prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
                                 session_id=session_id)
     record = records.caption_record(studio, words, _session_scale(session),
-                             (session.image["orig_width"], session.image["orig_height"]),
-                             prompts=_prompts_original(session, None), options=None, generation_id=gen_id,
-                             task="trace")
+                                    (session.image["orig_width"], session.image["orig_height"]),
+                                    prompts=_prompts_original(session, None), options=None, generation_id=gen_id,
+                                    task="trace")
     record["score"] = score
     session.inspect = session.pending = None
     files = _keep_caption(studio, session, array, record, "trace", {
@@ -511,7 +511,8 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     boxes = [list(r.box) for r in referrals]
     gen_id = records.log_output(studio, session, session.array, "refer", lines, boxes,
                                 prompts={"expressions": lines},
-                                extra={"scores": [r.score for r in referrals], "mask_scores": [r.mask_score for r in referrals]},
+                                extra={"scores": [r.score for r in referrals],
+                                       "mask_scores": [r.mask_score for r in referrals]},
                                 session_id=session_id)
     regions = [{"box": [round(c, 2) for c in r.box], "label": r.expression,
                 "detail": f"score {r.score:.2f} · mask {r.mask_score:.2f}", "score": r.score,
@@ -584,7 +585,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
     folder = records.download_dir(studio)
     record = records.dense_record(studio, session.dense, _session_scale(session),
-                           (session.image["orig_width"], session.image["orig_height"]), gen_id)
+                                  (session.image["orig_width"], session.image["orig_height"]), gen_id)
     files = [records.write_json(folder, "dense.json", record)]
     if regions:
         files.append(records.write_png(folder, "dense_overlay.png", render.regions_overlay(

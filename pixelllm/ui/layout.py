@@ -187,7 +187,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
 
         def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, request: gr.Request):
             return api.caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
-                                  _session_id(request))
+                               _session_id(request))
 
         def trace(image, prompts, caption, request: gr.Request):
             return api.trace(studio, image, prompts, caption, _session_id(request))

@@ -37,7 +37,7 @@ def to_original(box: Sequence[float], scale: tuple[float, float]) -> list[float]
 
 
 def log_output(studio: Studio, session: Session | None, array: np.ndarray, task: str, words: list[str],
-         boxes: list[list[float]], *, prompts: Any, extra: dict, session_id: str | None) -> int | None:
+               boxes: list[list[float]], *, prompts: Any, extra: dict, session_id: str | None) -> int | None:
     """Log an output shown to a user. A failing store warns; the user keeps the result."""
     if studio.store is None:
         return None
@@ -88,14 +88,14 @@ def model_meta(studio: Studio) -> dict:
 
 
 def model_prompts(points: np.ndarray | None, labels: np.ndarray | None, box: list[float] | None,
-                   text: str | None) -> dict:
+                  text: str | None) -> dict:
     """The prompts as logged: model-frame pixels, plain lists."""
     return {"points": [] if points is None else points.tolist(),
             "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": text}
 
 
 def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
-                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption") -> dict:
+                   prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption") -> dict:
     """The JSON a user downloads or the API returns: boxes in the pixels of the image the user sent."""
     return {
         "task": task,
@@ -111,7 +111,7 @@ def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float]
 
 
 def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float], size: tuple[int, int],
-                  gen_id: int | None) -> dict:
+                 gen_id: int | None) -> dict:
     results = []
     for r in referrals:
         mask = r.mask
@@ -127,7 +127,7 @@ def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float]
 
 
 def dense_record(studio: Studio, regions: Sequence[dict], scale: tuple[float, float], size: tuple[int, int],
-                  gen_id: int | None) -> dict:
+                 gen_id: int | None) -> dict:
     return {"task": "dense", "image": {"width": size[0], "height": size[1]},
             "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
             "regions": [{"box": to_original(r["box"], scale), "score": round(r["score"], 4), "caption": r["caption"],
