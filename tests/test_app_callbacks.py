@@ -424,7 +424,7 @@ def test_model_panel_and_viewer_text_are_escaped(small_predictor, example_images
 
 def test_api_outputs_are_plain_json(studio, example_images):
     cap = api.caption(studio, str(example_images[0]), '{"points": [[50, 60]], "point_labels": [1]}',
-                         "", 4, False, 1, 1, None)
+                      "", 4, False, 1, 1, None)
     ref = api.refer(studio, str(example_images[0]), "the red circle\nthe blue triangle")
     dense = api.dense(studio, str(example_images[0]), 0.0, 2)
     for result in (cap, ref, dense):

@@ -79,20 +79,12 @@ def caption(studio: Studio, image: str | None, prompts: str | None, text: str | 
     options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words)
     words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
                               box=parsed["box"], text=text, options=options))
-    prompts_model, prompts_orig = _api_prompts(parsed, loaded.scale, text)
+    prompts_model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)
     gen_id = records.log_output(studio, None, loaded.array, "caption", [x["text"] for x in words],
                                 [x["box"] for x in words],
                                 prompts=prompts_model, extra={"decoding": options, "api": True}, session_id=session_id)
-    return records.caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
-                                  prompts=prompts_orig, options=options, generation_id=gen_id)
-
-
-def _api_prompts(parsed: dict, scale: tuple[float, float], text: str | None) -> tuple[dict, dict]:
-    """parse_prompts' result as logged (model frame) and as returned (pixels of the image as sent)."""
-    model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)
-    original = {**model, "points": [[round(x * scale[0], 2), round(y * scale[1], 2)] for x, y in model["points"]],
-                "box": None if parsed["box"] is None else records.to_original(parsed["box"], scale)}
-    return model, original
+    return records.caption_record(studio, words, loaded.scale, loaded.size,
+                                  prompts=prompts_model, options=options, generation_id=gen_id)
 
 
 @user_errors
@@ -106,14 +98,14 @@ def trace(studio: Studio, image: str | None, prompts: str | None, caption: str |
     words, score = trace_words(studio, loaded.array, caption, points=parsed["points"],
                                point_labels=parsed["point_labels"], box=parsed["box"])
     text = " ".join(x["text"] for x in words)
-    prompts_model, prompts_orig = _api_prompts(parsed, loaded.scale, None)
+    prompts_model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], None)
     gen_id = records.log_output(studio, None, loaded.array, "caption", [x["text"] for x in words],
                                 [x["box"] for x in words],
                                 prompts=prompts_model,
                                 extra={"traced": True, "text": text, "score": score, "api": True},
                                 session_id=session_id)
-    record = records.caption_record(studio, words, loaded.scale, (loaded.orig_width, loaded.orig_height),
-                                    prompts=prompts_orig, options=None, generation_id=gen_id, task="trace")
+    record = records.caption_record(studio, words, loaded.scale, loaded.size,
+                                    prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
     return {**record, "score": score}
 
 
@@ -127,7 +119,7 @@ def refer(studio: Studio, image: str | None, expressions: str | None, session_id
                                 prompts={"expressions": lines},
                                 extra={"scores": [r.score for r in referrals], "api": True},
                                 session_id=session_id)
-    return records.refer_record(studio, referrals, loaded.scale, (loaded.orig_width, loaded.orig_height), gen_id)
+    return records.refer_record(studio, referrals, loaded.scale, loaded.size, gen_id)
 
 
 @user_errors
@@ -146,4 +138,4 @@ def dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: 
                                     [r["box"] for r in rows],
                                     prompts={"score_threshold": threshold, "max_regions": top_k},
                                     extra={"scores": [r["score"] for r in rows], "api": True}, session_id=session_id)
-    return records.dense_record(studio, rows, loaded.scale, (loaded.orig_width, loaded.orig_height), gen_id)
+    return records.dense_record(studio, rows, loaded.scale, loaded.size, gen_id)

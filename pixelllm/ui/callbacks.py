@@ -146,6 +146,11 @@ class LoadedImage:
         """Original pixels per model-frame pixel (x, y)."""
         return self.orig_width / self.array.shape[1], self.orig_height / self.array.shape[0]
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image as the user sent it."""
+        return self.orig_width, self.orig_height
+
 
 def load_user_image(source: str | os.PathLike | bytes) -> LoadedImage:
     """Decode an upload with pixelllm.image.load_image and remember its original size for mapping back."""
@@ -165,6 +170,11 @@ def load_user_image(source: str | os.PathLike | bytes) -> LoadedImage:
 def _session_scale(session: Session) -> tuple[float, float]:
     img = session.image
     return img["orig_width"] / img["width"], img["orig_height"] / img["height"]
+
+
+def _session_size(session: Session) -> tuple[int, int]:
+    """(width, height) of the session's image as the user sent it."""
+    return session.image["orig_width"], session.image["orig_height"]
 
 
 def _empty_views() -> tuple[dict, dict, dict]:
@@ -207,6 +217,15 @@ def prompt_arrays(prompts: Sequence[dict]) -> tuple[np.ndarray | None, np.ndarra
     points = np.array([p["xy"] for p in pts], dtype=np.float64).reshape(-1, 2) if pts else None
     labels = np.array([p["label"] for p in pts], dtype=np.int64) if pts else None
     return points, labels, (boxes[-1] if boxes else None)
+
+
+def _checked_prompts(session: Session) -> tuple[np.ndarray | None, np.ndarray | None, list[float] | None]:
+    """`prompt_arrays` of the session's prompts, refused with a clear message (negative-only points etc.) before
+    the model runs."""
+    points, labels, box = prompt_arrays(session.prompts)
+    if points is not None:
+        imaging.check_points(points, labels, session.image["width"], session.image["height"])
+    return points, labels, box
 
 
 def caption_view(session: Session, *, include_src: bool = True, words: Sequence[dict] | None = None,
@@ -366,17 +385,6 @@ def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels
                 break
 
 
-def _prompts_original(session: Session, text: str | None) -> dict:
-    points, labels, box = prompt_arrays(session.prompts)
-    sx, sy = _session_scale(session)
-    return {
-        "points": [] if points is None else [[round(x * sx, 2), round(y * sy, 2)] for x, y in points.tolist()],
-        "point_labels": [] if labels is None else labels.tolist(),
-        "box": None if box is None else records.to_original(box, (sx, sy)),
-        "text": text,
-    }
-
-
 @user_errors
 def generate(studio: Studio, session: Session | None, text: str | None, max_words: Any, sampling: Any,
              temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> Iterator[tuple]:
@@ -386,9 +394,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     _require_image(session)
     text = imaging.check_text(text)
     options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words)
-    points, labels, box = prompt_arrays(session.prompts)
-    if points is not None:  # clear message for negative-only prompts etc. before anything streams
-        imaging.check_points(points, labels, session.image["width"], session.image["height"])
+    points, labels, box = _checked_prompts(session)
     session.inspect = None
     session.pending = None
     array = session.array
@@ -410,9 +416,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
                                 prompts=prompts_model,
                                 extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
                                 session_id=session_id)
-    record = records.caption_record(studio, words, _session_scale(session),
-                                    (session.image["orig_width"], session.image["orig_height"]),
-                                    prompts=_prompts_original(session, text), options=options, generation_id=gen_id)
+    record = records.caption_record(studio, words, _session_scale(session), _session_size(session),
+                                    prompts=prompts_model, options=options, generation_id=gen_id)
     files = _keep_caption(studio, session, array, record, "caption", {
         "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
         "generation_id": gen_id})
@@ -441,9 +446,7 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     Returns (caption view, caption text, files, session)."""
     session = _session(session)
     _require_image(session)
-    points, labels, box = prompt_arrays(session.prompts)
-    if points is not None:
-        imaging.check_points(points, labels, session.image["width"], session.image["height"])
+    points, labels, box = _checked_prompts(session)
     array = session.array
     words, score = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
     text = " ".join(w["text"] for w in words)
@@ -452,10 +455,8 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
                                 [w["box"] for w in words],
                                 prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
                                 session_id=session_id)
-    record = records.caption_record(studio, words, _session_scale(session),
-                                    (session.image["orig_width"], session.image["orig_height"]),
-                                    prompts=_prompts_original(session, None), options=None, generation_id=gen_id,
-                                    task="trace")
+    record = records.caption_record(studio, words, _session_scale(session), _session_size(session),
+                                    prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
     record["score"] = score
     session.inspect = session.pending = None
     files = _keep_caption(studio, session, array, record, "trace", {
@@ -522,7 +523,7 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
                       "mask_score": r.mask_score} for r in referrals]
     session.last = {"task": "refer", "results": session.refer, "generation_id": gen_id}
     scale = _session_scale(session)
-    size = (session.image["orig_width"], session.image["orig_height"])
+    size = _session_size(session)
     folder = records.download_dir(studio)
     files = [records.write_json(folder, "refer.json", records.refer_record(studio, referrals, scale, size, gen_id))]
     for i, r in enumerate(referrals):
@@ -584,8 +585,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
                                     extra={"scores": [r["score"] for r in session.dense]}, session_id=session_id)
     session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
     folder = records.download_dir(studio)
-    record = records.dense_record(studio, session.dense, _session_scale(session),
-                                  (session.image["orig_width"], session.image["orig_height"]), gen_id)
+    record = records.dense_record(studio, session.dense, _session_scale(session), _session_size(session), gen_id)
     files = [records.write_json(folder, "dense.json", record)]
     if regions:
         files.append(records.write_png(folder, "dense_overlay.png", render.regions_overlay(

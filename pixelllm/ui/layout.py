@@ -97,7 +97,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                     trace_text = gr.Textbox(
                                         label="Caption", lines=2, elem_id="trace-text",
                                         placeholder="In this picture we can see a large red circle on the left.",
-                                        info="Where does the model put each word? Uses the prompts above; it traces in the order it narrates.")
+                                        info="Where does the model put each word? Uses the prompts above; "
+                                             "it traces in the order it narrates.")
                                     trace_btn = gr.Button("Trace", elem_id="trace-run")
                                 cap_files = gr.File(label="Download: JSON (words + boxes) and overlay PNG",
                                                     file_count="multiple", interactive=False, elem_id="caption-files")

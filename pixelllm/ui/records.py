@@ -94,16 +94,24 @@ def model_prompts(points: np.ndarray | None, labels: np.ndarray | None, box: lis
             "point_labels": [] if labels is None else labels.tolist(), "box": box, "text": text}
 
 
+def _prompts_to_original(prompts: dict, scale: tuple[float, float]) -> dict:
+    """`model_prompts`' dict in the pixels of the image as sent (what downloads and the API return)."""
+    sx, sy = scale
+    return {**prompts, "points": [[round(x * sx, 2), round(y * sy, 2)] for x, y in prompts["points"]],
+            "box": None if prompts["box"] is None else to_original(prompts["box"], scale)}
+
+
 def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption") -> dict:
-    """The JSON a user downloads or the API returns: boxes in the pixels of the image the user sent."""
+    """The JSON a user downloads or the API returns: word boxes and `prompts` (`model_prompts`' dict, as logged)
+    mapped to the pixels of the image the user sent."""
     return {
         "task": task,
         "text": " ".join(w["text"] for w in words),
         "image": {"width": size[0], "height": size[1]},
         "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
         "words": [{"index": w["index"], "text": w["text"], "box": to_original(w["box"], scale)} for w in words],
-        "prompts": prompts,
+        "prompts": _prompts_to_original(prompts, scale),
         "decoding": options,
         "model": model_meta(studio),
         "generation_id": generation_id,
