@@ -1,7 +1,10 @@
-"""Inference optimisations keep the model's results: SDPA attention in SAM's ViT, bfloat16 predictor.
+"""Inference optimisations keep the model's results: SDPA attention in SAM's ViT, T5's fused GELU, bfloat16
+predictor.
 
 - `build_vit` swaps segment_anything's hand-written ViT attention for `SDPAAttention`: outputs and gradients must
   equal the original's (relative positions, windows with padding, global blocks) and checkpoints keep their keys.
+- `build_t5` runs "gated-gelu" T5s with the fused tanh GELU instead of transformers' seven-op `gelu_new`: the
+  language model's logits and gradients must equal those of the same weights with `gelu_new` put back.
 - The predictor in bfloat16 (what the app uses on CUDA) runs every task; checked on CPU, which has bf16 kernels
   too. Regression: SAM's prompt encoder casts coordinates to float32 before multiplying them with its
   random-Fourier matrix, so a model cast with `.to(torch.bfloat16)` failed on the first prompt; PixelLLM keeps
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling import image_encoder as sam_vit
+
+from transformers.activations import NewGELUActivation
 
 from pixelllm.config import ViTConfig
 from pixelllm.modeling.image_encoder import SDPAAttention, build_vit
@@ -49,6 +54,38 @@ def test_sdpa_vit_attention_matches_segment_anything():
     grads = dict(reference.named_parameters())
     for name, param in ours.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fused_gelu_matches_transformers_gelu_new():
+    model = small_model(seed=3).train()
+    lm = model.language_model
+    reference = copy.deepcopy(lm)
+    fused = [m for m in lm.modules() if hasattr(m, "act") and hasattr(m, "wi_0")]
+    assert fused and model.config.t5.feed_forward_proj == "gated-gelu"
+    assert not any(isinstance(m.act, NewGELUActivation) for m in fused)
+    for m in reference.modules():
+        if hasattr(m, "act") and hasattr(m, "wi_0"):
+            m.act = NewGELUActivation()
+    # T5 weights at their init are tiny (GELU inputs near 0, where every GELU variant agrees): scale them up so
+    # the inputs span the range where the exact GELU and its tanh approximation differ.
+    with torch.no_grad():
+        for a, b in zip(lm.parameters(), reference.parameters()):
+            a.mul_(4.0)
+            b.copy_(a)
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 7, lm.config.d_model)
+    labels = torch.randint(2, lm.config.vocab_size, (2, 5))
+    out = lm(inputs_embeds=embeds, labels=labels)
+    ref = reference(inputs_embeds=embeds, labels=labels)
+    # logits up to ~50: the fused kernel differs by rounding (~3e-5); the exact erf GELU would differ by ~3e-3
+    torch.testing.assert_close(out.logits, ref.logits, atol=2e-4, rtol=1e-6)
+    out.loss.backward()
+    ref.loss.backward()
+    # per tensor, relative to its norm: the fused kernel ~2e-4 at worst, the exact GELU ~2e-2
+    grads = dict(reference.named_parameters())
+    for name, param in lm.named_parameters():
+        expected = grads[name].grad
+        assert float((param.grad - expected).norm()) <= 2e-3 * float(expected.norm()) + 1e-8, name
 
 
 def test_bfloat16_predictor_runs_every_task():

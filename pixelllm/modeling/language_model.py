@@ -41,6 +41,12 @@ def build_t5(settings: T5Settings, *, pad_token_id: int, eos_token_id: int) -> T
         decoder_start_token_id=pad_token_id,
         attn_implementation="sdpa",
     )
+    if config.dense_act_fn == "gelu_new":
+        # "gated-gelu" (T5 v1.1 / Flan-T5) computes the tanh GELU as seven element-wise ops in Python
+        # (`NewGELUActivation`); `gelu_pytorch_tanh` is the same function in one fused kernel (equal up to
+        # rounding; the weights and config.json don't change). Measured on the embedded model, 2-core CPU:
+        # full-image captions 124 -> 143 words/s, same text (README, Benchmark).
+        config.dense_act_fn = "gelu_pytorch_tanh"
     return T5ForConditionalGeneration(config)
 
 
