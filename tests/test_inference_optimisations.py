@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling import image_encoder as sam_vit
-
 from transformers.activations import NewGELUActivation
 
 from pixelllm.config import ViTConfig
