@@ -114,6 +114,12 @@ class PixelLLMConfig:
     # Training-only auxiliary (0 = off, the paper's loss): -log of the last decoder layer's cross-attention mass
     # (mean over heads) on the RoI cells inside each supervised token's target box (docs/referring.md).
     attn_supervision_weight: float = 0.0
+    # Training-only (0 = off: pure teacher forcing, the paper): parallel scheduled sampling (Duckworth et al.
+    # 2019) on generated-caption batches. Each decoder input token is, with this probability, replaced by the
+    # model's own greedy prediction at that position from a first, gradient-free teacher-forced pass; the
+    # targets stay the reference's. The decoder learns to continue a narrative after its own slips instead of
+    # only after perfect prefixes. Referring batches are never mixed: their words are the given query.
+    scheduled_sampling: float = 0.0
     proposal_weight: float = 1.0
     # Special token ids (T5 convention: pad = decoder start = 0, eos = 1, unk = 2)
     pad_token_id: int = 0

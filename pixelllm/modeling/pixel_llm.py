@@ -132,12 +132,31 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         return Prefix(hidden=hidden, mask=mask)
 
     # ------------------------------------------------------------------ training
-    def teacher_forced(self, prefix: Prefix, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forced(self, prefix: Prefix, labels: torch.Tensor, *, own_rate: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """labels: BxT target tokens (-100 = ignore). Returns (logits BxTxV, location points BxTx4) aligned with
-        labels: position i predicts labels[i] and its location."""
+        labels: position i predicts labels[i] and its location.
+
+        own_rate > 0 (training, `config.scheduled_sampling`): each decoder input after the start token is, with
+        that probability, the model's own greedy prediction of the label it replaces (one extra gradient-free
+        pass over the reference inputs); the returned outputs come from the mixed inputs."""
         decoder_input_ids = self.language_model._shift_right(labels)
+        if own_rate > 0:
+            decoder_input_ids = self._mix_own_predictions(prefix, labels, decoder_input_ids, own_rate)
         logits, hidden = decoder_features(self.language_model, decoder_input_ids, prefix)
         return logits, self.loc_head(hidden)
+
+    def _mix_own_predictions(self, prefix: Prefix, labels: torch.Tensor, reference_inputs: torch.Tensor,
+                             rate: float) -> torch.Tensor:
+        """Parallel scheduled sampling (one pass): input i + 1 is the greedy prediction made at position i under
+        the reference inputs, with probability `rate`, wherever labels[i] is a real token (not -100)."""
+        with torch.no_grad():
+            logits, _ = decoder_features(self.language_model, reference_inputs, prefix)
+        own = torch.zeros_like(reference_inputs)
+        own[:, 1:] = logits[:, :-1].argmax(-1)
+        mix = torch.zeros_like(reference_inputs, dtype=torch.bool)
+        mix[:, 1:] = (labels[:, :-1] != -100) & (torch.rand(labels[:, :-1].shape, device=labels.device) < rate)
+        return torch.where(mix, own, reference_inputs)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training forward. `batch` holds `images` (Bx3xSxS, 0-255) — or `image_features` (ImageFeatures of B
@@ -180,8 +199,10 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                 raise ValueError("attn_supervision_weight > 0 needs RoI cells to supervise: set roi_grid > 0 "
                                  "(or attn_supervision_weight 0)")
             supervise = cfg.attn_supervision_weight > 0 and ("token_boxes" in batch or "refer_boxes" in batch)
-            with self._capture_cross_attention(supervise) as captured:
-                logits, points = self.teacher_forced(prefix, labels)
+            # referring expressions are the given query, never the model's own words
+            own_rate = cfg.scheduled_sampling if self.training and "refer_boxes" not in batch else 0.0
+            with self._capture_cross_attention(supervise) as captured:  # the last pass (with gradients) is kept
+                logits, points = self.teacher_forced(prefix, labels, own_rate=own_rate)
             out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
             if "token_boxes" in batch:
                 loc = losses.location_loss(points, batch["token_boxes"], batch["token_box_mask"] & (labels != -100))
