@@ -256,3 +256,15 @@ def test_simulate_annotators_smoke(base_dir, tmp_path, capsys):
         assert all(g["session"] == "simulate_annotators" for g in gens)  # logged by the app's /caption function
         rows = store.training_examples()
         assert len(rows) == 3 and all(r["words"][-1] == "cross" and r["annotator"] == sim.ANNOTATOR for r in rows)
+
+
+def test_corrections_are_learned_teacher_forced_whatever_the_base_trained_with(tmp_path):
+    """A base whose last training stage used scheduled sampling saves it in config.json; finetuning on
+    corrections must not inherit it (each corrected word is the exact target)."""
+    model = PixelLLM.from_pretrained(str(save_small_checkpoint(tmp_path / "src", seed=3)))
+    model.config.scheduled_sampling = 0.5
+    model.save_pretrained(tmp_path / "base")
+    assert PixelLLM.from_pretrained(str(tmp_path / "base")).config.scheduled_sampling == 0.5
+    settings = ft.FinetuneSettings(db=str(tmp_path / "db.sqlite"), base=str(tmp_path / "base"), out=str(tmp_path / "o"))
+    tuned, _ = ft.load_base_with_adapter(settings, "fix")
+    assert tuned.config.scheduled_sampling == 0.0

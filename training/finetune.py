@@ -359,6 +359,9 @@ def _checkpoint_dtype(directory: Path) -> torch.dtype | None:
 def load_base_with_adapter(settings: FinetuneSettings, name: str) -> tuple[PixelLLM, list[str]]:
     """The base checkpoint with a fresh LoRA adapter `name` active; returns the model and its trainable names."""
     model = PixelLLM.from_pretrained(settings.base)
+    # An annotator's correction is the target to learn exactly (few examples, each word placed by hand): teacher
+    # forcing, whatever scheduled sampling the base's last training stage used (it is saved in its config.json)
+    model.config.scheduled_sampling = 0.0
     if name in model.adapters:
         raise ValueError(f"the base checkpoint already has an adapter named {name!r}: choose another --name")
     original = model.config.lora
