@@ -176,31 +176,3 @@ def test_per_task_batch_sizes(shapes_dir):
         task, indices, _ = sampler.draw(step)
         sizes.setdefault(task, set()).add(len(indices))
     assert sizes == {"narrative": {4}, "refer_image": {2}}
-
-
-def test_count_cue_opens_the_narrative_with_the_number_of_objects_traced_around_them(shapes_dir):
-    tok = small_tokenizer()
-    data = ShapesData(shapes_dir, "train", 64)
-    plain = Collator(data, tok, 64, max_tokens=200)("narrative", list(range(6)), np.random.default_rng(0))
-    cued = Collator(data, tok, 64, max_tokens=200, count_cue=True)("narrative", list(range(6)),
-                                                                   np.random.default_rng(0))
-    names = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
-    counts = set()
-    for row in range(6):
-        rec = data.records[data.narratives[row]]
-        n = len(rec.objects)
-        counts.add(n)
-        cue = "There is one object." if n == 1 else f"There are {names[n]} objects."
-        k = len(encode_text(tok, cue, eos=False))
-        labels = cued["labels"][row]
-        assert labels[:k].tolist() == encode_text(tok, cue, eos=False)
-        # the narrative follows unchanged, with its own word boxes
-        length = int((plain["labels"][row] != -100).sum())
-        assert labels[k:k + length].tolist() == plain["labels"][row, :length].tolist()
-        torch.testing.assert_close(cued["token_boxes"][row, k:k + length - 1], plain["token_boxes"][row, :length - 1])
-        # the cue's tokens are traced to the box around every object
-        boxes = np.array([o["box"] for o in rec.objects], np.float32) / [rec.width, rec.height, rec.width, rec.height]
-        around = np.r_[boxes[:, :2].min(0), boxes[:, 2:].max(0)]
-        np.testing.assert_allclose(cued["token_boxes"][row, :k].numpy(), np.repeat(around[None], k, 0), atol=1e-6)
-        assert bool(cued["token_box_mask"][row, :k].all())
-    assert len(counts) > 1, "the fixture should hold images with different object counts"

@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                       lazy=bool(cfg["data"].get("lazy", model.config.image_size > 256)))
     collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)),
                        refer_per_image=int(tcfg.get("refer_per_image", 8)),
-                       region_per_image=int(tcfg.get("region_per_image", 8)),
-                       count_cue=bool(tcfg.get("count_cue", False)))
+                       region_per_image=int(tcfg.get("region_per_image", 8)))
     # per-task batch sizes (items per step over all ranks), e.g. {refer_image: 8}: 8 images, each with its expressions
     task_batch = {t: max(1, int(n) // world) for t, n in (tcfg.get("task_batch_size") or {}).items()}
     stages = cfg["stages"]

@@ -35,7 +35,6 @@ from training.data.localized_narratives import LNReadStats, read_localized_narra
 from training.data.shapes import load_image, load_instance_map
 from training.data.shapes import load_jsonl as read_jsonl
 
-_NUMBER_WORDS = {0: "no", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
 TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "region_image", "refer", "refer_image")
 
 
@@ -188,13 +187,8 @@ class Collator:
     """Builds model batches (see `PixelLLM.forward`) for one task from item indices."""
 
     def __init__(self, data: ShapesData, tokenizer, image_size: int, max_tokens: int = 96,
-                 box_jitter: float = 0.05, refer_per_image: int = 8, region_per_image: int = 8,
-                 count_cue: bool = False) -> None:
-        """count_cue: `narrative` targets open with "There are <n> objects." (n in words), traced to the box
-        around all of them — a counting cue for the narration (docs/referring.md §14). Needs data whose records
-        list every object of the image (Shapes), not LN-only data."""
+                 box_jitter: float = 0.05, refer_per_image: int = 8, region_per_image: int = 8) -> None:
         self.data = data
-        self.count_cue = count_cue
         self.refer_per_image = refer_per_image
         self.region_per_image = region_per_image
         self.tokenizer = tokenizer
@@ -255,19 +249,8 @@ class Collator:
     def _narrative(self, indices, rng) -> dict:
         recs = [self.data.records[self.data.narratives[i]] for i in indices]
         batch = self._common(recs)
-        words = [self._with_count_cue(r) if self.count_cue else (r.words, r.word_boxes) for r in recs]
-        batch.update(self._pad_targets([(*self._word_tokens(w, b), True) for w, b in words]))
+        batch.update(self._pad_targets([(*self._word_tokens(r.words, r.word_boxes), True) for r in recs]))
         return batch
-
-    def _with_count_cue(self, rec: ImageRecord) -> tuple[list[str], np.ndarray]:
-        """The narrative's words after "There are <n> objects." / "There is one object.", whose words get the
-        box around every object (the whole image when there is none)."""
-        n = len(rec.objects)
-        cue = ["There", "is", "one", "object."] if n == 1 else ["There", "are", _NUMBER_WORDS.get(n, str(n)), "objects."]
-        boxes = np.array([_norm_box(o["box"], rec) for o in rec.objects], np.float32).reshape(-1, 4)
-        around = np.concatenate([boxes[:, :2].min(0), boxes[:, 2:].max(0)]) if n else np.array([0, 0, 1, 1])
-        cue_boxes = np.repeat(around[None].astype(np.float32), len(cue), 0)
-        return cue + list(rec.words), np.concatenate([cue_boxes, rec.word_boxes.astype(np.float32)])
 
     def _sentence(self, indices, rng) -> dict:
         items = [self.data.sentence_items[i] for i in indices]
