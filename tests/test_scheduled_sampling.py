@@ -1,13 +1,14 @@
 """Parallel scheduled sampling (`config.scheduled_sampling`): training on the model's own greedy words.
 
-The narratives' remaining misses are the decoder losing track after its own slips (docs/referring.md §12); this
-training option feeds its own predictions back as decoder inputs. These tests pin what it feeds, where, and
-that inference and referring are untouched."""
+A training option that feeds the model's own predictions back as decoder inputs (docs/referring.md §13: tried
+against the narrative misses, no gain, off by default). These tests pin what it feeds, where, and that inference
+and referring are untouched."""
 
 from __future__ import annotations
 
 import torch
 
+from pixelllm.modeling.language_model import mix_own_predictions
 from pixelllm.modeling.pixel_llm import PixelLLM
 from tests.helpers import make_prompt_sensitive, small_model
 
@@ -38,7 +39,7 @@ def test_each_input_becomes_the_greedy_word_predicted_one_position_earlier():
     with torch.no_grad():
         own = model.teacher_forced(prefix, labels)[0].argmax(-1)  # position i predicts labels[i]
         reference = model.language_model._shift_right(labels)
-        mixed = model._mix_own_predictions(prefix, labels, reference, rate=1.0)
+        mixed = mix_own_predictions(model.language_model, prefix, labels, reference, rate=1.0)
     pad = model.config.pad_token_id
     real = (labels != -100).sum(1).tolist()  # words + EOS
     assert real == [10, 6]
@@ -58,7 +59,7 @@ def test_the_rate_is_the_share_of_inputs_replaced():
         own = torch.zeros_like(reference)
         own[:, 1:] = model.teacher_forced(prefix, labels)[0][:, :-1].argmax(-1)
         torch.manual_seed(0)
-        mixed = model._mix_own_predictions(prefix, labels, reference, rate=0.3)
+        mixed = mix_own_predictions(model.language_model, prefix, labels, reference, rate=0.3)
     differs = (own != reference) & (labels != -100).roll(1, dims=1)
     differs[:, 0] = False
     assert int(differs.sum()) > 300
@@ -105,5 +106,6 @@ def test_gradients_flow_through_the_mixed_pass_only():
     assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
     # the extra pass is gradient-free: it leaves nothing on the autograd graph beyond the mixed pass
     prefix = _prefix(model, 2)
-    mixed = model._mix_own_predictions(prefix, labels, model.language_model._shift_right(labels), rate=0.5)
+    reference = model.language_model._shift_right(labels)
+    mixed = mix_own_predictions(model.language_model, prefix, labels, reference, rate=0.5)
     assert not mixed.requires_grad and mixed.dtype == torch.long

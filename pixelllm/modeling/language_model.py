@@ -81,6 +81,20 @@ def decoder_features(lm: T5ForConditionalGeneration, decoder_input_ids: torch.Te
     return lm.lm_head(scaled), hidden
 
 
+
+def mix_own_predictions(lm: T5ForConditionalGeneration, prefix: Prefix, labels: torch.Tensor,
+                        reference_inputs: torch.Tensor, rate: float) -> torch.Tensor:
+    """Parallel scheduled sampling (one gradient-free pass; `config.scheduled_sampling`): decoder input i + 1
+    becomes the greedy prediction made at position i under the reference inputs, with probability `rate`, wherever
+    labels[i] is a real token (not -100). The start token and padding stay."""
+    with torch.no_grad():
+        logits, _ = decoder_features(lm, reference_inputs, prefix)
+    own = torch.zeros_like(reference_inputs)
+    own[:, 1:] = logits[:, :-1].argmax(-1)
+    mix = torch.zeros_like(reference_inputs, dtype=torch.bool)
+    mix[:, 1:] = (labels[:, :-1] != -100) & (torch.rand(labels[:, :-1].shape, device=labels.device) < rate)
+    return torch.where(mix, own, reference_inputs)
+
 @dataclass
 class DecodeStep:
     """One decoding step for a batch.

@@ -7,7 +7,6 @@ Persistence (save_pretrained / from_pretrained) lives in `pixelllm.checkpoint`; 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,17 @@ from torch import nn
 from pixelllm.config import PixelLLMConfig
 from pixelllm.model_card import MODEL_CARD, PAPER_URL
 from pixelllm.modeling import losses
+from pixelllm.modeling.attention_supervision import attention_supervision_loss, capture_cross_attention
 from pixelllm.modeling.heads import LocationHead, ProposalHead, ReferringMaskHead
 from pixelllm.modeling.image_encoder import ImageFeatures, PixelImageEncoder, build_vit
-from pixelllm.modeling.language_model import DecodeStep, Prefix, build_t5, decode, decoder_features
+from pixelllm.modeling.language_model import (
+    DecodeStep,
+    Prefix,
+    build_t5,
+    decode,
+    decoder_features,
+    mix_own_predictions,
+)
 from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor
 from pixelllm.tokenizer import encode_text
 
@@ -142,21 +149,10 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         pass over the reference inputs); the returned outputs come from the mixed inputs."""
         decoder_input_ids = self.language_model._shift_right(labels)
         if own_rate > 0:
-            decoder_input_ids = self._mix_own_predictions(prefix, labels, decoder_input_ids, own_rate)
+            decoder_input_ids = mix_own_predictions(self.language_model, prefix, labels, decoder_input_ids,
+                                                    own_rate)
         logits, hidden = decoder_features(self.language_model, decoder_input_ids, prefix)
         return logits, self.loc_head(hidden)
-
-    def _mix_own_predictions(self, prefix: Prefix, labels: torch.Tensor, reference_inputs: torch.Tensor,
-                             rate: float) -> torch.Tensor:
-        """Parallel scheduled sampling (one pass): input i + 1 is the greedy prediction made at position i under
-        the reference inputs, with probability `rate`, wherever labels[i] is a real token (not -100)."""
-        with torch.no_grad():
-            logits, _ = decoder_features(self.language_model, reference_inputs, prefix)
-        own = torch.zeros_like(reference_inputs)
-        own[:, 1:] = logits[:, :-1].argmax(-1)
-        mix = torch.zeros_like(reference_inputs, dtype=torch.bool)
-        mix[:, 1:] = (labels[:, :-1] != -100) & (torch.rand(labels[:, :-1].shape, device=labels.device) < rate)
-        return torch.where(mix, own, reference_inputs)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training forward. `batch` holds `images` (Bx3xSxS, 0-255) — or `image_features` (ImageFeatures of B
@@ -201,7 +197,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             supervise = cfg.attn_supervision_weight > 0 and ("token_boxes" in batch or "refer_boxes" in batch)
             # referring expressions are the given query, never the model's own words
             own_rate = cfg.scheduled_sampling if self.training and "refer_boxes" not in batch else 0.0
-            with self._capture_cross_attention(supervise) as captured:  # the last pass (with gradients) is kept
+            with capture_cross_attention(self.language_model, supervise) as captured:  # the last pass (with gradients) is kept
                 logits, points = self.teacher_forced(prefix, labels, own_rate=own_rate)
             out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
             if "token_boxes" in batch:
@@ -214,7 +210,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
                 out["eos_l1"] = cfg.eos_l1_weight * l1
                 out["eos_giou"] = cfg.eos_giou_weight * giou
             if supervise:
-                out["attn_cells"] = cfg.attn_supervision_weight * self._attention_supervision(batch, prefix, captured)
+                supervision = attention_supervision_loss(self, batch, prefix, captured)
+                out["attn_cells"] = cfg.attn_supervision_weight * supervision
         if "masks" in batch and bool(batch["mask_valid"].any()):
             # SAM's decoder takes one image and K prompts: one call per image, with all of its rows' boxes
             image_of = batch.get("image_index", torch.arange(batch["masks"].shape[0], device=batch["masks"].device))
@@ -248,69 +245,6 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             return None
         ids = encode_text(self.tokenizer, self.config.refer_prompt, eos=False)
         return torch.tensor([ids], dtype=torch.long, device=self.device)
-
-    @contextlib.contextmanager
-    def _capture_cross_attention(self, active: bool) -> Iterator[dict[str, torch.Tensor]]:
-        """While active, records the inputs of the last decoder layer's cross-attention (its layer-normed
-        queries and the encoder states), so its attention map can be recomputed without eager attention."""
-        captured: dict[str, torch.Tensor] = {}
-        if not active:
-            yield captured
-            return
-        attention = self.language_model.decoder.block[-1].layer[1].EncDecAttention
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["queries"] = args[0] if args else kwargs["hidden_states"]
-            captured["keys"] = kwargs["key_value_states"]
-
-        handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
-    def _attention_supervision(self, batch: dict[str, Any], prefix: Prefix,
-                               captured: dict[str, torch.Tensor]) -> torch.Tensor:
-        """-log of the last decoder layer's cross-attention (mean over heads) on the RoI cells whose centre lies
-        in the token's target box (the nearest cell when none does), averaged over supervised positions: the
-        trace tokens (`token_box_mask`) and the EOS of referring expressions. Teaches the decoder to look where
-        the location head must point (docs/referring.md)."""
-        labels = batch["labels"]
-        rows, length = labels.shape
-        attention = self.language_model.decoder.block[-1].layer[1].EncDecAttention
-        heads, dim = attention.n_heads, attention.key_value_proj_dim
-        q = attention.q(captured["queries"]).view(rows, length, heads, dim).transpose(1, 2)
-        k = attention.k(captured["keys"]).view(rows, -1, heads, dim).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)).float()  # T5 does not scale by sqrt(d)
-        scores = scores.masked_fill(prefix.mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(-1).mean(1)  # B x T x S
-        ex = self.prompt_extractor
-        first = self.config.num_query_tokens
-        boxes, points = batch.get("prompt_boxes"), batch.get("prompt_points")
-        grid = self.roi_grid_for(boxes, points)
-        cells = probs[..., first:first + grid ** 2]  # B x T x g*g
-        regions = ex.region_of(boxes, points, batch.get("point_labels"), rows, labels.device)
-        centres = ex.cell_centres(regions, grid)  # B x g*g x 2
-        targets = torch.zeros(rows, length, 4, device=labels.device)
-        valid = torch.zeros(rows, length, dtype=torch.bool, device=labels.device)
-        if "token_boxes" in batch:
-            targets = batch["token_boxes"].float().clone()
-            valid = batch["token_box_mask"] & (labels != -100)
-        if "refer_boxes" in batch:
-            eos = (labels == self.config.eos_token_id).int().argmax(dim=1)
-            index = torch.arange(rows, device=labels.device)
-            targets[index, eos] = batch["refer_boxes"].float()
-            valid[index, eos] = batch["refer_valid"]
-        if not bool(valid.any()):
-            return probs.sum() * 0.0
-        box = targets[:, :, None, :]  # B x T x 1 x 4
-        cx, cy = centres[:, None, :, 0], centres[:, None, :, 1]  # B x 1 x g*g
-        inside = (cx >= box[..., 0]) & (cx <= box[..., 2]) & (cy >= box[..., 1]) & (cy <= box[..., 3])
-        middle = (box[..., :2] + box[..., 2:]) / 2  # B x T x 1 x 2
-        nearest = ((centres[:, None] - middle) ** 2).sum(-1).argmin(-1)  # B x T
-        inside = inside | F.one_hot(nearest, cells.shape[-1]).bool() & ~inside.any(-1, keepdim=True)
-        mass = (cells * inside).sum(-1)
-        return -torch.log(mass[valid] + 1e-6).mean()
 
     # ------------------------------------------------------------------ inference
     def stream(self, prefix: Prefix, *, max_new_tokens: int | None = None, do_sample: bool = False,
