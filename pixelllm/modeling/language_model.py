@@ -81,7 +81,6 @@ def decoder_features(lm: T5ForConditionalGeneration, decoder_input_ids: torch.Te
     return lm.lm_head(scaled), hidden
 
 
-
 def mix_own_predictions(lm: T5ForConditionalGeneration, prefix: Prefix, labels: torch.Tensor,
                         reference_inputs: torch.Tensor, rate: float) -> torch.Tensor:
     """Parallel scheduled sampling (one gradient-free pass; `config.scheduled_sampling`): decoder input i + 1
@@ -94,6 +93,7 @@ def mix_own_predictions(lm: T5ForConditionalGeneration, prefix: Prefix, labels: 
     mix = torch.zeros_like(reference_inputs, dtype=torch.bool)
     mix[:, 1:] = (labels[:, :-1] != -100) & (torch.rand(labels[:, :-1].shape, device=labels.device) < rate)
     return torch.where(mix, own, reference_inputs)
+
 
 @dataclass
 class DecodeStep:
