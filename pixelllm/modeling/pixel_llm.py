@@ -197,7 +197,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             supervise = cfg.attn_supervision_weight > 0 and ("token_boxes" in batch or "refer_boxes" in batch)
             # referring expressions are the given query, never the model's own words
             own_rate = cfg.scheduled_sampling if self.training and "refer_boxes" not in batch else 0.0
-            with capture_cross_attention(self.language_model, supervise) as captured:  # the last pass (with gradients) is kept
+            # the last decoder pass (the one with gradients) is the one captured
+            with capture_cross_attention(self.language_model, supervise) as captured:
                 logits, points = self.teacher_forced(prefix, labels, own_rate=own_rate)
             out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
             if "token_boxes" in batch:
