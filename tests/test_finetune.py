@@ -205,6 +205,31 @@ def test_joint_replay_trains_on_corrections_and_replay_every_step(base_dir, stor
                     progress=False)
 
 
+def test_grouped_replay_batches_have_about_batch_size_rows(base_dir, store, tmp_path, monkeypatch):
+    """A grouped replay item is an image with up to 8 rows: a batch takes batch_size // 8 images, not batch_size."""
+    from training.data.shapes import generate_split
+
+    data = tmp_path / "shapes"
+    generate_split(data, "train", 12, seed=5, size=64)
+    seen = []
+    collate = ft.FinetuneCollator.__call__
+
+    def spy(self, task, indices, rng):
+        batch = collate(self, task, indices, rng)
+        seen.append((task, len(indices), int(batch["image_index"].max()) + 1, batch["labels"].shape[0]))
+        return batch
+
+    monkeypatch.setattr(ft.FinetuneCollator, "__call__", spy)
+    summary = ft.finetune(settings(base_dir, store, tmp_path / "runs" / "grouped", replay_data=str(data), steps=6,
+                                   batch_size=16, replay_tasks={"refer_image": 1.0, "region_image": 1.0}),
+                          store=store, progress=False)
+    assert {task for task, *_ in seen} == {"refer_image", "region_image"}, seen
+    for _task, images, indexed, rows in seen:
+        assert images == indexed == 2, seen  # 16 // 8 images, every one of them with rows
+        assert 2 <= rows <= 16, seen
+    assert all(np.isfinite(row["loss_all"]) for row in summary["history"])
+
+
 def test_a_failing_run_is_recorded_as_failed(base_dir, store, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")

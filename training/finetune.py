@@ -115,6 +115,14 @@ class FinetuneSettings:
             raise ValueError(f"unknown replay tasks {sorted(unknown)}; known: {TASKS}")
 
 
+def grouped_batch_sizes(collate: Collator, batch_size: int) -> dict[str, int]:
+    """Images per replay batch of the grouped tasks, whose item is an image bringing up to `*_per_image` rows:
+    `batch_size // per_image` of them (at least one), so a grouped batch has about `batch_size` rows like every
+    other batch, not `batch_size x per_image`."""
+    return {"refer_image": max(1, batch_size // collate.refer_per_image),
+            "region_image": max(1, batch_size // collate.region_per_image)}
+
+
 # ---------------------------------------------------------------------------- image features
 
 
@@ -441,9 +449,11 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
     if settings.replay_data and settings.replay_ratio > 0:
         replay = ShapesData(settings.replay_data, settings.replay_split, size, settings.replay_limit)
         replay_bank = FeatureBank(model, [replay.pixels(r) for r in replay.records])
-        replay_sampler = MultiTaskSampler(replay, settings.replay_tasks, settings.batch_size, settings.seed + 1)
     collate = FinetuneCollator(replay, model.tokenizer, size, replay_bank=replay_bank,
                                correction_bank=correction_bank, max_tokens=settings.max_tokens)
+    if replay is not None:
+        replay_sampler = MultiTaskSampler(replay, settings.replay_tasks, settings.batch_size, settings.seed + 1,
+                                          batch_sizes=grouped_batch_sizes(collate, settings.batch_size))
     sampler = CorrectionSampler(examples, settings.batch_size, settings.seed)
     names = set(trainable)
     params = [p for n, p in model.named_parameters() if n in names]
@@ -547,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "trains on one of each (twice the compute per step)")
     parser.add_argument("--replay-limit", type=int, default=800, help="replay images held in memory")
     parser.add_argument("--replay-tasks", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_REPLAY_TASKS.items()),
-                        help="replay task weights, e.g. region_box=2,refer=2,sentence=1")
+                        help="replay task weights, e.g. region_box=2,refer=2,sentence=1; the grouped tasks "
+                             "(refer_image, region_image) take batch-size // 8 images, about batch-size rows")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
