@@ -63,3 +63,25 @@ def make_prompt_sensitive(model: PixelLLM) -> PixelLLM:
         model.prompt_extractor.proj.weight.mul_(30)
         model.language_model.shared.weight[model.config.pad_token_id].zero_()
     return model
+
+
+def set_slider(page, elem_id: str, value: str, attempts: int = 5) -> None:
+    """Type `value` into a Gradio slider's number box and wait until the range input shows it.
+
+    A fill made while the component is still settling can be overwritten (CI once ran dense captioning
+    with the default 0.3 after `fill("0")` + Enter), so the value is re-typed until the slider agrees."""
+    from playwright.sync_api import expect
+
+    number = page.locator(f"#{elem_id} input[type=number]")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(attempts - 1):
+        number.fill(value)
+        number.press("Enter")
+        try:
+            expect(slider).to_have_value(value, timeout=2000)
+            return
+        except AssertionError:
+            continue
+    number.fill(value)
+    number.press("Enter")
+    expect(slider).to_have_value(value)

@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import start_studio, stop_studio
+from tests.helpers import set_slider
 
 pytestmark = pytest.mark.browser
 
@@ -203,9 +204,7 @@ def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_a
 def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifacts_dir):
     _load_example(app, 0)
     _open_tab(app, "Dense captions", "#dense-viewer")
-    threshold = app.locator("#dense-threshold input[type=number]")
-    threshold.fill("0")
-    threshold.press("Enter")
+    set_slider(app, "dense-threshold", "0")
     app.locator("#dense-run").click()
     regions = app.locator("#dense-viewer .px-region")
     expect(regions.first).to_be_visible(timeout=TIMEOUT)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pixelllm.ui import callbacks as cb
+from tests.helpers import set_slider
 
 ROOT = Path(__file__).resolve().parents[1]
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -215,9 +216,7 @@ def test_typed_and_model_html_never_executes(page, hostile_app, artifacts_dir):
 
     page.get_by_role("tab", name="Dense captions").click()
     expect(page.locator("#dense-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
-    threshold = page.locator("#dense-threshold input[type=number]")
-    threshold.fill("0")
-    threshold.press("Enter")
+    set_slider(page, "dense-threshold", "0")
     page.locator("#dense-run").click()
     rows = page.locator("#dense-viewer .px-region-row .px-region-text")
     expect(rows.first).to_be_visible(timeout=TIMEOUT)
