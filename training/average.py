@@ -1,0 +1,69 @@
+"""Average the weights of checkpoints fine-tuned from one start (a "model soup").
+
+```
+python -m training.average --checkpoints runs/a/final runs/b/final [...] --out DIR [--dtype float16]
+```
+
+Two runs of the embedded model's last stage from the same 15850-step start, differing only in sampler order, gave
+hallucination 0.113 and 0.114 on the test split; the element-wise mean of their weights gave 0.105 and beat both on
+nearly every metric of both test splits (docs/referring.md §17). The mean is taken by
+``torch.optim.swa_utils.AveragedModel`` over the parameters (in float32 whatever the inputs' dtype); buffers are the
+first checkpoint's, and checkpoints whose configs or parameter names differ are refused, since a mean of unrelated
+weights is meaningless. Pass the float32 ``final`` folders of the runs, not their float16 exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from pixelllm.modeling.pixel_llm import PixelLLM
+
+
+def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
+    """The parameter-wise mean of the checkpoints in `folders` (at least two, same config), in float32."""
+    if len(folders) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(folders)}")
+    models = [PixelLLM.from_pretrained(str(folder), adapters=False).float().eval() for folder in folders]
+    first = models[0]
+    names = [name for name, _ in first.named_parameters()]
+    for folder, model in zip(folders[1:], models[1:]):
+        if model.config.to_dict() != first.config.to_dict():
+            raise ValueError(f"{folder} has another config than {folders[0]}: only runs of one model can be averaged")
+        if [name for name, _ in model.named_parameters()] != names:
+            raise ValueError(f"{folder} has other parameters than {folders[0]}")
+    averaged = AveragedModel(first)
+    for model in models:
+        averaged.update_parameters(model)
+    return averaged.module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.average", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders (float32 `final` ones)")
+    parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="dtype of the written weights (the embedded checkpoint ships float16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = average_checkpoints(args.checkpoints)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+    card = {"training": "The parameter-wise mean (`python -m training.average`) of: "
+                        + ", ".join(f"`{folder}`" for folder in args.checkpoints) + "."}
+    shutil.rmtree(args.out, ignore_errors=True)
+    model.save_pretrained(args.out, dtype=getattr(torch, args.dtype), model_card_kwargs=card)
+    print(f"averaged {len(args.checkpoints)} checkpoints -> {args.out} ({args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
