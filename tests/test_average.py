@@ -30,7 +30,7 @@ def test_average_of_three_checkpoints_is_their_mean_and_loads(tmp_path):
     assert "training.average" in (tmp_path / "soup" / "README.md").read_text()
 
 
-def test_float16_output_and_refusals(tmp_path, capsys):
+def test_float16_output_and_refusals(tmp_path):
     a = save_small_checkpoint(tmp_path / "a", seed=0)
     b = save_small_checkpoint(tmp_path / "b", seed=1)
     average.main(["--checkpoints", str(a), str(b), "--out", str(tmp_path / "half")])
@@ -44,3 +44,6 @@ def test_float16_output_and_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit, match="another config"):
         average.main(["--checkpoints", str(a), str(other), "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit, match="one of the checkpoints"):
+        average.main(["--checkpoints", str(a), str(b), "--out", str(b)])
+    assert (b / "model.safetensors").exists()

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if Path(args.out).resolve() in {Path(folder).resolve() for folder in args.checkpoints}:
+        raise SystemExit(f"error: --out {args.out} is one of the checkpoints; it would be replaced")
     try:
         model = average_checkpoints(args.checkpoints)
     except (ValueError, OSError) as error:
