@@ -74,14 +74,12 @@ def set_slider(page, elem_id: str, value: str, attempts: int = 5) -> None:
 
     number = page.locator(f"#{elem_id} input[type=number]")
     slider = page.locator(f"#{elem_id} input[type=range]")
-    for _ in range(attempts - 1):
+    for attempt in range(attempts):
         number.fill(value)
         number.press("Enter")
         try:
             expect(slider).to_have_value(value, timeout=2000)
             return
         except AssertionError:
-            continue
-    number.fill(value)
-    number.press("Enter")
-    expect(slider).to_have_value(value)
+            if attempt == attempts - 1:
+                raise
