@@ -44,6 +44,11 @@ def test_float16_output_and_refusals(tmp_path):
     with pytest.raises(SystemExit, match="another config"):
         average.main(["--checkpoints", str(a), str(other), "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+    tuned = small_model(seed=0)
+    tuned.add_adapter("corrections")  # a LoRA adapter the mean would silently drop
+    tuned.save_pretrained(tmp_path / "tuned")
+    with pytest.raises(SystemExit, match="LoRA adapters"):
+        average.main(["--checkpoints", str(a), str(tmp_path / "tuned"), "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="one of the checkpoints"):
         average.main(["--checkpoints", str(a), str(b), "--out", str(b)])
     assert (b / "model.safetensors").exists()

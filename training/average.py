@@ -7,7 +7,9 @@ python -m training.average --checkpoints runs/a/final runs/b/final [...] --out D
 Averaging two runs of the embedded model's last stage from one start beat both runs on nearly every metric
 (docs/referring.md §17). The mean is taken by ``torch.optim.swa_utils.AveragedModel`` over the parameters (in
 float32 whatever the inputs' dtype); buffers are the first checkpoint's. Checkpoints with another config are
-refused: a mean of weights of different models is meaningless. Pass the float32 ``final`` folders of the runs, not
+refused: a mean of weights of different models is meaningless; so are checkpoints with LoRA adapters, whose
+adapters the mean would drop. Averaging the ends of consecutive stages of one run instead gained nothing (§18).
+Pass the float32 ``final`` folders of the runs, not
 their float16 exports.
 """
 
@@ -27,7 +29,10 @@ def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
     """The parameter-wise mean of the checkpoints in `folders` (at least two, same config), in float32."""
     if len(folders) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(folders)}")
-    models = [PixelLLM.from_pretrained(str(folder), adapters=False).float().eval() for folder in folders]
+    models = [PixelLLM.from_pretrained(str(folder)).float().eval() for folder in folders]
+    with_adapters = [str(folder) for folder, model in zip(folders, models) if model.adapters]
+    if with_adapters:
+        raise ValueError(f"{with_adapters} carry LoRA adapters; only base weights are averaged (merge them first)")
     first = models[0]
     for folder, model in zip(folders[1:], models[1:]):
         if model.config.to_dict() != first.config.to_dict():
