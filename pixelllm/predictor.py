@@ -218,7 +218,7 @@ class PixelLLMPredictor:
             raise ValueError("this image was encoded by another model version: call set_image again")
 
     @staticmethod
-    def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed) -> dict:
+    def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty) -> dict:
         if max_new_tokens is not None and not 1 <= int(max_new_tokens) <= 512:
             raise ValueError("max_new_tokens must be between 1 and 512")
         if do_sample and not (0.05 <= float(temperature) <= 5.0):
@@ -226,16 +226,22 @@ class PixelLLMPredictor:
         if do_sample and not (0.0 < float(top_p) <= 1.0):
             raise ValueError("top_p must be in (0, 1]")
         generator = torch.Generator().manual_seed(int(seed)) if do_sample and seed is not None else None
+        if not 1.0 <= float(repetition_penalty) <= 2.0:
+            raise ValueError("repetition_penalty must be between 1 and 2")
         return {"max_new_tokens": max_new_tokens, "do_sample": bool(do_sample), "temperature": float(temperature),
-                "top_p": float(top_p), "generator": generator}
+                "top_p": float(top_p), "repetition_penalty": float(repetition_penalty), "generator": generator}
 
     # ------------------------------------------------------------------ captioning
     def stream_caption(self, state: ImageState, *, points=None, point_labels=None, box=None, text: str | None = None,
                        max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                       top_p: float = 1.0, seed: int | None = None) -> Iterator[Word]:
+                       top_p: float = 1.0, seed: int | None = None, repetition_penalty: float | None = None
+                       ) -> Iterator[Word]:
         """Yield words one by one as they are decoded, each with its box (pixels). Prompts: points (Nx2 pixels)
-        with labels (1/0), or a box (x0, y0, x1, y1) pixels, or neither (global box); optional text prompt."""
-        options = self._decode_options(max_new_tokens, do_sample, temperature, top_p, seed)
+        with labels (1/0), or a box (x0, y0, x1, y1) pixels, or neither (global box); optional text prompt.
+        repetition_penalty: None = the checkpoint's default (`config.repetition_penalty`)."""
+        if repetition_penalty is None:
+            repetition_penalty = self.model.config.repetition_penalty
+        options = self._decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty)
         with self._model_lock.read():
             with torch.inference_mode():
                 prefix = self._prefix(state, points=points, point_labels=point_labels, box=box, text=text)
@@ -281,7 +287,8 @@ class PixelLLMPredictor:
         logp = np.zeros(k)
         count = np.zeros(k)
         special = (self.model.config.eos_token_id, self.model.config.pad_token_id)
-        for step, boxes in self.model.stream(prefix, max_new_tokens=max_new_tokens):
+        for step, boxes in self.model.stream(prefix, max_new_tokens=max_new_tokens,
+                                             repetition_penalty=self.model.config.repetition_penalty):
             tokens = step.tokens.tolist()
             box_np = boxes.float().cpu().numpy()
             lp = step.logprob.float().cpu().numpy()

@@ -152,6 +152,28 @@ def test_sampling_without_seed_records_the_drawn_seed(studio, example_images):
     assert json.loads(Path(files[0]).read_text())["decoding"]["seed"] >= 0
 
 
+
+def test_the_checkpoints_repetition_penalty_reaches_the_decoder_and_is_recorded(studio, example_images, monkeypatch):
+    """The app decodes with the checkpoint's default penalty (`config.repetition_penalty`; the embedded model ships
+    1.1; its effect on tokens: tests/test_model.py) and records it beside the other decoding settings, in the
+    download and in the store."""
+    session = _loaded(studio, example_images[0])
+    monkeypatch.setattr(studio.model.config, "repetition_penalty", 1.5)
+    penalties: list[float] = []
+    original = studio.model.stream
+
+    def spy(prefix, **kwargs):
+        penalties.append(kwargs.get("repetition_penalty"))
+        return original(prefix, **kwargs)
+
+    monkeypatch.setattr(studio.model, "stream", spy)
+    _, view, _, files, session = _run(studio, session, max_words=12)
+    assert penalties == [1.5]
+    record = json.loads(Path(files[0]).read_text())
+    assert record["decoding"]["repetition_penalty"] == 1.5
+    assert studio.store.get_generation(record["generation_id"])["extra"]["decoding"]["repetition_penalty"] == 1.5
+
+
 def test_temperature_and_top_p_reach_the_sampler(studio, example_images):
     session = _loaded(studio, example_images[0])
     _, greedy, *_ = _run(studio, session, max_words=8)

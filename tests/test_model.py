@@ -70,6 +70,41 @@ def test_location_head_does_not_change_tokens():
     assert ref[0, 1:].tolist()[: len(with_boxes)] == with_boxes[: ref.shape[1] - 1]
 
 
+
+def test_repetition_penalty_decodes_as_transformers_generate_alone_and_in_a_batch():
+    """`repetition_penalty` (the embedded checkpoint's decoding default, docs/referring.md §18) picks the tokens
+    transformers' generate() picks with the same penalty, also for a row of a batch whose other row ended early."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = small_model(seed=2)
+    prefix = _prefix(model, seed=5, box=[0.1, 0.2, 0.6, 0.9])
+    plain, _ = _decode(model, prefix, n=24)
+    penalised, _ = _decode(model, prefix, n=24, repetition_penalty=1.5)
+    assert len(set(plain)) < len(plain), "the random model repeats no token: nothing to penalise"
+    assert penalised != plain
+    with torch.no_grad():
+        ref = model.language_model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=prefix.hidden),
+                                            attention_mask=prefix.mask, max_new_tokens=24, do_sample=False,
+                                            repetition_penalty=1.5)
+    assert ref[0, 1:].tolist()[: len(penalised)] == penalised[: ref.shape[1] - 1]
+
+    other = _prefix(model, seed=9)
+    batch = Prefix(torch.cat([other.hidden, prefix.hidden]), torch.cat([other.mask, prefix.mask]))
+    eos, model.config.eos_token_id = model.config.eos_token_id, -1
+    free = [_decode(model, p, n=24, repetition_penalty=1.5)[0] for p in (other, prefix)]
+    # an EOS id the first row emits part-way and the second never: the first row leaves the batch early
+    model.config.eos_token_id = next(t for t in free[0][2:] if t not in free[1])
+    rows: list[list[int]] = [[], []]
+    with torch.no_grad():
+        for step, _ in model.stream(batch, max_new_tokens=24, repetition_penalty=1.5):
+            for i in range(2):
+                if not bool(step.finished[i]):
+                    rows[i].append(int(step.tokens[i]))
+    singles = [_decode(model, p, n=24, repetition_penalty=1.5)[0] for p in (other, prefix)]
+    model.config.eos_token_id = eos
+    assert len(rows[0]) < len(rows[1]) == 24
+    assert rows == singles
+
 def _full_batch(model: PixelLLM, b: int = 2, t: int = 6) -> dict:
     gen = torch.Generator().manual_seed(0)
     s = model.config.image_size

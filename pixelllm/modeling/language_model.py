@@ -15,6 +15,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
@@ -113,7 +114,7 @@ class DecodeStep:
 
 def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> Iterator[DecodeStep]:
+           repetition_penalty: float = 1.0, generator: torch.Generator | None = None) -> Iterator[DecodeStep]:
     """Incremental decoding with the KV cache, one step per yield; stops when every row emitted EOS or after
     `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers.
 
@@ -125,6 +126,8 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
     device = prefix.hidden.device
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     warpers = LogitsProcessorList()
+    if repetition_penalty != 1.0:  # CTRL's penalty on every token already generated, greedy or sampled
+        warpers.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
     if do_sample:
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -138,12 +141,11 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
         logits, hidden = decoder_features(lm, last, prefix, cache)
         logits, hidden = logits[:, -1].float(), hidden[:, -1]
         logprobs = torch.log_softmax(logits, dim=-1)
+        scores = warpers(history, logits.clone()) if warpers else logits  # history: start token + tokens so far
         if do_sample:
-            scores = warpers(history, logits.clone())
-            probs = torch.softmax(scores, dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
-            tokens = logits.argmax(dim=-1)
+            tokens = scores.argmax(dim=-1)
         logprob = logprobs.gather(1, tokens[:, None]).squeeze(1)
         if len(live) == batch:  # every row still decoding (always, for one caption): no scatter
             yield DecodeStep(tokens=tokens, hidden=hidden, logprob=logprob, finished=finished.clone())

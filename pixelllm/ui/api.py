@@ -76,7 +76,8 @@ def caption(studio: Studio, image: str | None, prompts: str | None, text: str | 
     h, w = loaded.array.shape[:2]
     text = imaging.check_text(text)
     parsed = parse_prompts(prompts, loaded.scale, w, h)
-    options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words)
+    options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words,
+                               repetition_penalty=studio.model.config.repetition_penalty)
     words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
                               box=parsed["box"], text=text, options=options))
     prompts_model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)

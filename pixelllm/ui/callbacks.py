@@ -340,9 +340,9 @@ def clear_prompts(session: Session | None) -> tuple[Session, dict]:
 # ------------------------------------------------------------------------------------------ captioning
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
-                     limit: int = 128) -> dict:
+                     limit: int = 128, repetition_penalty: float = 1.0) -> dict:
     """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
-    every result is reproducible."""
+    every result is reproducible; so does `repetition_penalty`, the checkpoint's default (not a control)."""
     try:
         max_words = int(max_words if max_words is not None else DEFAULT_MAX_WORDS)
     except (TypeError, ValueError) as err:
@@ -366,7 +366,7 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
     except (TypeError, ValueError) as err:
         raise ValueError("temperature and top-p must be numbers") from err
     return {"max_words": max_words, "do_sample": sampling, "temperature": temperature, "top_p": top_p,
-            "seed": seed}
+            "seed": seed, "repetition_penalty": float(repetition_penalty)}
 
 
 def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
@@ -378,7 +378,8 @@ def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels
     with closing(studio.predictor.stream_caption(
             state, points=points, point_labels=point_labels, box=box, text=text,
             max_new_tokens=min(512, 4 * max_words + 8), do_sample=options["do_sample"],
-            temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"])) as words:
+            temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"],
+            repetition_penalty=options["repetition_penalty"])) as words:
         for count, word in enumerate(words, start=1):
             yield word.to_dict()
             if count >= max_words:
@@ -393,7 +394,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     session = _session(session)
     _require_image(session)
     text = imaging.check_text(text)
-    options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words)
+    options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words,
+                               repetition_penalty=studio.model.config.repetition_penalty)
     points, labels, box = _checked_prompts(session)
     session.inspect = None
     session.pending = None
@@ -629,7 +631,8 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
                 raise ValueError("No detected region there: click inside a box, or drag a box of your own.")
         box = regions[index]["box"]
     session.dense_selected = index
-    options = decoding_options(DEFAULT_MAX_WORDS, False, 1.0, 1.0, None, limit=studio.max_words)
+    options = decoding_options(DEFAULT_MAX_WORDS, False, 1.0, 1.0, None, limit=studio.max_words,
+                               repetition_penalty=studio.model.config.repetition_penalty)
     extra_region = {"region_box": box}
     view_regions = list(regions)
     if index is None:  # a dragged box: show it as the selected region
