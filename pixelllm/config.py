@@ -139,6 +139,8 @@ class PixelLLMConfig:
             self.t5 = T5Settings(**self.t5)
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if not 1.0 <= float(self.repetition_penalty) <= 2.0:  # the predictor's range for a call's own penalty
+            raise ValueError(f"repetition_penalty must be between 1 and 2, got {self.repetition_penalty}")
 
     @property
     def image_size(self) -> int:

@@ -104,6 +104,8 @@ def test_repetition_penalty_decodes_as_transformers_generate_alone_and_in_a_batc
     model.config.eos_token_id = eos
     assert len(rows[0]) < len(rows[1]) == 24
     assert rows == singles
+    with pytest.raises(ValueError, match="between 1 and 2"):  # a checkpoint that would favour repeats is refused
+        get_config("tiny", repetition_penalty=0.5)
 
 def _full_batch(model: PixelLLM, b: int = 2, t: int = 6) -> dict:
     gen = torch.Generator().manual_seed(0)

@@ -116,7 +116,8 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
            pad_token_id: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            repetition_penalty: float = 1.0, generator: torch.Generator | None = None) -> Iterator[DecodeStep]:
     """Incremental decoding with the KV cache, one step per yield; stops when every row emitted EOS or after
-    `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers.
+    `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers, and
+    `repetition_penalty` != 1 its RepetitionPenaltyLogitsProcessor (greedy or sampled), as `generate()` does.
 
     A row that emits EOS leaves the batch: its KV cache and prefix rows are dropped (transformers'
     `batch_select_indices`), so a batch of captions of different lengths costs what its live rows cost, not

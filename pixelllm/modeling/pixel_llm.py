@@ -250,9 +250,11 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
     # ------------------------------------------------------------------ inference
     def stream(self, prefix: Prefix, *, max_new_tokens: int | None = None, do_sample: bool = False,
                temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-               generator: torch.Generator | None = None, with_boxes: bool = True) -> Iterator[tuple[DecodeStep, torch.Tensor | None]]:
+               generator: torch.Generator | None = None, with_boxes: bool = True
+               ) -> Iterator[tuple[DecodeStep, torch.Tensor | None]]:
         """Incremental decoding with the KV cache. Yields per step (DecodeStep, boxes Bx4 normalised
-        (x0, y0, x1, y1) or None when with_boxes=False). The box never feeds back into decoding."""
+        (x0, y0, x1, y1) or None when with_boxes=False). The box never feeds back into decoding. No repetition
+        penalty unless given (the predictor passes `config.repetition_penalty`)."""
         steps = decode(self.language_model, prefix, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                        eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id,
                        do_sample=do_sample, temperature=temperature, top_p=top_p,
