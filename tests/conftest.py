@@ -198,7 +198,7 @@ def start_studio(checkpoint, example_images, store_path):
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
                 max_file_size=MAX_FILE_SIZE)
-    return SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo)
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo, predictor=predictor)
 
 
 def stop_studio(studio) -> None:

@@ -182,6 +182,21 @@ def test_trace_a_typed_caption(app: Page, studio_app):
     assert words == typed.split()
 
 
+
+def test_the_repetition_penalty_starts_at_the_checkpoints_default_and_reaches_the_caption(app: Page, studio_app):
+    default = studio_app.predictor.model.config.repetition_penalty  # 1.1 for the embedded checkpoint
+    _load_example(app, 0)
+    app.get_by_text("Decoding").click()
+    slider = app.locator("#repetition-penalty input[type=range]")
+    expect(slider).to_be_visible()
+    assert float(slider.input_value()) == pytest.approx(default)
+    set_slider(app, "repetition-penalty", "1.35")
+    app.locator("#max-words input[type=number]").fill("6")
+    app.locator("#max-words input[type=number]").press("Enter")
+    app.locator("#generate").click()
+    expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    assert _last_generation(studio_app.store)["extra"]["decoding"]["repetition_penalty"] == pytest.approx(1.35)
+
 def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_app, artifacts_dir):
     _load_example(app, 0)
     _open_tab(app, "Referring", "#refer-viewer")

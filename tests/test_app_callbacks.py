@@ -173,6 +173,17 @@ def test_the_checkpoints_repetition_penalty_reaches_the_decoder_and_is_recorded(
     assert record["decoding"]["repetition_penalty"] == 1.5
     assert studio.store.get_generation(record["generation_id"])["extra"]["decoding"]["repetition_penalty"] == 1.5
 
+    # the Decoding slider and the API's repetition_penalty override it for one call; out of range is a user error
+    *_, (_, _, files, _) = cb.generate(studio, session, None, 5, False, 1.0, 1.0, None, "t", repetition_penalty=1.0)
+    assert json.loads(Path(files[0]).read_text())["decoding"]["repetition_penalty"] == 1.0
+    cap = api.caption(studio, str(example_images[0]), "", "", 5, False, 1, 1, None, repetition_penalty=1.25)
+    assert cap["decoding"]["repetition_penalty"] == 1.25
+    assert penalties == [1.5, 1.0, 1.25]
+    for bad in (3, "much"):
+        with pytest.raises(gr.Error, match="repetition penalty"):
+            list(cb.generate(studio, session, None, 5, False, 1.0, 1.0, None, "t", repetition_penalty=bad))
+    assert len(penalties) == 3  # refused before decoding
+
 
 def test_temperature_and_top_p_reach_the_sampler(studio, example_images):
     session = _loaded(studio, example_images[0])

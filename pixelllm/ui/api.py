@@ -70,14 +70,16 @@ def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: in
 
 @user_errors
 def caption(studio: Studio, image: str | None, prompts: str | None, text: str | None, max_words: Any,
-            do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> dict:
-    """/caption: image file + prompts JSON + text prompt + decoding options -> words with pixel boxes."""
+            do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None, *,
+            repetition_penalty: Any = None) -> dict:
+    """/caption: image file + prompts JSON + text prompt + decoding options -> words with pixel boxes.
+    repetition_penalty: None = the checkpoint's default."""
     loaded = load_user_image(image)
     h, w = loaded.array.shape[:2]
     text = imaging.check_text(text)
     parsed = parse_prompts(prompts, loaded.scale, w, h)
     options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words,
-                               repetition_penalty=studio.model.config.repetition_penalty)
+                               repetition_penalty=studio.penalty(repetition_penalty))
     words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
                               box=parsed["box"], text=text, options=options))
     prompts_model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)

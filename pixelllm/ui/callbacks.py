@@ -87,6 +87,11 @@ class Studio:
     def model(self) -> Any:
         return self.predictor.model
 
+    def penalty(self, value: Any = None) -> Any:
+        """A caption's repetition penalty: the one given, or the checkpoint's default (None or blank)."""
+        blank = value is None or (isinstance(value, str) and not value.strip())
+        return self.model.config.repetition_penalty if blank else value
+
     @property
     def model_id(self) -> str:
         return str(self.checkpoint or getattr(self.model, "source", None) or "in-memory")
@@ -340,9 +345,9 @@ def clear_prompts(session: Session | None) -> tuple[Session, dict]:
 # ------------------------------------------------------------------------------------------ captioning
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
-                     limit: int = 128, repetition_penalty: float = 1.0) -> dict:
+                     limit: int = 128, repetition_penalty: Any = 1.0) -> dict:
     """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
-    every result is reproducible; so does `repetition_penalty`, the checkpoint's default (not a control)."""
+    every result is reproducible; the repetition penalty is reported too."""
     try:
         max_words = int(max_words if max_words is not None else DEFAULT_MAX_WORDS)
     except (TypeError, ValueError) as err:
@@ -365,8 +370,14 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
             top_p if top_p is not None else 1.0)
     except (TypeError, ValueError) as err:
         raise ValueError("temperature and top-p must be numbers") from err
+    try:
+        repetition_penalty = float(repetition_penalty)
+    except (TypeError, ValueError) as err:
+        raise ValueError("the repetition penalty must be a number") from err
+    if not 1.0 <= repetition_penalty <= 2.0:
+        raise ValueError("the repetition penalty must be between 1 (none) and 2")
     return {"max_words": max_words, "do_sample": sampling, "temperature": temperature, "top_p": top_p,
-            "seed": seed, "repetition_penalty": float(repetition_penalty)}
+            "seed": seed, "repetition_penalty": repetition_penalty}
 
 
 def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
@@ -388,14 +399,16 @@ def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels
 
 @user_errors
 def generate(studio: Studio, session: Session | None, text: str | None, max_words: Any, sampling: Any,
-             temperature: Any, top_p: Any, seed: Any, session_id: str | None = None) -> Iterator[tuple]:
+             temperature: Any, top_p: Any, seed: Any, session_id: str | None = None, *,
+             repetition_penalty: Any = None) -> Iterator[tuple]:
     """Stream a caption: yields (caption view, caption text, files, session) once per decoded word, then a
-    final update with the downloads. The view carries words + boxes; the browser draws the trace."""
+    final update with the downloads. The view carries words + boxes; the browser draws the trace.
+    repetition_penalty: None = the checkpoint's default."""
     session = _session(session)
     _require_image(session)
     text = imaging.check_text(text)
     options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words,
-                               repetition_penalty=studio.model.config.repetition_penalty)
+                               repetition_penalty=studio.penalty(repetition_penalty))
     points, labels, box = _checked_prompts(session)
     session.inspect = None
     session.pending = None
@@ -632,7 +645,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
         box = regions[index]["box"]
     session.dense_selected = index
     options = decoding_options(DEFAULT_MAX_WORDS, False, 1.0, 1.0, None, limit=studio.max_words,
-                               repetition_penalty=studio.model.config.repetition_penalty)
+                               repetition_penalty=studio.penalty())
     extra_region = {"region_box": box}
     view_regions = list(regions)
     if index is None:  # a dragged box: show it as the selected region

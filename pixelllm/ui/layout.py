@@ -92,6 +92,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                                       elem_id="top-p")
                                     seed = gr.Number(label="Seed (blank = random; used when sampling)",
                                                      value=None, precision=0, elem_id="seed")
+                                    repetition = gr.Slider(
+                                        1.0, 2.0, value=studio.model.config.repetition_penalty, step=0.05,
+                                        label="Repetition penalty (1 = none; starts at the checkpoint's default)",
+                                        elem_id="repetition-penalty")
                                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                                 with gr.Accordion("Trace your own caption", open=False, elem_id="trace"):
                                     trace_text = gr.Textbox(
@@ -148,6 +152,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             api_temperature = gr.Number(label="temperature", value=1.0)
             api_top_p = gr.Number(label="top_p", value=1.0)
             api_seed = gr.Number(label="seed", value=-1, precision=0)  # -1: draw a seed (reported back)
+            api_repetition = gr.Number(label="repetition_penalty", value=studio.model.config.repetition_penalty)
             api_expressions = gr.Textbox(label="expressions", value="")
             api_caption_text = gr.Textbox(label="caption", value="")
             api_threshold = gr.Number(label="score_threshold", value=0.3)
@@ -171,8 +176,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_drag(state, evt: gr.EventData):
             return cb.drag_box(state, evt._data)
 
-        def on_generate(state, text, n, sample, temp, p, s, request: gr.Request):
-            yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request))
+        def on_generate(state, text, n, sample, temp, p, s, penalty, request: gr.Request):
+            yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request),
+                                   repetition_penalty=penalty)
 
         def on_trace(state, text, request: gr.Request):
             return cb.trace(studio, state, text, _session_id(request))
@@ -186,9 +192,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_dense_select(state, evt: gr.EventData, request: gr.Request):
             yield from cb.dense_select(studio, state, evt._data, _session_id(request))
 
-        def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, request: gr.Request):
+        def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, repetition_penalty,
+                    request: gr.Request):
             return api.caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
-                               _session_id(request))
+                               _session_id(request), repetition_penalty=repetition_penalty)
 
         def trace(image, prompts, caption, request: gr.Request):
             return api.trace(studio, image, prompts, caption, _session_id(request))
@@ -211,7 +218,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
         undo_btn.click(cb.undo_prompt, [session], [session, cap_view], **prompt_edit)
         clear_btn.click(cb.clear_prompts, [session], [session, cap_view], **prompt_edit)
-        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed]
+        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
         gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
         text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
@@ -227,7 +234,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         demo.load(lambda: cb.model_panel(studio), None, model_html, **private, queue=False)
 
         api_caption_btn.click(caption, [api_image, api_prompts, api_text, api_max_words, api_sample,
-                                        api_temperature, api_top_p, api_seed], api_caption_out, api_name="caption")
+                                        api_temperature, api_top_p, api_seed, api_repetition], api_caption_out,
+                              api_name="caption")
         api_trace_btn.click(trace, [api_image, api_prompts, api_caption_text], api_trace_out, api_name="trace")
         api_refer_btn.click(refer, [api_image, api_expressions], api_refer_out, api_name="refer")
         api_dense_btn.click(dense, [api_image, api_threshold, api_max_regions], api_dense_out, api_name="dense")
