@@ -107,7 +107,7 @@ def _app_times(b: Bench, build_demo: Callable, path: Path, alone: Callable[[], N
             return b.interleave({"predictor": alone}, reps=s.app_reps)
         # The /caption contract: image file, prompts JSON, text prompt, decoding options -> words + boxes.
         args = {"prompts": "", "text": "", "max_words": s.app_words, "do_sample": False, "temperature": 1.0,
-                "top_p": 1.0, "seed": -1}
+                "top_p": 1.0, "seed": -1, "repetition_penalty": b.model.config.repetition_penalty}  # as `alone`
         order = [p["parameter_name"] for p in endpoints["/caption"]["parameters"]]
         app_words: dict[str, list[int]] = {"app": [], "http": [], "callback": []}
 
