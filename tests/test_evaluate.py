@@ -114,6 +114,7 @@ class ScriptedPredictor:
         self.narratives = narratives
         self.reverse = reverse_box_captions
         self.calls: list[str] = []
+        self.penalties: list[float | None] = []
 
     def set_image(self, image: np.ndarray) -> int:
         return self.keys[np.asarray(image).tobytes()]
@@ -139,7 +140,9 @@ class ScriptedPredictor:
         return [Region(box=list(box), score=1.0 - 0.1 * k, caption=_caption(text.split(), [box] * 3))
                 for k, (box, text) in enumerate(regions)][:max_regions]
 
-    def caption(self, state: int, box=None, max_new_tokens: int | None = None) -> Caption:
+    def caption(self, state: int, box=None, max_new_tokens: int | None = None,
+                repetition_penalty: float | None = None) -> Caption:
+        self.penalties.append(repetition_penalty)
         words, boxes = self.narratives[state]
         return _caption(words, boxes)
 
@@ -183,6 +186,23 @@ def test_perfect_predictor_gives_perfect_metrics() -> None:
                                 "lbm_images": 2, "empty_captions": 0, "traced_narratives": 2}
     assert result["targets"] == {"lbm_at_most_half_centre_baseline": True,
                                  "lbm_given_caption_at_most_half_centre_baseline": True}
+
+
+def test_repetition_penalty_reaches_only_the_narrative() -> None:
+    truths, images, narratives = hand_world()
+    predictor = ScriptedPredictor(truths, images, narratives)
+    _predict(predictor, truths, images)
+    assert predictor.penalties == [None, None]  # None: the predictor uses the checkpoint's default
+    for image, truth in zip(images, truths):
+        predict_image(predictor, image, truth, repetition_penalty=1.3)
+    assert predictor.penalties[2:] == [1.3, 1.3]
+
+
+def test_cli_rejects_a_repetition_penalty_out_of_range(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "unused", "--data", "unused", "--repetition-penalty", "0.5"])
+    assert exit_info.value.code == 2
+    assert "--repetition-penalty must be between 1 (off) and 2, got 0.5" in capsys.readouterr().err
 
 
 def test_baselines_by_hand() -> None:
@@ -436,4 +456,5 @@ def test_cli_smoke_random_model(tmp_path, capsys) -> None:
                 assert 0.0 <= value <= 1.0 and not math.isnan(value), (key, side, value)
     assert result["seconds"]["total"] > 0
     assert result["settings"]["lbm_empty_cost"] == 1.0
+    assert result["settings"]["repetition_penalty"] == config.repetition_penalty  # the effective value
 

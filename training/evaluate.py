@@ -199,8 +199,11 @@ class Predictor(Protocol):
 
 def predict_image(predictor: Predictor, image: np.ndarray, truth: ImageTruth, *,
                   max_regions: int = DENSE_MAX_REGIONS, score_threshold: float = DENSE_SCORE_THRESHOLD,
-                  nms_iou: float = DENSE_NMS_IOU, max_new_tokens: int | None = None) -> ImagePrediction:
-    """Run every task of the protocol on one image (HxWx3 uint8). The only function that calls the model."""
+                  nms_iou: float = DENSE_NMS_IOU, max_new_tokens: int | None = None,
+                  repetition_penalty: float | None = None) -> ImagePrediction:
+    """Run every task of the protocol on one image (HxWx3 uint8). The only function that calls the model.
+
+    ``max_new_tokens`` and ``repetition_penalty`` apply to the full-image narrative; None = the checkpoint's."""
     state = predictor.set_image(image)
     expressions = [e.expression for e in truth.expressions]
     referrals = predictor.refer(state, expressions) if expressions else []
@@ -210,7 +213,8 @@ def predict_image(predictor: Predictor, image: np.ndarray, truth: ImageTruth, *,
     captions = predictor.caption_boxes(state, boxes) if len(boxes) else []  # one batched pass
     regions = predictor.dense_caption(state, max_regions=max_regions, score_threshold=score_threshold,
                                       nms_iou=nms_iou)
-    caption = predictor.caption(state, max_new_tokens=max_new_tokens)  # global box, greedy
+    caption = predictor.caption(state, max_new_tokens=max_new_tokens,  # global box, greedy
+                                repetition_penalty=repetition_penalty)
     traced = None
     if truth.narrative:  # controlled trace generation: the reference narrative given, its words located
         words = predictor.trace(state, " ".join(truth.narrative)).words
@@ -442,8 +446,8 @@ def metrics_table(result: dict[str, Any]) -> str:
 
 def evaluate(predictor: Predictor, root: str | Path, split: str = "test", limit: int | None = None, *,
              max_regions: int = DENSE_MAX_REGIONS, score_threshold: float = DENSE_SCORE_THRESHOLD,
-             nms_iou: float = DENSE_NMS_IOU, max_new_tokens: int | None = None, progress: bool = False
-             ) -> dict[str, Any]:
+             nms_iou: float = DENSE_NMS_IOU, max_new_tokens: int | None = None,
+             repetition_penalty: float | None = None, progress: bool = False) -> dict[str, Any]:
     """Load the split, predict every image, compute the metrics; adds ``seconds`` and a few ``examples``."""
     start = time.perf_counter()
     truths = load_truth(root, split, limit)
@@ -452,7 +456,8 @@ def evaluate(predictor: Predictor, root: str | Path, split: str = "test", limit:
     for n, truth in enumerate(truths, 1):
         image = load_image(root, truth.file_name)
         preds.append(predict_image(predictor, image, truth, max_regions=max_regions,
-                                   score_threshold=score_threshold, nms_iou=nms_iou, max_new_tokens=max_new_tokens))
+                                   score_threshold=score_threshold, nms_iou=nms_iou, max_new_tokens=max_new_tokens,
+                                   repetition_penalty=repetition_penalty))
         if progress:
             print(f"\r{n}/{len(truths)} images", end="", file=sys.stderr, flush=True)
     if progress:
@@ -461,7 +466,8 @@ def evaluate(predictor: Predictor, root: str | Path, split: str = "test", limit:
     result = compute_metrics(truths, preds)
     result["settings"] = {"split": split, "limit": limit, "dense_max_regions": max_regions,
                           "dense_score_threshold": score_threshold, "dense_nms_iou": nms_iou,
-                          "max_new_tokens": max_new_tokens, "lbm_empty_cost": LBM_EMPTY_COST,
+                          "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
+                          "lbm_empty_cost": LBM_EMPTY_COST,
                           "centre_box_half": CENTRE_BOX_HALF}
     result["examples"] = [{"image_id": t.image_id, "caption": p.caption} for t, p in list(zip(truths, preds))[:3]]
     result["seconds"] = {"predict": round(predict_seconds, 2), "total": round(time.perf_counter() - start, 2)}
@@ -482,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dense: minimum proposal score")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="full-image caption length cap (default: the model config's)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="full-image caption repetition penalty, 1 = off (default: the model config's)")
     return parser
 
 
@@ -493,11 +501,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    penalty = args.repetition_penalty
+    if penalty is not None and not 1.0 <= penalty <= 2.0:
+        build_parser().error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
     model = PixelLLM.from_pretrained(args.checkpoint)
     predictor = PixelLLMPredictor(model, device=args.device)
+    if penalty is None:  # record the value the narratives were decoded with, not "default"
+        penalty = model.config.repetition_penalty
     result = evaluate(predictor, args.data, args.split, args.limit, max_regions=args.max_regions,
                       score_threshold=args.score_threshold, max_new_tokens=args.max_new_tokens,
-                      progress=sys.stderr.isatty())
+                      repetition_penalty=penalty, progress=sys.stderr.isatty())
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "device": args.device, **result}
     c = result["counts"]
     print(f"PixelLLM {model.config.preset} on {args.data} [{args.split}]: {c['images']} images, {c['objects']} "
