@@ -16,21 +16,22 @@ import torch
 from pixelllm import PixelLLMPredictor
 from pixelllm.store import StoreError
 from pixelllm.ui import annotate as an
-from pixelllm.ui import annotate_doc
+from pixelllm.ui import annotate_doc, render
 from pixelllm.ui import callbacks as cb
+from pixelllm.ui import workspace as ws
 from training.data.localized_narratives import utterance_targets
 
 
 @pytest.fixture
 def studio(small_predictor, annotation_store):
     torch.set_num_threads(1)
-    return cb.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
+    return ws.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
 
 
 @pytest.fixture
 def captioned(studio, example_images):
     """A session whose last output is a real streamed caption (logged as a generation)."""
-    session, *_ = cb.load_image(studio, str(example_images[0]), None)
+    session, *_ = ws.load_image(studio, str(example_images[0]), None)
     *_, (view, text, files, session) = list(cb.generate(studio, session, "", 6, False, 1.0, 1.0, None, "s1"))
     assert session.last["generation_id"] is not None and len(session.last["words"]) >= 2
     return session
@@ -91,7 +92,7 @@ def test_trace_to_boxes_is_the_ln_reader_rule(annotation_store):
     got = annotate_doc.boxes_from_trace(traces, timed, 200, 100)
     np.testing.assert_allclose(got, norm * np.array([200, 100, 200, 100]), rtol=0, atol=1e-9)
     # the save path derives the same boxes when only words, timing and trace are sent (no boxes)
-    sha = annotation_store.add_image(cb.render.png_bytes(np.zeros((100, 200, 3), np.uint8)), 200, 100)
+    sha = annotation_store.add_image(render.png_bytes(np.zeros((100, 200, 3), np.uint8)), 200, 100)
     result = an.save_correction_from_editor(
         annotation_store, None, {"image_sha": sha, "words": [f"w{i}" for i in range(5)], "traces": traces,
                                  "timed_caption": timed}, "submitted", "bo")
@@ -317,7 +318,7 @@ def test_compare_adapters(studio, captioned, tmp_path):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    own = cb.Studio(predictor=PixelLLMPredictor(model, device="cpu"), store=None)
+    own = ws.Studio(predictor=PixelLLMPredictor(model, device="cpu"), store=None)
     base_view, tuned_view, note = an.compare_adapters(own, captioned, lock)
     assert own.predictor.adapter == "fix"  # restored
     assert "fix" in note and base_view["words"] and tuned_view["words"]

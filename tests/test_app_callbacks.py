@@ -1,4 +1,4 @@
-"""The studio's callbacks (pixelllm/ui/callbacks.py) driving a real predictor on a small random checkpoint:
+"""The studio's callbacks (pixelllm/ui/workspace.py, pixelllm/ui/callbacks.py) driving a real predictor on a small random checkpoint:
 prompts and decoding options reach the decoder, user mistakes become gr.Error, downloads carry pixel
 coordinates of the image as sent, and every output shown is logged to the annotation store."""
 
@@ -18,13 +18,14 @@ from PIL import Image
 from pixelllm.store import StoreError
 from pixelllm.ui import api, render
 from pixelllm.ui import callbacks as cb
+from pixelllm.ui import workspace as ws
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture
 def studio(small_predictor, annotation_store, tmp_path):
-    return cb.Studio(predictor=small_predictor, store=annotation_store, checkpoint="tests/small-checkpoint",
+    return ws.Studio(predictor=small_predictor, store=annotation_store, checkpoint="tests/small-checkpoint",
                      min_word_interval=0.0, download_root=tmp_path / "downloads")
 
 
@@ -43,7 +44,7 @@ def prefix_calls(small_pixelllm, monkeypatch):
 
 
 def _loaded(studio, path):
-    session, cap, ref, dense = cb.load_image(studio, str(path), None)
+    session, cap, ref, dense = ws.load_image(studio, str(path), None)
     return session
 
 
@@ -66,9 +67,9 @@ def test_box_prompt_from_two_clicks_reaches_the_decoder(studio, example_images, 
     _, glob_view, _, _, session = _run(studio, session)
     assert prefix_calls[-1].get("boxes") is None and prefix_calls[-1].get("points") is None
 
-    session, view = cb.click(session, "Box (2 clicks)", {"x": 200, "y": 60})
+    session, view = ws.click(session, "Box (2 clicks)", {"x": 200, "y": 60})
     assert view["pending"] == [200.0, 60.0] and view["box"] is None
-    session, view = cb.click(session, "Box (2 clicks)", {"x": 90, "y": 150})  # corners in any order
+    session, view = ws.click(session, "Box (2 clicks)", {"x": 90, "y": 150})  # corners in any order
     assert view["box"] == [90.0, 60.0, 200.0, 150.0] and view["pending"] is None
     _, box_view, _, _, session = _run(studio, session)
 
@@ -81,8 +82,8 @@ def test_box_prompt_from_two_clicks_reaches_the_decoder(studio, example_images, 
 
 def test_points_with_labels_and_text_prompt_reach_the_decoder(studio, example_images, prefix_calls):
     session = _loaded(studio, example_images[1])
-    session, _ = cb.click(session, "Positive point", {"x": 40, "y": 50})
-    session, view = cb.click(session, "Negative point", {"x": 120.5, "y": 30})
+    session, _ = ws.click(session, "Positive point", {"x": 40, "y": 50})
+    session, view = ws.click(session, "Negative point", {"x": 120.5, "y": 30})
     assert view["points"] == [[40.0, 50.0, 1], [120.5, 30.0, 0]]
     _run(studio, session, text="In this picture")
     call = prefix_calls[-1]
@@ -95,15 +96,15 @@ def test_points_with_labels_and_text_prompt_reach_the_decoder(studio, example_im
 
 def test_drag_undo_and_clear(studio, example_images):
     session = _loaded(studio, example_images[0])
-    session, view = cb.drag_box(session, {"box": [10, 20, 110, 90]})
+    session, view = ws.drag_box(session, {"box": [10, 20, 110, 90]})
     assert view["box"] == [10.0, 20.0, 110.0, 90.0]
-    session, view = cb.click(session, "Positive point", {"x": 5, "y": 5})
-    session, view = cb.click(session, "Box (2 clicks)", {"x": 50, "y": 50})
-    session, view = cb.undo_prompt(session)  # first undo drops the half-drawn box
+    session, view = ws.click(session, "Positive point", {"x": 5, "y": 5})
+    session, view = ws.click(session, "Box (2 clicks)", {"x": 50, "y": 50})
+    session, view = ws.undo_prompt(session)  # first undo drops the half-drawn box
     assert view["pending"] is None and len(view["points"]) == 1
-    session, view = cb.undo_prompt(session)
+    session, view = ws.undo_prompt(session)
     assert view["points"] == [] and view["box"] == [10.0, 20.0, 110.0, 90.0]
-    session, view = cb.clear_prompts(session)
+    session, view = ws.clear_prompts(session)
     assert view["points"] == [] and view["box"] is None
     assert view["image"]["src"] is None  # prompt edits never resend the picture
 
@@ -202,12 +203,12 @@ def test_inspect_lists_the_words_whose_boxes_cover_a_pixel(studio, example_image
     _, view, _, _, session = _run(studio, session, max_words=6)
     box = view["words"][2]["box"]
     x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    session, inspected = cb.click(session, "Inspect words", {"x": x, "y": y})
+    session, inspected = ws.click(session, "Inspect words", {"x": x, "y": y})
     expected = [i for i, w in enumerate(view["words"])
                 if w["box"][0] <= x <= w["box"][2] and w["box"][1] <= y <= w["box"][3]]
     assert 2 in inspected["inspect"]["hits"] and inspected["inspect"]["hits"] == expected
-    session, corner = cb.click(session, "Inspect words", {"x": 0, "y": 0})
-    assert corner["inspect"]["hits"] == cb.words_at(view["words"], 0, 0)
+    session, corner = ws.click(session, "Inspect words", {"x": 0, "y": 0})
+    assert corner["inspect"]["hits"] == ws.words_at(view["words"], 0, 0)
     assert session.prompts == []  # inspecting does not add prompts
 
 
@@ -217,14 +218,14 @@ def test_user_mistakes_become_gr_errors(studio, example_images, tmp_path):
     with pytest.raises(gr.Error, match="image first"):
         _run(studio, None)
     with pytest.raises(gr.Error, match="image first"):
-        cb.click(None, "Positive point", {"x": 1, "y": 1})
+        ws.click(None, "Positive point", {"x": 1, "y": 1})
     session = _loaded(studio, example_images[0])
     with pytest.raises(gr.Error, match="no area"):
-        cb.drag_box(session, {"box": [10, 10, 10.2, 80]})
-    session, _ = cb.click(session, "Negative point", {"x": 10, "y": 10})
+        ws.drag_box(session, {"box": [10, 10, 10.2, 80]})
+    session, _ = ws.click(session, "Negative point", {"x": 10, "y": 10})
     with pytest.raises(gr.Error, match="positive point"):
         _run(studio, session)
-    session, _ = cb.clear_prompts(session)
+    session, _ = ws.clear_prompts(session)
     with pytest.raises(gr.Error, match="max words"):
         _run(studio, session, max_words=0)
     with pytest.raises(gr.Error, match="seed"):
@@ -236,7 +237,7 @@ def test_user_mistakes_become_gr_errors(studio, example_images, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(gr.Error, match="not an image|could not be decoded"):
-        cb.load_image(studio, str(broken), None)
+        ws.load_image(studio, str(broken), None)
     with pytest.raises(gr.Error, match="JSON"):
         api.caption(studio, str(example_images[0]), "{points: oops", "", 5, False, 1, 1, None)
     with pytest.raises(gr.Error, match="box"):
@@ -250,7 +251,7 @@ def test_tracing_the_models_own_caption_gives_back_the_boxes_it_streamed(studio,
     """Trace teacher-forces a typed caption through the decoder under the current prompt; typed back, the greedy
     caption must get the word boxes it was streamed with (same location head, same prompt, same tokens)."""
     session = _loaded(studio, example_images[0])
-    session, _ = cb.drag_box(session, {"box": [20, 30, 150, 120]})
+    session, _ = ws.drag_box(session, {"box": [20, 30, 150, 120]})
     _, gen_view, caption, _, session = _run(studio, session, max_words=8)
     view, text, files, session = cb.trace(studio, session, "  " + caption.replace(" ", "   ") + "\n", "t")
     assert text == caption and [w["text"] for w in view["words"]] == caption.split()
@@ -269,7 +270,7 @@ def test_a_traced_caption_is_logged_downloadable_and_correctable(studio, example
     from pixelllm.ui import annotate as an
 
     session = _loaded(studio, example_images[2])
-    session, _ = cb.click(session, "Positive point", {"x": 30, "y": 200})
+    session, _ = ws.click(session, "Positive point", {"x": 30, "y": 200})
     view, text, files, session = cb.trace(studio, session, "a large red circle", "t")
     json_path, png_path = (Path(f) for f in files)
     assert json_path.name == "trace.json" and png_path.name == "trace_overlay.png"
@@ -303,7 +304,7 @@ def test_a_traced_caption_is_logged_downloadable_and_correctable(studio, example
 
 def test_json_download_has_pixel_boxes_inside_the_image(studio, example_images):
     session = _loaded(studio, example_images[2])
-    session, _ = cb.click(session, "Positive point", {"x": 30, "y": 200})
+    session, _ = ws.click(session, "Positive point", {"x": 30, "y": 200})
     _, view, caption, files, session = _run(studio, session, max_words=8)
     json_path, png_path = (Path(f) for f in files)
     assert json_path.name == "caption.json" and png_path.name == "caption_overlay.png"
@@ -326,7 +327,7 @@ def test_downscaled_uploads_map_coordinates_back_to_the_original(studio, tmp_pat
     session = _loaded(studio, big)
     assert (session.image["width"], session.image["height"]) == (2048, 512)
     assert (session.image["orig_width"], session.image["orig_height"]) == (4096, 1024)
-    session, _ = cb.drag_box(session, {"box": [100, 50, 600, 400]})
+    session, _ = ws.drag_box(session, {"box": [100, 50, 600, 400]})
     _, view, _, files, _ = _run(studio, session, max_words=4)
     record = json.loads(Path(files[0]).read_text())
     assert record["image"] == {"width": 4096, "height": 1024}
@@ -402,7 +403,7 @@ def test_dense_regions_and_tracing_one_region(studio, example_images, prefix_cal
 def test_every_output_shown_is_logged_with_the_adapter(studio, example_images):
     store = studio.store
     session = _loaded(studio, example_images[0])
-    session, _ = cb.click(session, "Positive point", {"x": 100, "y": 100})
+    session, _ = ws.click(session, "Positive point", {"x": 100, "y": 100})
     _, view, *_ = _run(studio, session, max_words=4)
     session = _run(studio, session, max_words=4)[-1]
     session, ref_view, _ = cb.refer(studio, session, "the red circle")
@@ -441,17 +442,17 @@ def test_a_failing_store_warns_but_the_user_keeps_the_result(studio, example_ima
 def test_sessions_are_independent(studio, example_images):
     a = _loaded(studio, example_images[0])
     b = _loaded(studio, example_images[0])
-    a, _ = cb.click(a, "Positive point", {"x": 1, "y": 1})
+    a, _ = ws.click(a, "Positive point", {"x": 1, "y": 1})
     assert b.prompts == [] and a.prompts != []
-    assert cb.load_image(studio, None, a)[0].image is None  # clearing the image resets the session
+    assert ws.load_image(studio, None, a)[0].image is None  # clearing the image resets the session
 
 
 def test_model_panel_and_viewer_text_are_escaped(small_predictor, example_images):
     hostile = "<img src=x onerror=alert(1)>"
-    panel = cb.model_panel(cb.Studio(predictor=small_predictor, checkpoint=hostile))
+    panel = cb.model_panel(ws.Studio(predictor=small_predictor, checkpoint=hostile))
     assert "<img" not in panel and "&lt;img src=x onerror=alert(1)&gt;" in panel
     for key in ("checkpoint", "preset", "device", "dtype", "parameters", "adapter"):
-        assert key in cb.Studio(predictor=small_predictor).model_info()
+        assert key in ws.Studio(predictor=small_predictor).model_info()
     assert render.escape('"><script>') == "&quot;&gt;&lt;script&gt;"
 
 
@@ -477,7 +478,7 @@ def test_display_image_is_sent_once_as_exact_png_when_small(studio, example_imag
     assert np.array_equal(decoded, session.array)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, view = cb.click(session, "Positive point", {"x": 3, "y": 4})
+        _, view = ws.click(session, "Positive point", {"x": 3, "y": 4})
     assert view["image"]["src"] is None and view["image"]["key"] == session.image["key"]
 
 

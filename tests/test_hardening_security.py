@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pixelllm.ui import callbacks as cb
+from pixelllm.ui import workspace as ws
 from tests.helpers import set_slider
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_upload_over_the_cap_is_refused(served_app):
 
 
 def test_server_made_html_escapes_user_and_model_text(small_predictor):
-    studio = cb.Studio(predictor=small_predictor, checkpoint=PAYLOADS[0] + PAYLOADS[1])
+    studio = ws.Studio(predictor=small_predictor, checkpoint=PAYLOADS[0] + PAYLOADS[1])
     html = cb.model_panel(studio)
     assert "<img" not in html and "<script" not in html
     assert "&lt;img src=x onerror=&quot;window.__pwned=1&quot;&gt;" in html

@@ -112,10 +112,10 @@ def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSetti
     """Base-model captions of cross boxes, logged by the app's /caption function -> simulated corrections saved
     by the Annotate tab's save function (status submitted)."""
     from pixelllm.ui import api
-    from pixelllm.ui import callbacks as cb
+    from pixelllm.ui import workspace as ws
     from pixelllm.ui.annotate import save_correction_from_editor
 
-    studio = cb.Studio(predictor=predictor, store=store, checkpoint=model_id)
+    studio = ws.Studio(predictor=predictor, store=store, checkpoint=model_id)
     split = load_split(data, "shift_train")
     made = correct_before = 0
     examples = []

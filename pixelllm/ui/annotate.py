@@ -38,6 +38,7 @@ from PIL import Image
 
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import records, render
+from pixelllm.ui import workspace as ws
 from pixelllm.ui.annotate_doc import (
     MAX_WORDS,
     AnnotateState,
@@ -163,14 +164,14 @@ def save_correction_from_editor(store: Any, session_state: AnnotateState | None,
             "boxes_from_trace": derived, "client_token": client_token}
 
 
-@cb.user_errors
+@ws.user_errors
 def edit_event(state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
     """The editor's "edit" event: apply_edit, then the new view."""
     state, message = apply_edit(state, data if isinstance(data, Mapping) else {})
     return state, editor_value(state, message)
 
 
-@cb.user_errors
+@ws.user_errors
 def history_event(state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
     """The editor's "history" event: {op: "undo" | "redo"}."""
     op = (data or {}).get("op") if isinstance(data, Mapping) else None
@@ -257,12 +258,12 @@ def _doc_from_output(last: dict) -> dict:
             "timed_caption": [], "traces": []}
 
 
-@cb.user_errors
-def open_current(studio: cb.Studio, session: cb.Session | None, state: AnnotateState | None
+@ws.user_errors
+def open_current(studio: ws.Studio, session: ws.Session | None, state: AnnotateState | None
                  ) -> tuple[AnnotateState, dict]:
     """Open the session's last output (Session.last: caption, referring or dense) in the editor."""
     state = as_state(state)
-    session = session if isinstance(session, cb.Session) else None
+    session = session if isinstance(session, ws.Session) else None
     if session is None or not session.last or session.image is None:
         raise ValueError("Nothing to correct yet: caption an image (or run Referring / Dense) first.")
     last = session.last
@@ -292,8 +293,8 @@ def _unit(doc: dict) -> str:
     return {"caption": "words", "refer": "expressions", "dense": "region captions"}.get(doc["task"], "items")
 
 
-@cb.user_errors
-def open_item(studio: cb.Studio, state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
+@ws.user_errors
+def open_item(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
     """Open a stored output: data = {kind: "generation" | "correction", id}. A correction opens at the head of its
     chain (the next save supersedes it)."""
     state = as_state(state)
@@ -345,7 +346,7 @@ def client_token_for(state: AnnotateState, status: str) -> str:
     return f"ui-{state.uid}-{state.rev}-{status}"
 
 
-def save(studio: cb.Studio, state: AnnotateState | None, status: str, annotator: Any, comment: Any = None, *,
+def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator: Any, comment: Any = None, *,
          auto: bool = False) -> tuple[AnnotateState, dict | None]:
     """Save draft / Submit / autosave from the editor. Bad input -> gr.Error; a store failure -> gr.Warning and
     the document stays in the editor (dirty), so saving again (same client token) retries without duplicating."""
@@ -374,8 +375,8 @@ def save(studio: cb.Studio, state: AnnotateState | None, status: str, annotator:
     return state, editor_value(state, f"{verb} as correction #{result['correction_id']}.")
 
 
-@cb.user_errors
-def review(studio: cb.Studio, state: AnnotateState | None, reviewer: Any, accept: bool, comment: Any
+@ws.user_errors
+def review(studio: ws.Studio, state: AnnotateState | None, reviewer: Any, accept: bool, comment: Any
            ) -> tuple[AnnotateState, dict]:
     """Accept or reject the open correction (the head of its chain; it must be submitted) with a comment."""
     state = as_state(state)
@@ -408,8 +409,8 @@ def review(studio: cb.Studio, state: AnnotateState | None, reviewer: Any, accept
 
 # ------------------------------------------------------------------------------------------ browsing
 
-@cb.user_errors
-def list_items(studio: cb.Studio, show: str, sha_prefix: Any, annotator: Any, status: Any, search: Any) -> dict:
+@ws.user_errors
+def list_items(studio: ws.Studio, show: str, sha_prefix: Any, annotator: Any, status: Any, search: Any) -> dict:
     """The browse list: corrections (heads of chains) or model outputs, newest first, filtered by image sha
     prefix, annotator (case-insensitive substring), status and a text search. Returns the list component's
     JSON ({kind, rows, message}); every value is shown as text."""
@@ -460,8 +461,8 @@ def list_items(studio: cb.Studio, show: str, sha_prefix: Any, annotator: Any, st
 
 # ------------------------------------------------------------------------------------------ export
 
-@cb.user_errors
-def export(studio: cb.Studio, statuses: Any) -> tuple[str, str]:
+@ws.user_errors
+def export(studio: ws.Studio, statuses: Any) -> tuple[str, str]:
     """Export corrections with `training.export.export_corrections` and zip the folder. Returns (zip path,
     summary text)."""
     if studio.store is None:
@@ -496,12 +497,12 @@ def export(studio: cb.Studio, statuses: Any) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------ compare adapters
 
-@cb.user_errors
-def compare_adapters(studio: cb.Studio, session: cb.Session | None, lock: threading.Lock) -> tuple[dict, dict, str]:
+@ws.user_errors
+def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: threading.Lock) -> tuple[dict, dict, str]:
     """The current image captioned by the base model (adapter None) and by the active adapter, side by side; when
     the last caption was typed and traced, that caption traced by both. Adapter switches are serialised by `lock`
     and restored afterwards. Returns (base view, adapter view, note)."""
-    session = session if isinstance(session, cb.Session) else None
+    session = session if isinstance(session, ws.Session) else None
     if session is None or session.array is None or session.image is None:
         raise ValueError("Upload, paste or pick an example image first.")
     predictor = studio.predictor
@@ -551,8 +552,8 @@ def compare_adapters(studio: cb.Studio, session: cb.Session | None, lock: thread
 
 # ------------------------------------------------------------------------------------------ API
 
-@cb.user_errors
-def api_save_correction(studio: cb.Studio, payload: Any) -> dict:
+@ws.user_errors
+def api_save_correction(studio: ws.Studio, payload: Any) -> dict:
     """/save_correction: one JSON object — {image_sha | generation_id | parent_id, annotator, status (draft |
     submitted, default submitted), words, boxes, non_visual, timed_caption, traces, caption, comment,
     client_token} — saved through save_correction_from_editor. Returns its result."""

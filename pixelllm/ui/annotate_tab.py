@@ -13,7 +13,7 @@ import gradio as gr
 
 from pixelllm.ui import annotate as an
 from pixelllm.ui import annotate_doc, render
-from pixelllm.ui import callbacks as cb
+from pixelllm.ui import workspace as ws
 
 LIST_TEMPLATE = ('<div class="pl-root"><div class="pl-msg"></div><table class="pl-table"><thead><tr></tr></thead>'
                  "<tbody></tbody></table></div>")
@@ -28,10 +28,10 @@ def _assets() -> tuple[str, str, str]:
     return (static / "annotate.html").read_text(), editor_js, (static / "annotate_list.js").read_text()
 
 
-def build_annotate_tab(studio: cb.Studio, session: gr.State) -> gr.Tab:
+def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     """The Annotate tab (correct the last output or a stored one, re-record its trace, save, review, export,
     compare adapters) and the `/save_correction` endpoint. `session` is the studio's per-user `gr.State`
-    holding a callbacks.Session (its `last` output is what "Open current output" opens)."""
+    holding a workspace.Session (its `last` output is what "Open current output" opens)."""
     from pixelllm.ui.layout import viewer  # the caption viewer, reused for the adapter comparison
 
     template, editor_js, list_js = _assets()
@@ -103,7 +103,7 @@ def build_annotate_tab(studio: cb.Studio, session: gr.State) -> gr.Tab:
 
     def on_tab(sess, st, *filter_values):
         listing = an.list_items(studio, *filter_values) if studio.store is not None else gr.skip()
-        if (st is None or st.doc is None) and isinstance(sess, cb.Session) and sess.last and sess.image:
+        if (st is None or st.doc is None) and isinstance(sess, ws.Session) and sess.last and sess.image:
             try:
                 st, view = an.open_current(studio, sess, st)
                 return st, view, listing

@@ -14,15 +14,13 @@ import numpy as np
 from pixelllm import image as imaging
 from pixelllm.ui import records
 from pixelllm.ui.callbacks import (
-    Studio,
     decoding_options,
     dense_options,
-    load_user_image,
     parse_expressions,
     stream_words,
     trace_words,
-    user_errors,
 )
+from pixelllm.ui.workspace import Studio, load_user_image, user_errors
 
 
 def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: int, height: int) -> dict:

@@ -1,346 +1,45 @@
-"""The studio's callbacks: one function per user action, plain data in and out, tested directly.
+"""The studio's callbacks that run the model: captioning (streamed or traced), referring, dense captioning and
+the model panel; one function per user action, plain data in and out, tested directly.
 
-`Studio` holds what every user shares (the thread-safe predictor, the annotation store, settings); a `Session`
-(kept per browser tab in `gr.State`) holds one user's image, prompts and last results. Nothing mutable lives at
-module level.
-
-Coordinate frames. The model sees the image as `pixelllm.image.load_image` returns it (downscaled when a side
-exceeds 2048 px). The viewer, the prompts and the store use that frame; downloads and the API map coordinates
-back to the pixels of the image the user sent (after EXIF rotation), so a client never sees the downscale.
-What leaves a callback for the store and the downloads is built in `pixelllm.ui.records`; the HTTP API's
-endpoints are in `pixelllm.ui.api`.
-
-Every user mistake raises `ValueError` inside and leaves as `gr.Error` (see `user_errors`); a failing store only
-warns (`gr.Warning`) — the user still gets the result.
+The state they read and the prompt-editing callbacks are in `pixelllm.ui.workspace` (`Studio`, `Session`, the
+coordinate frames); what leaves a callback for the store and the downloads is built in `pixelllm.ui.records`.
+Every user mistake raises `ValueError` inside and leaves as `gr.Error` (`workspace.user_errors`); a failing store
+only warns (`gr.Warning`) — the user still gets the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import io
 import logging
-import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
 from pixelllm import image as imaging
 from pixelllm.ui import records, render
+from pixelllm.ui.workspace import (
+    Session,
+    Studio,
+    caption_view,
+    checked_prompts,
+    click_point,
+    ensure_session,
+    require_image,
+    session_scale,
+    session_size,
+    user_errors,
+)
 
 log = logging.getLogger(__name__)
 
-CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box (2 clicks)": "box",
-               "Inspect words": "inspect"}
 MAX_EXPRESSIONS = 16
 DEFAULT_MAX_WORDS = 40
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn ValueError (a user mistake: no image, bad box, empty expression...) into gr.Error."""
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def generator(*args: Any, **kwargs: Any) -> Iterator:
-            try:
-                yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except ValueError as err:
-                raise gr.Error(str(err)) from err
-        return generator
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
-    return wrapper
-
-
-# ------------------------------------------------------------------------------------------ shared + per user
-
-@dataclasses.dataclass
-class Studio:
-    """What all users share. `predictor` is thread-safe; `store` may be None (nothing is logged)."""
-
-    predictor: Any
-    store: Any = None
-    checkpoint: str | None = None
-    examples: list[str] = dataclasses.field(default_factory=list)
-    max_words: int = 128
-    min_word_interval: float = 0.03  # pace streamed words so the trace visibly draws on fast hardware
-    download_root: Path | None = None
-
-    @property
-    def model(self) -> Any:
-        return self.predictor.model
-
-    def penalty(self, value: Any = None) -> Any:
-        """A caption's repetition penalty: the one given, or the checkpoint's default (None or blank)."""
-        blank = value is None or (isinstance(value, str) and not value.strip())
-        return self.model.config.repetition_penalty if blank else value
-
-    @property
-    def model_id(self) -> str:
-        return str(self.checkpoint or getattr(self.model, "source", None) or "in-memory")
-
-    def model_info(self) -> dict[str, Any]:
-        model = self.model
-        params = sum(p.numel() for p in model.parameters())
-        return {
-            "checkpoint": self.model_id,
-            "preset": model.config.preset,
-            "version": model.version,
-            "device": str(self.predictor.device),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "parameters": params,
-            "adapter": self.predictor.adapter,
-            "adapters": list(model.adapters),
-        }
-
-
-@dataclasses.dataclass
-class Session:
-    """One user's working state (lives in gr.State)."""
-
-    image: dict | None = None          # {key, width, height, src, orig_width, orig_height}
-    array: np.ndarray | None = None    # HxWx3 uint8, the model frame
-    sha: str | None = None             # the image's id in the annotation store, once stored
-    prompts: list[dict] = dataclasses.field(default_factory=list)  # in click order, for undo
-    pending: list[float] | None = None  # first corner of a box being drawn with two clicks
-    inspect: dict | None = None
-    caption: dict | None = None        # last caption result (model frame)
-    refer: list[dict] | None = None
-    dense: list[dict] | None = None
-    dense_selected: int | None = None
-    dense_words: list[dict] = dataclasses.field(default_factory=list)
-    last: dict | None = None           # the last output shown, any task: what an Annotate tab would correct
-
-
-def _session(session: Session | None) -> Session:
-    return session if isinstance(session, Session) else Session()
-
-
-def _require_image(session: Session) -> None:
-    if session.array is None or session.image is None:
-        raise ValueError("Upload, paste or pick an example image first.")
-
-
-# ------------------------------------------------------------------------------------------ images
-
-@dataclasses.dataclass
-class LoadedImage:
-    array: np.ndarray      # model frame (maybe downscaled)
-    orig_width: int        # the image as the user sent it, after EXIF rotation
-    orig_height: int
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Original pixels per model-frame pixel (x, y)."""
-        return self.orig_width / self.array.shape[1], self.orig_height / self.array.shape[0]
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the image as the user sent it."""
-        return self.orig_width, self.orig_height
-
-
-def load_user_image(source: str | os.PathLike | bytes) -> LoadedImage:
-    """Decode an upload with pixelllm.image.load_image and remember its original size for mapping back."""
-    if source is None or (isinstance(source, str) and not source):
-        raise ValueError("Upload, paste or pick an example image first.")
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    array = imaging.load_image(data)
-    orig_w, orig_h = array.shape[1], array.shape[0]
-    if max(array.shape[:2]) >= imaging.MAX_SIDE:  # maybe downscaled: read the true (oriented) size
-        with Image.open(io.BytesIO(data)) as img:
-            orig_w, orig_h = img.size
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
-                orig_w, orig_h = orig_h, orig_w
-    return LoadedImage(array=array, orig_width=int(orig_w), orig_height=int(orig_h))
-
-
-def _session_scale(session: Session) -> tuple[float, float]:
-    img = session.image
-    return img["orig_width"] / img["width"], img["orig_height"] / img["height"]
-
-
-def _session_size(session: Session) -> tuple[int, int]:
-    """(width, height) of the session's image as the user sent it."""
-    return session.image["orig_width"], session.image["orig_height"]
-
-
-def _empty_views() -> tuple[dict, dict, dict]:
-    return (render.viewer_value(None, mode="caption"), render.viewer_value(None, mode="refer"),
-            render.viewer_value(None, mode="dense"))
-
-
-@user_errors
-def load_image(studio: Studio, source: str | None, session: Session | None) -> tuple:
-    """A new image (upload, paste, example) or none (cleared): reset the session, encode the image once
-    (warms the predictor's embedding cache) and send it to the three viewers.
-    Returns (session, caption view, refer view, dense view)."""
-    if not source:
-        return (Session(), *_empty_views())
-    loaded = load_user_image(source)
-    studio.predictor.set_image(loaded.array)
-    h, w = loaded.array.shape[:2]
-    session = Session(array=loaded.array)
-    session.image = {"key": imaging.image_key(loaded.array), "width": w, "height": h,
-                     "src": render.display_data_url(loaded.array), "orig_width": loaded.orig_width,
-                     "orig_height": loaded.orig_height}
-    note = "" if (w, h) == (loaded.orig_width, loaded.orig_height) else (
-        f" (downscaled from {loaded.orig_width}×{loaded.orig_height}; downloads use the original pixels)")
-    return (
-        session,
-        caption_view(session, message=f"Image {w}×{h}{note}. Click to add prompts, or Generate for the whole image."),
-        render.viewer_value(session.image, mode="refer", clickable=False,
-                            message="Type referring expressions, one per line, then Locate."),
-        render.viewer_value(session.image, mode="dense",
-                            message="Detect regions, then click one (or drag a box) for its traced caption."),
-    )
-
-
-# ------------------------------------------------------------------------------------------ prompts
-
-def prompt_arrays(prompts: Sequence[dict]) -> tuple[np.ndarray | None, np.ndarray | None, list[float] | None]:
-    """Prompt list -> (points Nx2, labels N, box) for the predictor; the last box drawn wins."""
-    pts = [p for p in prompts if p["kind"] == "point"]
-    boxes = [p["box"] for p in prompts if p["kind"] == "box"]
-    points = np.array([p["xy"] for p in pts], dtype=np.float64).reshape(-1, 2) if pts else None
-    labels = np.array([p["label"] for p in pts], dtype=np.int64) if pts else None
-    return points, labels, (boxes[-1] if boxes else None)
-
-
-def _checked_prompts(session: Session) -> tuple[np.ndarray | None, np.ndarray | None, list[float] | None]:
-    """`prompt_arrays` of the session's prompts, refused with a clear message (negative-only points etc.) before
-    the model runs."""
-    points, labels, box = prompt_arrays(session.prompts)
-    if points is not None:
-        imaging.check_points(points, labels, session.image["width"], session.image["height"])
-    return points, labels, box
-
-
-def caption_view(session: Session, *, include_src: bool = True, words: Sequence[dict] | None = None,
-                 status: str = "idle", message: str = "") -> dict:
-    points, labels, box = prompt_arrays(session.prompts)
-    pts = [] if points is None else [(x, y, int(lab)) for (x, y), lab in zip(points.tolist(), labels.tolist())]
-    if words is None:
-        words = session.caption["words"] if session.caption else []
-    return render.viewer_value(session.image, mode="caption", include_src=include_src, points=pts, box=box,
-                               pending=session.pending, words=words, inspect=session.inspect, status=status,
-                               message=message)
-
-
-def _prompt_summary(session: Session) -> str:
-    points, labels, box = prompt_arrays(session.prompts)
-    parts = []
-    if points is not None:
-        pos = int((labels == 1).sum())
-        parts.append(f"{pos} positive / {len(labels) - pos} negative point(s)")
-    if box is not None:
-        parts.append("box " + ", ".join(f"{c:.0f}" for c in box))
-    if session.pending is not None:
-        parts.append("box: click the opposite corner")
-    return "Prompt: " + ("; ".join(parts) if parts else "none (whole image)")
-
-
-def words_at(words: Sequence[dict], x: float, y: float) -> list[int]:
-    """Indices of the words whose box covers pixel (x, y)."""
-    return [i for i, w in enumerate(words)
-            if w["box"][0] <= x <= w["box"][2] and w["box"][1] <= y <= w["box"][3]]
-
-
-def _point(data: Any, session: Session) -> tuple[float, float]:
-    try:
-        x, y = float(data["x"]), float(data["y"])
-    except (TypeError, KeyError, ValueError) as err:
-        raise ValueError("the click did not carry image coordinates") from err
-    if not (np.isfinite(x) and np.isfinite(y)):
-        raise ValueError("the click did not carry image coordinates")
-    return (min(max(x, 0.0), session.image["width"]), min(max(y, 0.0), session.image["height"]))
-
-
-@user_errors
-def click(session: Session | None, mode: str, data: Any) -> tuple[Session, dict]:
-    """A click on the caption viewer at data = {x, y} (model-frame pixels). mode: a CLICK_MODES label or value:
-    add a positive/negative point, place a box corner (the second click completes the box), or inspect which
-    words' boxes cover the pixel. Returns (session, caption view)."""
-    session = _session(session)
-    _require_image(session)
-    mode = CLICK_MODES.get(mode, mode)
-    x, y = _point(data, session)
-    if mode in ("positive", "negative"):
-        if len([p for p in session.prompts if p["kind"] == "point"]) >= imaging.MAX_POINTS:
-            raise ValueError(f"at most {imaging.MAX_POINTS} points are allowed")
-        session.prompts.append({"kind": "point", "xy": [x, y], "label": 1 if mode == "positive" else 0})
-        session.pending = None
-    elif mode == "box":
-        if session.pending is None:
-            session.pending = [x, y]
-        else:
-            x0, y0 = session.pending
-            session.pending = None
-            box = imaging.check_box((x0, y0, x, y), session.image["width"], session.image["height"])
-            session.prompts.append({"kind": "box", "box": [round(float(c), 1) for c in box]})
-    elif mode == "inspect":
-        words = session.caption["words"] if session.caption else []
-        session.inspect = {"x": x, "y": y, "hits": words_at(words, x, y)}
-        hits = len(session.inspect["hits"])
-        msg = (f"{hits} word(s) cover ({x:.0f}, {y:.0f})" if words else
-               "Generate a caption first, then click a pixel to list the words whose boxes cover it.")
-        return session, caption_view(session, include_src=False, message=msg)
-    else:
-        raise ValueError(f"unknown click mode {mode!r}")
-    session.inspect = None
-    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
-
-
-@user_errors
-def drag_box(session: Session | None, data: Any) -> tuple[Session, dict]:
-    """A box dragged on the caption viewer: data = {box: [x0, y0, x1, y1]} (model-frame pixels)."""
-    session = _session(session)
-    _require_image(session)
-    try:
-        raw = [float(c) for c in data["box"]]
-    except (TypeError, KeyError, ValueError) as err:
-        raise ValueError("the drag did not carry a box") from err
-    box = imaging.check_box(raw, session.image["width"], session.image["height"])
-    session.prompts.append({"kind": "box", "box": [round(float(c), 1) for c in box]})
-    session.pending = None
-    session.inspect = None
-    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
-
-
-def undo_prompt(session: Session | None) -> tuple[Session, dict]:
-    session = _session(session)
-    if session.pending is not None:
-        session.pending = None
-    elif session.prompts:
-        session.prompts.pop()
-    session.inspect = None
-    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
-
-
-def clear_prompts(session: Session | None) -> tuple[Session, dict]:
-    session = _session(session)
-    session.prompts, session.pending, session.inspect = [], None, None
-    return session, caption_view(session, include_src=False, message=_prompt_summary(session))
-
-
-# ------------------------------------------------------------------------------------------ store + files
 
 # ------------------------------------------------------------------------------------------ captioning
 
@@ -404,12 +103,12 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     """Stream a caption: yields (caption view, caption text, files, session) once per decoded word, then a
     final update with the downloads. The view carries words + boxes; the browser draws the trace.
     repetition_penalty: None = the checkpoint's default."""
-    session = _session(session)
-    _require_image(session)
+    session = ensure_session(session)
+    require_image(session)
     text = imaging.check_text(text)
     options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words,
                                repetition_penalty=studio.penalty(repetition_penalty))
-    points, labels, box = _checked_prompts(session)
+    points, labels, box = checked_prompts(session)
     session.inspect = None
     session.pending = None
     array = session.array
@@ -431,7 +130,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
                                 prompts=prompts_model,
                                 extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
                                 session_id=session_id)
-    record = records.caption_record(studio, words, _session_scale(session), _session_size(session),
+    record = records.caption_record(studio, words, session_scale(session), session_size(session),
                                     prompts=prompts_model, options=options, generation_id=gen_id)
     files = _keep_caption(studio, session, array, record, "caption", {
         "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
@@ -459,9 +158,9 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     the current prompts and every word gets the box the location head gives it. Shown, downloadable and logged
     like a generated caption (task caption, extra.traced), so an annotator can correct it in the Annotate tab.
     Returns (caption view, caption text, files, session)."""
-    session = _session(session)
-    _require_image(session)
-    points, labels, box = _checked_prompts(session)
+    session = ensure_session(session)
+    require_image(session)
+    points, labels, box = checked_prompts(session)
     array = session.array
     words, score = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
     text = " ".join(w["text"] for w in words)
@@ -470,7 +169,7 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
                                 [w["box"] for w in words],
                                 prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
                                 session_id=session_id)
-    record = records.caption_record(studio, words, _session_scale(session), _session_size(session),
+    record = records.caption_record(studio, words, session_scale(session), session_size(session),
                                     prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
     record["score"] = score
     session.inspect = session.pending = None
@@ -519,8 +218,8 @@ def _slug(text: str) -> str:
 def refer(studio: Studio, session: Session | None, expressions: str | None,
           session_id: str | None = None) -> tuple:
     """Referring localisation + segmentation. Returns (session, refer view, files)."""
-    session = _session(session)
-    _require_image(session)
+    session = ensure_session(session)
+    require_image(session)
     lines = parse_expressions(expressions)
     state = studio.predictor.set_image(session.array)
     referrals = studio.predictor.refer(state, lines)
@@ -537,8 +236,8 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     session.refer = [{"expression": r.expression, "box": list(r.box), "score": r.score,
                       "mask_score": r.mask_score} for r in referrals]
     session.last = {"task": "refer", "results": session.refer, "generation_id": gen_id}
-    scale = _session_scale(session)
-    size = _session_size(session)
+    scale = session_scale(session)
+    size = session_size(session)
     folder = records.download_dir(studio)
     files = [records.write_json(folder, "refer.json", records.refer_record(studio, referrals, scale, size, gen_id))]
     for i, r in enumerate(referrals):
@@ -584,8 +283,8 @@ def dense_view(session: Session, *, words: Sequence[dict] = (), status: str = "i
 def dense(studio: Studio, session: Session | None, score_threshold: Any, max_regions: Any,
           session_id: str | None = None) -> tuple:
     """Dense captioning: proposals -> one batched captioning pass. Returns (session, dense view, files)."""
-    session = _session(session)
-    _require_image(session)
+    session = ensure_session(session)
+    require_image(session)
     threshold, top_k = dense_options(score_threshold, max_regions)
     state = studio.predictor.set_image(session.array)
     regions = studio.predictor.dense_caption(state, max_regions=top_k, score_threshold=threshold)
@@ -600,7 +299,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
                                     extra={"scores": [r["score"] for r in session.dense]}, session_id=session_id)
     session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
     folder = records.download_dir(studio)
-    record = records.dense_record(studio, session.dense, _session_scale(session), _session_size(session), gen_id)
+    record = records.dense_record(studio, session.dense, session_scale(session), session_size(session), gen_id)
     files = [records.write_json(folder, "dense.json", record)]
     if regions:
         files.append(records.write_png(folder, "dense_overlay.png", render.regions_overlay(
@@ -625,8 +324,8 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
                  ) -> Iterator[tuple]:
     """Trace-caption one region: data = {i} (a listed region), {x, y} (a click: the smallest region under it)
     or {box} (a dragged box). Streams (session, dense view, region caption text)."""
-    session = _session(session)
-    _require_image(session)
+    session = ensure_session(session)
+    require_image(session)
     regions = session.dense or []
     data = data if isinstance(data, dict) else {}
     if "box" in data:
@@ -638,7 +337,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
             if not 0 <= index < len(regions):
                 raise ValueError("that region no longer exists: detect regions again")
         else:
-            x, y = _point(data, session)
+            x, y = click_point(data, session)
             index = region_at(regions, x, y)
             if index is None:
                 raise ValueError("No detected region there: click inside a box, or drag a box of your own.")

@@ -1,4 +1,4 @@
-"""The studio's Gradio Blocks: components and wiring only (the logic is in callbacks.py).
+"""The studio's Gradio Blocks: components and wiring only (the logic is in workspace.py and callbacks.py).
 
 Handlers here are thin closures: they read Gradio's request/event objects and call the callbacks with plain
 data. (No `from __future__ import annotations`: Gradio inspects the `gr.EventData` / `gr.Request` hints.)
@@ -12,6 +12,7 @@ import gradio as gr
 
 from pixelllm.ui import api
 from pixelllm.ui import callbacks as cb
+from pixelllm.ui import workspace as ws
 from pixelllm.ui.annotate_tab import build_annotate_tab
 
 STATIC = Path(__file__).parent / "static"
@@ -47,9 +48,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
     concurrency: model calls running at once (the queue's default_concurrency_limit);
     min_word_interval: seconds between streamed words at least (0 = as fast as decoding).
     """
-    studio = cb.Studio(predictor=predictor, store=store, checkpoint=checkpoint, examples=list(examples or []),
+    studio = ws.Studio(predictor=predictor, store=store, checkpoint=checkpoint, examples=list(examples or []),
                        min_word_interval=min_word_interval)
-    empty_caption, empty_refer, empty_dense = cb._empty_views()
+    empty_caption, empty_refer, empty_dense = ws.empty_views()
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         session = gr.State(None)
@@ -73,7 +74,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                 cap_text = gr.Textbox(label="Caption", interactive=False, lines=2,
                                                       elem_id="caption-text")
                             with gr.Column(scale=2, min_width=260):
-                                click_mode = gr.Radio(list(cb.CLICK_MODES), value="Positive point",
+                                click_mode = gr.Radio(list(ws.CLICK_MODES), value="Positive point",
                                                       label="A click on the image", elem_id="click-mode",
                                                       info="Drag on the image to draw a box in any mode.")
                                 with gr.Row():
@@ -168,13 +169,13 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
 
         # ---------------------------------------------------------------------------- handlers
         def on_image(path, state):
-            return cb.load_image(studio, path, state)
+            return ws.load_image(studio, path, state)
 
         def on_pick(state, mode, evt: gr.EventData):
-            return cb.click(state, mode, evt._data)
+            return ws.click(state, mode, evt._data)
 
         def on_drag(state, evt: gr.EventData):
-            return cb.drag_box(state, evt._data)
+            return ws.drag_box(state, evt._data)
 
         def on_generate(state, text, n, sample, temp, p, s, penalty, request: gr.Request):
             yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request),
@@ -216,8 +217,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                         [cap_text, cap_files, ref_files, region_text, dense_files], **private, queue=False)
         cap_view.pick(on_pick, [session, click_mode], [session, cap_view], **prompt_edit)
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
-        undo_btn.click(cb.undo_prompt, [session], [session, cap_view], **prompt_edit)
-        clear_btn.click(cb.clear_prompts, [session], [session, cap_view], **prompt_edit)
+        undo_btn.click(ws.undo_prompt, [session], [session, cap_view], **prompt_edit)
+        clear_btn.click(ws.clear_prompts, [session], [session, cap_view], **prompt_edit)
         gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
         gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")

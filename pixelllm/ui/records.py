@@ -24,7 +24,7 @@ from PIL import Image
 from pixelllm.ui import render
 
 if TYPE_CHECKING:
-    from pixelllm.ui.callbacks import Session, Studio
+    from pixelllm.ui.workspace import Session, Studio
 
 log = logging.getLogger(__name__)
 
