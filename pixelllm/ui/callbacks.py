@@ -10,7 +10,6 @@ only warns (`gr.Warning`) — the user still gets the result.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import secrets
 import time
@@ -35,8 +34,6 @@ from pixelllm.ui.workspace import (
     session_size,
     user_errors,
 )
-
-log = logging.getLogger(__name__)
 
 MAX_EXPRESSIONS = 16
 DEFAULT_MAX_WORDS = 40
