@@ -17,6 +17,7 @@ from pixelllm import PixelLLMPredictor
 from pixelllm.store import StoreError
 from pixelllm.ui import annotate as an
 from pixelllm.ui import annotate_doc, render
+from pixelllm.ui import annotate_panels as panels
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
 from training.data.localized_narratives import utterance_targets
@@ -267,14 +268,14 @@ def test_browse_filters_and_open(studio, captioned, annotation_store):
     state = _opened(studio, captioned)
     sha = state.image["sha"]
     state, _ = an.save(studio, state, "submitted", "Gil Smith")
-    listing = an.list_items(studio, "Corrections", sha[:6], "smith", "submitted", "")
+    listing = panels.list_items(studio, "Corrections", sha[:6], "smith", "submitted", "")
     assert [r["id"] for r in listing["rows"]] == [state.head_id] and listing["rows"][0]["annotator"] == "Gil Smith"
-    assert an.list_items(studio, "Corrections", sha[:6], "nobody", "any", "")["rows"] == []
-    assert an.list_items(studio, "Corrections", "", "", "draft", "")["rows"] == []
-    outputs = an.list_items(studio, "Model outputs", sha, "", "any", "")
+    assert panels.list_items(studio, "Corrections", sha[:6], "nobody", "any", "")["rows"] == []
+    assert panels.list_items(studio, "Corrections", "", "", "draft", "")["rows"] == []
+    outputs = panels.list_items(studio, "Model outputs", sha, "", "any", "")
     assert outputs["rows"][0]["id"] == captioned.last["generation_id"]
     with pytest.raises(gr.Error, match="hexadecimal"):
-        an.list_items(studio, "Corrections", "xyz", "", "any", "")
+        panels.list_items(studio, "Corrections", "xyz", "", "any", "")
 
     other, view = an.open_item(studio, None, {"kind": "correction", "id": state.head_id})
     assert other.head_id == state.head_id and view["image"]["src"].startswith("data:image/")
@@ -293,7 +294,7 @@ def test_export_zip(studio, captioned, annotation_store):
     traces, timed = _recording(len(state.doc["words"]))
     state, _ = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
     state, _ = an.save(studio, state, "submitted", "hal")
-    path, summary = an.export(studio, ["submitted"])
+    path, summary = panels.export(studio, ["submitted"])
     assert "1 LN record" in summary
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -301,7 +302,7 @@ def test_export_zip(studio, captioned, annotation_store):
     assert any(n.startswith("pixelllm-corrections/images/") for n in names)
     assert record["traces"] == traces and record["annotator_id"] == "hal"
     with pytest.raises(gr.Error, match="at least one status"):
-        an.export(studio, [])
+        panels.export(studio, [])
 
 
 def test_compare_adapters(studio, captioned, tmp_path):
@@ -309,7 +310,7 @@ def test_compare_adapters(studio, captioned, tmp_path):
     from tests.helpers import small_model
 
     lock = threading.Lock()
-    base_view, tuned_view, note = an.compare_adapters(studio, captioned, lock)
+    base_view, tuned_view, note = panels.compare_adapters(studio, captioned, lock)
     assert "No LoRA adapter is active" in note and tuned_view["image"] is None
     model = small_model(seed=0)
     _talkative(model)  # an untrained model otherwise stops at once (see conftest)
@@ -319,14 +320,14 @@ def test_compare_adapters(studio, captioned, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     own = ws.Studio(predictor=PixelLLMPredictor(model, device="cpu"), store=None)
-    base_view, tuned_view, note = an.compare_adapters(own, captioned, lock)
+    base_view, tuned_view, note = panels.compare_adapters(own, captioned, lock)
     assert own.predictor.adapter == "fix"  # restored
     assert "fix" in note and base_view["words"] and tuned_view["words"]
     assert base_view["message"].startswith("base model") and "fix" in tuned_view["message"]
 
     # a typed caption that was traced is compared as a trace: the same words, each model's boxes
     _, _, _, traced = cb.trace(own, captioned, "a large red circle", "s1")
-    base_view, tuned_view, note = an.compare_adapters(own, traced, lock)
+    base_view, tuned_view, note = panels.compare_adapters(own, traced, lock)
     assert "tracing the same caption" in note and own.predictor.adapter == "fix"
     assert [w["text"] for w in base_view["words"]] == [w["text"] for w in tuned_view["words"]] == \
         ["a", "large", "red", "circle"]

@@ -96,7 +96,8 @@ def test_click_a_point_and_stream_a_trace(app: Page, studio_app, artifacts_dir):
     assert counts[-1] == n and counts == sorted(counts), counts
     expect(app.locator("#caption-viewer .px-seg")).to_have_count(n)  # one trace segment per word
     expect(app.locator("#caption-viewer .px-word")).to_have_count(n)
-    colours = app.locator("#caption-viewer .px-seg .px-line").evaluate_all("els => els.map(e => e.getAttribute('stroke'))")
+    colours = app.locator("#caption-viewer .px-seg .px-line").evaluate_all(
+        "els => els.map(e => e.getAttribute('stroke'))")
     assert len(set(colours)) == n  # a gradient: every word its own colour
     row = _last_generation(studio_app.store)
     assert row["prompts"]["points"] == [[pytest.approx(150, abs=2), pytest.approx(190, abs=2)]]

@@ -1,5 +1,5 @@
-"""The studio's callbacks (pixelllm/ui/workspace.py, pixelllm/ui/callbacks.py) driving a real predictor on a small random checkpoint:
-prompts and decoding options reach the decoder, user mistakes become gr.Error, downloads carry pixel
+"""The studio's callbacks (pixelllm/ui/workspace.py, pixelllm/ui/callbacks.py) driving a real predictor on a small
+random checkpoint: prompts and decoding options reach the decoder, user mistakes become gr.Error, downloads carry pixel
 coordinates of the image as sent, and every output shown is logged to the annotation store."""
 
 from __future__ import annotations
@@ -319,7 +319,8 @@ def test_json_download_has_pixel_boxes_inside_the_image(studio, example_images):
     assert record["prompts"]["points"] == [[30.0, 200.0]] and record["prompts"]["point_labels"] == [1]
     overlay = Image.open(png_path)
     assert overlay.size == (width, height)
-    assert not np.array_equal(np.asarray(overlay.convert("RGB")), np.asarray(Image.open(example_images[2]).convert("RGB")))
+    original = np.asarray(Image.open(example_images[2]).convert("RGB"))
+    assert not np.array_equal(np.asarray(overlay.convert("RGB")), original)
 
 
 def test_downscaled_uploads_map_coordinates_back_to_the_original(studio, tmp_path, prefix_calls):
@@ -389,7 +390,8 @@ def test_dense_regions_and_tracing_one_region(studio, example_images, prefix_cal
     assert len(outputs) >= 3  # streamed
     box = session.dense[0]["box"]
     w, h = session.image["width"], session.image["height"]
-    torch.testing.assert_close(prefix_calls[-1]["boxes"], torch.tensor([[box[0] / w, box[1] / h, box[2] / w, box[3] / h]]),
+    torch.testing.assert_close(prefix_calls[-1]["boxes"],
+                               torch.tensor([[box[0] / w, box[1] / h, box[2] / w, box[3] / h]]),
                                atol=1e-5, rtol=0)
     x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     clicked = list(cb.dense_select(studio, session, {"x": x, "y": y}, "test"))[-1][1]
@@ -493,4 +495,5 @@ def test_app_arguments_and_device_choice(monkeypatch):
     assert app.parse_args([]).checkpoint == app.DEFAULT_CHECKPOINT
     assert app.pick_device("cpu") == ("cpu", None)
     device, dtype = app.pick_device("auto")
-    assert device == ("cuda" if torch.cuda.is_available() else device) and (dtype is torch.bfloat16) == (device == "cuda")
+    assert device == ("cuda" if torch.cuda.is_available() else device)
+    assert (dtype is torch.bfloat16) == (device == "cuda")

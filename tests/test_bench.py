@@ -71,3 +71,21 @@ def test_bench_quick_run_reports_every_ratio(tmp_path):
     if data["machine"]["torch_threads"] > 1:
         scale = data["ratios"]["train_scaleout"]["detail"]
         assert scale["independent_pair_samples_per_s"] > 0 and scale["machine_ceiling"] > 0
+
+
+def test_only_refuses_an_unknown_measurement(capsys):
+    from pixelllm.bench.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--only", "app_overhead,app_rss"])
+    assert exit_info.value.code == 2
+    assert "--only: unknown app_rss; choose from location_head_overhead" in capsys.readouterr().err
+
+
+def test_a_report_without_ratios_prints_the_absolute_figures():
+    """`--only app_peak_rss` measures no ratio: the report is the machine and the absolute figures."""
+    from pixelllm.bench.run import render
+
+    text = render([], {"app_peak_rss_mb": 950.5}, {"cpu": "test"})
+    assert "absolute: app_peak_rss_mb=950.5" in text and "machine: cpu=test" in text
+    assert "ratio" not in text

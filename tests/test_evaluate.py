@@ -443,6 +443,7 @@ def test_cli_smoke_random_model(tmp_path, capsys) -> None:
                  "--threads", "1", "--max-regions", "3", "--max-new-tokens", "12"]) == 0
     printed = capsys.readouterr().out
     assert "3 images" in printed and "P@0.5" in printed
+    assert f"repetition penalty {config.repetition_penalty:g} (the checkpoint's default" in printed
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
     assert result["counts"]["images"] == 3

@@ -23,6 +23,7 @@ from pixelllm import PixelLLM
 from pixelllm.adapters import base_state_dict
 from pixelllm.store import AnnotationStore
 from tests.helpers import save_small_checkpoint
+from training import corrections
 from training import finetune as ft
 
 W, H = 80, 48
@@ -97,7 +98,7 @@ def outputs(model: PixelLLM, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_correction_samples_follow_the_generation_prompt_and_skip_non_visual_words(base_dir, store):
     model = PixelLLM.from_pretrained(base_dir)
-    examples, pixels, counts = ft.correction_examples(store, model.config.image_size)
+    examples, pixels, counts = corrections.correction_examples(store, model.config.image_size)
     assert counts["corrections"] == 4 and len(examples) == 4 and len(pixels) == 4
     caption = [e for e in examples if e.task == "caption"]
     assert [e.words for e in caption] == [["a", "large", "red", "circle"]] * 3
@@ -112,8 +113,8 @@ def test_correction_samples_follow_the_generation_prompt_and_skip_non_visual_wor
     assert refer.words == ["the red circle"]
     np.testing.assert_allclose(refer.word_boxes[0], [20 / W, 10 / H, 60 / W, 40 / H], atol=1e-6)
 
-    bank = ft.FeatureBank(model, pixels)
-    collate = ft.FinetuneCollator(None, model.tokenizer, model.config.image_size, replay_bank=None,
+    bank = corrections.FeatureBank(model, pixels)
+    collate = corrections.FinetuneCollator(None, model.tokenizer, model.config.image_size, replay_bank=None,
                                   correction_bank=bank, max_tokens=32)
     batch = collate.corrections([caption[2]])
     assert "prompt_points" in batch and batch["point_labels"].tolist() == [[1, 0]] and "prompt_ids" in batch
@@ -212,14 +213,14 @@ def test_grouped_replay_batches_have_about_batch_size_rows(base_dir, store, tmp_
     data = tmp_path / "shapes"
     generate_split(data, "train", 12, seed=5, size=64)
     seen = []
-    collate = ft.FinetuneCollator.__call__
+    collate = corrections.FinetuneCollator.__call__
 
     def spy(self, task, indices, rng):
         batch = collate(self, task, indices, rng)
         seen.append((task, len(indices), int(batch["image_index"].max()) + 1, batch["labels"].shape[0]))
         return batch
 
-    monkeypatch.setattr(ft.FinetuneCollator, "__call__", spy)
+    monkeypatch.setattr(corrections.FinetuneCollator, "__call__", spy)
     summary = ft.finetune(settings(base_dir, store, tmp_path / "runs" / "grouped", replay_data=str(data), steps=6,
                                    batch_size=16, replay_tasks={"refer_image": 1.0, "region_image": 1.0}),
                           store=store, progress=False)
@@ -234,7 +235,7 @@ def test_a_failing_run_is_recorded_as_failed(base_dir, store, tmp_path, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(ft.FinetuneCollator, "corrections", boom)
+    monkeypatch.setattr(corrections.FinetuneCollator, "corrections", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         ft.finetune(settings(base_dir, store, tmp_path / "runs" / "bad"), store=store, progress=False)
     [run] = store.list_finetune_runs()

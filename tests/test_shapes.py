@@ -149,8 +149,9 @@ def test_masks_agree_with_boxes_areas_and_pixels(data_dir):
                 np.testing.assert_allclose(obj["center"], [cols.mean() + 0.5, rows.mean() + 0.5], atol=0.01)
                 assert (image[rows, cols] == obj["rgb"]).all()
             regions = dense[record["image_id"]]["regions"]
-            assert [(r["object_id"], r["box"]) for r in regions] == [(o["object_id"], o["box"]) for o in record["objects"]]
-            assert [r["caption"] for r in regions] == [f"{o['size']} {o['color']} {o['shape']}" for o in record["objects"]]
+            objects = record["objects"]
+            assert [(r["object_id"], r["box"]) for r in regions] == [(o["object_id"], o["box"]) for o in objects]
+            assert [r["caption"] for r in regions] == [f"{o['size']} {o['color']} {o['shape']}" for o in objects]
 
 
 def test_objects_are_visible_distinct_sized_and_rarely_repeated(data_dir):

@@ -107,7 +107,8 @@ def test_add_image_stores_file_once(store: AnnotationStore, db_path: Path):
     sha = store.add_image(IMAGE, 64, 48)
     assert store.add_image(bytearray(IMAGE), 64, 48) == sha
     row = store.get_image(sha)
-    assert row["path"] == f"images/{sha}.png" and (row["width"], row["height"], row["num_bytes"]) == (64, 48, len(IMAGE))
+    assert row["path"] == f"images/{sha}.png"
+    assert (row["width"], row["height"], row["num_bytes"]) == (64, 48, len(IMAGE))
     assert Path(row["abs_path"]).read_bytes() == IMAGE
     assert sorted(p.name for p in (db_path.parent / "images").iterdir()) == [f"{sha}.png"]  # no temp files
     assert count_rows(db_path, "images") == 1

@@ -502,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     penalty = args.repetition_penalty
+    source = "--repetition-penalty" if penalty is not None else "the checkpoint's default"
     if penalty is not None and not 1.0 <= penalty <= 2.0:
         build_parser().error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
     model = PixelLLM.from_pretrained(args.checkpoint)
@@ -517,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"objects, {c['expressions']} expressions, {c['dense_regions']} dense regions, "
           f"{c['trace_content_words']} traced content words, {c['lbm_images']} LBM images "
           f"({c['empty_captions']} empty captions) in {result['seconds']['total']:.1f} s")
+    print(f"Narratives: greedy, repetition penalty {penalty:g} ({source}; 1 = off)")
     print(metrics_table(result))
     for key, what in (("lbm_given_caption_at_most_half_centre_baseline", "reference narrative given"),
                       ("lbm_at_most_half_centre_baseline", "generated narrative")):

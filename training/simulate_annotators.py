@@ -94,7 +94,8 @@ class SimulateSettings:
 def make_splits(s: SimulateSettings, data: Path) -> dict[str, Any]:
     """Generate the shift (corrections), held-out shift, base test and replay splits into ``data``."""
     n_shift = max(1, s.corrections)  # every shift image holds >= 1 cross: this many images give enough crosses
-    specs = {"shift_train": (n_shift, s.shift_seed, "shift"), "shift_test": (s.shift_eval_images, s.heldout_seed, "shift"),
+    specs = {"shift_train": (n_shift, s.shift_seed, "shift"),
+             "shift_test": (s.shift_eval_images, s.heldout_seed, "shift"),
              "test": (s.base_eval_images, s.base_seed, "standard")}
     if s.replay_data is None and s.replay_ratio > 0:
         specs["replay"] = (s.replay_images, s.replay_seed, "standard")
@@ -202,7 +203,8 @@ def report(before: dict, after: dict, s: SimulateSettings) -> tuple[str, dict[st
     ):
         n = before["shift" if split.startswith("shift") else "base"][key]
         b, a = getter(before), getter(after)
-        rows.append({"metric": label, "split": split, "n": n, "before": b, "after": a, "change (points)": _points(b, a)})
+        rows.append({"metric": label, "split": split, "n": n, "before": b, "after": a,
+                     "change (points)": _points(b, a)})
     shift_gain = rows[0]["change (points)"]
     drops = {"loc_caption_accuracy": rows[1]["change (points)"], "refer_p@0.5": rows[2]["change (points)"]}
     verdict = {

@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             if step % int(tcfg.get("checkpoint_every", 200)) == 0 or step == end:
                 if rank == 0:
                     # inside a stage: its optimizer and sampler; at its end only the step (the next stage starts fresh)
-                    save_checkpoint(out, model, {"step": step, "stage_index": index, "optimizer": optimizer.state_dict(),
+                    save_checkpoint(out, model, {"step": step, "stage_index": index,
+                                                 "optimizer": optimizer.state_dict(),
                                                  "sampler": sampler.state()} if step < end else {"step": step})
                     if metrics_path.exists():
                         plot_losses(metrics_path, out / "loss_curves.png")

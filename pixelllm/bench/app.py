@@ -146,7 +146,8 @@ def _app_times(b: Bench, build_demo: Callable, path: Path, alone: Callable[[], N
             http_api_ms=median_ms(times["http"]), http_api_ratio=round(statistics.median(times["http"]) / pred, 3),
             callback_ms=median_ms(times["callback"]),
             callback_ratio=round(statistics.median(times["callback"]) / pred, 3),
-            gradio_client_extra_ms=round(1000 * (statistics.median(times["app"]) - statistics.median(times["http"])), 1))
+            gradio_client_extra_ms=round(1000 * (statistics.median(times["app"])
+                                                 - statistics.median(times["http"])), 1))
         http.close()
         return times
     finally:

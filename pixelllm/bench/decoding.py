@@ -68,7 +68,8 @@ def bench_prompt_reuse(b: Bench) -> Ratio:
     ratio.value, ratio.detail = _reuse_measure(b)
     preset = b.settings.reuse_preset
     if preset:
-        # The embedded model's encoder is a small part of a call, which bounds its ratio (`ceiling` in `_reuse_measure`).
+        # The embedded model's encoder is a small part of a call, which bounds its ratio
+        # (`ceiling` in `_reuse_measure`).
         # The same measurement on a randomly initialised `base` preset (SAM ViT-B at 1024 px + T5-base) shows
         # what the cache buys with an encoder of the size the paper's presets use.
         config = get_config(preset)

@@ -51,11 +51,16 @@ def paper_preset() -> dict[str, Any]:
     return {"paper_parameters": params, "paper_bf16_weights_gb": round(params * 2 / 1e9, 2)}
 
 
+STEPS = ("location_head_overhead", "prompt_reuse_speedup", "batched_dense_speedup", "per_token_cost_ratio",
+         "app_overhead", "app_peak_rss", "train_scaleout")  # in the order they run
+
+
 def render(ratios: list[Ratio], absolute: dict[str, Any], info: dict[str, Any]) -> str:
     lines = ["machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
-    width = max(len(r.label) for r in ratios)
-    lines.append(f"{'ratio':<{width}}  {'measured':>9}  {'target':>8}  result")
-    lines.append("-" * (width + 32))
+    width = max((len(r.label) for r in ratios), default=len("ratio"))
+    if ratios:  # `--only app_peak_rss` measures no ratio
+        lines.append(f"{'ratio':<{width}}  {'measured':>9}  {'target':>8}  result")
+        lines.append("-" * (width + 32))
     for r in ratios:
         value = f"{r.value:.3f}" if r.status != "n/a" else "n/a"
         note = f"  ({r.reason})" if r.status == "n/a" and r.reason else ""
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--only", help="comma-separated subset to run (ratio keys, app_peak_rss); for diagnosis")
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and only - set(STEPS):
+        parser.error(f"--only: unknown {', '.join(sorted(only - set(STEPS)))}; choose from {', '.join(STEPS)}")
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     torch.set_num_threads(args.threads)
@@ -101,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     info["checkpoint"] = checkpoint
     absolute: dict[str, Any] = {}
     ratios: list[Ratio] = []
-    only = set(args.only.split(",")) if args.only else None
 
     def write_json(complete: bool) -> None:  # after every measurement: a killed run keeps what it measured
         if args.json:
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   settings.rss_calls))),
             ("train_scaleout", lambda: bench_training(settings, workdir, args.threads)),
         ]
+        assert tuple(key for key, _ in steps) == STEPS
         for key, run in steps:
             if only is not None and key not in only:
                 continue

@@ -87,7 +87,8 @@ class ProposalHead(nn.Module):
         """features: BxCxhxw. Returns heatmap logits Bx1xHxW, size Bx2xHxW (sigmoid, normalised w, h) and offset
         Bx2xHxW (sigmoid, in cells)."""
         x = self.pyramid(features)
-        return {"heatmap": self.heatmap(x), "size": torch.sigmoid(self.size(x)), "offset": torch.sigmoid(self.offset(x))}
+        return {"heatmap": self.heatmap(x), "size": torch.sigmoid(self.size(x)),
+                "offset": torch.sigmoid(self.offset(x))}
 
     @staticmethod
     def decode(out: dict[str, torch.Tensor], *, top_k: int = 50, score_threshold: float = 0.05,

@@ -24,7 +24,8 @@ def location_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def eos_box_loss(pred_box: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eos_box_loss(pred_box: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pred_box, target: Bx4 normalised (x0, y0, x1, y1), pred already ordered; valid: B bool.
     Returns (L1 summed over coordinates, GIoU loss), each averaged over valid rows."""
     if not bool(valid.any()):

@@ -404,7 +404,8 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         """The README.md of a saved folder (pixelllm.model_card); `save_pretrained(..., model_card_kwargs={"training":
         markdown})` adds how the weights were trained."""
         count = sum(p.numel() for p in self.parameters())
-        facts = {"preset": self.config.preset, "parameters": f"{count / 1e6:.2f} M", "image_size": self.config.image_size,
+        facts = {"preset": self.config.preset, "parameters": f"{count / 1e6:.2f} M",
+                 "image_size": self.config.image_size,
                  "vocab_size": self.config.t5.vocab_size,
                  "dtype": str(getattr(self, "_save_dtype", None) or self.dtype).replace("torch.", ""),
                  "adapters": ", ".join(self.adapters)}

@@ -1,4 +1,5 @@
-"""The Annotate tab: components and wiring only (the logic is in annotate.py, the editor in static/annotate.*).
+"""The Annotate tab: components and wiring only (the logic is in annotate.py and annotate_panels.py, the editor
+in static/annotate.*).
 
 `build_annotate_tab(studio, session)` is called from layout.py's Annotate slot, inside the `gr.Tabs` block; it
 adds the tab and the hidden `/save_correction` API endpoint. (No `from __future__ import annotations`: Gradio
@@ -13,6 +14,7 @@ import gradio as gr
 
 from pixelllm.ui import annotate as an
 from pixelllm.ui import annotate_doc, render
+from pixelllm.ui import annotate_panels as panels
 from pixelllm.ui import workspace as ws
 
 LIST_TEMPLATE = ('<div class="pl-root"><div class="pl-msg"></div><table class="pl-table"><thead><tr></tr></thead>'
@@ -69,7 +71,7 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
                         who = gr.Textbox(label="Annotator", elem_id="annotate-who",
                                          max_length=annotate_doc.MAX_ANNOTATOR_CHARS)
                     with gr.Row():
-                        status = gr.Dropdown(list(an.LIST_STATUSES), value="any", label="Status",
+                        status = gr.Dropdown(list(panels.LIST_STATUSES), value="any", label="Status",
                                              elem_id="annotate-status")
                         search = gr.Textbox(label="Text contains", elem_id="annotate-search", max_length=200)
                     refresh_btn = gr.Button("Search", size="sm", elem_id="annotate-refresh")
@@ -99,10 +101,10 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     filters = [show, sha_prefix, who, status, search]
 
     def refresh(kind, prefix, name, wanted, text):
-        return an.list_items(studio, kind, prefix, name, wanted, text)
+        return panels.list_items(studio, kind, prefix, name, wanted, text)
 
     def on_tab(sess, st, *filter_values):
-        listing = an.list_items(studio, *filter_values) if studio.store is not None else gr.skip()
+        listing = panels.list_items(studio, *filter_values) if studio.store is not None else gr.skip()
         if (st is None or st.doc is None) and isinstance(sess, ws.Session) and sess.last and sess.image:
             try:
                 st, view = an.open_current(studio, sess, st)
@@ -143,10 +145,10 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         return an.review(studio, st, name, False, note)
 
     def on_export(chosen):
-        return an.export(studio, chosen)
+        return panels.export(studio, chosen)
 
     def on_compare(sess):
-        return an.compare_adapters(studio, sess, compare_lock)
+        return panels.compare_adapters(studio, sess, compare_lock)
 
     def save_correction(correction):
         return an.api_save_correction(studio, correction)
