@@ -8,11 +8,11 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: demo test install browser lint clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt constraints.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need Python 3.11 ($(PY)); set PY=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
