@@ -18,20 +18,22 @@ from pixelllm.predictor import Caption, Referral, Region, Word
 from training.data.localized_narratives import read_localized_narratives
 from training.data.shapes import generate_split, load_image, parse_mentions
 from training.evaluate import (
-    METRIC_KEYS,
     ExpressionTruth,
     ImagePrediction,
     ImageTruth,
     ObjectTruth,
     PredictedWord,
-    caption_is_triple,
-    compute_metrics,
     load_truth,
     main,
+    predict_image,
+)
+from training.scoring import (
+    METRIC_KEYS,
+    caption_is_triple,
+    compute_metrics,
     match_mentions,
     mention_spans,
     metrics_table,
-    predict_image,
 )
 
 # ------------------------------------------------------------------------------------------- the hand world

@@ -44,14 +44,9 @@ from typing import Any
 import numpy as np
 
 from training.data.shapes import SHIFT_SHAPE, generate_split, load_image, load_split
-from training.evaluate import (
-    ImagePrediction,
-    caption_is_triple,
-    load_truth,
-    location_caption_metrics,
-    referring_metrics,
-)
+from training.evaluate import ImagePrediction, load_truth
 from training.metrics import format_table
+from training.scoring import caption_is_triple, location_caption_metrics, referring_metrics
 
 ANNOTATOR = "simulated_annotator"
 SHIFT_GAIN_POINTS = 30.0
