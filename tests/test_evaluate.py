@@ -207,6 +207,23 @@ def test_cli_rejects_a_repetition_penalty_out_of_range(capsys) -> None:
     assert "--repetition-penalty must be between 1 (off) and 2, got 0.5" in capsys.readouterr().err
 
 
+def test_cli_names_a_missing_split_or_checkpoint_in_one_line(tmp_path, capsys) -> None:
+    """The user's mistakes end as argparse errors (exit 2, no traceback), the data checked before the model
+    is loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data")])
+    assert exit_info.value.code == 2
+    assert "--data/--split: no Shapes split 'test' in" in capsys.readouterr().err
+    generate_split(tmp_path / "data", "test", 1, seed=3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "data")])
+    assert exit_info.value.code == 2
+    assert "--checkpoint: checkpoint directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "data"), "--limit", "0"])
+    assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_baselines_by_hand() -> None:
     truths, images, narratives = hand_world()
     result = compute_metrics(truths, _predict(ScriptedPredictor(truths, images, narratives), truths, images))

@@ -297,3 +297,20 @@ def test_a_misspelt_task_batch_size_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="refer_images"):
         main(["--config", str(config)])
     assert not (tmp_path / "data").exists()  # refused before generating data
+
+
+def test_a_missing_or_broken_config_is_refused_with_one_line(tmp_path, capsys):
+    from training.train import main
+
+    with pytest.raises(SystemExit) as missing:
+        main(["--config", str(tmp_path / "nope.yaml")])
+    assert missing.value.code == 2 and "nope.yaml: no such file" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {steps: [1, 2\n")
+    with pytest.raises(SystemExit, match=r"broken.yaml is not valid YAML"):
+        main(["--config", str(broken)])
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("3")
+    with pytest.raises(SystemExit, match=r"scalar.json must be a mapping .* got int"):
+        main(["--config", str(scalar)])
+    assert not (tmp_path / "data").exists()

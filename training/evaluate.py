@@ -251,11 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    parser = build_parser()
     penalty = args.repetition_penalty
     source = "--repetition-penalty" if penalty is not None else "the checkpoint's default"
     if penalty is not None and not 1.0 <= penalty <= 2.0:
-        build_parser().error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
-    model = PixelLLM.from_pretrained(args.checkpoint)
+        parser.error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    try:  # the user's mistakes as one line each, before any work; failures later keep their traceback
+        load_split(args.data, args.split)
+    except (OSError, ValueError) as err:
+        parser.error(f"--data/--split: {err}")
+    try:
+        model = PixelLLM.from_pretrained(args.checkpoint)
+    except (OSError, ValueError) as err:
+        parser.error(f"--checkpoint: {err}")
     predictor = PixelLLMPredictor(model, device=args.device)
     if penalty is None:  # record the value the narratives were decoded with, not "default"
         penalty = model.config.repetition_penalty

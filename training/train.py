@@ -38,7 +38,13 @@ from training.data.datasets import TASKS, Collator, MultiTaskSampler, ShapesData
 def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """YAML or JSON config plus `--a.b.c=value` overrides (values parsed as YAML: numbers, bools, lists)."""
     text = Path(path).read_text()
-    cfg = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    is_json = str(path).endswith(".json")
+    try:
+        cfg = json.loads(text) if is_json else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SystemExit(f"config {path} is not valid {'JSON' if is_json else 'YAML'}: {err}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"config {path} must be a mapping (train:, model:, data:, ...), got {type(cfg).__name__}")
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
             raise SystemExit(f"override {item!r} must look like --train.batch_size=8")
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     args, overrides = parser.parse_known_args(argv)
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
     cfg = load_config(args.config, overrides)
     rank, world, device = setup_distributed()
     tcfg = cfg["train"]
