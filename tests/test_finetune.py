@@ -294,3 +294,10 @@ def test_corrections_are_learned_teacher_forced_whatever_the_base_trained_with(t
     settings = ft.FinetuneSettings(db=str(tmp_path / "db.sqlite"), base=str(tmp_path / "base"), out=str(tmp_path / "o"))
     tuned, _ = ft.load_base_with_adapter(settings, "fix")
     assert tuned.config.scheduled_sampling == 0.0
+
+
+def test_simulation_report_prints_a_change_that_rounds_to_zero_as_zero():
+    from training.simulate_annotators import _points
+
+    assert str(_points(0.8421, 0.8420)) == "0.0"  # was "-0.0" in the report
+    assert _points(0.5, 0.4) == -10.0 and _points(None, 0.4) is None

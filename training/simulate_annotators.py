@@ -183,7 +183,8 @@ def evaluate_model(predictor: Any, data: Path, s: SimulateSettings) -> dict[str,
 
 
 def _points(before: float | None, after: float | None) -> float | None:
-    return None if before is None or after is None else round(100.0 * (after - before), 1)
+    # + 0.0: a change that rounds to zero from below is 0.0, not -0.0
+    return None if before is None or after is None else round(100.0 * (after - before), 1) + 0.0
 
 
 def report(before: dict, after: dict, s: SimulateSettings) -> tuple[str, dict[str, Any]]:
