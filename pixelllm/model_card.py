@@ -50,9 +50,9 @@ or `python app.py --checkpoint path/to/this/folder` for the Gradio studio.
 ## Evaluation
 
 `metrics.json` beside this card, when present, was written by `python -m training.evaluate --checkpoint
-<this folder> --data DIR --split test --json metrics.json` (referring P@0.5, mask IoU, location-conditioned
-caption accuracy, dense-caption AP, trace point-in-object and LBM, caption recall and hallucination, each beside
-trivial baselines; docs/metrics.md of the repository defines them).
+<this folder> --data DIR --split test --json metrics.json` (referring P@0.5, mask IoU, referring score AUROC,
+location-conditioned caption accuracy, dense-caption AP, trace point-in-object and LBM, caption recall and
+hallucination, each beside trivial baselines; docs/metrics.md of the repository defines them).
 
 ## Limitations
 

@@ -23,6 +23,7 @@ from training.evaluate import (
     ImageTruth,
     ObjectTruth,
     PredictedWord,
+    absent_expressions,
     load_truth,
     main,
     predict_image,
@@ -94,6 +95,8 @@ def hand_world() -> tuple[list[ImageTruth], list[np.ndarray], dict[int, tuple[li
         regions=[((0, 0, 10, 10), "small green square"), ((30, 10, 40, 20), "small green square"),
                  ((15, 0, 25, 10), "large yellow hexagon")],
         trace=_norm_trace(BOXES_B, 40, 20), narrative=WORDS_B)
+    for truth in (a, b):  # as load_truth does
+        truth.absent = absent_expressions(truth.image_id, [e.expression for e in truth.expressions], truth.objects)
     images = [np.full((40, 40, 3), 1, np.uint8), np.full((20, 40, 3), 2, np.uint8)]
     narratives = {0: (WORDS_A, BOXES_A), 1: (WORDS_B, BOXES_B)}
     return [a, b], images, narratives
@@ -122,10 +125,14 @@ class ScriptedPredictor:
         return self.keys[np.asarray(image).tobytes()]
 
     def refer(self, state: int, expressions: list[str]) -> list[Referral]:
+        """Present expressions: their box and mask, score 1; absent ones: a corner box, score `absent_score`."""
         truth = self.truths[state]
         by_text = {e.expression: e for e in truth.expressions}
+        absent = getattr(self, "absent_score", 0.2)
         return [Referral(expression=x, box=list(by_text[x].box), score=1.0,
-                         mask=truth.instance_map == by_text[x].object_id) for x in expressions]
+                         mask=truth.instance_map == by_text[x].object_id) if x in by_text else
+                Referral(expression=x, box=[0.0, 0.0, 1.0, 1.0], score=absent,
+                         mask=np.zeros_like(truth.instance_map, dtype=bool)) for x in expressions]
 
     def caption_boxes(self, state: int, boxes) -> list[Caption]:
         self.calls.append(f"caption_boxes {len(boxes)}")
@@ -175,15 +182,17 @@ def test_perfect_predictor_gives_perfect_metrics() -> None:
     truths, images, narratives = hand_world()
     predictor = ScriptedPredictor(truths, images, narratives)
     result = compute_metrics(truths, _predict(predictor, truths, images))
-    for key in ("refer_p@0.5", "mask_mean_iou", "mask_ciou", "loc_caption_accuracy", "dense_ap@0.5",
-                "trace_point_in_object", "object_recall"):
+    for key in ("refer_p@0.5", "mask_mean_iou", "mask_ciou", "refer_score_auroc", "loc_caption_accuracy",
+                "dense_ap@0.5", "trace_point_in_object", "object_recall"):
         assert _model(result, key) == pytest.approx(1.0), key
+    assert _baseline(result, "refer_score_auroc") == 0.5
     assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-12)
     assert _model(result, "trace_lbm_given_caption") == pytest.approx(0.0, abs=1e-12)
     assert _model(result, "hallucination_rate") == 0.0
     # every GT object's box is captioned in one batched call per image
     assert predictor.calls == ["caption_boxes 2", "caption_boxes 3"]
-    assert result["counts"] == {"images": 2, "objects": 5, "expressions": 5, "dense_regions": 5,
+    assert result["counts"] == {"images": 2, "objects": 5, "expressions": 5, "absent_expressions": 5,
+                                "dense_regions": 5,
                                 "dense_predictions": 5, "trace_mentions_matched": 5, "trace_content_words": 15,
                                 "lbm_images": 2, "empty_captions": 0, "traced_narratives": 2}
     assert result["targets"] == {"lbm_at_most_half_centre_baseline": True,
@@ -478,3 +487,39 @@ def test_cli_smoke_random_model(tmp_path, capsys) -> None:
     assert result["settings"]["lbm_empty_cost"] == 1.0
     assert result["settings"]["repetition_penalty"] == config.repetition_penalty  # the effective value
 
+
+
+# ------------------------------------------------------------------------------------------- the referring score
+
+
+def test_absent_expressions_swap_the_shape_for_one_the_image_lacks() -> None:
+    truths, _, _ = hand_world()
+    a, b = truths
+    assert len(a.absent) == 2 and len(b.absent) == 3
+    for truth in truths:
+        shapes = {o.triple[2] for o in truth.objects}
+        for present, absent in zip([e.expression for e in truth.expressions], truth.absent):
+            old, new = present.split(), absent.split()
+            changed = [k for k in range(len(old)) if old[k] != new[k]]
+            assert len(new) == len(old) and len(changed) == 1  # only the shape word changes ...
+            assert old[changed[0]] in shapes and new[changed[0]] not in shapes  # ... to one the image lacks
+    assert absent_expressions("a", [e.expression for e in a.expressions], a.objects) == a.absent  # same every run
+    assert absent_expressions("a", ["the small red shape"], a.objects) == []  # no shape word to swap
+    every = [ObjectTruth(k, ("small", "red", shape), (0, 0, 1, 1), (0, 0)) for k, shape in
+             enumerate(("circle", "square", "triangle", "star", "diamond", "hexagon"), 1)]
+    assert absent_expressions("c", ["the star"], every) == []  # nothing is absent
+
+
+def test_referring_score_auroc_counts_how_often_present_outscores_absent() -> None:
+    """Present expressions score 1.0; absent ones 1.0 as well (a tie, 1/2 each) -> AUROC 0.5; absent above
+    present -> 0."""
+    truths, images, narratives = hand_world()
+    predictor = ScriptedPredictor(truths, images, narratives)
+    predictor.absent_score = 1.0
+    assert _model(compute_metrics(truths, _predict(predictor, truths, images)), "refer_score_auroc") == 0.5
+    predictor.absent_score = 1.5
+    assert _model(compute_metrics(truths, _predict(predictor, truths, images)), "refer_score_auroc") == 0.0
+    for truth in truths:  # no absent expressions: no AUROC
+        truth.absent = []
+    result = compute_metrics(truths, _predict(predictor, truths, images))
+    assert _model(result, "refer_score_auroc") is None and _baseline(result, "refer_score_auroc") is None

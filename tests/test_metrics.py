@@ -23,6 +23,7 @@ from training.metrics import (
     point_in_mask_rate,
     precision_at_iou,
     recall_and_hallucination,
+    score_auroc,
 )
 
 # ----------------------------------------------------------------------------------------------- box IoU
@@ -447,3 +448,14 @@ def test_format_table_column_selection_and_missing_cells() -> None:
         ]
     )
     assert format_table(rows, columns=["b", "a"], precision=2) == expected
+
+
+def test_score_auroc_by_hand():
+    # pairs (positive, negative): (0.9, 0.5) yes, (0.9, 0.1) yes, (0.4, 0.5) no, (0.4, 0.1) yes -> 3 of 4
+    assert score_auroc([0.9, 0.4], [0.5, 0.1]) == pytest.approx(0.75)
+    assert score_auroc([0.5, 0.5], [0.5]) == pytest.approx(0.5)  # ties count one half
+    assert score_auroc([0.2], [0.3, 0.4]) == 0.0 and score_auroc([3.0], [1.0, 2.0]) == 1.0
+    with pytest.raises(ValueError, match="positives and negatives"):
+        score_auroc([], [0.1])
+    with pytest.raises(ValueError, match="finite"):
+        score_auroc([float("nan")], [0.1])

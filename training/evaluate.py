@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from training.data.localized_narratives import read_localized_narratives
-from training.data.shapes import load_image, load_instance_map, load_split
+from training.data.shapes import SHAPES, load_image, load_instance_map, load_split
 from training.scoring import CENTRE_BOX_HALF, LBM_EMPTY_COST, BoxPx, Triple, compute_metrics, metrics_table
 
 #: Dense captioning: proposals kept before captioning, and the proposal score floor (low, so AP sees the
@@ -79,6 +80,7 @@ class ImageTruth:
     regions: list[tuple[BoxPx, str]]
     trace: np.ndarray | None = field(default=None, repr=False)
     narrative: list[str] | None = field(default=None, repr=False)
+    absent: list[str] = field(default_factory=list)  # expressions naming a shape the image does not have
 
 
 @dataclass
@@ -94,7 +96,8 @@ class ImagePrediction:
     ``refer_boxes[k]`` / ``refer_masks[k]`` (HxW bool, original resolution) answer ``truth.expressions[k]``;
     ``object_captions[k]`` is the caption of ``truth.objects[k].box``; ``dense`` holds ``(box px, score,
     caption)``; ``words`` is the full-image (global box, greedy) caption, one box per word; ``traced`` the
-    boxes of the reference narrative's words (``truth.narrative``) given to the model (None without one).
+    boxes of the reference narrative's words (``truth.narrative``) given to the model (None without one);
+    ``refer_scores`` / ``absent_scores`` the referring scores of ``truth.expressions`` / ``truth.absent``.
     """
 
     refer_boxes: list[BoxPx]
@@ -103,6 +106,8 @@ class ImagePrediction:
     dense: list[tuple[BoxPx, float, str]]
     words: list[PredictedWord]
     traced: list[PredictedWord] | None = None
+    refer_scores: list[float] = field(default_factory=list)  # the referrals' scores, as refer_boxes
+    absent_scores: list[float] = field(default_factory=list)  # the scores of ``truth.absent``
 
     @property
     def caption(self) -> str:
@@ -112,6 +117,24 @@ class ImagePrediction:
 def _box(values: Sequence[float]) -> BoxPx:
     x0, y0, x1, y1 = (float(v) for v in values)
     return (x0, y0, x1, y1)
+
+
+def absent_expressions(image_id: str, expressions: Sequence[str], objects: Sequence[ObjectTruth]) -> list[str]:
+    """Each expression with its shape word replaced by a shape no object of the image has, so that it refers to
+    nothing there ("the small red star" -> "the small red hexagon"); the shape is drawn from the missing ones
+    by a generator seeded with the image id and the expression (the same list on every run). Expressions
+    without a shape word ("the small red shape"), and images that hold every shape, give none."""
+    missing = [shape for shape in SHAPES if shape not in {o.triple[2] for o in objects}]
+    absent = []
+    for text in expressions:
+        words = text.split()
+        at = [k for k, word in enumerate(words) if word in SHAPES]
+        if not missing or len(at) != 1:
+            continue
+        rng = np.random.default_rng(zlib.crc32(f"{image_id}|{text}".encode()))
+        words[at[0]] = missing[int(rng.integers(len(missing)))]
+        absent.append(" ".join(words))
+    return absent
 
 
 def load_truth(root: str | Path, split: str = "test", limit: int | None = None) -> list[ImageTruth]:
@@ -139,6 +162,8 @@ def load_truth(root: str | Path, split: str = "test", limit: int | None = None) 
             trace=narratives[image_id][1] if image_id in narratives else None,
             narrative=narratives[image_id][0] if image_id in narratives else None,
         ))
+        truths[-1].absent = absent_expressions(image_id, [e.expression for e in truths[-1].expressions],
+                                               truths[-1].objects)
     if not truths:
         raise ValueError(f"split {split!r} in {root} has no images")
     return truths
@@ -164,9 +189,11 @@ def predict_image(predictor: Predictor, image: np.ndarray, truth: ImageTruth, *,
     ``max_new_tokens`` and ``repetition_penalty`` apply to the full-image narrative; None = the checkpoint's."""
     state = predictor.set_image(image)
     expressions = [e.expression for e in truth.expressions]
-    referrals = predictor.refer(state, expressions) if expressions else []
-    if len(referrals) != len(expressions):
-        raise RuntimeError(f"{truth.image_id}: {len(expressions)} expressions but {len(referrals)} referrals")
+    asked = expressions + list(truth.absent)  # one batch: the present expressions, then the absent ones
+    referrals = predictor.refer(state, asked) if asked else []
+    if len(referrals) != len(asked):
+        raise RuntimeError(f"{truth.image_id}: {len(asked)} expressions but {len(referrals)} referrals")
+    referrals, absent = referrals[:len(expressions)], referrals[len(expressions):]
     boxes = np.array([o.box for o in truth.objects], dtype=np.float64).reshape(-1, 4)
     captions = predictor.caption_boxes(state, boxes) if len(boxes) else []  # one batched pass
     regions = predictor.dense_caption(state, max_regions=max_regions, score_threshold=score_threshold,
@@ -187,6 +214,8 @@ def predict_image(predictor: Predictor, image: np.ndarray, truth: ImageTruth, *,
         dense=[(_box(r.box), float(r.score), r.caption.text) for r in regions],
         words=[PredictedWord(w.text, _box(w.box)) for w in caption.words],
         traced=traced,
+        refer_scores=[float(r.score) for r in referrals],
+        absent_scores=[float(r.score) for r in absent],
     )
 
 

@@ -19,6 +19,7 @@ Metrics:
 * :func:`dense_caption_ap` — dense object captioning AP at one IoU threshold with a caption-match rule.
 * :func:`recall_and_hallucination` — caption object recall and hallucination rate.
 * :func:`point_in_mask_rate` — trace point-in-object accuracy.
+* :func:`score_auroc` — how well a score ranks positives above negatives (area under the ROC curve).
 * :func:`lbm`, :func:`lbm_dataset` — MITR's local bipartite matching distance between two traces of boxes
   (Meng et al., CVPR 2021); mirrors ``captioning/utils/local_optimal_transport.py`` and the trace
   evaluation in ``captioning/utils/eval_utils_joint.py`` of ``facebookresearch/connect-caption-and-trace``.
@@ -38,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.optimize
 import scipy.sparse
+import scipy.stats
 
 __all__ = [
     "box_iou",
@@ -48,6 +50,7 @@ __all__ = [
     "dense_caption_ap",
     "recall_and_hallucination",
     "point_in_mask_rate",
+    "score_auroc",
     "lbm",
     "lbm_dataset",
     "format_table",
@@ -378,6 +381,25 @@ def point_in_mask_rate(
             continue
         hits += int(inst[int(math.floor(y)), int(math.floor(x))] == obj)
     return hits / n
+
+
+# --------------------------------------------------------------------------------------------------------
+# Score ranking
+
+
+def score_auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Area under the ROC curve of a score: the probability that a random positive scores above a random
+    negative, ties counting one half (the Mann-Whitney U statistic over ``len(positive) * len(negative)``).
+    0.5 is chance (a constant score), 1.0 a score that separates the two sets completely."""
+    pos = np.asarray(positive, dtype=np.float64).reshape(-1)
+    neg = np.asarray(negative, dtype=np.float64).reshape(-1)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"score_auroc needs positives and negatives, got {len(pos)} and {len(neg)}")
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise ValueError("score_auroc: scores must be finite")
+    ranks = scipy.stats.rankdata(np.concatenate([pos, neg]))  # ties share their mean rank
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from training.metrics import (
     point_in_mask_rate,
     precision_at_iou,
     recall_and_hallucination,
+    score_auroc,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ METRICS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("refer_p@0.5", "referring", "P@0.5", "higher", "whole-image box"),
     ("mask_mean_iou", "referring", "mask mean IoU", "higher", "whole-image mask"),
     ("mask_ciou", "referring", "mask cIoU", "higher", "whole-image mask"),
+    ("refer_score_auroc", "referring", "score AUROC, present vs absent", "higher", "constant score"),
     ("loc_caption_accuracy", "location caption", "attributes exact", "higher", "most frequent triple"),
     ("dense_ap@0.5", "dense caption", "AP@0.5 (triple match)", "higher", None),
     ("trace_point_in_object", "trace", "point-in-object (content words)", "higher", "image-centre point"),
@@ -119,6 +121,19 @@ def referring_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredict
         "mask_mean_iou": _pair(model["mean_iou"], base["mean_iou"]),
         "mask_ciou": _pair(model["ciou"], base["ciou"]),
     }
+
+
+def refer_score_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePrediction]) -> dict[str, dict]:
+    """Does the referring score tell whether the expression is in the image? AUROC of the scores of the
+    split's expressions against those of the same expressions with a shape the image lacks (``truth.absent``);
+    baseline: a constant score (0.5). None when either set is empty."""
+    present = [score for pred in preds for score in pred.refer_scores]
+    absent = [score for pred in preds for score in pred.absent_scores]
+    if len(present) != sum(len(t.expressions) for t in truths) or \
+            len(absent) != sum(len(t.absent) for t in truths):
+        raise ValueError("refer_scores / absent_scores do not match the expressions / absent expressions")
+    model = score_auroc(present, absent) if present and absent else None
+    return {"refer_score_auroc": _pair(model, 0.5 if model is not None else None)}
 
 
 def caption_is_triple(caption: str, triple: Triple) -> bool:
@@ -233,10 +248,12 @@ def compute_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredictio
     if len(truths) != len(preds):
         raise ValueError(f"{len(truths)} images but {len(preds)} predictions")
     trace, trace_counts = trace_metrics(truths, preds)
-    metrics = {**referring_metrics(truths, preds), **location_caption_metrics(truths, preds),
+    metrics = {**referring_metrics(truths, preds), **refer_score_metrics(truths, preds),
+               **location_caption_metrics(truths, preds),
                **dense_metrics(truths, preds), **trace, **narrative_metrics(truths, preds)}
     counts = {"images": len(truths), "objects": sum(len(t.objects) for t in truths),
               "expressions": sum(len(t.expressions) for t in truths),
+              "absent_expressions": sum(len(t.absent) for t in truths),
               "dense_regions": sum(len(t.regions) for t in truths),
               "dense_predictions": sum(len(p.dense) for p in preds), **trace_counts}
 
