@@ -217,6 +217,21 @@ def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_a
     app.screenshot(path=str(artifacts_dir / "app-refer.png"))
 
 
+def test_labels_of_boxes_in_the_same_place_do_not_cover_each_other(app: Page):
+    """The same expression twice gives the same box twice; its two number labels sit side by side."""
+    _load_example(app, 0)
+    _open_tab(app, "Referring", "#refer-viewer")
+    app.locator("#refer-text textarea").fill("the large blue triangle\nthe large blue triangle")
+    app.locator("#refer-run").click()
+    expect(app.locator("#refer-viewer .px-region-label")).to_have_count(2, timeout=TIMEOUT)
+    boxes = app.locator("#refer-viewer .px-region").evaluate_all(
+        "els => els.map(e => ['x', 'y', 'width', 'height'].map(k => e.getAttribute(k)))")
+    assert boxes[0] == boxes[1]
+    first, second = app.locator("#refer-viewer .px-region-label").evaluate_all(
+        "els => els.map(e => { const b = e.getBBox(); return [b.x, b.y, b.x + b.width, b.y + b.height]; })")
+    assert first[2] <= second[0] or second[2] <= first[0], (first, second)  # no horizontal overlap
+
+
 def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifacts_dir):
     _load_example(app, 0)
     _open_tab(app, "Dense captions", "#dense-viewer")

@@ -202,6 +202,7 @@
     const masks = el("g", { class: "px-masks" }, parent);
     const boxes = el("g", { class: "px-boxes" }, parent);
     const fs = size() / 22;
+    const placed = [];  // label anchors so far: a label that would cover another moves right
     regions.forEach((reg, i) => {
       if (reg.mask) {
         el("image", { class: "px-mask", href: reg.mask, x: 0, y: 0, width: view.image.width,
@@ -211,8 +212,11 @@
       el("rect", { class: "px-region" + (i === selected ? " px-selected" : ""), x: b[0], y: b[1],
                    width: Math.max(b[2] - b[0], 0.5), height: Math.max(b[3] - b[1], 0.5), stroke: reg.color,
                    "data-i": i }, boxes);
-      const label = el("text", { class: "px-region-label", x: b[0] + fs * 0.2, y: Math.max(b[1] - fs * 0.25, fs),
-                                 fill: reg.color, "font-size": fs }, boxes);
+      let x = b[0] + fs * 0.2;
+      const y = Math.max(b[1] - fs * 0.25, fs);
+      while (placed.some(([px, py, w]) => Math.abs(py - y) < fs && x < px + w && px < x + fs * 0.7)) x += fs * 0.7;
+      placed.push([x, y, fs * 0.65 * String(i + 1).length]);
+      const label = el("text", { class: "px-region-label", x, y, fill: reg.color, "font-size": fs }, boxes);
       label.textContent = String(i + 1);
     });
   }
