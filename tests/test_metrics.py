@@ -11,13 +11,12 @@ import math
 import numpy as np
 import pytest
 
+from training.lbm import lbm, lbm_dataset
 from training.metrics import (
     box_iou,
     dense_caption_ap,
     exact_caption_match,
     format_table,
-    lbm,
-    lbm_dataset,
     mask_iou_stats,
     normalize_caption,
     point_in_mask_rate,

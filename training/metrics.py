@@ -20,9 +20,7 @@ Metrics:
 * :func:`recall_and_hallucination` — caption object recall and hallucination rate.
 * :func:`point_in_mask_rate` — trace point-in-object accuracy.
 * :func:`score_auroc` — how well a score ranks positives above negatives (area under the ROC curve).
-* :func:`lbm`, :func:`lbm_dataset` — MITR's local bipartite matching distance between two traces of boxes
-  (Meng et al., CVPR 2021); mirrors ``captioning/utils/local_optimal_transport.py`` and the trace
-  evaluation in ``captioning/utils/eval_utils_joint.py`` of ``facebookresearch/connect-caption-and-trace``.
+* LBM, MITR's local bipartite matching distance between two traces of boxes, is in ``training.lbm``.
 * :func:`format_table` — an aligned text table for printing metrics beside baselines.
 """
 
@@ -42,6 +40,7 @@ import scipy.sparse
 import scipy.stats
 
 __all__ = [
+    "as_boxes",
     "box_iou",
     "precision_at_iou",
     "mask_iou_stats",
@@ -51,8 +50,6 @@ __all__ = [
     "recall_and_hallucination",
     "point_in_mask_rate",
     "score_auroc",
-    "lbm",
-    "lbm_dataset",
     "format_table",
 ]
 
@@ -63,7 +60,7 @@ Box = Sequence[float] | npt.NDArray[np.floating]
 # Boxes
 
 
-def _as_boxes(boxes: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
+def as_boxes(boxes: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
     """Validate and convert ``boxes`` to a float64 ``Nx4`` array (an empty input becomes ``0x4``)."""
     arr = np.asarray(boxes, dtype=np.float64)
     if arr.size == 0:
@@ -86,8 +83,8 @@ def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
         ``NxM`` float64 array, ``iou[i, j] = |a_i ∩ b_j| / |a_i ∪ b_j|``. Widths and heights are clamped at 0,
         so a zero-area (or inverted) box has area 0; a pair whose union has zero area gets IoU 0, never NaN.
     """
-    a = _as_boxes(a, "a")
-    b = _as_boxes(b, "b")
+    a = as_boxes(a, "a")
+    b = as_boxes(b, "b")
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
@@ -125,8 +122,8 @@ def precision_at_iou(pred: npt.ArrayLike, gt: npt.ArrayLike, threshold: float = 
     Returns:
         A float in [0, 1].
     """
-    pred = _as_boxes(pred, "pred")
-    gt = _as_boxes(gt, "gt")
+    pred = as_boxes(pred, "pred")
+    gt = as_boxes(gt, "gt")
     if len(pred) != len(gt):
         raise ValueError(f"pred and gt must pair up: got {len(pred)} predictions and {len(gt)} ground truths")
     if len(pred) == 0:
@@ -233,7 +230,7 @@ def dense_caption_ap(
             f"{len(ground_truth)}"
         )
     gt_boxes = [
-        _as_boxes([g[0] for g in gts], f"ground_truth[{i}] boxes") for i, gts in enumerate(ground_truth)
+        as_boxes([g[0] for g in gts], f"ground_truth[{i}] boxes") for i, gts in enumerate(ground_truth)
     ]
     num_gt = sum(len(b) for b in gt_boxes)
     if num_gt == 0:
@@ -246,7 +243,7 @@ def dense_caption_ap(
             score = float(score)
             if not math.isfinite(score):
                 raise ValueError(f"image {i}: prediction score must be finite, got {score}")
-            flat.append((i, _as_boxes([box], f"predictions[{i}] box")[0], caption))
+            flat.append((i, as_boxes([box], f"predictions[{i}] box")[0], caption))
             scores.append(score)
     if not flat:
         return 0.0
@@ -400,132 +397,6 @@ def score_auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
     ranks = scipy.stats.rankdata(np.concatenate([pos, neg]))  # ties share their mean rank
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
-
-
-# --------------------------------------------------------------------------------------------------------
-# LBM: MITR's local bipartite matching distance between traces
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -((-a) // b)
-
-
-def _local_transport_cost(d: npt.NDArray[np.float64], window: int) -> float:
-    """Optimal ``Σ T·D`` of one chunk: ``d`` is ``pxm`` with ``p <= m``.
-
-    Transport ``T ≥ 0`` with rows summing to 1, columns summing to at most 1, and ``T[i, j] = 0`` unless
-    ``(i - window)·m/p ≤ j < (i + 1 + window)·m/p``. Only the in-window entries are LP variables (equivalent
-    to forcing the others to zero, and smaller).
-    """
-    p, m = d.shape
-    rows: list[int] = []
-    cols: list[int] = []
-    for i in range(p):
-        j_lo = max(0, _ceil_div((i - window) * m, p))
-        j_hi = min(m, _ceil_div((i + 1 + window) * m, p))
-        rows.extend([i] * (j_hi - j_lo))
-        cols.extend(range(j_lo, j_hi))
-    r = np.asarray(rows)
-    c = np.asarray(cols)
-    nvar = len(r)
-    var = np.arange(nvar)
-    ones = np.ones(nvar)
-    a_eq = scipy.sparse.csr_array((ones, (r, var)), shape=(p, nvar))
-    a_ub = scipy.sparse.csr_array((ones, (c, var)), shape=(m, nvar))
-    result = scipy.optimize.linprog(
-        d[r, c],
-        A_ub=a_ub,
-        b_ub=np.ones(m),
-        A_eq=a_eq,
-        b_eq=np.ones(p),
-        bounds=(0.0, 1.0),
-        method="highs",
-    )
-    # p <= m and every row's window holds >= 1 column, with window-0 windows disjoint: always feasible.
-    if result.status != 0:
-        raise RuntimeError(f"LBM transport LP failed on a {p}x{m} chunk: {result.message}")
-    return float(result.fun)
-
-
-def lbm(pred: npt.ArrayLike, gt: npt.ArrayLike, chunk_size: int = 20, window: int = 0) -> float:
-    """MITR's local bipartite matching (LBM) distance between two traces of boxes; lower is better.
-
-    Definition (Meng et al., CVPR 2021; reference ``captioning/utils/eval_utils_joint.py`` and
-    ``captioning/utils/local_optimal_transport.py`` of ``facebookresearch/connect-caption-and-trace``):
-
-    1. Call the shorter trace ``A`` (length ``n1``) and the longer ``B`` (length ``n2``); on equal lengths
-       ``A = pred``. ``A`` is cut into ``ceil(n1 / chunk_size)`` consecutive chunks of ``chunk_size`` boxes,
-       the last holding the remainder. Chunk ``s`` is matched against the proportional slice
-       ``B[floor(s·c) : min(ceil((s+1)·c), n2)]`` with ``c = chunk_size·n2 / n1`` (computed exactly in
-       integers), so ``p = len(chunk) ≤ m = len(slice)``.
-    2. ``D[i, j]`` = mean over the 4 coordinates of ``|A_chunk[i] - B_slice[j]|``.
-    3. A linear program finds the transport ``T`` minimising ``Σ T·D``: ``T ∈ [0, 1]``, every row sums to 1,
-       every column to at most 1, and ``T[i, j] = 0`` unless ``(i - window)·m/p ≤ j < (i + 1 + window)·m/p``.
-    4. Chunk cost ``Σ T·D / p``; LBM = the unweighted mean of the chunk costs.
-
-    With the reference evaluation's ``window = 0`` the windows of different rows are disjoint, so the column
-    constraint never binds and each row simply takes the nearest box of its own window; ``window > 0`` lets
-    rows compete for columns (a local re-ordering).
-
-    Args:
-        pred: ``nx4`` predicted trace boxes, XYXY, in order. Pass boxes normalised to [0, 1] of the image to
-            compare with published numbers (PixelLLM 0.153, MITR 0.163 on Localized Narratives).
-        gt: ``mx4`` ground-truth trace boxes, same frame. Words without a trace should be removed by the caller
-            (MITR drops its whole-image placeholder boxes from the ground truth before computing LBM).
-        chunk_size: chunk length of the shorter trace (MITR: 20).
-        window: extra neighbouring windows each row may use (MITR's evaluation: 0).
-
-    Returns:
-        The LBM distance, or NaN if either trace is empty (MITR skips such images; see :func:`lbm_dataset`).
-    """
-    pred = _as_boxes(pred, "pred")
-    gt = _as_boxes(gt, "gt")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 0:
-        raise ValueError(f"window must be a non-negative integer, got {window!r}")
-    if len(pred) == 0 or len(gt) == 0:
-        return float("nan")
-    short, long = (pred, gt) if len(pred) <= len(gt) else (gt, pred)
-    n1, n2 = len(short), len(long)
-    chunk_costs = []
-    for s in range(_ceil_div(n1, chunk_size)):
-        chunk = short[s * chunk_size : (s + 1) * chunk_size]
-        lo = (s * chunk_size * n2) // n1
-        hi = min(n2, _ceil_div((s + 1) * chunk_size * n2, n1))
-        d = np.abs(chunk[:, None, :] - long[None, lo:hi, :]).mean(axis=-1)
-        chunk_costs.append(_local_transport_cost(d, int(window)) / len(chunk))
-    return float(np.mean(chunk_costs))
-
-
-def lbm_dataset(
-    pairs: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]],
-    chunk_size: int = 20,
-    window: int = 0,
-    empty_cost: float | None = None,
-) -> float:
-    """Mean :func:`lbm` over images.
-
-    Args:
-        pairs: per image ``(pred, gt)``, each an ``nx4`` trace of XYXY boxes (see :func:`lbm`).
-        chunk_size: passed to :func:`lbm`.
-        window: passed to :func:`lbm`.
-        empty_cost: what an image with an empty predicted or ground-truth trace contributes. ``None`` (the
-            default, as MITR's evaluation) leaves such images out of the mean; a number (e.g. 1.0) counts them
-            at that cost so that a model emitting no trace is not rewarded.
-
-    Returns:
-        The mean LBM over the counted images; NaN if none is counted.
-    """
-    costs = []
-    for pred, gt in pairs:
-        cost = lbm(pred, gt, chunk_size=chunk_size, window=window)
-        if math.isnan(cost):
-            if empty_cost is None:
-                continue
-            cost = float(empty_cost)
-        costs.append(cost)
-    return float(np.mean(costs)) if costs else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training.data.shapes import ALL_SHAPES, COLORS, SIZES, parse_mentions
+from training.lbm import lbm_dataset
 from training.metrics import (
     dense_caption_ap,
     format_table,
-    lbm_dataset,
     mask_iou_stats,
     point_in_mask_rate,
     precision_at_iou,
