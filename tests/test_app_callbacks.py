@@ -497,3 +497,21 @@ def test_app_arguments_and_device_choice(monkeypatch):
     device, dtype = app.pick_device("auto")
     assert device == ("cuda" if torch.cuda.is_available() else device)
     assert (dtype is torch.bfloat16) == (device == "cuda")
+
+
+def test_model_panel_shows_the_checkpoint_evaluation(small_predictor, tmp_path):
+    studio = ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path))
+    panel = cb.model_panel(studio)
+    assert "Evaluation" not in panel  # no metrics.json beside the checkpoint
+    penalty = small_predictor.model.config.repetition_penalty
+    assert f"<th>Caption repetition penalty (default)</th><td><code>{penalty:g}</code>" in panel
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "metrics": {"refer_p@0.5": {"model": 0.9481, "baseline": 0.0},
+                    "<b>x</b>": {"model": None, "baseline": 0.5}},
+        "baselines": {"refer_p@0.5": "whole-image box"}, "settings": {"split": "test"}, "counts": {"images": 500}}))
+    panel = cb.model_panel(studio)
+    assert "split test, 500 images" in panel
+    assert "<td><code>refer_p@0.5</code></td><td>0.948</td><td>0.000</td><td>whole-image box</td>" in panel
+    assert "<b>x</b>" not in panel and "&lt;b&gt;x&lt;/b&gt;" in panel  # the file is data, escaped
+    (tmp_path / "metrics.json").write_text("{not json")
+    assert "Evaluation: metrics.json: Expecting property name" in cb.model_panel(studio)  # the panel still renders

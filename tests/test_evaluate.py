@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -523,3 +524,11 @@ def test_referring_score_auroc_counts_how_often_present_outscores_absent() -> No
         truth.absent = []
     result = compute_metrics(truths, _predict(predictor, truths, images))
     assert _model(result, "refer_score_auroc") is None and _baseline(result, "refer_score_auroc") is None
+
+
+def test_the_shipped_metrics_json_holds_every_metric_of_this_code() -> None:
+    """A metric added to the evaluation without re-running it on the embedded checkpoint fails here."""
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / "shapes-tiny" / "metrics.json"
+    result = json.loads(shipped.read_text())
+    assert set(result["metrics"]) == set(METRIC_KEYS)
+    assert result["settings"]["split"] == "test" and result["counts"]["images"] >= 500

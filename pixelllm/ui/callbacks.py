@@ -379,12 +379,38 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
 # ------------------------------------------------------------------------------------------ model panel
 
 def model_panel(studio: Studio) -> str:
-    """The Model tab: an HTML table (every value escaped)."""
+    """The Model tab: the model's facts, then its evaluation when the checkpoint folder holds a metrics.json
+    (every value escaped: the file is data)."""
     info = studio.model_info()
     rows = [("Checkpoint", info["checkpoint"]), ("Preset", info["preset"]), ("Weights version", info["version"]),
             ("Device", info["device"]), ("dtype", info["dtype"]), ("Parameters", f"{info['parameters']:,}"),
             ("Adapter in use", info["adapter"] or "none (base model)"),
-            ("Adapters available", ", ".join(info["adapters"]) or "none")]
+            ("Adapters available", ", ".join(info["adapters"]) or "none"),
+            ("Caption repetition penalty (default)", f"{info['repetition_penalty']:g}")]
     body = "".join(f"<tr><th>{render.escape(name)}</th><td><code>{render.escape(value)}</code></td></tr>"
                    for name, value in rows)
-    return f'<table class="px-model-table">{body}</table>'
+    return f'<table class="px-model-table">{body}</table>' + _evaluation_table(studio.evaluation())
+
+
+def _evaluation_table(result: dict | None) -> str:
+    """metrics.json as a table: metric, model, baseline and what the baseline is (the base model's numbers:
+    an active adapter is not what was evaluated)."""
+    if result is None:
+        return ""
+    if "error" in result:
+        return f'<p class="px-model-note">Evaluation: {render.escape(result["error"])}</p>'
+
+    def number(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "–"
+
+    settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+    counts = result.get("counts") if isinstance(result.get("counts"), dict) else {}
+    baselines = result.get("baselines") if isinstance(result.get("baselines"), dict) else {}
+    head = (f"Evaluation of the base model (metrics.json: split {settings.get('split', '?')}, "
+            f"{counts.get('images', '?')} images; docs/metrics.md defines each metric)")
+    rows = "".join(
+        f"<tr><td><code>{render.escape(key)}</code></td><td>{number(pair.get('model'))}</td>"
+        f"<td>{number(pair.get('baseline'))}</td><td>{render.escape(baselines.get(key) or '–')}</td></tr>"
+        for key, pair in result["metrics"].items() if isinstance(pair, dict))
+    return (f'<p class="px-model-note">{render.escape(head)}</p><table class="px-model-table px-eval-table">'
+            f"<tr><th>metric</th><th>model</th><th>baseline</th><th>baseline is</th></tr>{rows}</table>")

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -87,6 +88,20 @@ class Studio:
     def model_id(self) -> str:
         return str(self.checkpoint or getattr(self.model, "source", None) or "in-memory")
 
+    def evaluation(self) -> dict[str, Any] | None:
+        """``metrics.json`` beside a local checkpoint (what `python -m training.evaluate --json` wrote), or None
+        when there is none; ``{"error": ...}`` when it cannot be read."""
+        path = Path(self.model_id) / "metrics.json"
+        try:
+            if not path.is_file():
+                return None
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return {"error": f"{path.name}: {err}"}
+        if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+            return {"error": f"{path.name} has no metrics table"}
+        return data
+
     def model_info(self) -> dict[str, Any]:
         model = self.model
         params = sum(p.numel() for p in model.parameters())
@@ -99,6 +114,7 @@ class Studio:
             "parameters": params,
             "adapter": self.predictor.adapter,
             "adapters": list(model.adapters),
+            "repetition_penalty": model.config.repetition_penalty,
         }
 
 
