@@ -515,3 +515,20 @@ def test_model_panel_shows_the_checkpoint_evaluation(small_predictor, tmp_path):
     assert "<b>x</b>" not in panel and "&lt;b&gt;x&lt;/b&gt;" in panel  # the file is data, escaped
     (tmp_path / "metrics.json").write_text("{not json")
     assert "Evaluation: metrics.json: Expecting property name" in cb.model_panel(studio)  # the panel still renders
+
+
+def test_a_referral_under_the_evaluations_absent_median_is_marked_low(small_predictor, example_images, tmp_path):
+    """The mark follows metrics.json's `refer_score_quantiles.absent.p50`; without an evaluation there is none."""
+    studio = ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path), min_word_interval=0.0,
+                       download_root=tmp_path / "downloads")
+
+    def details() -> list[str]:
+        _, view, _ = cb.refer(studio, _loaded(studio, example_images[0]), "the red circle\nthe blue triangle")
+        return [region["detail"] for region in view["regions"]]
+
+    assert studio.low_refer_score() is None and not any("low score" in d for d in details())
+    for median, marked in ((0.999999, True), (1e-9, False)):  # the small model's scores lie between the two
+        (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {}, "refer_score_quantiles": {
+            "present": {"p50": 0.5}, "absent": {"p50": median}}}))
+        assert studio.low_refer_score() == median
+        assert all(("· low score: may not be in the image" in d) == marked for d in details())

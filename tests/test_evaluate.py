@@ -187,6 +187,8 @@ def test_perfect_predictor_gives_perfect_metrics() -> None:
                 "dense_ap@0.5", "trace_point_in_object", "object_recall"):
         assert _model(result, key) == pytest.approx(1.0), key
     assert _baseline(result, "refer_score_auroc") == 0.5
+    quantiles = result["refer_score_quantiles"]  # present expressions all score 1.0, absent ones 0.2
+    assert set(quantiles["present"].values()) == {1.0} and quantiles["absent"]["p50"] == pytest.approx(0.2)
     assert _model(result, "trace_lbm") == pytest.approx(0.0, abs=1e-12)
     assert _model(result, "trace_lbm_given_caption") == pytest.approx(0.0, abs=1e-12)
     assert _model(result, "hallucination_rate") == 0.0
@@ -524,6 +526,7 @@ def test_referring_score_auroc_counts_how_often_present_outscores_absent() -> No
         truth.absent = []
     result = compute_metrics(truths, _predict(predictor, truths, images))
     assert _model(result, "refer_score_auroc") is None and _baseline(result, "refer_score_auroc") is None
+    assert result["refer_score_quantiles"] is None
 
 
 def test_the_shipped_metrics_json_holds_every_metric_of_this_code() -> None:

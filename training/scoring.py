@@ -136,6 +136,19 @@ def refer_score_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredi
     return {"refer_score_auroc": _pair(model, 0.5 if model is not None else None)}
 
 
+def refer_score_quantiles(preds: Sequence[ImagePrediction]) -> dict[str, dict[str, float]] | None:
+    """Quantiles (p05, p25, p50, p75, p95) of the referring scores of the present and of the absent expressions,
+    so that a user can read one score (the app marks a score under the absent expressions' median). None when
+    either set is empty."""
+    present = [score for pred in preds for score in pred.refer_scores]
+    absent = [score for pred in preds for score in pred.absent_scores]
+    if not present or not absent:
+        return None
+    levels = {"p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}
+    return {name: {key: float(np.quantile(scores, q)) for key, q in levels.items()}
+            for name, scores in (("present", present), ("absent", absent))}
+
+
 def caption_is_triple(caption: str, triple: Triple) -> bool:
     """The "attributes exact" rule: the caption names exactly one object, and it is ``triple``."""
     return parse_mentions(caption) == [tuple(triple)]
@@ -262,6 +275,7 @@ def compute_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredictio
         return None if None in (lbm["model"], lbm["baseline"]) else lbm["model"] <= 0.5 * lbm["baseline"]
 
     return {"metrics": {key: metrics[key] for key in METRIC_KEYS}, "counts": counts,
+            "refer_score_quantiles": refer_score_quantiles(preds),
             "baselines": {m[0]: m[4] for m in METRICS},
             "targets": {"lbm_given_caption_at_most_half_centre_baseline": half("trace_lbm_given_caption"),
                         "lbm_at_most_half_centre_baseline": half("trace_lbm")}}

@@ -226,8 +226,13 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
                                 extra={"scores": [r.score for r in referrals],
                                        "mask_scores": [r.mask_score for r in referrals]},
                                 session_id=session_id)
-    regions = [{"box": [round(c, 2) for c in r.box], "label": r.expression,
-                "detail": f"score {r.score:.2f} · mask {r.mask_score:.2f}", "score": r.score,
+    low = studio.low_refer_score()  # from the checkpoint's evaluation, when it has one
+
+    def detail(r: Any) -> str:
+        text = f"score {r.score:.2f} · mask {r.mask_score:.2f}"
+        return text + " · low score: may not be in the image" if low is not None and r.score < low else text
+
+    regions = [{"box": [round(c, 2) for c in r.box], "label": r.expression, "detail": detail(r), "score": r.score,
                 "color": render.palette_color(i), "mask": render.mask_overlay_url(r.mask, render.palette_color(i))}
                for i, r in enumerate(referrals)]
     session.refer = [{"expression": r.expression, "box": list(r.box), "score": r.score,

@@ -102,6 +102,16 @@ class Studio:
             return {"error": f"{path.name} has no metrics table"}
         return data
 
+    def low_refer_score(self) -> float | None:
+        """The median referring score of absent expressions in the checkpoint's evaluation (metrics.json's
+        ``refer_score_quantiles``), under which the app marks a referral as low; None without one."""
+        result = self.evaluation() or {}
+        try:
+            value = float(result["refer_score_quantiles"]["absent"]["p50"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return value if 0.0 < value < 1.0 else None
+
     def model_info(self) -> dict[str, Any]:
         model = self.model
         params = sum(p.numel() for p in model.parameters())
