@@ -500,35 +500,40 @@ def test_app_arguments_and_device_choice(monkeypatch):
 
 
 def test_model_panel_shows_the_checkpoint_evaluation(small_predictor, tmp_path):
-    studio = ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path))
-    panel = cb.model_panel(studio)
-    assert "Evaluation" not in panel  # no metrics.json beside the checkpoint
+    def panel() -> str:  # a new studio each time: it reads metrics.json once
+        return cb.model_panel(ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path)))
+
+    first = panel()
+    assert "Evaluation" not in first  # no metrics.json beside the checkpoint
     penalty = small_predictor.model.config.repetition_penalty
-    assert f"<th>Caption repetition penalty (default)</th><td><code>{penalty:g}</code>" in panel
+    assert f"<th>Caption repetition penalty (default)</th><td><code>{penalty:g}</code>" in first
     (tmp_path / "metrics.json").write_text(json.dumps({
         "metrics": {"refer_p@0.5": {"model": 0.9481, "baseline": 0.0},
                     "<b>x</b>": {"model": None, "baseline": 0.5}},
         "baselines": {"refer_p@0.5": "whole-image box"}, "settings": {"split": "test"}, "counts": {"images": 500}}))
-    panel = cb.model_panel(studio)
-    assert "split test, 500 images" in panel
-    assert "<td><code>refer_p@0.5</code></td><td>0.948</td><td>0.000</td><td>whole-image box</td>" in panel
-    assert "<b>x</b>" not in panel and "&lt;b&gt;x&lt;/b&gt;" in panel  # the file is data, escaped
+    shown = panel()
+    assert "split test, 500 images" in shown
+    assert "<td><code>refer_p@0.5</code></td><td>0.948</td><td>0.000</td><td>whole-image box</td>" in shown
+    assert "<b>x</b>" not in shown and "&lt;b&gt;x&lt;/b&gt;" in shown  # the file is data, escaped
     (tmp_path / "metrics.json").write_text("{not json")
-    assert "Evaluation: metrics.json: Expecting property name" in cb.model_panel(studio)  # the panel still renders
+    assert "Evaluation: metrics.json: Expecting property name" in panel()  # the panel still renders
 
 
 def test_a_referral_under_the_evaluations_absent_median_is_marked_low(small_predictor, example_images, tmp_path):
     """The mark follows metrics.json's `refer_score_quantiles.absent.p50`; without an evaluation there is none."""
-    studio = ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path), min_word_interval=0.0,
-                       download_root=tmp_path / "downloads")
+    def studio() -> ws.Studio:  # a new studio each time: it reads metrics.json once
+        return ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path), min_word_interval=0.0,
+                         download_root=tmp_path / "downloads")
 
-    def details() -> list[str]:
+    def details(studio: ws.Studio) -> list[str]:
         _, view, _ = cb.refer(studio, _loaded(studio, example_images[0]), "the red circle\nthe blue triangle")
         return [region["detail"] for region in view["regions"]]
 
-    assert studio.low_refer_score() is None and not any("low score" in d for d in details())
+    plain = studio()
+    assert plain.low_refer_score() is None and not any("low score" in d for d in details(plain))
     for median, marked in ((0.999999, True), (1e-9, False)):  # the small model's scores lie between the two
         (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {}, "refer_score_quantiles": {
             "present": {"p50": 0.5}, "absent": {"p50": median}}}))
-        assert studio.low_refer_score() == median
-        assert all(("· low score: may not be in the image" in d) == marked for d in details())
+        evaluated = studio()
+        assert evaluated.low_refer_score() == median
+        assert all(("· low score: may not be in the image" in d) == marked for d in details(evaluated))

@@ -151,19 +151,17 @@ def load_truth(root: str | Path, split: str = "test", limit: int | None = None) 
     truths = []
     for rec in data.objects[:limit]:
         image_id = rec["image_id"]
+        objects = [ObjectTruth(int(o["object_id"]), (o["size"], o["color"], o["shape"]), _box(o["box"]),
+                               (float(o["center"][0]), float(o["center"][1]))) for o in rec["objects"]]
+        expressions = [ExpressionTruth(r["expression"], int(r["object_id"]), _box(r["box"])) for r in refer[image_id]]
         truths.append(ImageTruth(
             image_id=image_id, file_name=rec["file_name"], width=int(rec["width"]), height=int(rec["height"]),
-            instance_map=load_instance_map(root, rec["mask_file"]),
-            objects=[ObjectTruth(int(o["object_id"]), (o["size"], o["color"], o["shape"]), _box(o["box"]),
-                                 (float(o["center"][0]), float(o["center"][1]))) for o in rec["objects"]],
-            expressions=[ExpressionTruth(r["expression"], int(r["object_id"]), _box(r["box"]))
-                         for r in refer[image_id]],
+            instance_map=load_instance_map(root, rec["mask_file"]), objects=objects, expressions=expressions,
             regions=[(_box(g["box"]), g["caption"]) for g in dense.get(image_id, {"regions": []})["regions"]],
             trace=narratives[image_id][1] if image_id in narratives else None,
             narrative=narratives[image_id][0] if image_id in narratives else None,
+            absent=absent_expressions(image_id, [e.expression for e in expressions], objects),
         ))
-        truths[-1].absent = absent_expressions(image_id, [e.expression for e in truths[-1].expressions],
-                                               truths[-1].objects)
     if not truths:
         raise ValueError(f"split {split!r} in {root} has no images")
     return truths
@@ -226,10 +224,12 @@ def predict_image(predictor: Predictor, image: np.ndarray, truth: ImageTruth, *,
 def evaluate(predictor: Predictor, root: str | Path, split: str = "test", limit: int | None = None, *,
              max_regions: int = DENSE_MAX_REGIONS, score_threshold: float = DENSE_SCORE_THRESHOLD,
              nms_iou: float = DENSE_NMS_IOU, max_new_tokens: int | None = None,
-             repetition_penalty: float | None = None, progress: bool = False) -> dict[str, Any]:
-    """Load the split, predict every image, compute the metrics; adds ``seconds`` and a few ``examples``."""
+             repetition_penalty: float | None = None, progress: bool = False,
+             truths: list[ImageTruth] | None = None) -> dict[str, Any]:
+    """Load the split (unless ``truths`` holds it already), predict every image, compute the metrics; adds
+    ``seconds`` and a few ``examples``."""
     start = time.perf_counter()
-    truths = load_truth(root, split, limit)
+    truths = truths if truths is not None else load_truth(root, split, limit)
     predict_start = time.perf_counter()
     preds = []
     for n, truth in enumerate(truths, 1):
@@ -273,22 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import torch
 
     from pixelllm import PixelLLM, PixelLLMPredictor
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    parser = build_parser()
     penalty = args.repetition_penalty
     source = "--repetition-penalty" if penalty is not None else "the checkpoint's default"
     if penalty is not None and not 1.0 <= penalty <= 2.0:
         parser.error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
-    try:  # the user's mistakes as one line each, before any work; failures later keep their traceback
-        load_split(args.data, args.split)
+    try:  # the user's mistakes as one line each, before the model loads; failures later keep their traceback
+        truths = load_truth(args.data, args.split, args.limit)
     except (OSError, ValueError) as err:
         parser.error(f"--data/--split: {err}")
     try:
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         penalty = model.config.repetition_penalty
     result = evaluate(predictor, args.data, args.split, args.limit, max_regions=args.max_regions,
                       score_threshold=args.score_threshold, max_new_tokens=args.max_new_tokens,
-                      repetition_penalty=penalty, progress=sys.stderr.isatty())
+                      repetition_penalty=penalty, progress=sys.stderr.isatty(), truths=truths)
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "device": args.device, **result}
     c = result["counts"]
     print(f"PixelLLM {model.config.preset} on {args.data} [{args.split}]: {c['images']} images, {c['objects']} "

@@ -394,8 +394,7 @@ def score_auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
         raise ValueError(f"score_auroc needs positives and negatives, got {len(pos)} and {len(neg)}")
     if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
         raise ValueError("score_auroc: scores must be finite")
-    ranks = scipy.stats.rankdata(np.concatenate([pos, neg]))  # ties share their mean rank
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    u = scipy.stats.mannwhitneyu(pos, neg).statistic  # U of `pos`; a tie counts one half
     return float(u / (len(pos) * len(neg)))
 
 

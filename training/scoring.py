@@ -123,12 +123,17 @@ def referring_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredict
     }
 
 
+def _refer_scores(preds: Sequence[ImagePrediction]) -> tuple[list[float], list[float]]:
+    """The referring scores of every present and of every absent expression."""
+    return ([score for pred in preds for score in pred.refer_scores],
+            [score for pred in preds for score in pred.absent_scores])
+
+
 def refer_score_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePrediction]) -> dict[str, dict]:
     """Does the referring score tell whether the expression is in the image? AUROC of the scores of the
     split's expressions against those of the same expressions with a shape the image lacks (``truth.absent``);
     baseline: a constant score (0.5). None when either set is empty."""
-    present = [score for pred in preds for score in pred.refer_scores]
-    absent = [score for pred in preds for score in pred.absent_scores]
+    present, absent = _refer_scores(preds)
     if len(present) != sum(len(t.expressions) for t in truths) or \
             len(absent) != sum(len(t.absent) for t in truths):
         raise ValueError("refer_scores / absent_scores do not match the expressions / absent expressions")
@@ -140,8 +145,7 @@ def refer_score_quantiles(preds: Sequence[ImagePrediction]) -> dict[str, dict[st
     """Quantiles (p05, p25, p50, p75, p95) of the referring scores of the present and of the absent expressions,
     so that a user can read one score (the app marks a score under the absent expressions' median). None when
     either set is empty."""
-    present = [score for pred in preds for score in pred.refer_scores]
-    absent = [score for pred in preds for score in pred.absent_scores]
+    present, absent = _refer_scores(preds)
     if not present or not absent:
         return None
     levels = {"p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}

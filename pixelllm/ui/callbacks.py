@@ -394,7 +394,7 @@ def model_panel(studio: Studio) -> str:
             ("Caption repetition penalty (default)", f"{info['repetition_penalty']:g}")]
     body = "".join(f"<tr><th>{render.escape(name)}</th><td><code>{render.escape(value)}</code></td></tr>"
                    for name, value in rows)
-    return f'<table class="px-model-table">{body}</table>' + _evaluation_table(studio.evaluation())
+    return f'<table class="px-model-table">{body}</table>' + _evaluation_table(studio.evaluation)
 
 
 def _evaluation_table(result: dict | None) -> str:

@@ -88,9 +88,11 @@ class Studio:
     def model_id(self) -> str:
         return str(self.checkpoint or getattr(self.model, "source", None) or "in-memory")
 
+    @functools.cached_property
     def evaluation(self) -> dict[str, Any] | None:
         """``metrics.json`` beside a local checkpoint (what `python -m training.evaluate --json` wrote), or None
-        when there is none; ``{"error": ...}`` when it cannot be read."""
+        when there is none; ``{"error": ...}`` when it cannot be read. Read once: the checkpoint is fixed for the
+        process's life, and the referring callback consults it on every call."""
         path = Path(self.model_id) / "metrics.json"
         try:
             if not path.is_file():
@@ -105,7 +107,7 @@ class Studio:
     def low_refer_score(self) -> float | None:
         """The median referring score of absent expressions in the checkpoint's evaluation (metrics.json's
         ``refer_score_quantiles``), under which the app marks a referral as low; None without one."""
-        result = self.evaluation() or {}
+        result = self.evaluation or {}
         try:
             value = float(result["refer_score_quantiles"]["absent"]["p50"])
         except (KeyError, TypeError, ValueError):
