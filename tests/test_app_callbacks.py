@@ -111,10 +111,40 @@ def test_drag_undo_and_clear(studio, example_images):
 
 def test_max_words_caps_the_word_count(studio, example_images):
     session = _loaded(studio, example_images[0])
-    outputs, view, caption, _, _ = _run(studio, session, max_words=3)
+    outputs, view, caption, files, _ = _run(studio, session, max_words=3)
     assert len(view["words"]) == 3 and len(caption.split()) == 3
     _, long_view, _, _, _ = _run(studio, session, max_words=9)
     assert len(long_view["words"]) == 9  # the cap, not the model, ended both captions
+    # ... and the user is told so: status line, download and store
+    assert "stopped at the max-words limit" in view["message"]
+    assert json.loads(Path(files[0]).read_text())["cut"] is True
+    assert studio.store.list_generations(task="caption", limit=1)[0]["extra"]["cut"] is True
+
+
+@pytest.fixture(scope="module")
+def embedded_studio():
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from tests.conftest import EMBEDDED_CHECKPOINT
+
+    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(EMBEDDED_CHECKPOINT), device="cpu")
+    return ws.Studio(predictor=predictor, checkpoint=str(EMBEDDED_CHECKPOINT), min_word_interval=0.0)
+
+
+def test_the_default_max_words_lets_the_model_end_its_narrative(embedded_studio, example_images):
+    """The "Max words" default is the checkpoint's token limit, so a narrative ends with the model's own EOS:
+    example 1 holds four objects, which the embedded model narrates in more than 40 words (the old fixed default
+    of 40 cut it mid-sentence). One word fewer than the narrative is reported as cut; the whole one is not."""
+    studio = embedded_studio
+    assert studio.default_max_words == studio.model.config.max_new_tokens
+    session = _loaded(studio, example_images[1])
+    _, view, caption, files, _ = _run(studio, session, max_words=studio.default_max_words)
+    words = caption.split()
+    assert len(words) > 40 and caption.endswith("."), caption
+    assert "stopped" not in view["message"] and json.loads(Path(files[0]).read_text())["cut"] is False
+    _, short_view, short, files, _ = _run(studio, session, max_words=len(words) - 1)
+    assert short.split() == words[:-1]
+    assert "stopped at the max-words limit" in short_view["message"]
+    assert json.loads(Path(files[0]).read_text())["cut"] is True
 
 
 def test_words_stream_one_per_update_with_gradient_colours(studio, example_images):

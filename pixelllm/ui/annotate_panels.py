@@ -16,7 +16,6 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from pixelllm.ui import callbacks as cb
 from pixelllm.ui import records, render
 from pixelllm.ui import workspace as ws
 
@@ -130,7 +129,7 @@ def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: thread
     prompts = session.caption.get("prompts", {}) if session.caption else {}
     traced = bool(session.caption and session.caption.get("traced"))
     kwargs = {"box": prompts.get("box"), "text": prompts.get("text"),
-              "max_new_tokens": min(512, 4 * cb.DEFAULT_MAX_WORDS + 8)}
+              "max_new_tokens": min(512, 4 * studio.default_max_words + 8)}
     if prompts.get("points"):
         kwargs["points"] = np.asarray(prompts["points"], dtype=np.float64)
         kwargs["point_labels"] = np.asarray(prompts["point_labels"], dtype=np.int64)

@@ -14,10 +14,10 @@ import numpy as np
 from pixelllm import image as imaging
 from pixelllm.ui import records
 from pixelllm.ui.callbacks import (
+    WordStream,
     decoding_options,
     dense_options,
     parse_expressions,
-    stream_words,
     trace_words,
 )
 from pixelllm.ui.workspace import Studio, load_user_image, user_errors
@@ -77,15 +77,18 @@ def caption(studio: Studio, image: str | None, prompts: str | None, text: str | 
     text = imaging.check_text(text)
     parsed = parse_prompts(prompts, loaded.scale, w, h)
     options = decoding_options(max_words, do_sample, temperature, top_p, seed, limit=studio.max_words,
-                               repetition_penalty=studio.penalty(repetition_penalty))
-    words = list(stream_words(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
-                              box=parsed["box"], text=text, options=options))
+                               repetition_penalty=studio.penalty(repetition_penalty),
+                               default_words=studio.default_max_words)
+    stream = WordStream(studio, loaded.array, points=parsed["points"], point_labels=parsed["point_labels"],
+                        box=parsed["box"], text=text, options=options)
+    words = list(stream)
     prompts_model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], text)
     gen_id = records.log_output(studio, None, loaded.array, "caption", [x["text"] for x in words],
                                 [x["box"] for x in words],
-                                prompts=prompts_model, extra={"decoding": options, "api": True}, session_id=session_id)
+                                prompts=prompts_model, extra={"decoding": options, "api": True, "cut": stream.cut},
+                                session_id=session_id)
     return records.caption_record(studio, words, loaded.scale, loaded.size,
-                                  prompts=prompts_model, options=options, generation_id=gen_id)
+                                  prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
 
 
 @user_errors

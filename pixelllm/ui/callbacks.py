@@ -36,16 +36,15 @@ from pixelllm.ui.workspace import (
 )
 
 MAX_EXPRESSIONS = 16
-DEFAULT_MAX_WORDS = 40
 
 # ------------------------------------------------------------------------------------------ captioning
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
-                     limit: int = 128, repetition_penalty: Any = 1.0) -> dict:
+                     limit: int = 128, repetition_penalty: Any = 1.0, default_words: int = 96) -> dict:
     """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
-    every result is reproducible; the repetition penalty is reported too."""
+    every result is reproducible; the repetition penalty is reported too. max_words None: `default_words`."""
     try:
-        max_words = int(max_words if max_words is not None else DEFAULT_MAX_WORDS)
+        max_words = int(max_words if max_words is not None else default_words)
     except (TypeError, ValueError) as err:
         raise ValueError("max words must be a whole number") from err
     if not 1 <= max_words <= limit:
@@ -76,21 +75,35 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
             "seed": seed, "repetition_penalty": repetition_penalty}
 
 
-def stream_words(studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
-                 text: str | None = None, options: dict) -> Iterator[dict]:
-    """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words'].
-    The predictor generator is closed explicitly so its model lock is released even when we stop early."""
-    state = studio.predictor.set_image(array)
-    max_words = options["max_words"]
-    with closing(studio.predictor.stream_caption(
-            state, points=points, point_labels=point_labels, box=box, text=text,
-            max_new_tokens=min(512, 4 * max_words + 8), do_sample=options["do_sample"],
-            temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"],
-            repetition_penalty=options["repetition_penalty"])) as words:
-        for count, word in enumerate(words, start=1):
-            yield word.to_dict()
-            if count >= max_words:
-                break
+class WordStream:
+    """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words']. After the
+    loop, `cut` tells whether that limit stopped a caption the model had not finished (one more word is decoded
+    to know). The predictor generator is closed explicitly so its model lock is released when we stop early."""
+
+    def __init__(self, studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
+                 text: str | None = None, options: dict) -> None:
+        self.studio, self.array, self.options = studio, array, options
+        self.prompts = {"points": points, "point_labels": point_labels, "box": box, "text": text}
+        self.cut = False
+
+    def __iter__(self) -> Iterator[dict]:
+        state = self.studio.predictor.set_image(self.array)
+        max_words = self.options["max_words"]
+        with closing(self.studio.predictor.stream_caption(
+                state, **self.prompts, max_new_tokens=min(512, 4 * max_words + 8),
+                do_sample=self.options["do_sample"], temperature=self.options["temperature"],
+                top_p=self.options["top_p"], seed=self.options["seed"],
+                repetition_penalty=self.options["repetition_penalty"])) as words:
+            for count, word in enumerate(words, start=1):
+                if count > max_words:
+                    self.cut = True
+                    break
+                yield word.to_dict()
+
+
+def cut_note(stream: WordStream) -> str:
+    """The status line's note when the max-words limit ended a caption early ('' otherwise)."""
+    return " · stopped at the max-words limit (raise it under Decoding)" if stream.cut else ""
 
 
 @user_errors
@@ -104,7 +117,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     require_image(session)
     text = imaging.check_text(text)
     options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words,
-                               repetition_penalty=studio.penalty(repetition_penalty))
+                               repetition_penalty=studio.penalty(repetition_penalty),
+                               default_words=studio.default_max_words)
     points, labels, box = checked_prompts(session)
     session.inspect = None
     session.pending = None
@@ -112,8 +126,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     words: list[dict] = []
     yield (caption_view(session, words=[], status="streaming", message="Generating…"), "", gr.skip(), session)
     last = 0.0
-    for word in stream_words(studio, array, points=points, point_labels=labels, box=box, text=text,
-                             options=options):
+    stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
+    for word in stream:
         words.append(word)
         wait = studio.min_word_interval - (time.monotonic() - last)
         if wait > 0:
@@ -125,14 +139,16 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
                                 [w["box"] for w in words],
                                 prompts=prompts_model,
-                                extra={"decoding": options, "text": " ".join(w["text"] for w in words)},
+                                extra={"decoding": options, "text": " ".join(w["text"] for w in words),
+                                       "cut": stream.cut},
                                 session_id=session_id)
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
-                                    prompts=prompts_model, options=options, generation_id=gen_id)
+                                    prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
     files = _keep_caption(studio, session, array, record, "caption", {
         "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
         "generation_id": gen_id})
-    done = f"{len(words)} words" + (f" · saved as generation #{gen_id}" if gen_id is not None else "")
+    done = f"{len(words)} words" + cut_note(stream) + (
+        f" · saved as generation #{gen_id}" if gen_id is not None else "")
     if options["do_sample"]:
         done += f" · seed {options['seed']}"
     yield (caption_view(session, words=words, status="done", message=done), record["text"], files, session)
@@ -345,7 +361,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
                 raise ValueError("No detected region there: click inside a box, or drag a box of your own.")
         box = regions[index]["box"]
     session.dense_selected = index
-    options = decoding_options(DEFAULT_MAX_WORDS, False, 1.0, 1.0, None, limit=studio.max_words,
+    options = decoding_options(studio.default_max_words, False, 1.0, 1.0, None, limit=studio.max_words,
                                repetition_penalty=studio.penalty())
     extra_region = {"region_box": box}
     view_regions = list(regions)
@@ -356,7 +372,8 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     shown = dataclasses.replace(session, dense=view_regions)
     yield session, dense_view(shown, status="streaming", message="Tracing the region's caption…"), ""
     last = 0.0
-    for word in stream_words(studio, session.array, box=box, options=options):
+    stream = WordStream(studio, session.array, box=box, options=options)
+    for word in stream:
         words.append(word)
         wait = studio.min_word_interval - (time.monotonic() - last)
         if wait > 0:
@@ -368,14 +385,14 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     gen_id = records.log_output(studio, session, session.array, "caption", [w["text"] for w in words],
                                 [w["box"] for w in words],
                                 prompts={"box": box, "region": index},
-                                extra={"decoding": options, "text": text, **extra_region},
+                                extra={"decoding": options, "text": text, "cut": stream.cut, **extra_region},
                                 session_id=session_id)
     session.dense_words = words
     session.last = {"task": "caption", "words": words, "text": text, "prompts": {"box": box},
                     "generation_id": gen_id}
     label = f"region {index + 1}" if index is not None else "your box"
     yield session, dense_view(shown, words=words, status="done",
-                              message=f"{label}: {len(words)} words" + (
+                              message=f"{label}: {len(words)} words" + cut_note(stream) + (
                                   f" · generation #{gen_id}" if gen_id is not None else "")), text
 
 

@@ -83,7 +83,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                 text_prompt = gr.Textbox(label="Text prompt (optional)", elem_id="text-prompt",
                                                          placeholder="e.g. In this picture we can see")
                                 with gr.Accordion("Decoding", open=False, elem_id="decoding"):
-                                    max_words = gr.Slider(1, studio.max_words, value=cb.DEFAULT_MAX_WORDS, step=1,
+                                    max_words = gr.Slider(1, studio.max_words, value=studio.default_max_words, step=1,
                                                           label="Max words", elem_id="max-words")
                                     sampling = gr.Checkbox(label="Sample (instead of greedy)", value=False,
                                                            elem_id="sampling")
@@ -148,7 +148,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             api_image = gr.File(label="image", type="filepath")
             api_prompts = gr.Textbox(label="prompts", value="")
             api_text = gr.Textbox(label="text", value="")
-            api_max_words = gr.Number(label="max_words", value=cb.DEFAULT_MAX_WORDS, precision=0)
+            api_max_words = gr.Number(label="max_words", value=studio.default_max_words, precision=0)
             api_sample = gr.Checkbox(label="do_sample", value=False)
             api_temperature = gr.Number(label="temperature", value=1.0)
             api_top_p = gr.Number(label="top_p", value=1.0)

@@ -102,10 +102,12 @@ def _prompts_to_original(prompts: dict, scale: tuple[float, float]) -> dict:
 
 
 def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
-                   prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption") -> dict:
+                   prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption",
+                   cut: bool | None = None) -> dict:
     """The JSON a user downloads or the API returns: word boxes and `prompts` (`model_prompts`' dict, as logged)
-    mapped to the pixels of the image the user sent."""
-    return {
+    mapped to the pixels of the image the user sent. cut: the max-words limit ended a caption the model had
+    not finished (a generated caption; None for a typed one)."""
+    record = {
         "task": task,
         "text": " ".join(w["text"] for w in words),
         "image": {"width": size[0], "height": size[1]},
@@ -116,6 +118,9 @@ def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float]
         "model": model_meta(studio),
         "generation_id": generation_id,
     }
+    if cut is not None:
+        record["cut"] = cut
+    return record
 
 
 def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float], size: tuple[int, int],
