@@ -8,6 +8,7 @@ tab go to test-artifacts/.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -218,6 +219,24 @@ def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_a
     expect(app.locator("#refer-files a[href$='/mask_1_the-large-blue-triangle.png']")).to_have_count(1)
     assert _last_generation(studio_app.store, "refer")["words"] == ["the large blue triangle", hostile]
     app.screenshot(path=str(artifacts_dir / "app-refer.png"))
+
+
+def test_a_low_scoring_referral_is_drawn_dashed_and_faint(app: Page, app_checkpoint):
+    """Example 0 holds no circle: the embedded model scores "the green circle" under its evaluation's absent
+    median (metrics.json), so its box is dashed and its mask faint; the triangle's are drawn as findings."""
+    if not Path(app_checkpoint, "metrics.json").is_file():
+        pytest.skip("needs a checkpoint with an evaluation (the embedded one has it)")
+    _load_example(app, 0)
+    _open_tab(app, "Referring", "#refer-viewer")
+    app.locator("#refer-text textarea").fill("the large blue triangle\nthe green circle")
+    app.locator("#refer-run").click()
+    expect(app.locator("#refer-viewer .px-region")).to_have_count(2, timeout=TIMEOUT)
+    expect(app.locator("#refer-viewer .px-region-row").nth(1)).to_contain_text("low score")
+    dashes = app.locator("#refer-viewer .px-region").evaluate_all(
+        "els => els.map(e => getComputedStyle(e).strokeDasharray)")
+    opacity = app.locator("#refer-viewer .px-mask").evaluate_all("els => els.map(e => getComputedStyle(e).opacity)")
+    assert dashes[0] == "none" and dashes[1] != "none", dashes
+    assert float(opacity[0]) == 1.0 and float(opacity[1]) < 0.5, opacity
 
 
 def test_labels_of_boxes_in_the_same_place_do_not_cover_each_other(app: Page):

@@ -557,6 +557,8 @@ def test_a_referral_under_the_evaluations_absent_median_is_marked_low(small_pred
 
     def details(studio: ws.Studio) -> list[str]:
         _, view, _ = cb.refer(studio, _loaded(studio, example_images[0]), "the red circle\nthe blue triangle")
+        for region in view["regions"]:  # the viewer draws a low one dashed
+            assert region["low"] == ("low score" in region["detail"])
         return [region["detail"] for region in view["regions"]]
 
     plain = studio()

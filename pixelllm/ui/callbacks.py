@@ -244,12 +244,17 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
                                 session_id=session_id)
     low = studio.low_refer_score()  # from the checkpoint's evaluation, when it has one
 
+    def is_low(r: Any) -> bool:
+        return low is not None and r.score < low
+
     def detail(r: Any) -> str:
         text = f"score {r.score:.2f} · mask {r.mask_score:.2f}"
-        return text + " · low score: may not be in the image" if low is not None and r.score < low else text
+        return text + " · low score: may not be in the image" if is_low(r) else text
 
+    # `low` also tells the viewer to draw the box dashed and the mask faint
     regions = [{"box": [round(c, 2) for c in r.box], "label": r.expression, "detail": detail(r), "score": r.score,
-                "color": render.palette_color(i), "mask": render.mask_overlay_url(r.mask, render.palette_color(i))}
+                "low": is_low(r), "color": render.palette_color(i),
+                "mask": render.mask_overlay_url(r.mask, render.palette_color(i))}
                for i, r in enumerate(referrals)]
     session.refer = [{"expression": r.expression, "box": list(r.box), "score": r.score,
                       "mask_score": r.mask_score} for r in referrals]

@@ -205,11 +205,12 @@
     const placed = [];  // label anchors so far: a label that would cover another moves right
     regions.forEach((reg, i) => {
       if (reg.mask) {
-        el("image", { class: "px-mask", href: reg.mask, x: 0, y: 0, width: view.image.width,
+        el("image", { class: "px-mask" + (reg.low ? " px-low" : ""), href: reg.mask, x: 0, y: 0, width: view.image.width,
                       height: view.image.height, preserveAspectRatio: "none", "data-i": i }, masks);
       }
       const b = reg.box;
-      el("rect", { class: "px-region" + (i === selected ? " px-selected" : ""), x: b[0], y: b[1],
+      el("rect", { class: "px-region" + (i === selected ? " px-selected" : "") + (reg.low ? " px-low" : ""),
+                   x: b[0], y: b[1],
                    width: Math.max(b[2] - b[0], 0.5), height: Math.max(b[3] - b[1], 0.5), stroke: reg.color,
                    "data-i": i }, boxes);
       let x = b[0] + fs * 0.2;
@@ -225,7 +226,8 @@
     const clickable = view.mode === "dense";
     regions.forEach((reg, i) => {
       const row = document.createElement("div");
-      row.className = "px-region-row" + (clickable ? " px-clickable" : "") + (i === selected ? " px-selected" : "");
+      row.className = "px-region-row" + (clickable ? " px-clickable" : "") + (i === selected ? " px-selected" : "") +
+        (reg.low ? " px-low" : "");
       row.dataset.i = String(i);
       const sw = document.createElement("span");
       sw.className = "px-swatch";
