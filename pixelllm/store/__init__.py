@@ -25,8 +25,9 @@ Why it is built this way:
   corrupt, read-only, full, locked too long) — never a raw ``sqlite3`` error. Rows come back as plain dicts
   with JSON columns decoded (Gradio- and JSON-friendly).
 
-Modules: ``annotation_store`` (the class and its error translation), ``schema`` (the migrations), ``fields`` (input
-checks and ``change_summary``).
+Modules: ``annotation_store`` (the store's tables and their rules), ``database`` (the SQLite file under it:
+connections, transactions, migrations, atomic files and error translation), ``schema`` (the migrations),
+``fields`` (input checks and ``change_summary``).
 """
 
 from pixelllm.store.annotation_store import (
@@ -37,8 +38,8 @@ from pixelllm.store.annotation_store import (
     STATUSES,
     TASKS,
     AnnotationStore,
-    StoreError,
 )
+from pixelllm.store.database import StoreError
 from pixelllm.store.fields import BOX_MOVE_TOLERANCE_PX, change_summary
 from pixelllm.store.schema import MIGRATIONS, Migration
 
