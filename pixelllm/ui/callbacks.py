@@ -40,9 +40,10 @@ MAX_EXPRESSIONS = 16
 # ------------------------------------------------------------------------------------------ captioning
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
-                     limit: int = 128, repetition_penalty: Any = 1.0, default_words: int = 96) -> dict:
+                     default_words: int, limit: int = 128, repetition_penalty: Any = 1.0) -> dict:
     """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
-    every result is reproducible; the repetition penalty is reported too. max_words None: `default_words`."""
+    every result is reproducible; the repetition penalty is reported too. max_words None: `default_words`
+    (`Studio.default_max_words`)."""
     try:
         max_words = int(max_words if max_words is not None else default_words)
     except (TypeError, ValueError) as err:
@@ -366,8 +367,8 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
                 raise ValueError("No detected region there: click inside a box, or drag a box of your own.")
         box = regions[index]["box"]
     session.dense_selected = index
-    options = decoding_options(studio.default_max_words, False, 1.0, 1.0, None, limit=studio.max_words,
-                               repetition_penalty=studio.penalty())
+    options = decoding_options(None, False, 1.0, 1.0, None, default_words=studio.default_max_words,
+                               limit=studio.max_words, repetition_penalty=studio.penalty())
     extra_region = {"region_box": box}
     view_regions = list(regions)
     if index is None:  # a dragged box: show it as the selected region

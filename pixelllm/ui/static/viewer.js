@@ -205,14 +205,14 @@
     const placed = [];  // label anchors so far: a label that would cover another moves right
     regions.forEach((reg, i) => {
       if (reg.mask) {
-        el("image", { class: "px-mask" + (reg.low ? " px-low" : ""), href: reg.mask, x: 0, y: 0, width: view.image.width,
-                      height: view.image.height, preserveAspectRatio: "none", "data-i": i }, masks);
+        el("image", { class: "px-mask" + (reg.low ? " px-low" : ""), href: reg.mask, x: 0, y: 0,
+                      width: view.image.width, height: view.image.height, preserveAspectRatio: "none",
+                      "data-i": i }, masks);
       }
       const b = reg.box;
       el("rect", { class: "px-region" + (i === selected ? " px-selected" : "") + (reg.low ? " px-low" : ""),
-                   x: b[0], y: b[1],
-                   width: Math.max(b[2] - b[0], 0.5), height: Math.max(b[3] - b[1], 0.5), stroke: reg.color,
-                   "data-i": i }, boxes);
+                   x: b[0], y: b[1], width: Math.max(b[2] - b[0], 0.5), height: Math.max(b[3] - b[1], 0.5),
+                   stroke: reg.color, "data-i": i }, boxes);
       let x = b[0] + fs * 0.2;
       const y = Math.max(b[1] - fs * 0.25, fs);
       while (placed.some(([px, py, w]) => Math.abs(py - y) < fs && x < px + w && px < x + fs * 0.7)) x += fs * 0.7;
