@@ -448,19 +448,14 @@ def test_limit_and_bad_limit(tmp_path) -> None:
 # ------------------------------------------------------------------------------------------- CLI smoke
 
 
-def test_cli_smoke_random_model(tmp_path, capsys) -> None:
-    """Plumbing only: a randomly initialised tiny model through the real CLI on a 3-image split. Checks that
-    every metric key is in the JSON with values in [0, 1]; the numbers themselves mean nothing. The
-    point-in-object rate may be null (a random caption rarely names an object); it must be null exactly when
-    no content word was matched."""
+def _random_tiny_checkpoint(tmp_path, data):
+    """A randomly initialised tiny model (one T5 layer each side) with a tokenizer of `data`'s test captions."""
     import torch
 
     from pixelllm.build import build_pixelllm
     from pixelllm.config import get_config
     from pixelllm.tokenizer import train_tokenizer
 
-    data = tmp_path / "data"
-    generate_split(data, "test", 3, seed=11)
     captions = [s.caption for s in read_localized_narratives(data / "test.ln.jsonl")[0]]
     tokenizer = train_tokenizer(captions * 4, vocab_size=400)
     config = get_config("tiny")
@@ -468,6 +463,17 @@ def test_cli_smoke_random_model(tmp_path, capsys) -> None:
     config.t5.num_layers = config.t5.num_decoder_layers = 1
     torch.manual_seed(0)
     build_pixelllm(config, tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
+    return config
+
+
+def test_cli_smoke_random_model(tmp_path, capsys) -> None:
+    """Plumbing only: a randomly initialised tiny model through the real CLI on a 3-image split. Checks that
+    every metric key is in the JSON with values in [0, 1]; the numbers themselves mean nothing. The
+    point-in-object rate may be null (a random caption rarely names an object); it must be null exactly when
+    no content word was matched."""
+    data = tmp_path / "data"
+    generate_split(data, "test", 3, seed=11)
+    config = _random_tiny_checkpoint(tmp_path, data)
 
     out = tmp_path / "out" / "eval.json"
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--limit", "3", "--json", str(out),
@@ -489,6 +495,37 @@ def test_cli_smoke_random_model(tmp_path, capsys) -> None:
     assert result["seconds"]["total"] > 0
     assert result["settings"]["lbm_empty_cost"] == 1.0
     assert result["settings"]["repetition_penalty"] == config.repetition_penalty  # the effective value
+
+
+def test_several_splits_give_each_result_and_their_mean_and_standard_error(tmp_path, capsys) -> None:
+    """`--split a --split b`: each split's result is the one a run on that split alone gives, and the summary is
+    the mean and standard error of the per-split values (computed here by hand from the single-split runs)."""
+    data = tmp_path / "data"
+    generate_split(data, "test", 2, seed=11)
+    generate_split(data, "other", 2, seed=12)
+    _random_tiny_checkpoint(tmp_path, data)
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--threads", "1", "--max-regions", "2",
+              "--max-new-tokens", "8"]
+    alone = {}
+    for split in ("test", "other"):
+        assert main([*common, "--split", split, "--json", str(tmp_path / f"{split}.json")]) == 0
+        alone[split] = json.loads((tmp_path / f"{split}.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main([*common, "--split", "test", "--split", "other", "--json", str(tmp_path / "both.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "[test]" in printed and "[other]" in printed and "Over 2 splits" in printed
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert list(both["splits"]) == ["test", "other"]
+    for split in ("test", "other"):
+        assert both["splits"][split]["metrics"] == alone[split]
+    for key in METRIC_KEYS:
+        a, b = alone["test"][key]["model"], alone["other"][key]["model"]
+        row = both["summary"][key]
+        assert row["values"] == {"test": a, "other": b}
+        if a is None or b is None:
+            assert row["mean"] is None and row["se"] is None
+        else:  # s.e. of two values: |a - b| / 2
+            assert row["mean"] == pytest.approx((a + b) / 2) and row["se"] == pytest.approx(abs(a - b) / 2)
 
 
 

@@ -2,6 +2,7 @@
 
 ```
 python -m training.evaluate --checkpoint DIR --data DIR [--split test] [--limit N] [--json OUT] [--device cpu]
+python -m training.evaluate --checkpoint DIR --data DIR --split a --split b [...]   # + mean and s.e. over splits
 ```
 
 Three layers, so that the metric logic is testable without a model:
@@ -33,7 +34,16 @@ import numpy as np
 
 from training.data.localized_narratives import read_localized_narratives
 from training.data.shapes import SHAPES, load_image, load_instance_map, load_split
-from training.scoring import CENTRE_BOX_HALF, LBM_EMPTY_COST, BoxPx, Triple, compute_metrics, metrics_table
+from training.scoring import (
+    CENTRE_BOX_HALF,
+    LBM_EMPTY_COST,
+    BoxPx,
+    Triple,
+    compute_metrics,
+    metrics_table,
+    split_summary,
+    summary_table,
+)
 
 #: Dense captioning: proposals kept before captioning, and the proposal score floor (low, so AP sees the
 #: whole precision-recall curve).
@@ -257,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="PixelLLM checkpoint directory (or hub id)")
     parser.add_argument("--data", required=True, help="Shapes data directory (python -m training.shapes --out)")
-    parser.add_argument("--split", default="test", help="split name (default test)")
+    parser.add_argument("--split", action="append", default=None,
+                        help="split name (default test); given several times, each split is evaluated and every "
+                             "metric's mean and standard error over them is printed too")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -270,6 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="full-image caption repetition penalty, 1 = off (default: the model config's)")
     return parser
+
+
+def print_result(result: dict[str, Any], title: str, decoding: str) -> None:
+    """One split's evaluation as printed: what was measured, how the narratives were decoded, the table."""
+    c = result["counts"]
+    print(f"{title}: {c['images']} images, {c['objects']} objects, {c['expressions']} expressions, "
+          f"{c['dense_regions']} dense regions, {c['trace_content_words']} traced content words, "
+          f"{c['lbm_images']} LBM images ({c['empty_captions']} empty captions) in {result['seconds']['total']:.1f} s")
+    print(decoding)
+    print(metrics_table(result))
+    for key, what in (("lbm_given_caption_at_most_half_centre_baseline", "reference narrative given"),
+                      ("lbm_at_most_half_centre_baseline", "generated narrative")):
+        target = result["targets"][key]
+        print(f"LBM target, {what} (at most half the centre baseline): "
+              f"{'-' if target is None else 'met' if target else 'not met'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,10 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
-    try:  # the user's mistakes as one line each, before the model loads; failures later keep their traceback
-        truths = load_truth(args.data, args.split, args.limit)
-    except (OSError, ValueError) as err:
-        parser.error(f"--data/--split: {err}")
+    splits = list(dict.fromkeys(args.split or ["test"]))
+    truths = {}
+    for split in splits:  # the user's mistakes as one line each, before the model loads
+        try:
+            truths[split] = load_truth(args.data, split, args.limit)
+        except (OSError, ValueError) as err:
+            parser.error(f"--data/--split: {err}")
     try:
         model = PixelLLM.from_pretrained(args.checkpoint)
     except (OSError, ValueError) as err:
@@ -298,22 +328,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor = PixelLLMPredictor(model, device=args.device)
     if penalty is None:  # record the value the narratives were decoded with, not "default"
         penalty = model.config.repetition_penalty
-    result = evaluate(predictor, args.data, args.split, args.limit, max_regions=args.max_regions,
-                      score_threshold=args.score_threshold, max_new_tokens=args.max_new_tokens,
-                      repetition_penalty=penalty, progress=sys.stderr.isatty(), truths=truths)
-    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "device": args.device, **result}
-    c = result["counts"]
-    print(f"PixelLLM {model.config.preset} on {args.data} [{args.split}]: {c['images']} images, {c['objects']} "
-          f"objects, {c['expressions']} expressions, {c['dense_regions']} dense regions, "
-          f"{c['trace_content_words']} traced content words, {c['lbm_images']} LBM images "
-          f"({c['empty_captions']} empty captions) in {result['seconds']['total']:.1f} s")
-    print(f"Narratives: greedy, repetition penalty {penalty:g} ({source}; 1 = off)")
-    print(metrics_table(result))
-    for key, what in (("lbm_given_caption_at_most_half_centre_baseline", "reference narrative given"),
-                      ("lbm_at_most_half_centre_baseline", "generated narrative")):
-        target = result["targets"][key]
-        print(f"LBM target, {what} (at most half the centre baseline): "
-              f"{'-' if target is None else 'met' if target else 'not met'}")
+    results = {}
+    for split in splits:  # failures from here on keep their traceback
+        result = evaluate(predictor, args.data, split, args.limit, max_regions=args.max_regions,
+                          score_threshold=args.score_threshold, max_new_tokens=args.max_new_tokens,
+                          repetition_penalty=penalty, progress=sys.stderr.isatty(), truths=truths[split])
+        result = results[split] = {"checkpoint": str(args.checkpoint), "data": str(args.data), "device": args.device,
+                                   **result}
+        print_result(result, f"PixelLLM {model.config.preset} on {args.data} [{split}]",
+                     f"Narratives: greedy, repetition penalty {penalty:g} ({source}; 1 = off)")
+    if len(splits) > 1:
+        summary = split_summary(results)
+        print(f"\nOver {len(splits)} splits (mean and standard error of the mean):")
+        print(summary_table(summary))
+        result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "splits": results, "summary": summary}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")

@@ -291,3 +291,25 @@ def metrics_table(result: dict[str, Any]) -> str:
              "baseline": result["metrics"][key]["baseline"], "baseline is": base or "-", "better": better}
             for key, task, label, better, base in METRICS]
     return format_table(rows, precision=3)
+
+
+def split_summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every model metric over several splits (name -> an ``evaluate`` result): its per-split values, their mean
+    and the standard error of that mean (sample standard deviation / sqrt(n)); mean and s.e. are None when a
+    split has no value. How far one 500-image split can move a metric: docs/referring.md §19."""
+    summary = {}
+    for key in METRIC_KEYS:
+        values = {name: result["metrics"][key]["model"] for name, result in results.items()}
+        known = [v for v in values.values() if v is not None]
+        complete = len(known) == len(values) and len(known) > 1
+        summary[key] = {"values": values, "mean": float(np.mean(known)) if complete else None,
+                        "se": float(np.std(known, ddof=1) / math.sqrt(len(known))) if complete else None}
+    return summary
+
+
+def summary_table(summary: dict[str, dict[str, Any]]) -> str:
+    """``split_summary`` as an aligned table: task, metric, one column per split, mean, s.e."""
+    rows = [{"task": task, "metric": label, **summary[key]["values"], "mean": summary[key]["mean"],
+             "s.e.": summary[key]["se"]} for key, task, label, _, _ in METRICS]
+    return format_table(rows, precision=3)
+
