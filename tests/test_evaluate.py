@@ -528,6 +528,36 @@ def test_several_splits_give_each_result_and_their_mean_and_standard_error(tmp_p
             assert row["mean"] == pytest.approx((a + b) / 2) and row["se"] == pytest.approx(abs(a - b) / 2)
 
 
+def test_several_splits_keep_the_finished_ones_when_a_later_one_fails(tmp_path, monkeypatch, capsys) -> None:
+    """The JSON is written after every split, so a crash in the second keeps the first; a split named like a
+    column of the summary table is refused before the model loads."""
+    import training.evaluate as ev
+
+    data = tmp_path / "data"
+    generate_split(data, "test", 2, seed=11)
+    generate_split(data, "other", 2, seed=12)
+    _random_tiny_checkpoint(tmp_path, data)
+    real, calls = ev.evaluate, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", second_fails)
+    out = tmp_path / "both.json"
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--threads", "1", "--max-regions", "2",
+              "--max-new-tokens", "8", "--split", "test", "--split", "other", "--json", str(out)])
+    kept = json.loads(out.read_text())
+    assert list(kept["splits"]) == ["test"] and kept["summary"] is None
+    assert set(kept["splits"]["test"]["metrics"]) == set(METRIC_KEYS)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "unused", "--data", str(data), "--split", "test", "--split", "mean"])
+    assert "'mean' is a column of the summary table" in capsys.readouterr().err
+
+
 
 # ------------------------------------------------------------------------------------------- the referring score
 

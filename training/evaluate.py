@@ -315,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
     splits = list(dict.fromkeys(args.split or ["test"]))
+    clash = [name for name in splits if name in ("task", "metric", "mean", "s.e.")] if len(splits) > 1 else []
+    if clash:
+        parser.error(f"--split: {clash[0]!r} is a column of the summary table; rename the split")
     truths = {}
     for split in splits:  # the user's mistakes as one line each, before the model loads
         try:
@@ -329,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if penalty is None:  # record the value the narratives were decoded with, not "default"
         penalty = model.config.repetition_penalty
     results = {}
+
+    def write_json(result: dict[str, Any]) -> None:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+
     for split in splits:  # failures from here on keep their traceback
         result = evaluate(predictor, args.data, split, args.limit, max_regions=args.max_regions,
                           score_threshold=args.score_threshold, max_new_tokens=args.max_new_tokens,
@@ -337,14 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    **result}
         print_result(result, f"PixelLLM {model.config.preset} on {args.data} [{split}]",
                      f"Narratives: greedy, repetition penalty {penalty:g} ({source}; 1 = off)")
+        if len(splits) > 1:  # after every split: a failure later keeps the splits done (summary at the end)
+            write_json({"checkpoint": str(args.checkpoint), "data": str(args.data), "splits": results,
+                        "summary": None})
     if len(splits) > 1:
         summary = split_summary(results)
         print(f"\nOver {len(splits)} splits (mean and standard error of the mean):")
         print(summary_table(summary))
         result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "splits": results, "summary": summary}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_json(result)
     return 0
 
 
