@@ -47,6 +47,7 @@ class Word:
     index: int
     token_ids: list[int]
     token_boxes: list[list[float]]  # per token, pixels
+    last: bool = False  # the caption's final word while streaming: EOS or the token limit came next
 
     def to_dict(self) -> dict:
         return {"index": self.index, "text": self.text, "box": self.box}
@@ -261,6 +262,7 @@ class PixelLLMPredictor:
                     yield word
             last = words.flush()
             if last is not None:
+                last.last = True
                 yield last
 
     def caption(self, state: ImageState, **kwargs) -> Caption:

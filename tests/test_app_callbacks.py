@@ -109,9 +109,19 @@ def test_drag_undo_and_clear(studio, example_images):
     assert view["image"]["src"] is None  # prompt edits never resend the picture
 
 
-def test_max_words_caps_the_word_count(studio, example_images):
+def test_max_words_caps_the_word_count(studio, example_images, monkeypatch):
     session = _loaded(studio, example_images[0])
+    pulled = []
+    stream_caption = studio.predictor.stream_caption
+
+    def counting(*args, **kwargs):
+        for word in stream_caption(*args, **kwargs):
+            pulled.append(word.text)
+            yield word
+
+    monkeypatch.setattr(studio.predictor, "stream_caption", counting)
     outputs, view, caption, files, _ = _run(studio, session, max_words=3)
+    assert len(pulled) == 3  # knowing the caption was cut decodes no word beyond the limit
     assert len(view["words"]) == 3 and len(caption.split()) == 3
     _, long_view, _, _, _ = _run(studio, session, max_words=9)
     assert len(long_view["words"]) == 9  # the cap, not the model, ended both captions
@@ -141,6 +151,8 @@ def test_the_default_max_words_lets_the_model_end_its_narrative(embedded_studio,
     words = caption.split()
     assert len(words) > 40 and caption.endswith("."), caption
     assert "stopped" not in view["message"] and json.loads(Path(files[0]).read_text())["cut"] is False
+    streamed = studio.predictor.caption(studio.predictor.set_image(session.array)).words
+    assert [w.text for w in streamed] == words and [w.last for w in streamed] == [False] * (len(words) - 1) + [True]
     _, short_view, short, files, _ = _run(studio, session, max_words=len(words) - 1)
     assert short.split() == words[:-1]
     assert "stopped at the max-words limit" in short_view["message"]

@@ -78,8 +78,9 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
 
 class WordStream:
     """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words']. After the
-    loop, `cut` tells whether that limit stopped a caption the model had not finished (one more word is decoded
-    to know). The predictor generator is closed explicitly so its model lock is released when we stop early."""
+    loop, `cut` tells whether that limit stopped a caption the model had not finished (a streamed word is marked
+    `last` when nothing follows it, so this costs no extra decoding). The predictor generator is closed
+    explicitly so its model lock is released when we stop early."""
 
     def __init__(self, studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
                  text: str | None = None, options: dict) -> None:
@@ -96,10 +97,10 @@ class WordStream:
                 top_p=self.options["top_p"], seed=self.options["seed"],
                 repetition_penalty=self.options["repetition_penalty"])) as words:
             for count, word in enumerate(words, start=1):
-                if count > max_words:
-                    self.cut = True
-                    break
                 yield word.to_dict()
+                if count >= max_words:
+                    self.cut = not word.last
+                    break
 
 
 def cut_note(stream: WordStream) -> str:
