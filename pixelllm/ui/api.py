@@ -13,13 +13,8 @@ import numpy as np
 
 from pixelllm import image as imaging
 from pixelllm.ui import records
-from pixelllm.ui.callbacks import (
-    WordStream,
-    decoding_options,
-    dense_options,
-    parse_expressions,
-    trace_words,
-)
+from pixelllm.ui.callbacks import dense_options, parse_expressions, trace_words
+from pixelllm.ui.decoding import WordStream, decoding_options
 from pixelllm.ui.workspace import Studio, load_user_image, user_errors
 
 

@@ -1,0 +1,83 @@
+"""Decoding for the studio's captions: the decoding controls checked (`decoding_options`) and the words of one
+caption streamed from the predictor up to the max-words limit (`WordStream`, which also tells whether that limit
+cut the caption)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
+
+import numpy as np
+
+from pixelllm.ui.workspace import Studio
+
+
+def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
+                     default_words: int, limit: int = 128, repetition_penalty: Any = 1.0) -> dict:
+    """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
+    every result is reproducible; the repetition penalty is reported too. max_words None: `default_words`
+    (`Studio.default_max_words`)."""
+    try:
+        max_words = int(max_words if max_words is not None else default_words)
+    except (TypeError, ValueError) as err:
+        raise ValueError("max words must be a whole number") from err
+    if not 1 <= max_words <= limit:
+        raise ValueError(f"max words must be between 1 and {limit}")
+    sampling = bool(sampling)
+    if not (seed is None or (isinstance(seed, str) and not seed.strip())):
+        try:
+            seed_f = float(seed)
+        except (TypeError, ValueError) as err:
+            raise ValueError("the seed must be a whole number") from err
+        if not seed_f.is_integer() or not -1 <= seed_f < 2**63:
+            raise ValueError("the seed must be a whole number between 0 and 2^63 (or -1 / blank for random)")
+        seed = None if seed_f == -1 else int(seed_f)
+    if seed is None and sampling:
+        seed = secrets.randbelow(2**31)
+    try:
+        temperature, top_p = float(temperature if temperature is not None else 1.0), float(
+            top_p if top_p is not None else 1.0)
+    except (TypeError, ValueError) as err:
+        raise ValueError("temperature and top-p must be numbers") from err
+    try:
+        repetition_penalty = float(repetition_penalty)
+    except (TypeError, ValueError) as err:
+        raise ValueError("the repetition penalty must be a number") from err
+    if not 1.0 <= repetition_penalty <= 2.0:
+        raise ValueError("the repetition penalty must be between 1 (none) and 2")
+    return {"max_words": max_words, "do_sample": sampling, "temperature": temperature, "top_p": top_p,
+            "seed": seed, "repetition_penalty": repetition_penalty}
+
+
+class WordStream:
+    """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words']. After the
+    loop, `cut` tells whether that limit stopped a caption the model had not finished (a streamed word is marked
+    `last` when nothing follows it, so this costs no extra decoding). The predictor generator is closed
+    explicitly so its model lock is released when we stop early."""
+
+    def __init__(self, studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
+                 text: str | None = None, options: dict) -> None:
+        self.studio, self.array, self.options = studio, array, options
+        self.prompts = {"points": points, "point_labels": point_labels, "box": box, "text": text}
+        self.cut = False
+
+    def __iter__(self) -> Iterator[dict]:
+        state = self.studio.predictor.set_image(self.array)
+        max_words = self.options["max_words"]
+        with closing(self.studio.predictor.stream_caption(
+                state, **self.prompts, max_new_tokens=min(512, 4 * max_words + 8),
+                do_sample=self.options["do_sample"], temperature=self.options["temperature"],
+                top_p=self.options["top_p"], seed=self.options["seed"],
+                repetition_penalty=self.options["repetition_penalty"])) as words:
+            for count, word in enumerate(words, start=1):
+                yield word.to_dict()
+                if count >= max_words:
+                    self.cut = not word.last
+                    break
+
+
+def cut_note(stream: WordStream) -> str:
+    """The status line's note when the max-words limit ended a caption early ('' otherwise)."""
+    return " · stopped at the max-words limit (raise it under Decoding)" if stream.cut else ""
