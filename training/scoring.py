@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import stats
 
 from training.data.shapes import ALL_SHAPES, COLORS, SIZES, parse_mentions
 from training.lbm import lbm_dataset
@@ -303,7 +304,7 @@ def split_summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
         known = [v for v in values.values() if v is not None]
         complete = len(known) == len(values) and len(known) > 1
         summary[key] = {"values": values, "mean": float(np.mean(known)) if complete else None,
-                        "se": float(np.std(known, ddof=1) / math.sqrt(len(known))) if complete else None}
+                        "se": float(stats.sem(known)) if complete else None}
     return summary
 
 
@@ -312,4 +313,3 @@ def summary_table(summary: dict[str, dict[str, Any]]) -> str:
     rows = [{"task": task, "metric": label, **summary[key]["values"], "mean": summary[key]["mean"],
              "s.e.": summary[key]["se"]} for key, task, label, _, _ in METRICS]
     return format_table(rows, precision=3)
-

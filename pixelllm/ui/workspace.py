@@ -84,7 +84,7 @@ class Studio:
         """The "Max words" default: the checkpoint's own token limit (a word is at least one token), so by default
         the model's end-of-sequence or that limit ends a caption, as in `predictor.caption` and the evaluation.
         (A fixed 40 cut half of the embedded model's narratives: images of 4-6 objects take 49-64 words.)"""
-        return max(1, min(self.max_words, int(self.model.config.max_new_tokens)))
+        return min(self.max_words, int(self.model.config.max_new_tokens))
 
     def penalty(self, value: Any = None) -> Any:
         """A caption's repetition penalty: the one given, or the checkpoint's default (None or blank)."""
