@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,12 +68,12 @@ class Referral:
     expression: str
     box: list[float]
     score: float
-    mask: np.ndarray = field(repr=False)  # HxW bool, original image
-    mask_score: float = 0.0
+    mask: np.ndarray | None = field(repr=False)  # HxW bool, original image; None if not asked for
+    mask_score: float | None = None  # SAM's predicted IoU of the mask; None without a mask
 
     def to_dict(self) -> dict:
         return {"expression": self.expression, "box": self.box, "score": self.score, "mask_score": self.mask_score,
-                "mask_area": int(self.mask.sum())}
+                "mask_area": None if self.mask is None else int(self.mask.sum())}
 
 
 @dataclass
@@ -341,25 +341,37 @@ class PixelLLMPredictor:
         return Caption(text=text, words=words, score=float(logp.mean().exp()))
 
     # ------------------------------------------------------------------ referring
-    def refer(self, state: ImageState, expressions: list[str]) -> list[Referral]:
-        """Box, score and SAM mask (HxW bool, original image) for each referring expression."""
+    def refer(self, state: ImageState, expressions: list[str], *, masks: bool | Sequence[bool] = True
+              ) -> list[Referral]:
+        """Box, score and SAM mask (HxW bool, original image) for each referring expression.
+
+        ``masks``: False, or one flag per expression, skips the mask of those expressions (their ``mask`` is None;
+        box and score are the same as with it): an evaluation that only reads an expression's score saves SAM's
+        decoder and the upsampling. Blank expressions are dropped, with their flags."""
         self._check_state(state)
-        texts = [imaging.check_text(e) for e in expressions]
-        texts = [t for t in texts if t]
-        if not texts:
+        wanted = [bool(masks)] * len(expressions) if isinstance(masks, bool) else [bool(m) for m in masks]
+        if len(wanted) != len(expressions):
+            raise ValueError(f"masks: {len(wanted)} flags for {len(expressions)} expressions")
+        kept = [(t, m) for t, m in zip((imaging.check_text(e) for e in expressions), wanted) if t]
+        if not kept:
             raise ValueError("type at least one referring expression (one per line)")
+        texts = [t for t, _ in kept]
+        mask_rows = [i for i, (_, m) in enumerate(kept) if m]
         ids = [encode_text(self.tokenizer, t, eos=False)[:MAX_PROMPT_TOKENS] for t in texts]
         width = max(len(x) for x in ids)
         id_tensor = torch.tensor([x + [self.model.config.pad_token_id] * (width - len(x)) for x in ids],
                                  device=self.device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
         with self._model_lock.read(), torch.inference_mode():
-            out = self.model.refer(state.features, id_tensor, mask)
-            masks = F.interpolate(out["mask_logits"][:, None].float(), size=(state.height, state.width),
-                                  mode="bilinear", align_corners=False)[:, 0] > 0
+            out = self.model.refer(state.features, id_tensor, mask,
+                                   mask_rows=torch.tensor(mask_rows, dtype=torch.long, device=self.device))
+            segmented = F.interpolate(out["mask_logits"][:, None].float(), size=(state.height, state.width),
+                                      mode="bilinear", align_corners=False)[:, 0] > 0 if mask_rows else None
         boxes = (out["boxes"].float().cpu().numpy() * self._norm(state)).round(2)
+        by_row = {row: j for j, row in enumerate(mask_rows)}
         return [Referral(expression=t, box=boxes[i].tolist(), score=float(out["score"][i]),
-                         mask=masks[i].cpu().numpy(), mask_score=float(out["mask_iou"][i]))
+                         mask=segmented[by_row[i]].cpu().numpy() if i in by_row else None,
+                         mask_score=float(out["mask_iou"][by_row[i]]) if i in by_row else None)
                 for i, t in enumerate(texts)]
 
     # ------------------------------------------------------------------ dense captioning

@@ -125,15 +125,18 @@ class ScriptedPredictor:
     def set_image(self, image: np.ndarray) -> int:
         return self.keys[np.asarray(image).tobytes()]
 
-    def refer(self, state: int, expressions: list[str]) -> list[Referral]:
-        """Present expressions: their box and mask, score 1; absent ones: a corner box, score `absent_score`."""
+    def refer(self, state: int, expressions: list[str], *, masks=True) -> list[Referral]:
+        """Present expressions: their box and mask, score 1; absent ones: a corner box, score `absent_score`, and
+        no mask when not asked for (as the predictor)."""
         truth = self.truths[state]
         by_text = {e.expression: e for e in truth.expressions}
         absent = getattr(self, "absent_score", 0.2)
+        wanted = [masks] * len(expressions) if isinstance(masks, bool) else list(masks)
         return [Referral(expression=x, box=list(by_text[x].box), score=1.0,
-                         mask=truth.instance_map == by_text[x].object_id) if x in by_text else
+                         mask=truth.instance_map == by_text[x].object_id if m else None) if x in by_text else
                 Referral(expression=x, box=[0.0, 0.0, 1.0, 1.0], score=absent,
-                         mask=np.zeros_like(truth.instance_map, dtype=bool)) for x in expressions]
+                         mask=np.zeros_like(truth.instance_map, dtype=bool) if m else None)
+                for x, m in zip(expressions, wanted, strict=True)]
 
     def caption_boxes(self, state: int, boxes) -> list[Caption]:
         self.calls.append(f"caption_boxes {len(boxes)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling import image_encoder as sam_vit
@@ -122,3 +123,24 @@ def test_bfloat16_prompt_embedding_stays_close_to_float32():
             low = half.prompt_extractor.embed_prompt(**kwargs)
             assert low.dtype == torch.bfloat16
             torch.testing.assert_close(low.float(), full, atol=2e-2, rtol=2e-2)
+
+
+def test_refer_without_some_masks_keeps_every_box_score_and_other_mask():
+    # The evaluation reads only the scores of its absent expressions: skipping their masks must change nothing
+    # else. The masks of a random model are neither all empty nor all full, so a mix-up between rows shows.
+    predictor = PixelLLMPredictor(small_model(seed=5), device="cpu")
+    state = predictor.set_image(random_image(2, 48, 80))
+    asked = ["the red circle", "a small blue square", "", "the large green triangle"]
+    full = predictor.refer(state, asked)
+    part = predictor.refer(state, asked, masks=[False, True, True, False])  # "" is dropped with its flag
+    assert [r.expression for r in part] == [r.expression for r in full] == [asked[0], asked[1], asked[3]]
+    for whole, partial in zip(full, part):
+        assert partial.box == whole.box and partial.score == whole.score
+    assert part[0].mask is None and part[2].mask is None and part[0].to_dict()["mask_area"] is None
+    assert np.array_equal(part[1].mask, full[1].mask) and part[1].mask_score == full[1].mask_score
+    assert len({full[i].mask.tobytes() for i in range(3)}) > 1  # the rows' masks differ: a row mix-up would show
+    none = predictor.refer(state, asked, masks=False)
+    assert all(r.mask is None and r.mask_score is None for r in none)
+    assert [r.score for r in none] == [r.score for r in full]
+    with pytest.raises(ValueError, match="masks: 2 flags for 4 expressions"):
+        predictor.refer(state, asked, masks=[True, False])

@@ -274,14 +274,15 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         logp = torch.log_softmax(logits[0].float(), -1).gather(1, labels[0, :, None])[:, 0]
         return LocationHead.as_box(points[0, : caption_ids.shape[0]]), logp
 
-    def refer(self, features: ImageFeatures, expression_ids: torch.Tensor, expression_mask: torch.Tensor
-              ) -> dict[str, torch.Tensor]:
+    def refer(self, features: ImageFeatures, expression_ids: torch.Tensor, expression_mask: torch.Tensor,
+              mask_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Referring localisation + segmentation for K expressions on one image.
 
-        features: one image; expression_ids: KxT token ids *without* EOS, right-padded; expression_mask: KxT.
+        features: one image; expression_ids: KxT token ids *without* EOS, right-padded; expression_mask: KxT;
+        mask_rows: indices (M) of the expressions to segment, None = all K (boxes and scores are always made).
         The decoder is teacher-forced on [t, EOS] under the global-box prompt; the location head's output at EOS
-        is the box. Returns boxes Kx4, score K (geometric-mean token probability of [t, EOS]), mask_logits
-        Kx(4h)x(4w) in the model-input frame, mask_iou K (SAM's predicted IoU)."""
+        is the box. Returns boxes Kx4, score K (geometric-mean token probability of [t, EOS]), mask_rows M,
+        mask_logits Mx(4h)x(4w) in the model-input frame and mask_iou M (SAM's predicted IoU) for those rows."""
         k = expression_ids.shape[0]
         lengths = expression_mask.sum(1)
         labels = torch.full((k, expression_ids.shape[1] + 1), -100, dtype=torch.long, device=expression_ids.device)
@@ -296,8 +297,15 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         logp = torch.log_softmax(logits.float(), -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
         valid = labels != -100
         score = torch.exp((logp * valid).sum(1) / valid.sum(1))
-        mask_logits, iou = self.mask_head(features.sam[:1], boxes)
-        return {"boxes": boxes, "score": score, "mask_logits": mask_logits[:, 0], "mask_iou": iou[:, 0]}
+        mask_rows = rows if mask_rows is None else mask_rows.to(rows.device)
+        if len(mask_rows):
+            mask_logits, iou = self.mask_head(features.sam[:1], boxes[mask_rows])
+            mask_logits, iou = mask_logits[:, 0], iou[:, 0]
+        else:  # nothing to segment: SAM's decoder is not asked for an empty batch
+            side = 4 * features.sam.shape[-2], 4 * features.sam.shape[-1]
+            mask_logits, iou = boxes.new_zeros((0, *side)), boxes.new_zeros(0)
+        return {"boxes": boxes, "score": score, "mask_rows": mask_rows, "mask_logits": mask_logits,
+                "mask_iou": iou}
 
     def propose(self, features: ImageFeatures, *, top_k: int = 50, score_threshold: float = 0.05,
                 nms_iou: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
