@@ -307,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.files import write_atomically
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -336,9 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {}
 
     def write_json(result: dict[str, Any]) -> None:
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        if args.json:  # atomically: a kill while writing keeps the previous split's file whole
+            write_atomically(args.json, json.dumps(result, indent=2, allow_nan=False) + "\n")
 
     for split in splits:  # failures from here on keep their traceback
         result = evaluate(predictor, args.data, split, args.limit, max_regions=args.max_regions,

@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from pixelllm.files import write_atomically
 from pixelllm.store import STATUSES, AnnotationStore
 from training.data.localized_narratives import LN_KEYS, NUM_TRACE_SAMPLES, utterance_targets
 
@@ -310,17 +310,6 @@ def _coco_annotation(ann_id: int, image_num: int, box: Sequence[float], row: dic
 # Export
 
 
-def _write_atomically(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
                        statuses: Sequence[str] = ("submitted", "accepted")) -> dict[str, Any]:
     """Export the heads of correction chains whose status is in ``statuses`` into ``out_dir``.
@@ -389,7 +378,7 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
             annotations.append(_coco_annotation(len(annotations) + 1, image_num, box, row, "caption", "caption",
                                                 caption))
 
-    _write_atomically(ln_path, "".join(line + "\n" for line in lines))
+    write_atomically(ln_path, "".join(line + "\n" for line in lines))
     if annotations:
         coco = {
             "info": {"description": "PixelLLM Studio region corrections (referring, dense, box-prompted captions)",
@@ -399,7 +388,7 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
             "annotations": annotations,
             "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
         }
-        _write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     elif coco_path.is_file():
         coco_path.unlink()  # a stale file from an earlier export would describe corrections no longer selected
     return {

@@ -10,7 +10,6 @@ import errno
 import functools
 import os
 import sqlite3
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Self
 
 import sqlite_utils
 
+from pixelllm.files import write_atomically
 from pixelllm.store.fields import _choice, _now, _number
 from pixelllm.store.schema import Migration
 
@@ -237,25 +237,8 @@ class StoreDatabase:
     # ---- files ---------------------------------------------------------------------------------------------
 
     def _write_file_atomically(self, target: Path, data: bytes) -> None:
-        """Temp file in the same folder + fsync + os.replace: readers see the whole file or none."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable; not all file systems allow this
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        """Readers see the whole file or none (``pixelllm.files.write_atomically``)."""
+        write_atomically(target, data)
 
     # ---- maintenance -------------------------------------------------------------------------------------
 
