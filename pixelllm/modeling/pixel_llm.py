@@ -19,7 +19,7 @@ from torch import nn
 
 from pixelllm.config import PixelLLMConfig
 from pixelllm.model_card import MODEL_CARD, PAPER_URL
-from pixelllm.modeling import losses
+from pixelllm.modeling import losses, stages
 from pixelllm.modeling.attention_supervision import attention_supervision_loss, capture_cross_attention
 from pixelllm.modeling.heads import LocationHead, ProposalHead, ReferringMaskHead
 from pixelllm.modeling.image_encoder import ImageFeatures, PixelImageEncoder, build_vit
@@ -315,49 +315,13 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
 
     # ------------------------------------------------------------------ training stages
     def parameter_groups(self) -> dict[str, list[str]]:
-        """Parameter names by component. LoRA tensors form their own group whatever module they sit in."""
-        prefixes = {
-            "sam_encoder": ("image_encoder.sam_encoder.",),
-            "semantic_encoder": ("image_encoder.semantic_encoder.", "image_encoder.fuse."),
-            "prompt_encoder": ("prompt_extractor.prompt_encoder.",),
-            "extractor": ("prompt_extractor.transformer.", "prompt_extractor.queries", "prompt_extractor.proj.",
-                          "prompt_extractor.roi_"),
-            "language_model": ("language_model.",),
-            "loc_head": ("loc_head.",),
-            "mask_decoder": ("mask_head.mask_decoder.",),
-            "mask_embedding": ("mask_head.mask_embedding",),
-            "proposal_head": ("proposal_head.",),
-        }
-        groups: dict[str, list[str]] = {name: [] for name in [*prefixes, "lora"]}
-        for name, _ in self.named_parameters():
-            if "lora_" in name:
-                groups["lora"].append(name)
-                continue
-            group = next(g for g, pre in prefixes.items() if name.startswith(pre))
-            groups[group].append(name)
-        return groups
+        """Parameter names by component (``pixelllm.modeling.stages.COMPONENTS``, plus ``"lora"``)."""
+        return stages.parameter_groups(name for name, _ in self.named_parameters())
 
     def set_stage(self, stage: str) -> list[str]:
         """Mark exactly the parameters a training stage trains (requires_grad) and return their names.
-
-        scratch   — everything but LoRA (the tiny preset is trained from scratch);
-        caption   — paper stage 1: extractor, semantic encoder, LoRA;
-        ln        — paper stage 2: LoRA, extractor, location head, semantic encoder; SAM parts, T5 frozen;
-        multitask — stage 2 plus the proposal head and the mask decoder's learnable embedding;
-        finetune  — LoRA only (corrections finetuning).
-        """
-        stages = {
-            "scratch": ["sam_encoder", "semantic_encoder", "prompt_encoder", "extractor", "language_model",
-                        "loc_head", "mask_decoder", "mask_embedding", "proposal_head"],
-            "caption": ["semantic_encoder", "extractor", "lora"],
-            "ln": ["lora", "extractor", "loc_head", "semantic_encoder"],
-            "multitask": ["lora", "extractor", "loc_head", "semantic_encoder", "proposal_head", "mask_embedding"],
-            "finetune": ["lora"],
-        }
-        if stage not in stages:
-            raise ValueError(f"unknown training stage {stage!r}; choose one of {sorted(stages)}")
-        groups = self.parameter_groups()
-        trainable = {name for group in stages[stage] for name in groups[group]}
+        The stages (scratch, caption, ln, multitask, finetune) are ``pixelllm.modeling.stages.STAGES``."""
+        trainable = stages.stage_parameters((name for name, _ in self.named_parameters()), stage)
         for name, param in self.named_parameters():
             param.requires_grad_(name in trainable)
         return sorted(trainable)
