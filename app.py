@@ -14,7 +14,40 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = "assets/checkpoints/shapes-tiny"
+DEFAULT_DB = "data/annotations.db"
 EXAMPLES = ROOT / "assets" / "examples"
+#: Where a Hugging Face Space mounts its persistent storage, when it has some; the rest of its disk is lost at
+#: every restart (https://huggingface.co/docs/hub/spaces-storage).
+SPACE_PERSISTENT = Path("/data")
+
+
+def on_space(environ=os.environ) -> bool:
+    return bool(environ.get("SPACE_ID"))
+
+
+def default_db(environ=os.environ, persistent: Path = SPACE_PERSISTENT) -> str:
+    """The store's default path: $PIXELLLM_DB; else, on a Space with persistent storage (a writable /data),
+    /data/annotations.db, so annotators' corrections survive restarts; else data/annotations.db."""
+    if environ.get("PIXELLLM_DB"):
+        return environ["PIXELLLM_DB"]
+    if on_space(environ) and persistent.is_dir() and os.access(persistent, os.W_OK | os.X_OK):
+        return str(persistent / "annotations.db")
+    return DEFAULT_DB
+
+
+def store_notice(db: str | None, environ=os.environ, persistent: Path = SPACE_PERSISTENT) -> str | None:
+    """What the Annotate tab tells annotators about where their work goes, when they need to know: no store at
+    all, or a store on a Space's ephemeral disk. None when the store is somewhere that lasts."""
+    if db is None:
+        return ("**No annotation store** (the app was started with `--no-store`): nothing you do here is saved. "
+                "Restart it without `--no-store` to save corrections.")
+    path = Path(db).absolute()
+    if on_space(environ) and not path.is_relative_to(persistent):
+        return (f"**This Space has no persistent storage**: the annotation store ({path}) is on the Space's own "
+                "disk, which is wiped whenever the Space restarts or sleeps. Export your corrections before "
+                "leaving, or ask the Space's owner to add persistent storage (Settings → Persistent storage; it "
+                f"is mounted at {persistent} and used automatically).")
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="interface to listen on (0.0.0.0 to serve the network; Spaces set it)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    parser.add_argument("--db", default="data/annotations.db",
-                        help="annotation store (SQLite file); the app refuses to start if it cannot be opened")
+    parser.add_argument("--db", default=default_db(),
+                        help="annotation store (SQLite file; default $PIXELLLM_DB, else /data/annotations.db on a "
+                             "Space with persistent storage, else data/annotations.db); the app refuses to start "
+                             "if it cannot be opened")
     parser.add_argument("--no-store", action="store_true",
                         help="run without the annotation store: nothing is logged, corrections cannot be saved")
     parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once")
@@ -92,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         store = None
     else:
         store = open_store(args.db)  # before torch, gradio and the model load: a bad store fails at once
+    notice = store_notice(None if args.no_store else args.db)
+    if notice and not args.no_store:
+        logging.warning(notice.replace("**", ""))
     from pixelllm import PixelLLM, PixelLLMPredictor
     from pixelllm.ui import build_demo
 
@@ -109,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     predictor = PixelLLMPredictor(model, device=device, dtype=dtype)
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
     demo = build_demo(predictor, store, checkpoint=args.checkpoint, examples=examples,
-                      concurrency=args.concurrency)
+                      concurrency=args.concurrency, store_notice=notice)
     launch(demo, host=args.host, port=args.port, share=args.share)
 
 

@@ -541,6 +541,45 @@ def test_app_arguments_and_device_choice(monkeypatch):
     assert (dtype is torch.bfloat16) == (device == "cuda")
 
 
+def _notices(demo: gr.Blocks) -> list[str]:
+    return [c["props"]["value"] for c in demo.config["components"]
+            if c["props"].get("elem_id") == "annotate-store-notice"]
+
+
+def test_store_location_on_a_space_and_what_annotators_are_told(tmp_path, monkeypatch, small_checkpoint):
+    import app
+
+    for name in ("PIXELLLM_DB", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    persistent = tmp_path / "data"  # stands for a Space's /data mount
+    assert app.default_db(persistent=persistent) == "data/annotations.db"
+    assert app.store_notice("data/annotations.db", persistent=persistent) is None  # not a Space: nothing to say
+    monkeypatch.setenv("SPACE_ID", "someone/pixelllm-studio")
+    ephemeral = app.store_notice(app.default_db(persistent=persistent), persistent=persistent)
+    assert "no persistent storage" in ephemeral and str(Path("data/annotations.db").absolute()) in ephemeral
+    persistent.mkdir()
+    assert app.default_db(persistent=persistent) == str(persistent / "annotations.db")
+    assert app.store_notice(str(persistent / "annotations.db"), persistent=persistent) is None
+    monkeypatch.setenv("PIXELLLM_DB", str(tmp_path / "mine.db"))
+    assert app.default_db(persistent=persistent) == str(tmp_path / "mine.db")
+    assert "--no-store" in app.store_notice(None, persistent=persistent)
+
+    # Through app.main: on a Space whose store is not under /data, the Annotate tab says so; off a Space it
+    # says nothing.
+    demos = []
+    monkeypatch.setattr(app, "launch", lambda demo, **kwargs: demos.append(demo))
+    argv = ["--db", str(tmp_path / "annotations.db"), "--checkpoint", str(small_checkpoint), "--device", "cpu"]
+    app.main(argv)
+    monkeypatch.delenv("SPACE_ID")
+    app.main(argv)
+    on_space, off_space = (_notices(d) for d in demos)
+    assert len(on_space) == 1 and "wiped whenever the Space restarts" in on_space[0], on_space
+    assert str(tmp_path / "annotations.db") in on_space[0]
+    assert off_space == []
+    for demo in demos:
+        demo.close()
+
+
 def test_model_panel_shows_the_checkpoint_evaluation(small_predictor, tmp_path):
     def panel() -> str:  # a new studio each time: it reads metrics.json once
         return cb.model_panel(ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path)))

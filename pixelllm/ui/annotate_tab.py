@@ -44,6 +44,8 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
 
     with gr.Tab("Annotate", id="annotate", elem_id="tab-annotate") as tab:
         state = gr.State(None)  # created inside the tab: a bare child of gr.Tabs would show as a second tab
+        if studio.store_notice:
+            gr.Markdown(studio.store_notice, elem_id="annotate-store-notice")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=360):
                 editor = gr.HTML(value=an.editor_value(None), html_template=template, js_on_load=editor_js,

@@ -41,15 +41,17 @@ def _session_id(request: gr.Request | None) -> str | None:
 
 
 def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples: list[str] | None = None,
-               concurrency: int = 2, max_queue: int = 64, min_word_interval: float = 0.03) -> gr.Blocks:
+               concurrency: int = 2, max_queue: int = 64, min_word_interval: float = 0.03,
+               store_notice: str | None = None) -> gr.Blocks:
     """Build the studio around one shared, thread-safe predictor and an optional AnnotationStore.
 
     checkpoint: the path / hub id shown in the Model tab; examples: image paths for the Examples row;
+    store_notice: Markdown shown atop the Annotate tab (``app.store_notice``: no store, or an ephemeral one);
     concurrency: model calls running at once (the queue's default_concurrency_limit);
     min_word_interval: seconds between streamed words at least (0 = as fast as decoding).
     """
     studio = ws.Studio(predictor=predictor, store=store, checkpoint=checkpoint, examples=list(examples or []),
-                       min_word_interval=min_word_interval)
+                       min_word_interval=min_word_interval, store_notice=store_notice)
     empty_caption, empty_refer, empty_dense = ws.empty_views()
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:

@@ -74,6 +74,7 @@ class Studio:
     max_words: int = 128
     min_word_interval: float = 0.03  # pace streamed words so the trace visibly draws on fast hardware
     download_root: Path | None = None
+    store_notice: str | None = None  # Markdown atop the Annotate tab: no store, or one a Space restart wipes
 
     @property
     def model(self) -> Any:
