@@ -16,7 +16,6 @@ from training.metrics import (
     box_iou,
     dense_caption_ap,
     exact_caption_match,
-    format_table,
     mask_iou_stats,
     normalize_caption,
     point_in_mask_rate,
@@ -24,6 +23,7 @@ from training.metrics import (
     recall_and_hallucination,
     score_auroc,
 )
+from training.tables import format_table
 
 # ----------------------------------------------------------------------------------------------- box IoU
 

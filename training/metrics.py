@@ -21,7 +21,7 @@ Metrics:
 * :func:`point_in_mask_rate` — trace point-in-object accuracy.
 * :func:`score_auroc` — how well a score ranks positives above negatives (area under the ROC curve).
 * LBM, MITR's local bipartite matching distance between two traces of boxes, is in ``training.lbm``.
-* :func:`format_table` — an aligned text table for printing metrics beside baselines.
+* Printing them: ``training.tables.format_table``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +50,6 @@ __all__ = [
     "recall_and_hallucination",
     "point_in_mask_rate",
     "score_auroc",
-    "format_table",
 ]
 
 Box = Sequence[float] | npt.NDArray[np.floating]
@@ -396,59 +395,3 @@ def score_auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
         raise ValueError("score_auroc: scores must be finite")
     u = scipy.stats.mannwhitneyu(pos, neg).statistic  # U of `pos`; a tie counts one half
     return float(u / (len(pos) * len(neg)))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Printing
-
-
-def _format_cell(value: object, precision: int) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value))
-    if isinstance(value, float | np.floating):
-        return f"{float(value):.{precision}f}"
-    return str(value)
-
-
-def _is_numeric_column(values: Sequence[object]) -> bool:
-    """True if the column has at least one value and every non-None value is a (non-bool) number."""
-    present = [v for v in values if v is not None]
-    return bool(present) and all(
-        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
-        for v in present
-    )
-
-
-def format_table(
-    rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None, precision: int = 3
-) -> str:
-    """Render rows of metrics as an aligned plain-text table.
-
-    Args:
-        rows: one mapping per row (e.g. ``{"model": "tiny", "P@0.5": 0.81}``).
-        columns: the columns in order; default all keys in first-seen order.
-        precision: decimals for floats.
-
-    Returns:
-        Header line, a line of dashes, one line per row; columns separated by two spaces, numbers
-        right-aligned, other cells left-aligned, missing cells and ``None`` shown as ``-``. No trailing newline
-        and no trailing spaces.
-    """
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    columns = list(columns)
-    cells = [[_format_cell(row.get(col), precision) for col in columns] for row in rows]
-    numeric = [_is_numeric_column([row.get(col) for row in rows]) for col in columns]
-    widths = [max([len(col)] + [len(line[k]) for line in cells]) for k, col in enumerate(columns)]
-
-    def render(line: Sequence[str]) -> str:
-        parts = [
-            cell.rjust(widths[k]) if numeric[k] else cell.ljust(widths[k]) for k, cell in enumerate(line)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = [render(columns), "  ".join("-" * w for w in widths)]
-    out.extend(render(line) for line in cells)
-    return "\n".join(out)

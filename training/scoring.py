@@ -20,13 +20,13 @@ from training.data.shapes import ALL_SHAPES, COLORS, SIZES, parse_mentions
 from training.lbm import lbm_dataset
 from training.metrics import (
     dense_caption_ap,
-    format_table,
     mask_iou_stats,
     point_in_mask_rate,
     precision_at_iou,
     recall_and_hallucination,
     score_auroc,
 )
+from training.tables import format_table
 
 if TYPE_CHECKING:
     from training.evaluate import ImagePrediction, ImageTruth, ObjectTruth

@@ -24,7 +24,7 @@ python -m training.simulate_annotators --base assets/checkpoints/shapes-tiny --w
    split — location-conditioned caption accuracy on all objects and referring P@0.5 / mask mean IoU
    (``training.evaluate.location_caption_metrics`` / ``referring_metrics``), to show old skills stay.
 
-Prints a table (``training.metrics.format_table``) and the acceptance check (shift gain >= 30 points, base
+Prints a table (``training.tables.format_table``) and the acceptance check (shift gain >= 30 points, base
 metrics drop <= 3 points) and writes everything to ``--json`` (default ``<work>/simulate.json``). ``--work`` is
 scratch space: its store and data splits are recreated on every run. Every size is a flag, so a smoke version
 (a few images, a few steps) runs in seconds.
@@ -45,8 +45,8 @@ import numpy as np
 
 from training.data.shapes import SHIFT_SHAPE, generate_split, load_image, load_split
 from training.evaluate import ImagePrediction, load_truth
-from training.metrics import format_table
 from training.scoring import caption_is_triple, location_caption_metrics, referring_metrics
+from training.tables import format_table
 
 ANNOTATOR = "simulated_annotator"
 SHIFT_GAIN_POINTS = 30.0
