@@ -84,7 +84,8 @@ def save_correction_from_editor(store: Any, session_state: AnnotateState | None,
         keeps the document: retry with the same client_token).
     """
     if store is None:
-        raise ValueError("No annotation store is configured: start the app with --db PATH to save corrections.")
+        raise ValueError("No annotation store: the app was started with --no-store, so corrections cannot be "
+                         "saved (restart it without --no-store).")
     annotator = check_annotator(annotator)
     if status not in EDIT_STATUSES:
         raise ValueError(f"status must be 'draft' or 'submitted', got {status!r} (reviews use Accept / Reject)")
