@@ -11,7 +11,8 @@ from PIL import Image
 
 from tests.helpers import small_tokenizer
 from training import convert
-from training.data.datasets import Collator, MultiTaskSampler, ShapesData
+from training.data.datasets import Collator, ShapesData
+from training.data.sampling import MultiTaskSampler
 
 REFCOCO = {
     "images": [

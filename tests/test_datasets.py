@@ -11,7 +11,8 @@ from PIL import Image
 
 from pixelllm.tokenizer import encode_text
 from tests.helpers import small_tokenizer
-from training.data.datasets import TASKS, Collator, MultiTaskSampler, ShapesData
+from training.data.datasets import TASKS, Collator, ShapesData
+from training.data.sampling import MultiTaskSampler
 from training.data.shapes import generate_split
 
 

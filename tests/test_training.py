@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from training.data.datasets import TaskStream
+from training.data.sampling import TaskStream
 
 ROOT = Path(__file__).resolve().parents[1]
 

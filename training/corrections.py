@@ -25,7 +25,8 @@ from pixelllm.modeling.image_encoder import ImageFeatures
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.store import AnnotationStore
 from pixelllm.tokenizer import encode_text
-from training.data.datasets import Collator, ShapesData, TaskStream
+from training.data.datasets import Collator, ShapesData
+from training.data.sampling import TaskStream
 from training.export import correction_trace
 
 FEATURE_BATCH = 16

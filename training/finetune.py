@@ -57,7 +57,8 @@ from training.corrections import (
     FinetuneCollator,
     correction_examples,
 )
-from training.data.datasets import TASKS, Collator, MultiTaskSampler, ShapesData
+from training.data.datasets import TASKS, Collator, ShapesData
+from training.data.sampling import MultiTaskSampler
 from training.train import lr_at
 
 LOC_HEAD_TARGETS = (r"loc_head\.layers\.\d+",)

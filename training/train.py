@@ -31,7 +31,8 @@ from pixelllm.config import get_config
 from pixelllm.model_card import training_summary
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.tokenizer import train_tokenizer
-from training.data.datasets import TASKS, Collator, MultiTaskSampler, ShapesData, read_jsonl
+from training.data.datasets import TASKS, Collator, ShapesData, read_jsonl
+from training.data.sampling import MultiTaskSampler
 
 
 # ---------------------------------------------------------------------------- config
