@@ -276,3 +276,9 @@ def test_cli_writes_the_export_and_prints_the_summary(store, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["ln_records"] == 1 and (out / export.LN_FILE).is_file()
     assert export.main(["--db", str(tmp_path / "missing.db"), "--out", str(out)]) == 2
+    capsys.readouterr()
+    stranger = tmp_path / "other.db"  # a SQLite file, but not an annotation store: a message, no traceback
+    with contextlib.closing(sqlite3.connect(stranger)) as conn, conn:
+        conn.execute("CREATE TABLE t (x)")
+    assert export.main(["--db", str(stranger), "--out", str(out)]) == 2
+    assert "not an annotation store" in capsys.readouterr().err

@@ -204,6 +204,10 @@ def test_joint_replay_trains_on_corrections_and_replay_every_step(base_dir, stor
     with pytest.raises(ValueError, match="replay mode"):
         ft.finetune(settings(base_dir, store, tmp_path / "runs" / "x", replay_mode="mixed"), store=store,
                     progress=False)
+    runs = len(store.list_finetune_runs())
+    with pytest.raises(ValueError, match="log every must be at least 1"):  # was a run failed at its first step
+        ft.finetune(settings(base_dir, store, tmp_path / "runs" / "y", log_every=0), store=store, progress=False)
+    assert len(store.list_finetune_runs()) == runs  # refused before a run is recorded
 
 
 def test_grouped_replay_batches_have_about_batch_size_rows(base_dir, store, tmp_path, monkeypatch):

@@ -305,7 +305,25 @@ def test_client_token_makes_retries_idempotent(store: AnnotationStore, image: st
     assert count_rows(db_path) == 4
     with pytest.raises(ValueError, match="already used by correction"):
         store.save_correction(**edit(image_sha=image, annotator="mallory", client_token="req-1"))
-    assert count_rows(db_path) == 4
+    # The same token carrying another decision is another request: refused, never answered with the first id.
+    with pytest.raises(ValueError, match="different status"):
+        store.review(reviewed, "rev", accept=False, client_token="rev-1")
+    with pytest.raises(ValueError, match="different status"):
+        store.save_correction(**edit(image_sha=image, status="submitted", client_token="req-1"))
+    assert count_rows(db_path) == 4 and store.head(first)["status"] == "accepted"
+
+
+def test_integers_sqlite_cannot_hold_are_bad_input(store: AnnotationStore, image: str, db_path: Path):
+    # 2**63 does not fit SQLite's 64-bit INTEGER: sqlite3 would raise OverflowError, which is neither of the two
+    # errors callers are promised (ValueError for bad input, StoreError for the file).
+    huge = 2**63
+    for call in (lambda: store.get_correction(huge), lambda: store.list_corrections(offset=huge),
+                 lambda: store.save_correction(**edit(generation_id=huge)),
+                 lambda: store.add_image(b"another image", huge, 10)):
+        with pytest.raises(ValueError, match="integer"):
+            call()
+    assert count_rows(db_path) == 0 and count_rows(db_path, "images") == 1
+    assert store.get_correction(huge - 1) is None  # the largest id SQLite holds is still a valid question
 
 
 def test_list_corrections_filters(store: AnnotationStore, image: str):

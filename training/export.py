@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from pixelllm.files import write_atomically
-from pixelllm.store import STATUSES, AnnotationStore
+from pixelllm.store import STATUSES, AnnotationStore, StoreError
 from training.data.localized_narratives import LN_KEYS, NUM_TRACE_SAMPLES, utterance_targets
 
 __all__ = [
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with AnnotationStore(args.db) as store:
             summary = export_corrections(store, args.out, statuses)
-    except ValueError as err:
+    except (ValueError, StoreError, OSError) as err:  # OSError: the output folder cannot be written
         print(f"export failed: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

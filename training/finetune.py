@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from pixelllm.adapters import check_adapter_name
 from pixelllm.modeling.pixel_llm import PixelLLM
-from pixelllm.store import AnnotationStore
+from pixelllm.store import AnnotationStore, StoreError
 from training.corrections import (
     CorrectionExample,
     CorrectionSampler,
@@ -99,6 +99,9 @@ class FinetuneSettings:
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be at least 1")
+        if self.log_every < 1 or self.warmup < 0:
+            raise ValueError(f"log every must be at least 1 and warm-up at least 0, got {self.log_every} and "
+                             f"{self.warmup}")
         if not 0.0 <= self.replay_ratio <= 1.0:
             raise ValueError(f"replay ratio must be in [0, 1], got {self.replay_ratio}")
         if self.replay_mode not in REPLAY_MODES:
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_exit():
             summary = finetune(settings_from_args(args))
-    except ValueError as err:
+    except (ValueError, StoreError) as err:
         print(f"finetune: {err}", file=sys.stderr)
         return 2
     print(f"adapter {summary['adapter']} ({summary['examples']} samples from "

@@ -238,7 +238,7 @@ class AnnotationStore(StoreDatabase):
         parent_id = _opt_row_id(parent_id, "parent_id")
 
         with self._write() as db:
-            previous = self._retry(client_token, annotator=annotator, parent_id=parent_id)
+            previous = self._retry(client_token, annotator=annotator, parent_id=parent_id, status=status)
             if previous is not None:
                 return previous
             parent = None
@@ -295,7 +295,8 @@ class AnnotationStore(StoreDatabase):
         comment = _opt_text(comment, "comment", allow_empty=True)
         client_token = _opt_text(client_token, "client_token")
         with self._write() as db:
-            previous = self._retry(client_token, parent_id=correction_id, reviewer=reviewer)
+            previous = self._retry(client_token, parent_id=correction_id, reviewer=reviewer,
+                                   status="accepted" if accept else "rejected")
             if previous is not None:
                 return previous
             head = self._head_to_supersede(correction_id, "correction_id")

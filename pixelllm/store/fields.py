@@ -53,8 +53,12 @@ def _name(value: Any, name: str) -> str:
     return _text(value, name).strip()
 
 
+#: SQLite's INTEGER is 64-bit signed: a larger Python int would raise OverflowError inside sqlite3.
+SQLITE_MAX_INT = 2**63 - 1
+
+
 def _row_id(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= SQLITE_MAX_INT:
         raise ValueError(f"{name} must be a positive integer id, got {value!r}")
     return int(value)
 
@@ -64,10 +68,9 @@ def _opt_row_id(value: Any, name: str) -> int | None:
 
 
 def _count(value: Any, name: str, *, low: int = 0, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-        high is not None and value > high
-    ):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    high = SQLITE_MAX_INT if high is None else min(high, SQLITE_MAX_INT)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        bound = f"in [{low}, {high}]" if high < SQLITE_MAX_INT else f">= {low}"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)
 
