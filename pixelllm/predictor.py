@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pixelllm import adapters
 from pixelllm import image as imaging
 from pixelllm.modeling.image_encoder import ImageFeatures
 from pixelllm.modeling.pixel_llm import PixelLLM
@@ -88,17 +89,19 @@ class Region:
 
 
 class _ReadWriteLock:
-    """Many readers (requests) or one writer (an adapter switch)."""
+    """Many readers (requests) or one writer (an adapter switch). The writer's own thread may read (a request run
+    while it holds the model, as `PixelLLMPredictor.using_adapter` does)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
-        self._writer = False
+        self._writer: int | None = None  # the writing thread's ident
 
     @contextmanager
     def read(self) -> Iterator[None]:
+        me = threading.get_ident()
         with self._cond:
-            self._cond.wait_for(lambda: not self._writer)
+            self._cond.wait_for(lambda: self._writer in (None, me))
             self._readers += 1
         try:
             yield
@@ -110,13 +113,13 @@ class _ReadWriteLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._writer = True
+            self._cond.wait_for(lambda: self._writer is None and self._readers == 0)
+            self._writer = threading.get_ident()
         try:
             yield
         finally:
             with self._cond:
-                self._writer = False
+                self._writer = None
                 self._cond.notify_all()
 
 
@@ -161,7 +164,7 @@ class PixelLLMPredictor:
             self.model.to(dtype)
         self.tokenizer = model.tokenizer
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str], ImageFeatures] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str | None, str], ImageFeatures] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._model_lock = _ReadWriteLock()
         self.cache_hits = 0
@@ -172,7 +175,7 @@ class PixelLLMPredictor:
         """Encode an image (HxWx3 uint8 RGB array or PIL image), or fetch its embedding from the cache."""
         arr = imaging.as_rgb_array(image)
         key = imaging.image_key(arr)
-        cache_key = (self.model.version, key)
+        cache_key = (self.model.version, self._encoder_adapter(), key)
         with self._cache_lock:
             features = self._cache.get(cache_key)
             if features is not None:
@@ -402,6 +405,30 @@ class PixelLLMPredictor:
     def load_adapter(self, directory, name: str, *, activate: bool = True) -> None:
         with self._model_lock.write():
             self.model.load_adapter(directory, name, activate=activate)
+            with self._cache_lock:  # a name loaded again may bring other weights: no features cached under it
+                self._cache.clear()
+
+    @contextmanager
+    def using_adapter(self, name: str | None) -> Iterator[None]:
+        """Run the block's requests (from this thread) with adapter ``name`` (None = the base model), then switch
+        back. Other users' requests wait until the block ends instead of being served by the wrong model."""
+        with self._model_lock.write():
+            previous = self.model.active_adapter
+            self.model.set_adapter(name)
+            try:
+                yield
+            finally:
+                self.model.set_adapter(previous)
+
+    def _encoder_adapter(self) -> str | None:
+        """The active adapter if it has LoRA layers in the image encoder (its features differ from the base
+        model's, so they are cached apart); None otherwise — the usual adapters (language model, location head)
+        share the base model's image features."""
+        name = self.model.active_adapter
+        if name is None:
+            return None
+        touches = any(name in layer.lora_A for layer in adapters.tuner_layers(self.model.image_encoder))
+        return name if touches else None
 
     @property
     def adapter(self) -> str | None:

@@ -23,6 +23,7 @@ from segment_anything.modeling import image_encoder as sam_vit
 from transformers.activations import NewGELUActivation
 
 from pixelllm.config import ViTConfig
+from pixelllm.image import to_model_input
 from pixelllm.modeling.image_encoder import SDPAAttention, build_vit
 from pixelllm.predictor import PixelLLMPredictor
 from tests.helpers import random_image, small_model
@@ -144,3 +145,51 @@ def test_refer_without_some_masks_keeps_every_box_score_and_other_mask():
     assert [r.score for r in none] == [r.score for r in full]
     with pytest.raises(ValueError, match="masks: 2 flags for 4 expressions"):
         predictor.refer(state, asked, masks=[True, False])
+
+
+def _lora_b_random(model) -> None:
+    with torch.no_grad():  # LoRA B starts at zero: an adapter changes nothing until it is trained
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+
+
+def test_image_cache_keeps_apart_the_features_of_an_adapter_on_the_image_encoder():
+    image = random_image(4, 48, 64)
+    model = small_model(seed=6)
+    model.add_adapter("encoder", extra_targets=(r"image_encoder\.sam_encoder\.blocks\.0\.mlp\.lin1",))
+    model.add_adapter("words")  # the default targets: language model only
+    _lora_b_random(model)
+    predictor = PixelLLMPredictor(model, device="cpu")
+    predictor.set_adapter(None)
+    base = predictor.set_image(image).features.fused.clone()
+    predictor.set_adapter("words")
+    assert torch.equal(predictor.set_image(image).features.fused, base) and predictor.cache_hits == 1  # shared
+    predictor.set_adapter("encoder")
+    served = predictor.set_image(image).features.fused
+    with torch.inference_mode():
+        own = model.encode_image(to_model_input(image, model.config.image_size)[None]).fused
+    assert not torch.equal(served, base) and torch.allclose(served, own)  # was: the base model's features
+    predictor.set_adapter(None)
+    assert torch.equal(predictor.set_image(image).features.fused, base)
+
+
+def test_using_adapter_holds_other_requests_until_it_ends():
+    import threading
+
+    model = small_model(seed=7)
+    model.add_adapter("fix")
+    _lora_b_random(model)
+    predictor = PixelLLMPredictor(model, device="cpu")
+    state = predictor.set_image(random_image(5, 48, 64))
+    served = predictor.trace(state, "a red circle").words  # the active adapter, "fix"
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(predictor.trace(state, "a red circle").words))
+    with predictor.using_adapter(None):
+        base = predictor.trace(state, "a red circle").words  # this thread may run requests in the block
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not other  # the other user's request waits ...
+    thread.join()
+    assert predictor.adapter == "fix"
+    assert [w.box for w in other[0]] == [w.box for w in served] != [w.box for w in base]  # ... for the served model

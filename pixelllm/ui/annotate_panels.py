@@ -143,18 +143,14 @@ def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: thread
             empty = render.viewer_value(session.image, mode="caption", include_src=True, clickable=False,
                                         message="base model")
             return empty, render.viewer_value(None, mode="caption"), note
-        state = predictor.set_image(session.array)
         if traced:  # a caption the user typed: compare where each model puts its words
             kwargs = {key: kwargs[key] for key in ("points", "point_labels", "box") if key in kwargs}
-            run = functools.partial(predictor.trace, state, session.caption["text"], **kwargs)
+            run = functools.partial(predictor.trace, text=session.caption["text"], **kwargs)
         else:
-            run = functools.partial(predictor.caption, state, **kwargs)
-        tuned = run()
-        try:
-            predictor.set_adapter(None)
-            base = run()
-        finally:
-            predictor.set_adapter(active)
+            run = functools.partial(predictor.caption, **kwargs)
+        tuned = run(predictor.set_image(session.array))
+        with predictor.using_adapter(None):  # other users wait rather than get the base model's output
+            base = run(predictor.set_image(session.array))  # the image encoded by the base model
     base_words = [w.to_dict() for w in base.words]
     tuned_words = [w.to_dict() for w in tuned.words]
     views = (render.viewer_value(session.image, mode="caption", words=base_words, clickable=False, status="done",
