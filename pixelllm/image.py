@@ -79,9 +79,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
-    """Accept an HxWx3 / HxWx4 / HxW uint8 array or a PIL image; return HxWx3 uint8."""
+    """Accept an HxWx3 / HxWx4 / HxW uint8 array or a PIL image; return HxWx3 uint8 at the image's own size (a
+    PIL image is converted as `load_image` does, EXIF orientation included, but never downscaled: the caller's
+    boxes and prompts are in its pixels, as they are for an array)."""
     if isinstance(image, Image.Image):
-        return load_image(image)
+        return load_image(image, max_side=max(image.size))
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)

@@ -49,6 +49,7 @@ class Word:
     token_ids: list[int]
     token_boxes: list[list[float]]  # per token, pixels
     last: bool = False  # the caption's final word while streaming: EOS or the token limit came next
+    eos: bool = False  # the final word, and the model ended the caption (EOS) rather than the token limit
 
     def to_dict(self) -> dict:
         return {"index": self.index, "text": self.text, "box": self.box}
@@ -197,11 +198,20 @@ class PixelLLMPredictor:
     def _norm(self, state: ImageState) -> np.ndarray:
         return np.array([state.width, state.height, state.width, state.height], dtype=np.float64)
 
+    def _prompt_ids(self, text: str, what: str) -> list[int]:
+        """Token ids of a text prompt or referring expression; refused when longer than the model reads (the
+        rest would be ignored while the whole text is echoed and logged)."""
+        ids = encode_text(self.tokenizer, text, eos=False)
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"{what} is {len(ids)} tokens long; the model reads at most {MAX_PROMPT_TOKENS} "
+                             "(shorten it)")
+        return ids
+
     def _text_ids(self, text: str | None, batch: int) -> torch.Tensor | None:
         text = imaging.check_text(text)
         if text is None:
             return None
-        ids = encode_text(self.tokenizer, text, eos=False)[:MAX_PROMPT_TOKENS]
+        ids = self._prompt_ids(text, "the text prompt")
         return torch.tensor([ids], device=self.device).expand(batch, -1)
 
     def _prefix(self, state: ImageState, *, points=None, point_labels=None, box=None, text=None):
@@ -251,6 +261,7 @@ class PixelLLMPredictor:
                 prefix = self._prefix(state, points=points, point_labels=point_labels, box=box, text=text)
                 steps = self.model.stream(prefix, **options)
             words = _WordAssembler(self.tokenizer, state.width, state.height)
+            saw_eos = False
             while True:
                 with torch.inference_mode():  # per step: the generator may resume on another thread
                     item = next(steps, None)
@@ -259,13 +270,14 @@ class PixelLLMPredictor:
                 step, boxes = item
                 token = int(step.tokens[0])
                 if token in (self.model.config.eos_token_id, self.model.config.pad_token_id):
+                    saw_eos = saw_eos or token == self.model.config.eos_token_id
                     continue
                 word = words.push(token, boxes[0].float().cpu().numpy())
                 if word is not None:
                     yield word
             last = words.flush()
             if last is not None:
-                last.last = True
+                last.last, last.eos = True, saw_eos
                 yield last
 
     def caption(self, state: ImageState, **kwargs) -> Caption:
@@ -360,7 +372,8 @@ class PixelLLMPredictor:
             raise ValueError("type at least one referring expression (one per line)")
         texts = [t for t, _ in kept]
         mask_rows = [i for i, (_, m) in enumerate(kept) if m]
-        ids = [encode_text(self.tokenizer, t, eos=False)[:MAX_PROMPT_TOKENS] for t in texts]
+        ids = [self._prompt_ids(t, f"referring expression {i + 1}" if len(texts) > 1 else "the referring expression")
+               for i, t in enumerate(texts)]
         width = max(len(x) for x in ids)
         id_tensor = torch.tensor([x + [self.model.config.pad_token_id] * (width - len(x)) for x in ids],
                                  device=self.device)

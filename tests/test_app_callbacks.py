@@ -153,10 +153,33 @@ def test_the_default_max_words_lets_the_model_end_its_narrative(embedded_studio,
     assert "stopped" not in view["message"] and json.loads(Path(files[0]).read_text())["cut"] is False
     streamed = studio.predictor.caption(studio.predictor.set_image(session.array)).words
     assert [w.text for w in streamed] == words and [w.last for w in streamed] == [False] * (len(words) - 1) + [True]
+    assert [w.eos for w in streamed] == [w.last for w in streamed]  # the model ended it
+    budget = studio.predictor.caption(studio.predictor.set_image(session.array), max_new_tokens=6).words
+    assert budget[-1].last and not budget[-1].eos  # the token limit ended it
     _, short_view, short, files, _ = _run(studio, session, max_words=len(words) - 1)
     assert short.split() == words[:-1]
     assert "stopped at the max-words limit" in short_view["message"]
     assert json.loads(Path(files[0]).read_text())["cut"] is True
+
+
+def test_a_caption_the_token_budget_ends_is_reported_cut():
+    """The stream's token budget (4 x max words + 8) can end a caption of long garbled words (sampling at a high
+    temperature) before max words is reached: that is a cut too, not the model's end."""
+    from pixelllm.predictor import Word
+    from pixelllm.ui.decoding import WordStream
+
+    class Budgeted:  # streams three words, the last one ended by the token limit (no EOS)
+        def set_image(self, array):
+            return None
+
+        def stream_caption(self, state, **kwargs):
+            yield from (Word(text=t, box=[0, 0, 1, 1], index=i, token_ids=[i], token_boxes=[], last=i == 2,
+                             eos=False) for i, t in enumerate("abc"))
+
+    options = {"max_words": 10, "do_sample": True, "temperature": 5.0, "top_p": 1.0, "seed": 1,
+               "repetition_penalty": 1.0}
+    stream = WordStream(ws.Studio(predictor=Budgeted()), np.zeros((4, 4, 3), np.uint8), options=options)
+    assert [w["text"] for w in stream] == ["a", "b", "c"] and stream.cut  # was: not cut
 
 
 def test_words_stream_one_per_update_with_gradient_colours(studio, example_images):

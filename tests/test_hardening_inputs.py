@@ -272,6 +272,18 @@ def test_unusual_image_is_normalised_by_the_loader(case_id, name, make, size, pi
     assert_boxes_inside([w.box for w in words], *size)
 
 
+def test_a_large_pil_image_keeps_its_own_pixel_frame(small_predictor):
+    # The predictor's boxes are pixels of the image it was given: a PIL image above MAX_SIDE (2048) was
+    # downscaled inside set_image, so a valid box was refused and every output came back in the smaller frame.
+    array = np.zeros((1000, 3000, 3), np.uint8)
+    array[100:900, 2500:2900] = 255
+    state = small_predictor.set_image(Image.fromarray(array))
+    assert (state.width, state.height) == (3000, 1000) == (small_predictor.set_image(array).width, 1000)
+    words = small_predictor.caption(state, box=[2500, 100, 2900, 900], max_new_tokens=4).words
+    assert_boxes_inside([w.box for w in words], 3000, 1000)
+    assert small_predictor.refer(state, ["the white square"])[0].mask.shape == (1000, 3000)
+
+
 def test_exif_rotated_photo_takes_prompts_in_the_frame_the_user_sees(small_predictor):
     array = imaging.load_image(exif_rotated_jpeg(100, 60, orientation=6))
     state = small_predictor.set_image(array)
@@ -424,7 +436,7 @@ TEXTS_NORMALISED = [  # (id, text sent, text the answer reports)
     ("emoji", "🔴 circle 👀🏳️‍🌈", "🔴 circle 👀🏳️‍🌈"),
     ("html", '<img src=x onerror="window.__pwned=1"><script>alert(1)</script>',
      '<img src=x onerror="window.__pwned=1"><script>alert(1)</script>'),
-    ("2000-characters", "a" * 2000, "a" * 2000),
+    ("long", "the red circle " * 12, " ".join(["the red circle"] * 12)),  # 36-60 tokens: under the 64 read
 ]
 
 
@@ -444,6 +456,12 @@ def test_text_too_long_through_the_api(served_app, client):
                    "the text is 9999 characters long; the limit is 2000")
     assert_refused(served_app, lambda: refer(client, NORMAL_IMAGE, "x" * 10_000),
                    "the text is 10000 characters long; the limit is 2000")
+    # Within 2000 characters but more tokens than the model reads: refused, not silently cut to 64 tokens
+    # while the whole text is echoed and logged as the prompt.
+    assert_refused(served_app, lambda: caption(client, NORMAL_IMAGE, text="a" * 2000),
+                   "the text prompt is 2000 tokens long; the model reads at most 64")
+    assert_refused(served_app, lambda: refer(client, NORMAL_IMAGE, "the red circle\n" + "a" * 2000),
+                   "referring expression 2 is 2000 tokens long; the model reads at most 64")
 
 
 def test_traced_captions_through_the_api(served_app, client):

@@ -53,9 +53,9 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
 
 class WordStream:
     """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words']. After the
-    loop, `cut` tells whether that limit stopped a caption the model had not finished (a streamed word is marked
-    `last` when nothing follows it, so this costs no extra decoding). The predictor generator is closed
-    explicitly so its model lock is released when we stop early."""
+    loop, `cut` tells whether a limit (max words, or the token budget behind it) stopped a caption the model had
+    not ended: the final streamed word carries `eos` when the model's EOS ended it, so this costs no extra
+    decoding. The predictor generator is closed explicitly so its model lock is released when we stop early."""
 
     def __init__(self, studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
                  text: str | None = None, options: dict) -> None:
@@ -73,8 +73,8 @@ class WordStream:
                 repetition_penalty=self.options["repetition_penalty"])) as words:
             for count, word in enumerate(words, start=1):
                 yield word.to_dict()
+                self.cut = not word.eos  # False only on a final word the model ended
                 if count >= max_words:
-                    self.cut = not word.last
                     break
 
 
