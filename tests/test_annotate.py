@@ -4,6 +4,7 @@ review; idempotent saves; errors; browse; export; adapter comparison."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import zipfile
@@ -262,6 +263,30 @@ def test_store_failure_warns_and_keeps_the_edits(studio, captioned, annotation_s
     monkeypatch.undo()
     state, view = an.save(studio, state, "submitted", "fay")  # the retry saves it
     assert annotation_store.get_correction(state.head_id)["words"][0] == "kept"
+
+
+def test_an_image_the_store_could_not_take_at_open_is_added_by_the_save(studio, captioned, annotation_store,
+                                                                         monkeypatch):
+    # The store was down while captioning (nothing logged) and still is when the editor opens: the editor says
+    # "saving will retry", and once the store is back the save must add the image first (it failed for want of
+    # an image before).
+    captioned.sha = None
+    captioned.last = {**captioned.last, "generation_id": None}
+
+    def down(*args, **kwargs):
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(annotation_store, "add_image", down)
+    monkeypatch.setattr(gr, "Warning", lambda *a, **k: None)
+    state, view = an.open_current(studio, captioned, None)
+    assert "saving will retry" in view["message"] and state.image["sha"] is None
+    state, view = an.save(studio, state, "draft", "gus")  # still down: kept, retried later
+    assert view["level"] == "error" and state.head_id is None
+    monkeypatch.undo()
+    state, view = an.save(studio, state, "draft", "gus")
+    saved = annotation_store.get_correction(state.head_id)
+    assert saved["image_sha"] == state.image["sha"] == hashlib.sha256(render.png_bytes(captioned.array)).hexdigest()
+    assert annotation_store.get_image(saved["image_sha"]) is not None and "Saved draft" in view["message"]
 
 
 def test_browse_filters_and_open(studio, captioned, annotation_store):

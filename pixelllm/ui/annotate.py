@@ -263,17 +263,19 @@ def open_current(studio: ws.Studio, session: ws.Session | None, state: AnnotateS
     doc = _doc_from_output(last)
     sha = session.sha
     note = ""
+    pending = None  # the image's PNG while the store has not got it: saving adds it first
     if sha is None and studio.store is not None and session.array is not None:
+        pending = render.png_bytes(session.array)
         try:
-            sha = studio.store.add_image(render.png_bytes(session.array), int(session.array.shape[1]),
-                                         int(session.array.shape[0]))
+            sha = studio.store.add_image(pending, int(session.array.shape[1]), int(session.array.shape[0]))
+            pending = None
         except Exception as err:  # noqa: BLE001 - the editor still works; saving will retry
             log.exception("annotation store: could not add the image")
             gr.Warning(f"The annotation store is unavailable ({render.escape(err)}); you can edit, and saving "
                        "will retry.")
             note = " (store unavailable: saving will retry)"
     image = {"sha": sha, "key": session.image["key"], "width": session.image["width"],
-             "height": session.image["height"]}
+             "height": session.image["height"], "png": pending}
     state = _open(state, doc, image, generation_id=last.get("generation_id"), head_id=None, head_status=None)
     gen = f"generation #{last['generation_id']}" if last.get("generation_id") else "the last output (not logged)"
     return state, editor_value(state, f"Opened {gen}: {len(doc['words'])} {_unit(doc)}{note}.",
@@ -350,6 +352,11 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
             if not (isinstance(annotator, str) and annotator.strip()):
                 return state, editor_value(state, "Autosave is waiting for your annotator name.", level="warn")
         payload = {**doc, "comment": comment if isinstance(comment, str) and comment.strip() else None}
+        image = state.image or {}
+        if image.get("sha") is None and image.get("png") is not None and studio.store is not None:
+            # the store was unavailable when the editor opened: add the image now (a failure is handled below)
+            sha = studio.store.add_image(image["png"], int(image["width"]), int(image["height"]))
+            state.image = {**image, "sha": sha, "png": None}
         result = save_correction_from_editor(studio.store, state, payload, status, annotator,
                                              client_token_for(state, status))
     except ValueError as err:

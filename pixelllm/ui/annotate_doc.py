@@ -32,7 +32,8 @@ class AnnotateState:
     """One browser tab's editor (lives in gr.State).
 
     doc: {task, words: [{text, box (XYXY pixels), non_visual}], timed_caption, traces} or None;
-    image: {sha, key, width, height} (sha None while the store has not got the image);
+    image: {sha, key, width, height, png} (sha None while the store has not got the image; png then holds its
+    bytes, for the next save to add it);
     head_id: the correction the next save supersedes (None: the next save starts a new chain);
     saved_doc: the document as last opened or saved (dirty = doc differs from it);
     history / future: undo and redo stacks of documents; rev: bumped by every change (client tokens, stale edits).
