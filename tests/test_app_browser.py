@@ -202,6 +202,31 @@ def test_the_repetition_penalty_starts_at_the_checkpoints_default_and_reaches_th
     expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     assert _last_generation(studio_app.store)["extra"]["decoding"]["repetition_penalty"] == pytest.approx(1.35)
 
+def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page, studio_app):
+    """Picking another image while a caption still streams: the stream's later updates carried the old session
+    back into the page's state, so Referring (and Dense, Annotate) worked on the previous image while the new
+    one was shown. The new image cancels the stream."""
+    _load_example(app, 0)
+    root = app.locator("#caption-viewer .px-root")
+    app.locator("#generate").click()
+    expect(root).to_have_attribute("data-status", "streaming", timeout=TIMEOUT)
+    def shown(viewer: str) -> str:  # the end of the picture's data URL: enough to tell two images apart
+        return app.locator(f"{viewer} image.px-base").get_attribute("href")[-48:]
+
+    old = shown("#caption-viewer")
+    app.locator("#examples button").nth(1).click()
+    app.wait_for_timeout(4000)  # longer than the rest of the caption would have streamed
+    new = shown("#caption-viewer")
+    assert new != old, "the caption viewer went back to the previous image"
+    _open_tab(app, "Referring", "#refer-viewer")
+    app.locator("#refer-text textarea").fill("the red circle")
+    app.locator("#refer-run").click()
+    expect(app.locator("#refer-viewer .px-mask")).to_have_count(1, timeout=TIMEOUT)
+    assert shown("#refer-viewer") == new  # Referring worked on the image shown
+    app.get_by_role("tab", name="Caption & trace").click()
+    assert shown("#caption-viewer") == new
+
+
 def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_app, artifacts_dir):
     _load_example(app, 0)
     _open_tab(app, "Referring", "#refer-viewer")

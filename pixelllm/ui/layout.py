@@ -213,18 +213,20 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         # Prompt edits are cheap and must apply in click order: one at a time, every click counted.
         prompt_edit = {**private, "concurrency_id": "prompts", "concurrency_limit": 1, "trigger_mode": "multiple",
                        "show_progress": "hidden"}
+        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
+        gen_outputs = [cap_view, cap_text, cap_files, session]
+        streams = [gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden"),
+                   text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")]
+        # A new image cancels a caption still streaming: its later updates would put the old image's session
+        # (and view) back over the new one.
         image_in.change(on_image, [image_in, session], [session, cap_view, ref_view, dense_view], **private,
-                        show_progress="minimal")
+                        show_progress="minimal", cancels=streams)
         image_in.change(lambda: ("", None, None, "", None), None,
                         [cap_text, cap_files, ref_files, region_text, dense_files], **private, queue=False)
         cap_view.pick(on_pick, [session, click_mode], [session, cap_view], **prompt_edit)
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
         undo_btn.click(ws.undo_prompt, [session], [session, cap_view], **prompt_edit)
         clear_btn.click(ws.clear_prompts, [session], [session, cap_view], **prompt_edit)
-        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
-        gen_outputs = [cap_view, cap_text, cap_files, session]
-        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
-        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
         trace_btn.click(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
         trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
         ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private,
