@@ -205,7 +205,7 @@ def test_the_repetition_penalty_starts_at_the_checkpoints_default_and_reaches_th
 def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page, studio_app):
     """Picking another image while a caption still streams: the stream's later updates carried the old session
     back into the page's state, so Referring (and Dense, Annotate) worked on the previous image while the new
-    one was shown. The new image cancels the stream."""
+    one was shown. The new image stops the stream (`Session.replaced`)."""
     _load_example(app, 0)
     root = app.locator("#caption-viewer .px-root")
     app.locator("#generate").click()

@@ -66,8 +66,11 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
         if wait > 0:
             time.sleep(wait)
         last = time.monotonic()
+        if session.replaced:  # the user picked another image meanwhile: leave the page to it
+            return
+        # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
         yield (caption_view(session, words=words, status="streaming", message=f"Generating… {len(words)} words"),
-               " ".join(w["text"] for w in words), gr.skip(), session)
+               " ".join(w["text"] for w in words), gr.skip(), gr.skip())
     prompts_model = records.model_prompts(points, labels, box, text)
     gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
                                 [w["box"] for w in words],
@@ -84,6 +87,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
         f" · saved as generation #{gen_id}" if gen_id is not None else "")
     if options["do_sample"]:
         done += f" · seed {options['seed']}"
+    if session.replaced:  # logged (it was shown), but the page has moved on to another image
+        return
     yield (caption_view(session, words=words, status="done", message=done), record["text"], files, session)
 
 

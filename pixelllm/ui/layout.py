@@ -215,12 +215,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                        "show_progress": "hidden"}
         gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
-        streams = [gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden"),
-                   text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")]
-        # A new image cancels a caption still streaming: its later updates would put the old image's session
-        # (and view) back over the new one.
+        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
+        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
         image_in.change(on_image, [image_in, session], [session, cap_view, ref_view, dense_view], **private,
-                        show_progress="minimal", cancels=streams)
+                        show_progress="minimal")
         image_in.change(lambda: ("", None, None, "", None), None,
                         [cap_text, cap_files, ref_files, region_text, dense_files], **private, queue=False)
         cap_view.pick(on_pick, [session, click_mode], [session, cap_view], **prompt_edit)

@@ -154,6 +154,7 @@ class Session:
     dense_selected: int | None = None
     dense_words: list[dict] = dataclasses.field(default_factory=list)
     last: dict | None = None           # the last output shown, any task: what an Annotate tab would correct
+    replaced: bool = False             # a new image made a new Session: a caption still streaming stops
 
 
 def ensure_session(session: Session | None) -> Session:
@@ -218,7 +219,10 @@ def empty_views() -> tuple[dict, dict, dict]:
 def load_image(studio: Studio, source: str | None, session: Session | None) -> tuple:
     """A new image (upload, paste, example) or none (cleared): reset the session, encode the image once
     (warms the predictor's embedding cache) and send it to the three viewers.
-    Returns (session, caption view, refer view, dense view)."""
+    Returns (session, caption view, refer view, dense view). The previous session is marked `replaced`, so a
+    caption still streaming on it stops instead of writing the old image back into the page's state."""
+    if isinstance(session, Session):
+        session.replaced = True
     if not source:
         return (Session(), *empty_views())
     loaded = load_user_image(source)
