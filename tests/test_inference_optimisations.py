@@ -154,6 +154,7 @@ def _lora_b_random(model) -> None:
                 p.normal_(0, 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters, on purpose
 def test_image_cache_keeps_apart_the_features_of_an_adapter_on_the_image_encoder():
     image = random_image(4, 48, 64)
     model = small_model(seed=6)
