@@ -48,8 +48,7 @@ class Word:
     index: int
     token_ids: list[int]
     token_boxes: list[list[float]]  # per token, pixels
-    last: bool = False  # the caption's final word while streaming: EOS or the token limit came next
-    eos: bool = False  # the final word, and the model ended the caption (EOS) rather than the token limit
+    eos: bool = False  # the caption's final word, and the model's EOS ended it (not the token limit)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "text": self.text, "box": self.box}
@@ -277,7 +276,7 @@ class PixelLLMPredictor:
                     yield word
             last = words.flush()
             if last is not None:
-                last.last, last.eos = True, saw_eos
+                last.eos = saw_eos
                 yield last
 
     def caption(self, state: ImageState, **kwargs) -> Caption:

@@ -152,10 +152,10 @@ def test_the_default_max_words_lets_the_model_end_its_narrative(embedded_studio,
     assert len(words) > 40 and caption.endswith("."), caption
     assert "stopped" not in view["message"] and json.loads(Path(files[0]).read_text())["cut"] is False
     streamed = studio.predictor.caption(studio.predictor.set_image(session.array)).words
-    assert [w.text for w in streamed] == words and [w.last for w in streamed] == [False] * (len(words) - 1) + [True]
-    assert [w.eos for w in streamed] == [w.last for w in streamed]  # the model ended it
+    assert [w.text for w in streamed] == words
+    assert [w.eos for w in streamed] == [False] * (len(words) - 1) + [True]  # the model ended it, after the last
     budget = studio.predictor.caption(studio.predictor.set_image(session.array), max_new_tokens=6).words
-    assert budget[-1].last and not budget[-1].eos  # the token limit ended it
+    assert len(budget) < len(words) and not any(w.eos for w in budget)  # the token limit ended it
     _, short_view, short, files, _ = _run(studio, session, max_words=len(words) - 1)
     assert short.split() == words[:-1]
     assert "stopped at the max-words limit" in short_view["message"]
@@ -168,13 +168,13 @@ def test_a_caption_the_token_budget_ends_is_reported_cut():
     from pixelllm.predictor import Word
     from pixelllm.ui.decoding import WordStream
 
-    class Budgeted:  # streams three words, the last one ended by the token limit (no EOS)
+    class Budgeted:  # streams three words, then the token limit (no EOS)
         def set_image(self, array):
             return None
 
         def stream_caption(self, state, **kwargs):
-            yield from (Word(text=t, box=[0, 0, 1, 1], index=i, token_ids=[i], token_boxes=[], last=i == 2,
-                             eos=False) for i, t in enumerate("abc"))
+            yield from (Word(text=t, box=[0, 0, 1, 1], index=i, token_ids=[i], token_boxes=[], eos=False)
+                        for i, t in enumerate("abc"))
 
     options = {"max_words": 10, "do_sample": True, "temperature": 5.0, "top_p": 1.0, "seed": 1,
                "repetition_penalty": 1.0}

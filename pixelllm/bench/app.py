@@ -22,6 +22,7 @@ import numpy as np
 from pixelllm import image as imaging
 from pixelllm.bench.core import ROOT, Bench, Ratio, ban_eos, median_ms, ratio_of
 from pixelllm.predictor import PixelLLMPredictor
+from pixelllm.ui.decoding import token_budget
 
 
 def _free_port() -> int:
@@ -36,7 +37,7 @@ def predictor_stream(pred: PixelLLMPredictor, array: np.ndarray, words: int) -> 
     start = time.perf_counter()
     first = math.nan
     count = 0
-    stream = pred.stream_caption(pred.set_image(array), max_new_tokens=min(512, 4 * words + 8))
+    stream = pred.stream_caption(pred.set_image(array), max_new_tokens=token_budget(words))
     with contextlib.closing(stream):
         for count, _word in enumerate(stream, start=1):
             if count == 1:

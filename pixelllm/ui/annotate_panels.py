@@ -18,6 +18,7 @@ import numpy as np
 
 from pixelllm.ui import records, render
 from pixelllm.ui import workspace as ws
+from pixelllm.ui.decoding import token_budget
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: thread
     prompts = session.caption.get("prompts", {}) if session.caption else {}
     traced = bool(session.caption and session.caption.get("traced"))
     kwargs = {"box": prompts.get("box"), "text": prompts.get("text"),
-              "max_new_tokens": min(512, 4 * studio.default_max_words + 8)}
+              "max_new_tokens": token_budget(studio.default_max_words)}
     if prompts.get("points"):
         kwargs["points"] = np.asarray(prompts["points"], dtype=np.float64)
         kwargs["point_labels"] = np.asarray(prompts["point_labels"], dtype=np.int64)

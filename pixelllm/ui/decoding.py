@@ -51,6 +51,12 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
             "seed": seed, "repetition_penalty": repetition_penalty}
 
 
+def token_budget(max_words: int) -> int:
+    """Tokens decoded for at most `max_words` words: four a word plus a few (a word is one token or more; garbled
+    words from hot sampling can run longer, and then this budget, not the word count, ends the caption)."""
+    return min(512, 4 * max_words + 8)
+
+
 class WordStream:
     """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words']. After the
     loop, `cut` tells whether a limit (max words, or the token budget behind it) stopped a caption the model had
@@ -67,7 +73,7 @@ class WordStream:
         state = self.studio.predictor.set_image(self.array)
         max_words = self.options["max_words"]
         with closing(self.studio.predictor.stream_caption(
-                state, **self.prompts, max_new_tokens=min(512, 4 * max_words + 8),
+                state, **self.prompts, max_new_tokens=token_budget(max_words),
                 do_sample=self.options["do_sample"], temperature=self.options["temperature"],
                 top_p=self.options["top_p"], seed=self.options["seed"],
                 repetition_penalty=self.options["repetition_penalty"])) as words:

@@ -213,10 +213,6 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         # Prompt edits are cheap and must apply in click order: one at a time, every click counted.
         prompt_edit = {**private, "concurrency_id": "prompts", "concurrency_limit": 1, "trigger_mode": "multiple",
                        "show_progress": "hidden"}
-        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
-        gen_outputs = [cap_view, cap_text, cap_files, session]
-        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
-        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
         image_in.change(on_image, [image_in, session], [session, cap_view, ref_view, dense_view], **private,
                         show_progress="minimal")
         image_in.change(lambda: ("", None, None, "", None), None,
@@ -225,6 +221,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
         undo_btn.click(ws.undo_prompt, [session], [session, cap_view], **prompt_edit)
         clear_btn.click(ws.clear_prompts, [session], [session, cap_view], **prompt_edit)
+        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
+        gen_outputs = [cap_view, cap_text, cap_files, session]
+        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
+        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
         trace_btn.click(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
         trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
         ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private,

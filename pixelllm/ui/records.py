@@ -105,8 +105,8 @@ def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float]
                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption",
                    cut: bool | None = None) -> dict:
     """The JSON a user downloads or the API returns: word boxes and `prompts` (`model_prompts`' dict, as logged)
-    mapped to the pixels of the image the user sent. cut: the max-words limit ended a caption the model had
-    not finished (a generated caption; None for a typed one)."""
+    mapped to the pixels of the image the user sent. cut: a limit (max words, or its token budget) ended a
+    caption the model had not finished (a generated caption; None for a typed one)."""
     record = {
         "task": task,
         "text": " ".join(w["text"] for w in words),
