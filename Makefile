@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test install browser lint clean
+.PHONY: demo test install browser lint clean constraints
 
 $(STAMP): requirements.txt constraints.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need Python 3.11 ($(PY)); set PY=/path/to/python3.11"; exit 1; }
@@ -31,6 +31,14 @@ test: $(STAMP) browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# After changing requirements.txt: resolve it afresh and pin every installed package (header kept).
+constraints:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -4,6 +4,7 @@ coordinates of the image as sent, and every output shown is logged to the annota
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -180,6 +181,31 @@ def test_a_caption_the_token_budget_ends_is_reported_cut():
                "repetition_penalty": 1.0}
     stream = WordStream(ws.Studio(predictor=Budgeted()), np.zeros((4, 4, 3), np.uint8), options=options)
     assert [w["text"] for w in stream] == ["a", "b", "c"] and stream.cut  # was: not cut
+
+
+def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, example_images):
+    """Picking another image while a caption streams stops the stream; the words the page had received were an
+    output shown to the user, so they are logged, flagged abandoned and cut, under the image they describe."""
+    session = _loaded(studio, example_images[0])
+    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
+    shown = [next(updates) for _ in range(4)][-1]  # "Generating…", then three words
+    new_session = ws.load_image(studio, str(example_images[1]), session)[0]
+    assert session.replaced and not new_session.replaced
+    assert list(updates) == []  # nothing more reaches the page
+    row = studio.store.list_generations(task="caption", limit=1)[0]
+    assert row["words"] == shown[1].split() and len(row["words"]) == 3
+    old_sha, new_sha = (hashlib.sha256(render.png_bytes(s.array)).hexdigest() for s in (session, new_session))
+    assert row["image_sha"] == old_sha != new_sha
+    assert row["extra"]["abandoned"] and row["extra"]["cut"] is True
+
+
+def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
+    session = _loaded(studio, example_images[0])
+    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
+    next(updates)  # "Generating…"
+    ws.load_image(studio, str(example_images[1]), session)
+    assert list(updates) == []
+    assert studio.store.list_generations() == []
 
 
 def test_words_stream_one_per_update_with_gradient_colours(studio, example_images):

@@ -58,26 +58,32 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     array = session.array
     words: list[dict] = []
     yield (caption_view(session, words=[], status="streaming", message="Generating…"), "", gr.skip(), session)
-    last = 0.0
+    last, abandoned = 0.0, False
     stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
     for word in stream:
-        words.append(word)
         wait = studio.min_word_interval - (time.monotonic() - last)
         if wait > 0:
             time.sleep(wait)
         last = time.monotonic()
-        if session.replaced:  # the user picked another image meanwhile: leave the page to it
-            return
+        if session.replaced:  # the user picked another image meanwhile: log what was shown, leave the page to it
+            abandoned = True
+            break
+        words.append(word)
         # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
         yield (caption_view(session, words=words, status="streaming", message=f"Generating… {len(words)} words"),
                " ".join(w["text"] for w in words), gr.skip(), gr.skip())
     prompts_model = records.model_prompts(points, labels, box, text)
+    extra = {"decoding": options, "text": " ".join(w["text"] for w in words), "cut": stream.cut}
+    if abandoned:
+        if not words:
+            return
+        # Shown in part: the words the page received, flagged so an export or finetune can tell it apart
+        extra.update(cut=True, abandoned="another image was opened")
     gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
-                                [w["box"] for w in words],
-                                prompts=prompts_model,
-                                extra={"decoding": options, "text": " ".join(w["text"] for w in words),
-                                       "cut": stream.cut},
+                                [w["box"] for w in words], prompts=prompts_model, extra=extra,
                                 session_id=session_id)
+    if session.replaced:
+        return
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
                                     prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
     files = _keep_caption(studio, session, array, record, "caption", {
@@ -314,7 +320,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     words: list[dict] = []
     shown = dataclasses.replace(session, dense=view_regions)
     yield session, dense_view(shown, status="streaming", message="Tracing the region's caption…"), ""
-    last = 0.0
+    last, abandoned = 0.0, False
     stream = WordStream(studio, session.array, box=box, options=options)
     for word in stream:
         words.append(word)
