@@ -183,6 +183,11 @@ def test_a_caption_the_token_budget_ends_is_reported_cut():
     assert [w["text"] for w in stream] == ["a", "b", "c"] and stream.cut  # was: not cut
 
 
+def _only_skips(updates) -> bool:
+    rest = list(updates)
+    return len(rest) == 1 and all(isinstance(x, type(gr.skip())) for x in rest[0])
+
+
 def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, example_images):
     """Picking another image while a caption streams stops the stream; the words the page had received were an
     output shown to the user, so they are logged, flagged abandoned and cut, under the image they describe."""
@@ -191,7 +196,7 @@ def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, exam
     shown = [next(updates) for _ in range(4)][-1]  # "Generating…", then three words
     new_session = ws.load_image(studio, str(example_images[1]), session)[0]
     assert session.replaced and not new_session.replaced
-    assert list(updates) == []  # nothing more reaches the page
+    assert _only_skips(updates)  # nothing more reaches the page
     row = studio.store.list_generations(task="caption", limit=1)[0]
     assert row["words"] == shown[1].split() and len(row["words"]) == 3
     old_sha, new_sha = (hashlib.sha256(render.png_bytes(s.array)).hexdigest() for s in (session, new_session))
@@ -204,7 +209,7 @@ def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_
     updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
     next(updates)  # "Generating…"
     ws.load_image(studio, str(example_images[1]), session)
-    assert list(updates) == []
+    assert _only_skips(updates)
     assert studio.store.list_generations() == []
 
 

@@ -39,6 +39,11 @@ MAX_EXPRESSIONS = 16
 
 # ------------------------------------------------------------------------------------------ captioning
 
+# A stream the page has left ends on this no-op update. Ending it with no update at all, once logging had delayed
+# the end, put the previous image's view back in the browser (seen in test_app_browser's new-image test)
+_NOTHING = (gr.skip(),) * 4
+
+
 @user_errors
 def generate(studio: Studio, session: Session | None, text: str | None, max_words: Any, sampling: Any,
              temperature: Any, top_p: Any, seed: Any, session_id: str | None = None, *,
@@ -76,6 +81,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     extra = {"decoding": options, "text": " ".join(w["text"] for w in words), "cut": stream.cut}
     if abandoned:
         if not words:
+            yield _NOTHING
             return
         # Shown in part: the words the page received, flagged so an export or finetune can tell it apart
         extra.update(cut=True, abandoned="another image was opened")
@@ -83,6 +89,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
                                 [w["box"] for w in words], prompts=prompts_model, extra=extra,
                                 session_id=session_id)
     if session.replaced:
+        yield _NOTHING
         return
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
                                     prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
@@ -94,6 +101,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     if options["do_sample"]:
         done += f" · seed {options['seed']}"
     if session.replaced:  # logged (it was shown), but the page has moved on to another image
+        yield _NOTHING
         return
     yield (caption_view(session, words=words, status="done", message=done), record["text"], files, session)
 
