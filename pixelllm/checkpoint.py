@@ -143,6 +143,9 @@ def load_checkpoint(cls: type[PixelLLM], model_id: str, *, config: Any = None, m
     model.tokenizer = load_tokenizer(directory)
     model.version = file_fingerprint(directory / WEIGHTS)
     model.source = str(model_id)
+    model.directory = str(directory)
+    if torch.device(map_location).type != "cpu":  # the weights were read there; the module was built on the CPU
+        model.to(map_location)
     adapter_root = directory / "adapters"
     if load_adapters and adapter_root.is_dir():
         for sub in sorted(p for p in adapter_root.iterdir() if p.is_dir()):

@@ -634,6 +634,31 @@ def test_store_location_on_a_space_and_what_annotators_are_told(tmp_path, monkey
         demo.close()
 
 
+def test_the_app_reads_the_checkpoints_evaluation_from_any_working_directory(tmp_path, monkeypatch,
+                                                                               small_checkpoint):
+    """A relative --checkpoint that app.py resolves from its own folder (the embedded model's default, started from
+    elsewhere): the Model tab and the low-score marks read metrics.json from that folder, not the working one."""
+    import shutil
+
+    import app
+
+    home = tmp_path / "install"
+    shutil.copytree(small_checkpoint, home / "ckpt")
+    (home / "ckpt" / "metrics.json").write_text(json.dumps({
+        "metrics": {"refer_p@0.5": {"model": 0.9, "baseline": 0.0}}, "settings": {"split": "test"},
+        "counts": {"images": 7}}))
+    monkeypatch.setattr(app, "ROOT", home)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    demos = []
+    monkeypatch.setattr(app, "launch", lambda demo, **kwargs: demos.append(demo))
+    app.main(["--no-store", "--checkpoint", "ckpt", "--device", "cpu"])
+    panel = [c["props"]["value"] for c in demos[0].config["components"]
+             if c["props"].get("elem_id") == "model-panel"]
+    demos[0].close()
+    assert len(panel) == 1 and "split test, 7 images" in panel[0]
+
+
 def test_model_panel_shows_the_checkpoint_evaluation(small_predictor, tmp_path):
     def panel() -> str:  # a new studio each time: it reads metrics.json once
         return cb.model_panel(ws.Studio(predictor=small_predictor, checkpoint=str(tmp_path)))

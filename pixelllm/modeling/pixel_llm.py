@@ -79,6 +79,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         self.tokenizer: Any = None  # set by the builder / from_pretrained; saved with the checkpoint
         self.version = f"untrained-{id(self):x}"  # weights fingerprint; part of the image-embedding cache key
         self.source = "in-memory"
+        self.directory: str | None = None  # the local folder from_pretrained read (a hub id's snapshot)
         self.adapter_configs: dict[str, Any] = {}
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PixelLLM:

@@ -101,7 +101,10 @@ class Studio:
         """``metrics.json`` beside a local checkpoint (what `python -m training.evaluate --json` wrote), or None
         when there is none; ``{"error": ...}`` when it cannot be read. Read once: the checkpoint is fixed for the
         process's life, and the referring callback consults it on every call."""
-        path = Path(self.model_id) / "metrics.json"
+        folder = Path(self.model_id)
+        if not folder.is_dir():  # a hub id, or a relative path app.py resolved from its own folder
+            folder = Path(getattr(self.model, "directory", None) or folder)
+        path = folder / "metrics.json"
         try:
             if not path.is_file():
                 return None
