@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,9 @@ def save_checkpoint_files(model: PixelLLM, directory: Path, dtype: torch.dtype |
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(directory))
+    # The folder holds this model's adapters only: a previous save's would be loaded (and activated) with it
+    shutil.rmtree(directory / "adapters", ignore_errors=True)
+    (directory / "adapters.json").unlink(missing_ok=True)
     names = lora.list_adapters(model)
     for name in names:
         lora.save_adapter(model, name, directory / "adapters" / name, model.adapter_configs[name])

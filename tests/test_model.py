@@ -189,6 +189,18 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert not torch.equal(_outputs(loaded)["boxes"], after["boxes"])
 
 
+def test_saving_over_a_folder_drops_the_previous_saves_adapters(tmp_path):
+    """Saving into a folder that held another model's adapters: loading the folder gave back the new weights with
+    the old adapters, the old active one switched on."""
+    with_adapter = small_model(seed=4)
+    with_adapter.add_adapter("old")
+    with_adapter.save_pretrained(tmp_path / "ckpt")
+    small_model(seed=5).save_pretrained(tmp_path / "ckpt")
+    loaded = PixelLLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.adapters == [] and loaded.active_adapter is None
+    assert not (tmp_path / "ckpt" / "adapters").exists()
+
+
 def test_pickle_weights_are_refused(tmp_path):
     model = small_model(seed=5)
     model.save_pretrained(tmp_path / "ckpt")
