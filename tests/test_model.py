@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pixelllm.build import count_parameters, load_sam_weights, read_state_dict
 from pixelllm.config import get_config
@@ -366,7 +368,20 @@ def test_sam_checkpoint_and_t5_directory_load_into_base_style_build(tmp_path):
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=48, d_kv=12, d_ff=96, num_layers=2,
                                              num_decoder_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
                                              tie_word_embeddings=False, decoder_start_token_id=0))
-    t5.save_pretrained(tmp_path / "flan-t5-test")
+    flan_dir = tmp_path / "flan-t5-test"
+    t5.save_pretrained(flan_dir)
+    # Flan-T5's files hold an lm_head of its own and say tie_word_embeddings: false (T5Config's argument only
+    # drops the output scaling, so a model built from it ties the head: write the files as Flan's are)
+    weights = {k: v.clone() for k, v in load_file(str(flan_dir / "model.safetensors")).items()}
+    weights["lm_head.weight"] = torch.randn_like(weights["shared.weight"])
+    save_file(weights, str(flan_dir / "model.safetensors"), metadata={"format": "pt"})
+    settings = json.loads((flan_dir / "config.json").read_text())
+    (flan_dir / "config.json").write_text(json.dumps({**settings, "tie_word_embeddings": False}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t5 = T5ForConditionalGeneration.from_pretrained(flan_dir).eval()  # transformers' own reading of them
+    assert t5.lm_head.weight.data_ptr() != t5.shared.weight.data_ptr()
+    assert t5.encoder.embed_tokens.weight.data_ptr() == t5.shared.weight.data_ptr()
     tok.save_pretrained(tmp_path / "flan-t5-test")
 
     model = build_pixelllm(config, sam_checkpoint=tmp_path / "sam_vit_test.pth", t5_dir=tmp_path / "flan-t5-test")
@@ -378,6 +393,19 @@ def test_sam_checkpoint_and_t5_directory_load_into_base_style_build(tmp_path):
         for (name, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(theirs.state_dict().items())):
             assert torch.equal(a, b), name
     assert model.tokenizer is not None
+    # the head stays its own: tied, loading wrote lm_head over the input embeddings (both keys, one storage)
+    lm = model.language_model.eval()
+    assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr()
+    assert lm.encoder.embed_tokens.weight.data_ptr() == lm.decoder.embed_tokens.weight.data_ptr() \
+        == lm.shared.weight.data_ptr()  # the input embeddings stay one tensor
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ours, theirs = (m(input_ids=ids, decoder_input_ids=ids).logits for m in (lm, t5))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "pixelllm-base-style")
+    again = PixelLLM.from_pretrained(tmp_path / "pixelllm-base-style").language_model
+    assert torch.equal(again.lm_head.weight, t5.lm_head.weight) and torch.equal(again.shared.weight, t5.shared.weight)
+    assert again.lm_head.weight.data_ptr() != again.shared.weight.data_ptr()
 
     # a SAM checkpoint of another size is refused with the offending tensors named
     other = small_model(seed=1, prompt_embed_dim=16)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation.logits_process import (
@@ -48,7 +49,24 @@ def build_t5(settings: T5Settings, *, pad_token_id: int, eos_token_id: int) -> T
         # rounding; the weights and config.json don't change). Measured on the embedded model, 2-core CPU:
         # full-image captions 124 -> 143 words/s, same text (README, Benchmark).
         config.dense_act_fn = "gelu_pytorch_tanh"
-    return T5ForConditionalGeneration(config)
+    lm = T5ForConditionalGeneration(config)
+    if not settings.tie_word_embeddings:
+        untie_lm_head(lm)
+    return lm
+
+
+def untie_lm_head(lm: T5ForConditionalGeneration) -> None:
+    """Give lm_head its own weight, as Flan-T5 has (the encoder and decoder embeddings stay `shared`).
+
+    T5Config reads its tie_word_embeddings argument as "scale the decoder output by d_model**-0.5" and ties
+    lm_head to `shared` regardless; transformers' from_pretrained unties it only on finding two different
+    tensors in the file. Left tied, loading Flan-T5's weights wrote the head over the input embeddings.
+    """
+    lm._tied_weights_keys = {k: v for k, v in lm._tied_weights_keys.items() if k != "lm_head.weight"}
+    lm.all_tied_weights_keys.pop("lm_head.weight", None)
+    weight = torch.empty_like(lm.shared.weight)
+    nn.init.normal_(weight, mean=0.0, std=lm.config.initializer_factor)  # T5's own init of an untied head
+    lm.lm_head.weight = nn.Parameter(weight)
 
 
 @dataclass
