@@ -328,7 +328,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     words: list[dict] = []
     shown = dataclasses.replace(session, dense=view_regions)
     yield session, dense_view(shown, status="streaming", message="Tracing the region's caption…"), ""
-    last, abandoned = 0.0, False
+    last = 0.0
     stream = WordStream(studio, session.array, box=box, options=options)
     for word in stream:
         words.append(word)
