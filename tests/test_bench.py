@@ -89,3 +89,24 @@ def test_a_report_without_ratios_prints_the_absolute_figures():
     text = render([], {"app_peak_rss_mb": 950.5}, {"cpu": "test"})
     assert "absolute: app_peak_rss_mb=950.5" in text and "machine: cpu=test" in text
     assert "ratio" not in text
+
+
+def test_time_to_first_word_leaves_out_the_warm_up_calls(monkeypatch, small_predictor, tmp_path):
+    """The absolute figures beside the app ratio come from the timed calls only, like every ratio: two warm-up
+    calls 10 s to their first word and two timed calls 1 ms must report 1 ms (the median of all four was 5 s)."""
+    import pixelllm.bench.app as bench_app
+    from pixelllm.bench.core import Bench, Settings
+
+    calls = []
+
+    def fake_stream(predictor, array, words):
+        calls.append(words)
+        return words, (10.0 if len(calls) <= 2 else 0.001)
+
+    monkeypatch.setattr(bench_app, "predictor_stream", fake_stream)
+    monkeypatch.setattr(bench_app, "_app_times", lambda b, build_demo, path, alone, ratio: b.interleave(
+        {"predictor": alone}, reps=b.settings.app_reps))
+    bench = Bench(small_predictor, Settings(warmup=2, app_reps=2), tmp_path)
+    absolute: dict = {}
+    bench_app.bench_app(bench, absolute)
+    assert len(calls) == 4 and absolute["time_to_first_word_ms"] == 1.0

@@ -71,8 +71,9 @@ def bench_app(b: Bench, absolute: dict[str, Any]) -> Ratio:
         else:
             times = _app_times(b, build_demo, path, alone, ratio)
     pred_s = statistics.median(times["predictor"])
-    words = statistics.median(stats["words"])
-    firsts = [x for x in stats["first"] if math.isfinite(x)]
+    timed = len(times["predictor"])  # the warm-up calls came first: keep the timed ones
+    words = statistics.median(stats["words"][-timed:])
+    firsts = [x for x in stats["first"][-timed:] if math.isfinite(x)]
     absolute["time_to_first_word_ms"] = round(1000 * statistics.median(firsts), 2) if firsts else None
     absolute["words_per_s"] = round(words / pred_s, 2)
     absolute["stream_words"] = words
