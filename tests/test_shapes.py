@@ -362,3 +362,28 @@ def test_load_instance_map_rejects_colour_images(tmp_path):
 def test_load_split_reports_missing_files(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         load_split(tmp_path, "nothing")
+
+
+def test_a_split_cut_short_does_not_look_complete_and_training_regenerates_it(tmp_path, monkeypatch):
+    """A kill mid-generation left four half-written JSONL files (of different lengths) that `training.train`
+    took for a complete split on the rerun the README advises."""
+    from training.data.shapes import splits
+    from training.train import ensure_data
+
+    generate_split(tmp_path, "t", 3, seed=1)  # a complete earlier split of the same name
+    real = splits.generate_scene
+
+    def killed_at_the_third(seed, index, **kwargs):
+        if index == 2:
+            raise KeyboardInterrupt  # stands for the kill
+        return real(seed, index, **kwargs)
+
+    monkeypatch.setattr(splits, "generate_scene", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate_split(tmp_path, "t", 5, seed=2)
+    assert not (tmp_path / "t.objects.jsonl").exists()
+    monkeypatch.undo()
+    ensure_data({"data": {"root": str(tmp_path), "generate": {"t": {"num": 5, "seed": 2}}}}, rank=0, world=1)
+    lengths = {kind: len(splits.load_jsonl(tmp_path / f"t.{kind}.jsonl")) for kind in ("ln", "dense", "objects")}
+    assert lengths == {"ln": 5, "dense": 5, "objects": 5}
+    assert not list(tmp_path.glob("*.partial"))

@@ -51,7 +51,8 @@ def generate_split(
     """Write images 0..num-1 of a split into ``out_dir`` (see ``docs/data_formats.md``).
 
     Creates ``images/``, ``masks/`` and ``<split>.{ln,refer,dense,objects}.jsonl`` (overwriting them);
-    several splits may share ``out_dir``.
+    several splits may share ``out_dir``. The JSONL files are written as ``*.partial`` and renamed at the end,
+    ``objects`` last: a split whose ``objects`` file exists is complete (what `training.train` checks).
 
     Raises:
         ValueError: on invalid options.
@@ -64,9 +65,12 @@ def generate_split(
     for folder in ("images", "masks"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     objects = expressions = 0
+    kinds = ("ln", "refer", "dense", "objects")  # objects last: its file marks a complete split
+    final = {kind: root / f"{split}.{kind}.jsonl" for kind in kinds}
+    partial = {kind: path.with_name(path.name + ".partial") for kind, path in final.items()}
+    final["objects"].unlink(missing_ok=True)  # a kill from here on leaves no split that looks complete
     with ExitStack() as stack:
-        files = {kind: stack.enter_context(open(root / f"{split}.{kind}.jsonl", "w", encoding="utf-8"))
-                 for kind in ("ln", "refer", "dense", "objects")}
+        files = {kind: stack.enter_context(open(partial[kind], "w", encoding="utf-8")) for kind in kinds}
         for index in range(num):
             scene = generate_scene(seed, index, split=split, size=size, world=world, holdout_only=holdout_only)
             Image.fromarray(scene.image).save(root / scene.file_name, format="PNG", compress_level=_PNG_LEVEL)
@@ -77,6 +81,8 @@ def generate_split(
             files["objects"].write(_jsonl_line(scene.objects_record))
             objects += len(scene.objects)
             expressions += len(scene.refer)
+    for kind in kinds:
+        partial[kind].replace(final[kind])
     return SplitSummary(split, num, objects, expressions, time.perf_counter() - began)
 
 
