@@ -178,6 +178,51 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert (killed / "run" / "loss_curves.png").stat().st_size > 1000
 
 
+# The same command, but the process dies right after writing its step-4 checkpoint (a SIGKILL at that point)
+_KILLED_AFTER_STEP_4 = """import os, sys
+import training.train as train
+save = train.save_checkpoint
+def save_then_die(out, model, state):
+    save(out, model, state)
+    if state["step"] == 4:
+        os._exit(9)
+train.save_checkpoint = save_then_die
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_resume_draws_the_same_random_numbers_and_logs_the_same_rows(tmp_path):
+    """Scheduled sampling draws from torch's global RNG (so do dropout and LoRA dropout), which no checkpoint
+    holds; and a log row can span a checkpoint (log_every 3, checkpoint_every 2). A run killed right after its
+    step-4 checkpoint and resumed ends with the weights and the metrics rows of the run never interrupted."""
+    def config(folder: Path) -> Path:
+        folder.mkdir()
+        path = _config(folder, (2, 4))
+        cfg = yaml.safe_load(path.read_text())
+        cfg["train"]["log_every"] = 3
+        cfg["stages"][1]["config"]["scheduled_sampling"] = 0.5
+        cfg["stages"][1]["tasks"] = {"narrative": 1, "sentence": 1}
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _finish(_train(config(straight)))
+    killed_config = config(killed)
+    proc = _train(killed_config, launcher=[sys.executable, "-c", _KILLED_AFTER_STEP_4])
+    proc.communicate(timeout=600)
+    assert proc.returncode == 9
+    assert "resume from step 4" in _finish(_train(killed_config))
+    _assert_same_final_weights(straight, killed)
+
+    def rows(folder: Path) -> list[tuple]:
+        lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["task"], r["loss"]) for r in map(json.loads, lines)]
+
+    assert rows(killed) == rows(straight)
+    assert {step for step, *_ in rows(straight)} == {2, 3, 6}  # each stage's last steps are logged at its end
+
+
 def test_a_checkpoint_left_over_from_a_kill_between_renames_does_not_stop_the_next_save(tmp_path):
     """A kill after `save_checkpoint` renamed the new checkpoint into place but before it removed the previous one
     leaves `checkpoint.old` beside `checkpoint` (the kill-and-resume test hit this once). The resumed run reads the

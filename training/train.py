@@ -302,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         window: dict[str, list[float]] = {}
         last_log = time.time()
         samples = 0
+        if trainer_state.get("stage_index") == index and step > start:
+            # the steps since the last logged row, so that the first row after a resume averages the same steps
+            window, samples = trainer_state.get("window", {}), trainer_state.get("samples", 0)
         while step < end:
+            # Dropout, scheduled sampling and LoRA dropout draw from torch's global RNG: seeding it per step and
+            # rank makes a resumed run draw what the uninterrupted run drew (the checkpoint holds no RNG state)
+            torch.manual_seed(int(np.random.SeedSequence([int(tcfg.get("seed", 0)), step, rank]).generate_state(1)[0]))
             task, indices, rng = sampler.draw(step)
             batch = {k: v.to(device) for k, v in collate(task, indices, rng).items()}
             for group in optimizer.param_groups:
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             for k, v in losses.items():
                 window.setdefault(f"{task}/{k}", []).append(float(v.detach()))
-            if rank == 0 and step % int(tcfg.get("log_every", 20)) == 0:
+            if rank == 0 and (step % int(tcfg.get("log_every", 20)) == 0 or step == end):  # a stage's last too
                 elapsed = time.time() - last_log
                 for key in sorted({k.split("/")[0] for k in window}):
                     row = {"step": step, "stage": stage["name"], "task": key,
@@ -333,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                 if rank == 0:
                     # inside a stage: its optimizer and sampler; at its end only the step (the next stage starts fresh)
                     save_checkpoint(out, model, {"step": step, "stage_index": index,
-                                                 "optimizer": optimizer.state_dict(),
-                                                 "sampler": sampler.state()} if step < end else {"step": step})
+                                                 "optimizer": optimizer.state_dict(), "sampler": sampler.state(),
+                                                 "window": window, "samples": samples}
+                                    if step < end else {"step": step})
                     if metrics_path.exists():
                         plot_losses(metrics_path, out / "loss_curves.png")
                 if world > 1:
