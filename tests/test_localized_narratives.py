@@ -50,6 +50,18 @@ def test_zero_duration_utterance_gives_a_point_box():
     np.testing.assert_allclose(centres, [[0.8, 0.1]], atol=1e-6)
 
 
+def test_a_reversed_utterance_is_centred_on_its_plain_sample_mean_as_in_scenic():
+    """Scenic falls back to the plain mean when t[-1] - t[0] < 1e-5 (signed): an utterance whose end comes before
+    its start. Over [1.5, 0] the 16 samples are x(t) = 0.1 + 0.2 t up to t = 1, then 0.3 + 0.2 (t - 1): linear
+    on a uniform grid, but with the kink at t = 1 between samples the plain mean and the trapezoid differ."""
+    boxes, centres = utterance_targets(TRACES, [utterance("back", 1.5, 0.0)])
+    t = np.linspace(1.5, 0.0, 16)
+    x = np.where(t <= 1, 0.1 + 0.2 * t, 0.3 + 0.2 * (t - 1))
+    y = np.where(t <= 1, 0.2 + 0.4 * t, 0.6 - 0.4 * (t - 1))
+    np.testing.assert_allclose(centres, [[x.mean(), y.mean()]], atol=1e-6)
+    np.testing.assert_allclose(boxes, [[x.min(), y.min(), x.max(), y.max()]], atol=1e-6)
+
+
 def test_utterances_outside_the_trace_are_extrapolated_linearly():
     caption = [
         # after the last point: slope of [3, 4] is (-0.6, -0.2)/s -> t=5 (-0.1, -0.4), t=6 (-0.7, -0.6)

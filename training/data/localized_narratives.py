@@ -186,9 +186,9 @@ def _time_average(samples: np.ndarray, start: float, end: float) -> np.ndarray:
     """Scenic's centre of (S, 2) samples taken uniformly over ``[start, end]``.
 
     ``trapz(samples, t) / (end - start)``, which for a uniform grid is the sample mean with half weight on
-    the two end samples; the plain mean when the duration is below 1e-5 s.
+    the two end samples; the plain mean when end - start is below 1e-5 s (also when it is negative).
     """
-    if abs(end - start) < _MIN_DURATION or len(samples) < 2:
+    if end - start < _MIN_DURATION or len(samples) < 2:  # signed, as Scenic: a reversed utterance too
         return samples.mean(axis=0)
     inner = samples.sum(axis=0) - 0.5 * (samples[0] + samples[-1])
     return inner / (len(samples) - 1)
