@@ -138,7 +138,10 @@ def test_refer_without_some_masks_keeps_every_box_score_and_other_mask():
     for whole, partial in zip(full, part):
         assert partial.box == whole.box and partial.score == whole.score
     assert part[0].mask is None and part[2].mask is None and part[0].to_dict()["mask_area"] is None
-    assert np.array_equal(part[1].mask, full[1].mask) and part[1].mask_score == full[1].mask_score
+    # one row through SAM's decoder instead of three: the same numbers up to float rounding (the predicted IoU
+    # differed in its 8th digit under load)
+    assert np.array_equal(part[1].mask, full[1].mask) and part[1].mask_score == pytest.approx(full[1].mask_score,
+                                                                                              rel=1e-5)
     assert len({full[i].mask.tobytes() for i in range(3)}) > 1  # the rows' masks differ: a row mix-up would show
     none = predictor.refer(state, asked, masks=False)
     assert all(r.mask is None and r.mask_score is None for r in none)
