@@ -70,7 +70,7 @@ def test_mdetr_refcoco_and_goldg_become_referring_records():
 def test_visual_genome_regions_become_dense_records():
     sizes = {"42": (64, 48)}
     records, counts = convert.convert_vg(VG_REGIONS, sizes, max_regions=50)
-    assert len(records) == 1 and records[0]["image_id"] == "42"
+    assert len(records) == 1 and records[0]["image_id"] == "vg:42" and records[0]["file_name"] == "images/42.jpg"
     assert (records[0]["width"], records[0]["height"]) == (64, 48)
     assert records[0]["regions"] == [{"box": [5.0, 6.0, 25.0, 36.0], "caption": "a green tree"},
                                      {"box": [0.0, 0.0, 64.0, 10.0], "caption": "sky"}]
@@ -103,8 +103,9 @@ def mixed_folder(tmp_path):
 
 def test_a_mixed_folder_trains_every_task_it_provides(mixed_folder):
     data = ShapesData(mixed_folder, "train", 32)
-    assert [r.image_id for r in data.records] == ["7", "42"]  # the RefCOCO image is the LN image, once
+    assert [r.image_id for r in data.records] == ["7", "vg:42"]  # the RefCOCO image is the LN image, once
     assert data.records[0].file_name == "images/000000000007.jpg"
+    assert dict(data.image_stats) == {"merged": 2}  # both RefCOCO lines, checked against the LN file's size
     assert (data.size("narrative"), data.size("refer"), data.size("region_box")) == (1, 2, 2)
     collate = Collator(data, small_tokenizer(), 32)
     refer = collate("refer", [0, 1], np.random.default_rng(0))
@@ -133,3 +134,38 @@ def test_converter_reports_a_missing_or_broken_file(tmp_path):
     with pytest.raises(SystemExit, match="is not JSON"):
         convert.main(["mdetr", "--ann", str(tmp_path / "bad.json"), "--out", str(tmp_path)])
     assert not (tmp_path / "train.refer.jsonl").exists()
+
+
+def test_ids_of_different_image_collections_never_collide(tmp_path):
+    """RefCOCO numbers images by COCO id, GoldG's GQA pairs and Visual Genome by VG id: COCO image 9 and VG image 9
+    are two pictures. The converter keeps COCO ids bare (LN COCO's ids) and prefixes the others, so each
+    expression trains on its own image, with its box normalised by that image's size, and a GQA pair and the VG
+    regions of one VG image share it."""
+    refcoco = {"images": [{"id": 0, "file_name": "COCO_train2014_000000000009.jpg", "original_id": 9,
+                           "dataset_name": "refcoco", "caption": "man on the left", "width": 64, "height": 48}],
+               "annotations": [{"image_id": 0, "bbox": [4, 8, 28, 32], "tokens_positive": [[0, 3]]}]}
+    goldg = {"images": [{"id": 0, "file_name": "9.jpg", "dataset_name": "gqa", "caption": "a red bus near a tree",
+                         "width": 50, "height": 40}],
+             "annotations": [{"image_id": 0, "bbox": [5, 5, 20, 10], "tokens_positive": [[0, 9]]}]}
+    refs = convert.convert_mdetr(refcoco, "final_refcoco_train")[0] + \
+        convert.convert_mdetr(goldg, "final_mixed_train_no_coco")[0]
+    assert [r["image_id"] for r in refs] == ["9", "vg:9"]
+    assert [r["image_id"] for r in convert.convert_mdetr(GOLDG, "goldg")[0]] == ["flickr:1000"] * 2
+    regions = convert.convert_vg([{"id": 9, "regions": [{"phrase": "a bus", "x": 5, "y": 5, "width": 20,
+                                                          "height": 10}]}], {"9": (50, 40)}, 50)[0]
+    assert regions[0]["image_id"] == "vg:9" and regions[0]["file_name"] == "images/9.jpg"
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), (0, 0, 0)).save(tmp_path / "images" / "COCO_train2014_000000000009.jpg")
+    Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / "images" / "9.jpg")
+    (tmp_path / "train.refer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+    (tmp_path / "train.dense.jsonl").write_text(json.dumps(regions[0]) + "\n")
+    data = ShapesData(tmp_path, "train", 32)
+    assert sorted((r.image_id, r.file_name, r.width, r.height) for r in data.records) == [
+        ("9", "images/COCO_train2014_000000000009.jpg", 64, 48), ("vg:9", "images/9.jpg", 50, 40)]
+    batch = Collator(data, small_tokenizer(), 32)("refer", [0, 1], np.random.default_rng(0))
+    np.testing.assert_allclose(batch["refer_boxes"].numpy(), [[4 / 64, 8 / 48, 32 / 64, 40 / 48],
+                                                             [5 / 50, 5 / 40, 25 / 50, 15 / 40]], atol=1e-6)
+    assert batch["images"][0].mean() < 10 and batch["images"][1].mean() > 245  # each on its own picture
+    vg = data.records[data.index["vg:9"]]
+    assert [o["caption"] for o in vg.objects] == ["a bus"] and data.size("refer_image") == 2

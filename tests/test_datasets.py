@@ -28,14 +28,14 @@ def test_tokens_inherit_their_words_boxes(shapes_dir):
     data = ShapesData(shapes_dir, "train", 64)
     batch = Collator(data, tok, 64, max_tokens=200)("narrative", [0, 1], np.random.default_rng(0))
     for row, index in enumerate([0, 1]):
-        rec = data.records[data.narratives[index]]
+        _, narrative = data.narratives[index]
         labels = batch["labels"][row]
         n = int((labels != -100).sum()) - 1  # without EOS
         # word-by-word tokenisation equals tokenising the whole caption (Metaspace splits at word starts)
-        assert labels[:n].tolist() == encode_text(tok, " ".join(rec.words), eos=False)
+        assert labels[:n].tolist() == encode_text(tok, " ".join(narrative.words), eos=False)
         assert labels[n] == tok.eos_token_id
         start = 0
-        for word, box in zip(rec.words, rec.word_boxes):
+        for word, box in zip(narrative.words, narrative.word_boxes):
             count = len(encode_text(tok, word, eos=False))
             np.testing.assert_allclose(batch["token_boxes"][row, start:start + count].numpy(),
                                        np.repeat(box[None], count, 0), atol=1e-6)
@@ -83,8 +83,9 @@ def test_plain_localized_narratives_folder_loads(tmp_path):
     data = ShapesData(tmp_path, "val", 32)
     assert data.size("narrative") == 1 and data.size("refer") == 0 and data.size("region_box") == 0
     rec = data.records[0]
-    assert rec.words == ["A", "red", "wall."] and (rec.width, rec.height) == (40, 30)
-    np.testing.assert_allclose(rec.word_boxes[1], rec.word_boxes[2])  # one utterance, two words
+    [narrative] = rec.narratives
+    assert narrative.words == ["A", "red", "wall."] and (rec.width, rec.height) == (40, 30)
+    np.testing.assert_allclose(narrative.word_boxes[1], narrative.word_boxes[2])  # one utterance, two words
     batch = Collator(data, small_tokenizer(), 32)("narrative", [0], np.random.default_rng(0))
     assert batch["gt_valid"].sum() == 0
 
@@ -177,3 +178,115 @@ def test_per_task_batch_sizes(shapes_dir):
         task, indices, _ = sampler.draw(step)
         sizes.setdefault(task, set()).add(len(indices))
     assert sizes == {"narrative": {4}, "refer_image": {2}}
+
+
+def _ln_record(image_id: str, annotator: int, words: list[str]) -> dict:
+    """An LN record with one utterance per word and a trace that moves right and down over time."""
+    return {"dataset_id": "mscoco_train2017", "image_id": image_id, "annotator_id": annotator,
+            "caption": " ".join(words), "voice_recording": "",
+            "timed_caption": [{"utterance": w, "start_time": 0.5 * i, "end_time": 0.5 * i + 0.4}
+                              for i, w in enumerate(words)],
+            "traces": [[{"x": 0.05 * k, "y": 0.04 * k, "t": 0.3 * k} for k in range(2 * len(words) + 2)]]}
+
+
+def _write_jsonl(path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _decode(tok, labels: torch.Tensor) -> str:
+    return tok.decode(labels[labels >= 0].tolist(), skip_special_tokens=True).strip()
+
+
+def test_every_narrative_of_an_image_trains(tmp_path):
+    """LN COCO has several narratives for many images (Scenic keeps them all): each kept record is a
+    `narrative` / `prefix` item of its image, each of its sentences a `sentence` item."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (48, 32), (200, 200, 200)).save(tmp_path / "images" / "391895.jpg")
+    first = "A man rides a bike.".split()
+    second = "There is a person on a bicycle. The road is grey.".split()
+    _write_jsonl(tmp_path / "train.ln.jsonl", [_ln_record("391895", 1, first), _ln_record("391895", 2, second)])
+    data = ShapesData(tmp_path, "train", 32)
+    assert len(data.records) == 1 and data.ln_stats.kept == 2
+    assert (data.size("narrative"), data.size("prefix"), data.size("sentence")) == (2, 2, 3)
+    tok = small_tokenizer()
+    collate = Collator(data, tok, 32, max_tokens=200)
+    narratives = collate("narrative", [0, 1], np.random.default_rng(0))
+    assert [_decode(tok, row) for row in narratives["labels"]] == [" ".join(first), " ".join(second)]
+    assert torch.equal(narratives["images"][0], narratives["images"][1])  # both on the one image
+    sentences = collate("sentence", [0, 1, 2], np.random.default_rng(0))
+    assert [_decode(tok, row) for row in sentences["labels"]] == [
+        "A man rides a bike.", "There is a person on a bicycle.", "The road is grey."]
+
+
+def test_dense_regions_become_the_objects_of_an_ln_image(tmp_path):
+    """Dense regions of any image without Shapes ground truth are its objects, also when the image has an LN
+    record (LN is read first)."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (10, 10, 200)).save(tmp_path / "images" / "5.jpg")
+    _write_jsonl(tmp_path / "train.ln.jsonl", [_ln_record("5", 1, "A blue wall.".split())])
+    _write_jsonl(tmp_path / "train.dense.jsonl", [
+        {"image_id": "5", "file_name": "images/5.jpg", "width": 40, "height": 30,
+         "regions": [{"box": [0, 0, 20, 15], "caption": "a wall"}, {"box": [20, 15, 40, 30], "caption": "a corner"}]},
+        {"image_id": "5", "file_name": "images/5.jpg", "regions": [{"box": [4, 4, 8, 8], "caption": "a spot"}]}])
+    data = ShapesData(tmp_path, "train", 32)
+    [rec] = data.records
+    assert [(o["object_id"], o["caption"]) for o in rec.objects] == [(1, "a wall"), (2, "a corner"), (3, "a spot")]
+    assert (data.size("narrative"), data.size("region_box"), data.size("region_image")) == (1, 3, 1)
+    batch = Collator(data, small_tokenizer(), 32)("narrative", [0], np.random.default_rng(0))
+    np.testing.assert_allclose(batch["gt_boxes"][0, :2].numpy(), [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], atol=1e-6)
+
+
+def test_an_image_id_naming_two_different_images_is_an_error(tmp_path):
+    """A referring expression on COCO image 42 and dense regions of VG image 42 under one bare id: the files
+    give two image sizes, so the expression would train on the other picture. That is an error, not a merge."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "COCO_train2014_000000000042.jpg")
+    Image.new("RGB", (50, 33)).save(tmp_path / "images" / "42.jpg")
+    _write_jsonl(tmp_path / "train.dense.jsonl", [{"image_id": "42", "file_name": "images/42.jpg", "width": 50,
+                                                   "height": 33, "regions": [{"box": [5, 5, 10, 10], "caption": "a"}]}])
+    refer = {"image_id": "42", "file_name": "images/COCO_train2014_000000000042.jpg", "ref_id": "r", "width": 64,
+             "height": 48, "expression": "man on the left", "box": [1.0, 2.0, 30.0, 40.0]}
+    _write_jsonl(tmp_path / "train.refer.jsonl", [refer])
+    with pytest.raises(ValueError, match="'42' names two different images"):
+        ShapesData(tmp_path, "train", 32)
+    # without sizes in the lines, the files' own sizes tell the two images apart
+    unsized = {k: v for k, v in refer.items() if k not in ("width", "height")}
+    _write_jsonl(tmp_path / "train.refer.jsonl", [unsized])
+    with pytest.raises(ValueError, match="'42' names two different images"):
+        ShapesData(tmp_path, "train", 32)
+    # nothing to compare (no size, no file): taken as the image, but counted and warned about, not silent
+    _write_jsonl(tmp_path / "train.refer.jsonl", [{**unsized, "file_name": "images/missing.jpg"}])
+    with pytest.warns(UserWarning, match="1 lines name a known image_id"):
+        data = ShapesData(tmp_path, "train", 32)
+    assert data.image_stats["unchecked"] == 1 and data.size("refer") == 1
+
+
+def test_a_cut_caption_does_not_end_with_eos(tmp_path):
+    """A target longer than `max_tokens` is cut; a cut caption must not teach the model to stop there: no EOS,
+    its first `max_tokens` tokens keep their losses and boxes. Targets that fit still end with EOS; a cut
+    referring expression keeps its EOS (its box is read there)."""
+    (tmp_path / "images").mkdir()
+    for name in ("1", "2"):
+        Image.new("RGB", (40, 30)).save(tmp_path / "images" / f"{name}.jpg")
+    long_words = "one two three four five six seven eight nine ten eleven twelve.".split()
+    _write_jsonl(tmp_path / "train.ln.jsonl", [_ln_record("1", 1, long_words), _ln_record("2", 1, ["Red."])])
+    _write_jsonl(tmp_path / "train.refer.jsonl", [
+        {"image_id": "1", "file_name": "images/1.jpg", "ref_id": "r0", "expression": " ".join(long_words),
+         "box": [0, 0, 20, 15]}])
+    tok = small_tokenizer()
+    data = ShapesData(tmp_path, "train", 32)
+    max_tokens = 6
+    whole = encode_text(tok, " ".join(long_words), eos=False)
+    assert len(whole) > max_tokens
+    collate = Collator(data, tok, 32, max_tokens=max_tokens)
+    batch = collate("narrative", [0, 1], np.random.default_rng(0))
+    labels = batch["labels"]
+    assert labels.shape == (2, max_tokens)
+    assert labels[0].tolist() == whole[:max_tokens] and tok.eos_token_id not in labels[0].tolist()
+    assert bool(batch["token_box_mask"][0].all())
+    short = encode_text(tok, "Red.", eos=False)
+    assert labels[1, : len(short) + 1].tolist() == short + [tok.eos_token_id]
+    sentence = collate("sentence", [0], np.random.default_rng(0))["labels"][0]
+    assert sentence.tolist() == whole[:max_tokens]
+    refer = collate("refer", [0], np.random.default_rng(0))["labels"][0]
+    assert refer.tolist() == whole[: max_tokens - 1] + [tok.eos_token_id]

@@ -18,6 +18,10 @@
 `vg` reads Visual Genome's `region_descriptions.json` and writes one line per image to `<split>.dense.jsonl`
 (region captions + boxes); `image_data.json` supplies the image sizes (without it they are read from the files).
 
+Image ids: a COCO image keeps its bare COCO id (LN COCO's `image_id`, so RefCOCO expressions and LN narratives of
+one image share it); every other image is `<collection>:<id>` (`vg:<VG id>` for Visual Genome and GQA,
+`flickr:<id>` for Flickr30k), because the collections number their images independently.
+
 Images are not copied: `file_name` is `images/<name>` under `--out`, so link the image folders there (COCO
 train2014 for RefCOCO, Flickr30k / VG for GoldG, VG for the regions). Boxes are clipped to the image when its
 size is known; boxes under one pixel wide or high, empty phrases and duplicates are skipped and counted. Masks are
@@ -52,10 +56,35 @@ def _phrase(caption: str, spans: list[list[int]]) -> str:
     return " ".join(caption[int(a):int(b)].strip() for a, b in sorted(spans)).strip()
 
 
-def _image_id(entry: dict[str, Any]) -> str:
-    if entry.get("original_id") is not None:
-        return str(entry["original_id"])
-    return Path(str(entry["file_name"])).stem
+def _collection(pair: dict[str, Any], source: str) -> str:
+    """The image collection of an MDETR pair: "coco" (RefCOCO(+/g), MDETR's `data_source` "coco"), "vg" (GQA and
+    Visual Genome pairs, `data_source` "vg"), "flickr" (Flickr30k Entities), else its `dataset_name` or, without
+    one, the annotation file's name."""
+    dataset = str(pair.get("dataset_name", "")).lower()
+    data_source = str(pair.get("data_source", "")).lower()
+    if data_source == "coco" or dataset.startswith("refcoco") or str(pair["file_name"]).startswith("COCO_"):
+        return "coco"
+    if data_source == "vg" or dataset in ("gqa", "vg"):
+        return "vg"
+    if dataset.startswith("flickr") or "original_img_id" in pair:
+        return "flickr"
+    return dataset or source
+
+
+def _image_id(pair: dict[str, Any], source: str) -> str:
+    """A COCO image keeps its bare COCO id, which is LN COCO's image_id, so its expressions join its narratives;
+    an image of another collection is `<collection>:<id>` (`vg:2354786`, `flickr:1000`): collections number their
+    images independently, and a bare VG id names some other COCO image."""
+    stem = Path(str(pair["file_name"])).stem
+    collection = _collection(pair, source)
+    original = pair.get("original_id", pair.get("original_img_id"))  # MDETR's Flickr files: original_img_id
+    if original is not None:
+        number = str(original)
+    elif collection == "coco" and stem.startswith("COCO_"):
+        number = str(int(stem.rsplit("_", 1)[-1]))  # COCO_train2014_000000000009 -> 9
+    else:
+        number = stem
+    return number if collection == "coco" else f"{collection}:{number}"
 
 
 def convert_mdetr(annotations: dict[str, Any], source: str) -> tuple[list[dict[str, Any]], Counter]:
@@ -91,7 +120,7 @@ def convert_mdetr(annotations: dict[str, Any], source: str) -> tuple[list[dict[s
             if box is None:
                 counts["skipped_degenerate_box"] += 1
                 continue
-            image_id = _image_id(pair)
+            image_id = _image_id(pair, source)
             key = (image_id, text, tuple(box))
             if key in seen:
                 counts["skipped_duplicate"] += 1
@@ -112,8 +141,9 @@ def convert_vg(regions: list[dict[str, Any]], sizes: dict[str, tuple[int, int]],
     counts: Counter = Counter()
     records = []
     for image in regions:
-        image_id = str(image.get("id", image.get("image_id")))
-        width, height = sizes.get(image_id, (None, None))
+        vg_id = str(image.get("id", image.get("image_id")))
+        image_id = f"vg:{vg_id}"  # VG numbers its images apart from COCO: a bare id would name a COCO image
+        width, height = sizes.get(vg_id, (None, None))
         kept, seen = [], set()
         for r in image.get("regions", []):
             phrase = " ".join(str(r.get("phrase", "")).split())
@@ -132,7 +162,7 @@ def convert_vg(regions: list[dict[str, Any]], sizes: dict[str, tuple[int, int]],
         if not kept:
             counts["skipped_images_without_regions"] += 1
             continue
-        record = {"image_id": image_id, "file_name": f"images/{image_id}.jpg", "regions": kept}
+        record = {"image_id": image_id, "file_name": f"images/{vg_id}.jpg", "regions": kept}
         if width is not None:
             record.update(width=int(width), height=int(height))
         records.append(record)

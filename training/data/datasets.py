@@ -17,11 +17,15 @@ Tasks (each batch holds one task; every batch also carries all object boxes for 
                    costs less per expression and every batch holds expressions that differ on one input — the box
                    has to come from the words, not from the image alone (docs/referring.md §7).
 Captions are tokenised word by word (Metaspace tokenisers split at word starts, so this equals tokenising the
-whole text) so that every token inherits its word's target, as DESIGN §1 requires.
+whole text) so that every token inherits its word's target, as DESIGN §1 requires. Every LN record trains: an image
+with several narratives (LN COCO has up to five) gives one `narrative` / `prefix` item per narrative and one
+`sentence` item per sentence of each.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,15 @@ TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "regi
 
 
 @dataclass
+class Narrative:
+    """One LN record of an image: its words, their targets and its sentences (`(start, end)` word spans)."""
+
+    words: list[str]
+    word_boxes: np.ndarray  # n x 4 normalised, clipped to [0, 1]
+    sentences: list[tuple[int, int]]
+
+
+@dataclass
 class ImageRecord:
     image_id: str
     width: int
@@ -48,9 +61,7 @@ class ImageRecord:
     objects: list[dict]
     file_name: str = ""
     mask_file: str | None = None
-    words: list[str] = field(default_factory=list)
-    word_boxes: np.ndarray | None = None  # n x 4 normalised, clipped to [0, 1]
-    sentences: list[tuple[int, int]] = field(default_factory=list)
+    narratives: list[Narrative] = field(default_factory=list)  # every LN record of the image, in file order
 
 
 class ShapesData:
@@ -60,7 +71,9 @@ class ShapesData:
     every task is available. A Localized Narratives folder (`<split>.ln.jsonl` + `images/`, e.g. LN COCO) gives
     the caption/trace tasks; `<split>.refer.jsonl` adds referring (masks when a `mask_file` instance map is
     given) and `<split>.dense.jsonl` region captions (`python -m training.convert` writes both from RefCOCO /
-    GoldG / Visual Genome). Every image of the split is taken once. See docs/data_formats.md.
+    GoldG / Visual Genome). Every image of the split is taken once: the files name an image by its `image_id`, so
+    the same id in several files is one image (e.g. a COCO image in LN COCO and in RefCOCO), and an id whose files
+    give two different image sizes is an error. See docs/data_formats.md.
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int, limit: int | None = None,
@@ -71,35 +84,35 @@ class ShapesData:
         self.split = split
         self.image_size = image_size
         self.lazy = lazy
+        self._file_sizes: dict[str, tuple[int, int]] = {}
+        # lines naming a known image_id under another file: `merged` (same size), `unchecked` (no size, no file)
+        self.image_stats: Counter = Counter()
         ln_file = self.root / f"{split}.ln.jsonl"
         samples, self.ln_stats = read_localized_narratives(ln_file) if ln_file.is_file() \
             else ([], LNReadStats())
-        ln = {s.image_id: s for s in samples}
         refer_file = self.root / f"{split}.refer.jsonl"
         refer = read_jsonl(refer_file) if refer_file.is_file() else []
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
-        for entry in self._image_entries(split, ln, refer)[:limit]:
+        for entry in self._image_entries(split, [s.image_id for s in samples], refer)[:limit]:
             rec = ImageRecord(image_id=entry["image_id"], width=0, height=0, pixels=None, instance_map=None,
                               objects=entry.get("objects", []), file_name=entry["file_name"],
                               mask_file=entry.get("mask_file"))
-            if "width" in entry and "height" in entry:
-                rec.width, rec.height = int(entry["width"]), int(entry["height"])
-            else:
-                with Image.open(self.root / rec.file_name) as probe:
-                    rec.width, rec.height = probe.size
+            rec.width, rec.height = self._size(entry)
             if not lazy:
                 rec.pixels = self.pixels(rec)
                 rec.instance_map = self.instance_map(rec) if rec.mask_file else None
-            sample = ln.get(entry["image_id"])
-            if sample is not None:
-                rec.words = sample.words
-                rec.word_boxes = np.clip(sample.word_boxes, 0.0, 1.0).astype(np.float32)
-                rec.sentences = list(sample.sentences)
             self.index[rec.image_id] = len(self.records)
             self.records.append(rec)
         if not self.records:
             raise FileNotFoundError(f"no {split}.objects/ln/dense/refer.jsonl with images under {self.root}")
+        if self.image_stats["unchecked"]:
+            warnings.warn(f"{split}: {self.image_stats['unchecked']} lines name a known image_id under a missing "
+                          "file without width/height; they were taken as that image, unchecked", stacklevel=2)
+        for sample in samples:  # every narrative of an image trains (LN COCO has several per image)
+            if sample.image_id in self.index:
+                self.records[self.index[sample.image_id]].narratives.append(Narrative(
+                    sample.words, np.clip(sample.word_boxes, 0.0, 1.0).astype(np.float32), list(sample.sentences)))
         self.refer = [r for r in refer if r["image_id"] in self.index]
         self.refer_by_image: dict[int, list[int]] = {}
         for k, r in enumerate(self.refer):
@@ -110,8 +123,9 @@ class ShapesData:
         for k, (i, _) in enumerate(self.regions):
             self.regions_by_image.setdefault(i, []).append(k)
         self.region_images = sorted(self.regions_by_image)
-        self.narratives = [i for i, rec in enumerate(self.records) if rec.words]
-        self.sentence_items = [(i, s) for i in self.narratives for s in self.records[i].sentences]
+        # items: (image index, narrative) and (image index, narrative, (start, end) word span of a sentence)
+        self.narratives = [(i, n) for i, rec in enumerate(self.records) for n in rec.narratives if n.words]
+        self.sentence_items = [(i, n, span) for i, n in self.narratives for span in n.sentences]
 
     def pixels(self, rec: ImageRecord) -> torch.Tensor:
         """3xSxS uint8 model input of a record (cached in memory unless lazy)."""
@@ -124,28 +138,72 @@ class ShapesData:
         """HxW object-id map of a record that has a `mask_file` (cached in memory unless lazy)."""
         return rec.instance_map if rec.instance_map is not None else load_instance_map(self.root, rec.mask_file)
 
-    def _image_entries(self, split: str, ln: dict, refer: list[dict]) -> list[dict]:
+    def _image_entries(self, split: str, ln_ids: list[str], refer: list[dict]) -> list[dict]:
         """Every image of the split, once: Shapes ground truth (`objects.jsonl`) first, then LN images, then
-        images that only have dense regions (e.g. Visual Genome: region captions become the image's objects)
-        or only referring expressions (e.g. RefCOCO). Images named by several files keep their first entry."""
+        images that only have dense regions (e.g. Visual Genome) or only referring expressions (e.g. RefCOCO).
+        A later line naming a known image_id is the same image (`_same_image` checks it). Dense regions become the
+        objects of every image without Shapes ground truth, LN images included."""
         entries: dict[str, dict] = {}
         objects_file = self.root / f"{split}.objects.jsonl"
         for entry in read_jsonl(objects_file) if objects_file.is_file() else []:
-            entries.setdefault(entry["image_id"], entry)
-        for image_id in ln:
+            self._claim(entries, entry, entry)
+        ground_truth = set(entries)
+        for image_id in ln_ids:
             if image_id not in entries:
                 entries[image_id] = self._ln_entry(image_id)
         dense_file = self.root / f"{split}.dense.jsonl"
         for entry in read_jsonl(dense_file) if dense_file.is_file() else []:
-            if entry["image_id"] not in entries:
-                objects = [{"object_id": k, "box": r["box"], "caption": r["caption"]}
-                           for k, r in enumerate(entry.get("regions", []), start=1)]
-                entries[entry["image_id"]] = {**{k: entry[k] for k in ("image_id", "file_name", "width", "height")
-                                                 if k in entry}, "objects": objects}
+            image = self._claim(entries, entry)
+            if entry["image_id"] not in ground_truth:
+                objects = image.setdefault("objects", [])
+                objects += [{"object_id": len(objects) + k, "box": r["box"], "caption": r["caption"]}
+                            for k, r in enumerate(entry.get("regions", []), start=1)]
         for r in refer:
-            if r["image_id"] not in entries:
-                entries[r["image_id"]] = {k: r[k] for k in ("image_id", "file_name", "width", "height") if k in r}
+            self._claim(entries, r)
         return list(entries.values())
+
+    def _claim(self, entries: dict[str, dict], line: dict, new: dict | None = None) -> dict:
+        """The image entry a file line names: a new entry (`new`, or the line's image keys) for a new image_id,
+        else the known entry, after checking that the line describes the same image."""
+        image_id = line["image_id"]
+        if image_id in entries:
+            self._same_image(entries[image_id], line)
+        else:
+            entries[image_id] = new if new is not None else \
+                {k: line[k] for k in ("image_id", "file_name", "width", "height") if k in line}
+        return entries[image_id]
+
+    def _same_image(self, known: dict, line: dict) -> None:
+        """Raise when a line names a known image_id but gives another image size (its own width/height, or its
+        file's size when it names another file): two pictures under one id would train one's targets on the
+        other. Same-sized files under one id cannot be told apart here and are taken as the same image."""
+        other_file = line.get("file_name", known["file_name"]) != known["file_name"]
+        if not other_file and not ("width" in line and "height" in line):
+            return
+        size = self._size(line, required=False) if other_file else self._size(line)
+        if size is None:
+            self.image_stats["unchecked"] += 1
+        elif size != self._size(known):
+            width, height = self._size(known)
+            raise ValueError(
+                f"{self.split}: image_id {line['image_id']!r} names two different images: {known['file_name']} "
+                f"({width}x{height}) and {line.get('file_name', known['file_name'])} ({size[0]}x{size[1]}). Give "
+                "each image its own id (`python -m training.convert` prefixes non-COCO ids, e.g. 'vg:9').")
+        elif other_file:
+            self.image_stats["merged"] += 1
+
+    def _size(self, entry: dict, required: bool = True) -> tuple[int, int] | None:
+        """(width, height) of an image entry or file line: its own fields, else its file's header (None when the
+        file is missing and not `required`)."""
+        if "width" in entry and "height" in entry:
+            return int(entry["width"]), int(entry["height"])
+        name = entry["file_name"]
+        if name not in self._file_sizes:
+            if not required and not (self.root / name).is_file():
+                return None
+            with Image.open(self.root / name) as probe:
+                self._file_sizes[name] = probe.size
+        return self._file_sizes[name]
 
     def _ln_entry(self, image_id: str) -> dict:
         # LN COCO's image ids are COCO ids without the zero padding of COCO 2017's file names
@@ -218,17 +276,24 @@ class Collator:
         return {"images": images, "gt_boxes": gt, "gt_valid": valid}
 
     def _pad_targets(self, seqs: list[tuple[list[int], np.ndarray, bool]]) -> dict:
-        """seqs: (token ids without EOS, per-token boxes, boxes supervised?) -> labels/token_boxes/mask."""
+        """seqs: (token ids without EOS, per-token boxes, boxes supervised?) -> labels/token_boxes/mask.
+
+        A target fits when its tokens and EOS fit in `max_tokens`. A longer caption (boxes supervised) is cut to
+        its first `max_tokens` tokens and gets no EOS: the text goes on, so the model must not learn to stop there;
+        the kept tokens keep their losses. A longer referring expression (no token boxes) keeps `max_tokens - 1`
+        tokens and its EOS, where the referring box is read."""
         eos = self.tokenizer.eos_token_id
         length = min(self.max_tokens, max(len(ids) for ids, _, _ in seqs) + 1)
         labels = torch.full((len(seqs), length), -100, dtype=torch.long)
         boxes = torch.zeros(len(seqs), length, 4)
         mask = torch.zeros(len(seqs), length, dtype=torch.bool)
         for i, (ids, tb, supervised) in enumerate(seqs):
-            ids = ids[: length - 1]
+            cut = len(ids) >= length and supervised
+            ids = ids[:length] if cut else ids[: length - 1]
             n = len(ids)
             labels[i, :n] = torch.tensor(ids, dtype=torch.long)
-            labels[i, n] = eos
+            if not cut:
+                labels[i, n] = eos
             if supervised and n:
                 boxes[i, :n] = torch.from_numpy(tb[:n])
                 mask[i, :n] = True
@@ -247,28 +312,27 @@ class Collator:
         return getattr(self, f"_{task}")(indices, rng)
 
     def _narrative(self, indices, rng) -> dict:
-        recs = [self.data.records[self.data.narratives[i]] for i in indices]
-        batch = self._common(recs)
-        batch.update(self._pad_targets([(*self._word_tokens(r.words, r.word_boxes), True) for r in recs]))
+        items = [self.data.narratives[i] for i in indices]
+        batch = self._common([self.data.records[i] for i, _ in items])
+        batch.update(self._pad_targets([(*self._word_tokens(n.words, n.word_boxes), True) for _, n in items]))
         return batch
 
     def _sentence(self, indices, rng) -> dict:
         items = [self.data.sentence_items[i] for i in indices]
-        recs = [self.data.records[i] for i, _ in items]
-        seqs = []
-        for rec, (_, (start, end)) in zip(recs, items):
-            seqs.append((*self._word_tokens(rec.words[start:end], rec.word_boxes[start:end]), True))
-        batch = self._common(recs)
+        seqs = [(*self._word_tokens(n.words[start:end], n.word_boxes[start:end]), True)
+                for _, n, (start, end) in items]
+        batch = self._common([self.data.records[i] for i, _, _ in items])
         batch.update(self._pad_targets(seqs))
         return batch
 
     def _prefix(self, indices, rng) -> dict:
-        recs = [self.data.records[self.data.narratives[i]] for i in indices]
+        items = [self.data.narratives[i] for i in indices]
+        recs = [self.data.records[i] for i, _ in items]
         seqs, prompts = [], []
-        for rec in recs:
-            cut = int(rng.integers(1, max(2, len(rec.words))))
-            prompts.append(self._word_tokens(rec.words[:cut], None)[0])
-            seqs.append((*self._word_tokens(rec.words[cut:], rec.word_boxes[cut:]), True))
+        for _, n in items:
+            cut = int(rng.integers(1, max(2, len(n.words))))
+            prompts.append(self._word_tokens(n.words[:cut], None)[0])
+            seqs.append((*self._word_tokens(n.words[cut:], n.word_boxes[cut:]), True))
         batch = self._common(recs)
         batch.update(self._pad_targets(seqs))
         batch.update(self._pad_prompts(prompts))
