@@ -3,8 +3,8 @@
 `base` and `paper` start from component weights (DESIGN §2): an official SAM checkpoint (`sam_vit_b_01ec64.pth`,
 `sam_vit_h_4b8939.pth`: a plain state dict read with `weights_only=True`, never unpickled blindly), a Flan-T5
 directory (`config.json`, `model.safetensors`, tokenizer) and, for `paper`, an optional second backbone as a
-safetensors state dict of the SAM-style ViT (an EVA02-L converted to that layout). Components load strictly: a
-missing or misshapen tensor is an error naming it.
+safetensors state dict of the SAM-style ViT that stands in EVA02's role (EVA02's own weights do not fit it: SwiGLU
+MLPs, RoPE, no neck). Components load strictly: a missing or misshapen tensor is an error naming it.
 """
 
 from __future__ import annotations

@@ -223,6 +223,29 @@ def test_a_resume_draws_the_same_random_numbers_and_logs_the_same_rows(tmp_path)
     assert {step for step, *_ in rows(straight)} == {2, 3, 6}  # each stage's last steps are logged at its end
 
 
+@pytest.mark.slow
+def test_a_stage_config_holds_for_its_stage_only_and_a_zero_weight_drops_its_term(tmp_path):
+    """The paper recipes' captioning stage sets loc_loss_weight and proposal_weight to 0 (frozen heads must not
+    train the rest towards them): no location or proposal term in that stage's rows, and the next stage, which
+    sets neither, is back at the recipe's values (a stage's config used to carry into every later stage)."""
+    path = _config(tmp_path, (2, 2))
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["checkpoint_every"] = 100
+    cfg["stages"][0]["config"] = {"loc_loss_weight": 0.0, "proposal_weight": 0.0}
+    cfg["stages"][0]["tasks"] = cfg["stages"][1]["tasks"] = {"narrative": 1}
+    path.write_text(yaml.safe_dump(cfg))
+    _finish(_train(path))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, second = ([r for r in rows if r["stage"] == name] for name in ("caption_pretraining", "multitask"))
+    assert first and not any("location" in r or "proposal_heatmap" in r for r in first)
+    assert second and all(r["location"] > 0 and r["proposal_heatmap"] > 0 for r in second)
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    from pixelllm.config import get_config
+
+    recipe = get_config("tiny", **SMALL_OVERRIDES)
+    assert (saved["loc_loss_weight"], saved["proposal_weight"]) == (recipe.loc_loss_weight, recipe.proposal_weight)
+
+
 def test_a_checkpoint_left_over_from_a_kill_between_renames_does_not_stop_the_next_save(tmp_path):
     """A kill after `save_checkpoint` renamed the new checkpoint into place but before it removed the previous one
     leaves `checkpoint.old` beside `checkpoint` (the kill-and-resume test hit this once). The resumed run reads the

@@ -264,13 +264,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"PixelLLM {model.config.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
               f"{len(data.records)} images, world={world}, resume from step {step}", flush=True)
 
+    # A stage's `config:` (per-stage loss weights, e.g. loc_loss_weight) holds for that stage only: a field another
+    # stage sets is back at the recipe's value in a stage that does not set it (also after a resume, whose
+    # checkpoint saved the stage's values)
+    recipe_config = get_config(cfg["model"].get("preset", "tiny"), **cfg["model"].get("overrides", {}))
+    staged = {}
+    for stage in stages:
+        for key in stage.get("config") or {}:
+            if not hasattr(recipe_config, key) or isinstance(getattr(recipe_config, key), (dict, list)):
+                raise SystemExit(f"stage {stage['name']!r}: unknown or non-scalar config field {key!r}")
+            staged[key] = getattr(recipe_config, key)
     while step < total:
         index = int(np.searchsorted(bounds, step, side="right") - 1)
         stage = stages[index]
-        for key, value in (stage.get("config") or {}).items():  # per-stage loss weights, e.g. loc_loss_weight
-            if not hasattr(model.config, key) or isinstance(getattr(model.config, key), (dict, list)):
-                raise SystemExit(f"stage {stage['name']!r}: unknown or non-scalar config field {key!r}")
-            setattr(model.config, key, type(getattr(model.config, key))(value))
+        for key, value in {**staged, **(stage.get("config") or {})}.items():
+            setattr(model.config, key, type(staged[key])(value))
         trainable = model.set_stage(stage.get("stage", "scratch"))
         if "adapter" in stage and stage["adapter"] not in model.adapters:
             model.add_adapter(stage["adapter"])

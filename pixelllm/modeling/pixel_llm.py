@@ -202,7 +202,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             with capture_cross_attention(self.language_model, supervise) as captured:
                 logits, points = self.teacher_forced(prefix, labels, own_rate=own_rate)
             out["caption"] = losses.caption_loss(logits, labels, cfg.label_smoothing)
-            if "token_boxes" in batch:
+            if "token_boxes" in batch and cfg.loc_loss_weight > 0:  # 0: a captioning-only stage
                 loc = losses.location_loss(points, batch["token_boxes"], batch["token_box_mask"] & (labels != -100))
                 out["location"] = cfg.loc_loss_weight * loc
             if "refer_boxes" in batch:
@@ -229,7 +229,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             out["mask_focal"] = cfg.mask_focal_weight * terms["mask_focal"]
             out["mask_dice"] = cfg.mask_dice_weight * terms["mask_dice"]
             out["mask_iou"] = cfg.mask_iou_weight * terms["mask_iou"]
-        if "gt_boxes" in batch:
+        if "gt_boxes" in batch and cfg.proposal_weight > 0:  # 0: a stage that does not train the proposal head
             pred = self.proposal_head(features.fused)
             height, width = pred["heatmap"].shape[-2:]
             targets = losses.centernet_targets(batch["gt_boxes"], batch["gt_valid"], height, width)
