@@ -204,6 +204,17 @@ def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, exam
     assert row["extra"]["abandoned"] and row["extra"]["cut"] is True
 
 
+def test_a_caption_stream_closed_midway_logs_the_words_shown(studio, example_images):
+    """The page went away mid-caption (gradio closes or drops the generator): the words shown are logged too."""
+    session = _loaded(studio, example_images[0])
+    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
+    shown = [next(updates) for _ in range(3)][-1]  # "Generating…", then two words
+    updates.close()
+    row = studio.store.list_generations(task="caption", limit=1)[0]
+    assert row["words"] == shown[1].split() and len(row["words"]) == 2
+    assert row["extra"]["abandoned"] == "the stream was closed" and row["extra"]["cut"] is True
+
+
 def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
     session = _loaded(studio, example_images[0])
     updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")

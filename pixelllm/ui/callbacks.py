@@ -63,31 +63,42 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     array = session.array
     words: list[dict] = []
     yield (caption_view(session, words=[], status="streaming", message="Generating…"), "", gr.skip(), session)
+    prompts_model = records.model_prompts(points, labels, box, text)
+
+    def log(cut: bool, abandoned: str | None = None) -> int | None:
+        extra = {"decoding": options, "text": " ".join(w["text"] for w in words), "cut": cut}
+        if abandoned:  # shown in part: flagged so that an export or a finetune can tell it apart
+            extra["abandoned"] = abandoned
+        return records.log_output(studio, session, array, "caption", [w["text"] for w in words],
+                                  [w["box"] for w in words], prompts=prompts_model, extra=extra,
+                                  session_id=session_id)
+
     last, abandoned = 0.0, False
     stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
-    for word in stream:
-        wait = studio.min_word_interval - (time.monotonic() - last)
-        if wait > 0:
-            time.sleep(wait)
-        last = time.monotonic()
-        if session.replaced:  # the user picked another image meanwhile: log what was shown, leave the page to it
-            abandoned = True
-            break
-        words.append(word)
-        # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
-        yield (caption_view(session, words=words, status="streaming", message=f"Generating… {len(words)} words"),
-               " ".join(w["text"] for w in words), gr.skip(), gr.skip())
-    prompts_model = records.model_prompts(points, labels, box, text)
-    extra = {"decoding": options, "text": " ".join(w["text"] for w in words), "cut": stream.cut}
+    try:
+        for word in stream:
+            wait = studio.min_word_interval - (time.monotonic() - last)
+            if wait > 0:
+                time.sleep(wait)
+            last = time.monotonic()
+            if session.replaced:  # the user picked another image meanwhile: log what was shown, leave the page
+                abandoned = True
+                break
+            words.append(word)
+            # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
+            yield (caption_view(session, words=words, status="streaming",
+                                message=f"Generating… {len(words)} words"),
+                   " ".join(w["text"] for w in words), gr.skip(), gr.skip())
+    except GeneratorExit:  # closed mid-stream (the page went away, the request was cancelled)
+        if words:
+            log(True, "the stream was closed")
+        raise
     if abandoned:
-        if not words:
-            yield _NOTHING
-            return
-        # Shown in part: the words the page received, flagged so an export or finetune can tell it apart
-        extra.update(cut=True, abandoned="another image was opened")
-    gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
-                                [w["box"] for w in words], prompts=prompts_model, extra=extra,
-                                session_id=session_id)
+        if words:
+            log(True, "another image was opened")
+        yield _NOTHING
+        return
+    gen_id = log(stream.cut)
     if session.replaced:
         yield _NOTHING
         return
