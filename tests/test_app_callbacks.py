@@ -215,6 +215,34 @@ def test_a_caption_stream_closed_midway_logs_the_words_shown(studio, example_ima
     assert row["extra"]["abandoned"] == "the stream was closed" and row["extra"]["cut"] is True
 
 
+def test_a_handler_finishing_after_a_new_image_leaves_the_page_to_it(studio, example_images, monkeypatch):
+    """Referring (Dense, Trace, a prompt click) still running when the user picks another image: its result wrote
+    the previous image's session back into the page, and the next caption then streamed nothing (the session was
+    marked replaced), stuck on "Generating…". Its updates are now dropped; the work is still logged."""
+    session = _loaded(studio, example_images[0])
+    refer = studio.predictor.refer
+
+    def the_user_moves_on_meanwhile(*args, **kwargs):
+        ws.load_image(studio, str(example_images[1]), session)
+        return refer(*args, **kwargs)
+
+    monkeypatch.setattr(studio.predictor, "refer", the_user_moves_on_meanwhile)
+    on_refer = ws.for_the_shown_image(lambda state, text: cb.refer(studio, state, text))
+    out = on_refer(session, "the red circle")
+    assert session.replaced and len(out) == 3 and all(isinstance(x, type(gr.skip())) for x in out)
+    assert len(studio.store.list_generations(task="refer")) == 1  # the request was served: still logged
+    monkeypatch.undo()
+    fresh = _loaded(studio, example_images[0])
+    assert on_refer(fresh, "the red circle")[0] is fresh  # an image still shown gets its updates
+
+    def streams(state):
+        yield state, 1
+        state.replaced = True
+        yield state, 2
+
+    assert list(ws.for_the_shown_image(streams)(fresh)) == [(fresh, 1), (gr.skip(), gr.skip())]
+
+
 def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
     session = _loaded(studio, example_images[0])
     updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")

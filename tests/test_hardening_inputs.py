@@ -22,6 +22,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -31,6 +32,7 @@ from PIL import Image
 
 from pixelllm import image as imaging
 from pixelllm.store import AnnotationStore
+from pixelllm.ui import workspace as ws
 
 torch.set_num_threads(1)
 
@@ -304,6 +306,32 @@ def test_bad_image_file_through_the_api(case_id, name, make, message, tmp_path, 
     assert_refused(served_app, lambda: caption(client, path), message)
     assert_refused(served_app, lambda: refer(client, path, "the red circle"), message)
     assert_refused(served_app, lambda: dense(client, path), message)
+
+
+@pytest.mark.parametrize("case_id, name, make, size, pixels_ok", GOOD_FILES, ids=[c[0] for c in GOOD_FILES])
+def test_unusual_image_through_the_page_upload(case_id, name, make, size, pixels_ok, tmp_path, served_app):
+    """The page's image input hands the uploaded file itself to the app's loader. With gradio's default
+    image_mode "RGB" it decoded and re-saved every non-RGB upload first: transparency came out black instead of
+    white, a 16-bit PNG mostly white, and the size limit was checked only after gradio had decoded the image."""
+    from gradio.data_classes import ImageData
+
+    path = _write(tmp_path, name, make())
+    [upload] = [b for b in served_app.demo.blocks.values() if getattr(b, "elem_id", None) == "image-input"]
+    handed = upload.preprocess(ImageData(path=str(path), orig_name=name))
+    assert Path(handed).read_bytes() == path.read_bytes()
+    session = ws.load_image(served_app.studio, handed, None)[0]
+    assert (session.image["width"], session.image["height"]) == size and pixels_ok(session.array)
+
+
+def test_a_bomb_uploaded_on_the_page_is_refused_before_anything_decodes_it(tmp_path, served_app):
+    from gradio.data_classes import ImageData
+
+    path = _write(tmp_path, "big.png", png_claiming(7000, 7000))
+    [upload] = [b for b in served_app.demo.blocks.values() if getattr(b, "elem_id", None) == "image-input"]
+    handed = upload.preprocess(ImageData(path=str(path), orig_name="big.png"))
+    assert Path(handed) == path  # gradio did not decode it (its default decoded 49 MP before the app saw it)
+    with pytest.raises(gr.Error, match="the limit is 40 MP"):
+        ws.load_image(served_app.studio, handed, None)
 
 
 @pytest.mark.parametrize("case_id, name, make, size, pixels_ok", GOOD_FILES, ids=[c[0] for c in GOOD_FILES])

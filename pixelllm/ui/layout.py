@@ -61,8 +61,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                     "text), locate referring expressions, or caption every region.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=240):
+                # image_mode=None: the file reaches pixelllm.image as uploaded (its size limit, EXIF, alpha and
+                # 16-bit handling); gradio's default "RGB" decoded and converted every non-RGB upload first
                 image_in = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
-                                    elem_id="image-input")
+                                    elem_id="image-input", image_mode=None)
                 if studio.examples:
                     gr.Examples(examples=[[p] for p in studio.examples], inputs=[image_in], label="Examples",
                                 examples_per_page=8, elem_id="examples")
@@ -173,9 +175,11 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_image(path, state):
             return ws.load_image(studio, path, state)
 
+        @ws.for_the_shown_image
         def on_pick(state, mode, evt: gr.EventData):
             return ws.click(state, mode, evt._data)
 
+        @ws.for_the_shown_image
         def on_drag(state, evt: gr.EventData):
             return ws.drag_box(state, evt._data)
 
@@ -183,15 +187,19 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request),
                                    repetition_penalty=penalty)
 
+        @ws.for_the_shown_image
         def on_trace(state, text, request: gr.Request):
             return cb.trace(studio, state, text, _session_id(request))
 
+        @ws.for_the_shown_image
         def on_refer(state, text, request: gr.Request):
             return cb.refer(studio, state, text, _session_id(request))
 
+        @ws.for_the_shown_image
         def on_dense(state, thr, k, request: gr.Request):
             return cb.dense(studio, state, thr, k, _session_id(request))
 
+        @ws.for_the_shown_image
         def on_dense_select(state, evt: gr.EventData, request: gr.Request):
             yield from cb.dense_select(studio, state, evt._data, _session_id(request))
 
@@ -219,8 +227,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                         [cap_text, cap_files, ref_files, region_text, dense_files], **private, queue=False)
         cap_view.pick(on_pick, [session, click_mode], [session, cap_view], **prompt_edit)
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
-        undo_btn.click(ws.undo_prompt, [session], [session, cap_view], **prompt_edit)
-        clear_btn.click(ws.clear_prompts, [session], [session, cap_view], **prompt_edit)
+        undo_btn.click(ws.for_the_shown_image(ws.undo_prompt), [session], [session, cap_view], **prompt_edit)
+        clear_btn.click(ws.for_the_shown_image(ws.clear_prompts), [session], [session, cap_view], **prompt_edit)
         gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
         gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")

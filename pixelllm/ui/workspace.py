@@ -61,6 +61,33 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def for_the_shown_image(fn: Callable) -> Callable:
+    """A handler whose first argument is the page's Session: its updates are dropped (gr.skip()) when the user
+    picked another image while it ran. They would write the previous image's session and views back into the
+    page, and Referring, Dense and a new caption would then work on an image no longer shown."""
+    def left_behind(state: Any) -> bool:
+        return isinstance(state, Session) and state.replaced
+
+    def nothing(out: Any) -> Any:
+        return tuple(gr.skip() for _ in out) if isinstance(out, tuple) else gr.skip()
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(state: Any, *args: Any, **kwargs: Any) -> Iterator:
+            for out in fn(state, *args, **kwargs):
+                if left_behind(state):
+                    yield nothing(out)
+                    return
+                yield out
+        return generator
+
+    @functools.wraps(fn)
+    def wrapper(state: Any, *args: Any, **kwargs: Any) -> Any:
+        out = fn(state, *args, **kwargs)
+        return nothing(out) if left_behind(state) else out
+    return wrapper
+
+
 # ------------------------------------------------------------------------------------------ shared + per user
 
 @dataclasses.dataclass
