@@ -79,6 +79,18 @@ def starts_word(tokenizer: PreTrainedTokenizerFast, token_id: int) -> bool:
     return 0 <= token_id < len(table) and table[token_id]
 
 
+@lru_cache(maxsize=8)
+def never_sampled(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> tuple[int, ...]:
+    """Token ids sampling must not draw (the model never learns to emit them; greedy decoding never picks them):
+    byte-fallback pieces, which alone decode to control characters or to broken UTF-8 ("\ufffd"); special tokens
+    other than EOS (pad, unk, T5's sentinels); ids of the model's vocabulary beyond the tokenizer's."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+    byte_pieces = set(BYTE_TOKENS)
+    blocked = [i for i, p in enumerate(pieces) if i in special or p in byte_pieces]
+    return tuple(blocked + list(range(len(tokenizer), vocab_size)))
+
+
 def group_words(tokenizer: PreTrainedTokenizerFast, token_ids: list[int]) -> list[list[int]]:
     """Split a decoded token sequence (specials already removed) into words: lists of token positions.
     A token without the word prefix continues the current word (sub-word pieces, punctuation, bytes)."""

@@ -73,6 +73,25 @@ def test_location_head_does_not_change_tokens():
 
 
 
+def test_sampling_never_draws_byte_pieces_or_special_tokens():
+    """Byte-fallback pieces alone decode to control characters or broken UTF-8: sampling an untrained random model
+    (most of whose tiny vocabulary is the 256 byte pieces) drew them in nearly every caption."""
+    from pixelllm.predictor import PixelLLMPredictor
+    from pixelllm.tokenizer import BYTE_TOKENS, never_sampled
+    from tests.helpers import random_image
+
+    model = small_model(seed=3)
+    tok = model.tokenizer
+    blocked = set(never_sampled(tok, model.config.t5.vocab_size))
+    assert set(tok.convert_tokens_to_ids(BYTE_TOKENS)) <= blocked
+    assert {tok.pad_token_id, tok.unk_token_id} <= blocked and tok.eos_token_id not in blocked
+    predictor = PixelLLMPredictor(model, device="cpu")
+    state = predictor.set_image(random_image(1, 64, 64))
+    drawn = [t for seed in range(4) for w in predictor.caption(state, do_sample=True, temperature=2.0, seed=seed,
+                                                              max_new_tokens=24).words for t in w.token_ids]
+    assert len(drawn) > 20 and not blocked & set(drawn)
+
+
 def test_repetition_penalty_decodes_as_transformers_generate_alone_and_in_a_batch():
     """`repetition_penalty` (the embedded checkpoint's decoding default, docs/referring.md §18) picks the tokens
     transformers' generate() picks with the same penalty, also for a row of a batch whose other row ended early."""

@@ -7,7 +7,7 @@ hidden state the location head reads (transformers' streamers only see token ids
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
@@ -132,10 +133,12 @@ class DecodeStep:
 
 def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: int, eos_token_id: int,
            pad_token_id: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-           repetition_penalty: float = 1.0, generator: torch.Generator | None = None) -> Iterator[DecodeStep]:
+           repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+           never_sample: Sequence[int] = ()) -> Iterator[DecodeStep]:
     """Incremental decoding with the KV cache, one step per yield; stops when every row emitted EOS or after
     `max_new_tokens`. Greedy by default; sampling uses transformers' temperature and top-p warpers, and
     `repetition_penalty` != 1 its RepetitionPenaltyLogitsProcessor (greedy or sampled), as `generate()` does.
+    `never_sample`: token ids sampling may not draw (`SuppressTokensLogitsProcessor`; greedy decoding ignores it).
 
     A row that emits EOS leaves the batch: its KV cache and prefix rows are dropped (transformers'
     `batch_select_indices`), so a batch of captions of different lengths costs what its live rows cost, not
@@ -148,6 +151,8 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
     if repetition_penalty != 1.0:  # CTRL's penalty on every token already generated, greedy or sampled
         warpers.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
     if do_sample:
+        if never_sample:  # before temperature and top-p, so that top-p's nucleus is made of tokens it may draw
+            warpers.append(SuppressTokensLogitsProcessor(list(never_sample), device=device))
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:

@@ -32,7 +32,7 @@ from pixelllm.modeling.language_model import (
     mix_own_predictions,
 )
 from pixelllm.modeling.prompt_extractor import PromptFeatureExtractor
-from pixelllm.tokenizer import encode_text
+from pixelllm.tokenizer import encode_text, never_sampled
 
 
 class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_url="https://github.com/pixelllm",
@@ -256,10 +256,12 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         """Incremental decoding with the KV cache. Yields per step (DecodeStep, boxes Bx4 normalised
         (x0, y0, x1, y1) or None when with_boxes=False). The box never feeds back into decoding. No repetition
         penalty unless given (the predictor passes `config.repetition_penalty`)."""
+        # sampling never draws a token the model never learns to emit (byte pieces: broken characters)
+        never = never_sampled(self.tokenizer, self.config.t5.vocab_size) if do_sample and self.tokenizer else ()
         steps = decode(self.language_model, prefix, max_new_tokens=max_new_tokens or self.config.max_new_tokens,
                        eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id,
                        do_sample=do_sample, temperature=temperature, top_p=top_p,
-                       repetition_penalty=repetition_penalty, generator=generator)
+                       repetition_penalty=repetition_penalty, generator=generator, never_sample=never)
         for step in steps:
             boxes = LocationHead.as_box(self.loc_head(step.hidden)) if with_boxes else None
             yield step, boxes
