@@ -140,7 +140,8 @@ def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: thread
         if active is None:
             note = ("No LoRA adapter is active" + (f" (loaded: {', '.join(available)})" if available else
                                                    " and none is loaded")
-                    + ": finetune on corrections and load the adapter to compare before / after.")
+                    + ": finetune on corrections (python -m training.finetune ... --out runs/ft1), then start the "
+                    "app on its output (python app.py --checkpoint runs/ft1) to compare before / after.")
             empty = render.viewer_value(session.image, mode="caption", include_src=True, clickable=False,
                                         message="base model")
             return empty, render.viewer_value(None, mode="caption"), note
