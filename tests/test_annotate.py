@@ -199,11 +199,19 @@ def test_client_token_makes_saves_idempotent(studio, captioned, annotation_store
 def test_api_payloads(studio, captioned, annotation_store):
     sha = annotation_store.list_generations(limit=1)[0]["image_sha"]
     result = an.api_save_correction(studio, {"image_sha": sha, "annotator": "<b>x</b>", "status": "draft",
-                                             "words": ["a", "b"], "boxes": [[-5, 0, 10, 400], [3, 3, 3, 3]],
+                                             "words": ["a", "b"], "boxes": [[-5, 0, 10, 260], [3, 3, 3, 3]],
                                              "non_visual": [1]})
     row = annotation_store.get_correction(result["correction_id"])
     assert row["annotator"] == "<b>x</b>" and row["status"] == "draft" and row["generation_id"] is None
     assert row["boxes"] == [[0, 0, 10, 256], [3, 3, 3, 3]] and row["non_visual"] == [1]  # clipped to the image
+    # a box in another frame (e.g. the as-sent pixels of a large image stored downscaled) is refused, not clipped
+    with pytest.raises(gr.Error, match=r"outside the stored image \(256x256 pixels\)"):
+        an.api_save_correction(studio, {"image_sha": sha, "annotator": "a", "words": ["a"],
+                                        "boxes": [[100, 120, 400, 300]]})
+    # an oversized trace is refused on its point count, before a point is read
+    with pytest.raises(gr.Error, match="more than 50000 points"):
+        an.api_save_correction(studio, {"image_sha": sha, "annotator": "a", "words": ["a"],
+                                        "traces": [["not a point"] * 50_001]})
     edit = an.api_save_correction(studio, {"parent_id": row["id"], "annotator": "y", "words": ["c"],
                                            "boxes": [[1, 1, 2, 2]]})
     assert annotation_store.head(row["id"])["id"] == edit["correction_id"]

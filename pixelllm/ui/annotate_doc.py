@@ -102,10 +102,19 @@ def _word_text(text: Any, name: str = "a word") -> str:
 
 
 def _box(value: Any, width: int, height: int, name: str) -> list[float]:
-    """XYXY pixels: corners sorted, clipped to the image (a zero-area box is allowed: a point)."""
+    """XYXY pixels of the stored image: corners sorted, clipped to the image (a zero-area box is allowed: a point).
+    A corner further outside than 2 % of the image side (at least 2 px) is refused, not clipped: such a box is
+    in another frame (e.g. the as-sent pixels of an image the store keeps downscaled), and clipping it would save
+    a wrong box as ground truth."""
     if not isinstance(value, (list, tuple)) or len(value) != 4:
         raise ValueError(f"{name} must be [x0, y0, x1, y1] in image pixels, got {value!r}")
     x0, y0, x1, y1 = (_finite(v, name) for v in value)
+    slack_x, slack_y = max(2.0, 0.02 * width), max(2.0, 0.02 * height)
+    if min(x0, x1) < -slack_x or max(x0, x1) > width + slack_x or min(y0, y1) < -slack_y \
+            or max(y0, y1) > height + slack_y:
+        raise ValueError(f"{name} {[x0, y0, x1, y1]} lies outside the stored image ({width}x{height} pixels): "
+                         "corrections use the stored image's pixels (an image larger than 2048 px is stored "
+                         "downscaled; docs/annotate.md)")
     x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
     y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
     return [x0, y0, x1, y1]
@@ -121,6 +130,9 @@ def _traces(value: Any) -> list[list[dict[str, float]]]:
     for s, segment in enumerate(value):
         if not isinstance(segment, (list, tuple)):
             raise ValueError(f"traces[{s}] must be a list of {{x, y, t}} points")
+        total += len(segment)
+        if total > MAX_TRACE_POINTS:  # counted before any point is read: an oversized trace costs nothing
+            raise ValueError(f"the trace has more than {MAX_TRACE_POINTS} points; that is the limit")
         points = []
         for p, point in enumerate(segment):
             if not isinstance(point, Mapping) or not {"x", "y", "t"} <= set(point):
@@ -129,11 +141,8 @@ def _traces(value: Any) -> list[list[dict[str, float]]]:
             if not (-1.0 <= x <= 2.0 and -1.0 <= y <= 2.0):
                 raise ValueError(f"traces[{s}][{p}] is far outside the image: x, y are normalised to [0, 1]")
             points.append({"x": x, "y": y, "t": t})
-        total += len(points)
         if points:
             segments.append(points)
-    if total > MAX_TRACE_POINTS:
-        raise ValueError(f"the trace has {total} points; the limit is {MAX_TRACE_POINTS}")
     return segments
 
 
