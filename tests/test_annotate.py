@@ -124,6 +124,35 @@ def test_undo_redo_restore_exact_documents(studio, captioned):
     assert an.redo(state)[1] == "nothing to redo"
 
 
+def test_the_undo_stack_shares_traces_and_is_bounded_by_their_points(studio, captioned, monkeypatch):
+    """Every edit deep-copied the document, trace included: one 50 000-point recording and 200 toggles held about
+    2 GB for one browser tab. Versions now share a trace, and the stack drops its oldest versions past
+    MAX_HISTORY_TRACE_POINTS distinct points."""
+    monkeypatch.setattr(annotate_doc, "MAX_HISTORY_TRACE_POINTS", 100)  # two 40-point recordings, not three
+    state = _opened(studio, captioned)
+    n = len(state.doc["words"])
+    for seed in range(3):
+        traces, timed = _recording(n, seed)
+        state, _ = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
+    for _ in range(5):
+        state, _ = an.edit_event(state, {"op": "non_visual", "i": 0, "rev": state.rev})
+    recorded = state.doc["traces"]
+    assert all(version["traces"] is recorded for version in state.history[-5:])  # shared, not copied
+    distinct = {id(version["traces"]): version["traces"] for version in state.history}
+    assert sum(annotate_doc.trace_point_count(t) for t in distinct.values()) <= 100
+    assert len(state.history) == 6  # the opened document and the first recording were dropped
+    state, _ = an.undo(state)
+    assert state.doc["words"][0]["non_visual"] != state.future[-1]["words"][0]["non_visual"]
+
+
+def test_inserts_past_the_word_limit_are_refused(studio, captioned):
+    state = _opened(studio, captioned)
+    with pytest.raises(gr.Error, match="the limit is 512"):
+        for _ in range(10):  # 60 words an insert (a typed text is at most 200 characters)
+            state, _ = an.edit_event(state, {"op": "insert", "i": 0, "text": " ".join(["w"] * 60), "rev": state.rev})
+    assert len(state.doc["words"]) <= 512
+
+
 def test_structural_edits_keep_boxes_on_the_trace_and_a_box_move_drops_it(studio, captioned):
     state = _opened(studio, captioned)
     n = len(state.doc["words"])

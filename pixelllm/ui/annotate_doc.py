@@ -22,6 +22,7 @@ MAX_WORD_CHARS = 200
 MAX_ANNOTATOR_CHARS = 64
 MAX_TRACE_POINTS = 50_000
 MAX_HISTORY = 200
+MAX_HISTORY_TRACE_POINTS = 4 * MAX_TRACE_POINTS  # distinct trace points the undo stack keeps (about 4 full-size traces)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -254,9 +255,21 @@ def doc_caption(doc: dict, given: Any = None) -> str:
 # ------------------------------------------------------------------------------------------ editing
 
 def _set_doc(state: AnnotateState, doc: dict) -> None:
-    """A new version of the document: the old one goes on the undo stack, redo is cleared."""
+    """A new version of the document: the old one goes on the undo stack, redo is cleared. Versions share their
+    trace lists (edits replace a trace, never change one in place); the stack keeps at most MAX_HISTORY versions
+    and at most MAX_HISTORY_TRACE_POINTS points of distinct traces, dropping the oldest versions first."""
     state.history.append(state.doc)
     del state.history[:-MAX_HISTORY]
+    seen: set[int] = set()
+    points = 0
+    for k in range(len(state.history) - 1, -1, -1):
+        traces = state.history[k]["traces"]
+        if id(traces) not in seen:
+            seen.add(id(traces))
+            points += trace_point_count(traces)
+        if points > MAX_HISTORY_TRACE_POINTS:
+            del state.history[:k + 1]
+            break
     state.future.clear()
     state.doc = doc
     state.rev += 1
@@ -316,7 +329,8 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
         raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
     kind = op["op"]
     width, height = state.image["width"], state.image["height"]
-    new = copy.deepcopy(doc)
+    # the trace (up to MAX_TRACE_POINTS points) is shared with the previous version, not copied
+    new = {**doc, "words": copy.deepcopy(doc["words"]), "timed_caption": copy.deepcopy(doc["timed_caption"])}
     words, timed = new["words"], new["timed_caption"]
     message = ""
     if kind == "text":
@@ -404,6 +418,8 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
         raise ValueError(f"unknown edit {kind!r}")
     if not words:
         raise ValueError("a correction needs at least one word")
+    if len(words) > MAX_WORDS:
+        raise ValueError(f"{len(words)} words; the limit is {MAX_WORDS}")
     if kind != "box":
         _rederive(new, width, height)
     _set_doc(state, new)
