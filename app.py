@@ -67,7 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-store", action="store_true",
                         help="run without the annotation store: nothing is logged, corrections cannot be saved")
     parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once")
+    parser.add_argument("--auth", default=os.environ.get("PIXELLLM_AUTH") or None, type=parse_auth,
+                        metavar="USER:PASSWORD[,USER:PASSWORD...]",
+                        help="require a login (default $PIXELLLM_AUTH): every visitor sees every logged output "
+                             "and can export all corrections, so a public host with real images needs one")
     return parser.parse_args(argv)
+
+
+def parse_auth(value: str) -> list[tuple[str, str]]:
+    """`user:password` pairs, comma-separated (a password may hold ':'; neither may be empty)."""
+    pairs = []
+    for item in value.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise argparse.ArgumentTypeError("--auth takes USER:PASSWORD pairs separated by commas")
+        pairs.append((user, password))
+    return pairs
 
 
 def pick_device(choice: str) -> tuple[str, object]:
@@ -110,13 +125,14 @@ def open_store(path: str):
                          "to serve without logging.") from err
 
 
-def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True) -> None:
+def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,
+           auth: list[tuple[str, str]] | None = None) -> None:
     """Serve `demo` with the app's limits (upload cap MAX_FILE_SIZE, no SSR). block=False returns once the
-    server is up (tests serve the app in their own process this way)."""
+    server is up (tests serve the app in their own process this way). auth: (user, password) pairs to log in."""
     from pixelllm.ui import MAX_FILE_SIZE
 
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, ssr_mode=False,
-                prevent_thread_lock=not block, quiet=not block)
+                prevent_thread_lock=not block, quiet=not block, auth=auth or None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
     demo = build_demo(predictor, store, checkpoint=args.checkpoint, examples=examples,
                       concurrency=args.concurrency, store_notice=notice)
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
 
 
 if __name__ == "__main__":

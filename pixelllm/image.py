@@ -176,6 +176,8 @@ def check_text(text: str | None, *, allow_empty: bool = True) -> str | None:
         return None
     if not isinstance(text, str):
         raise ValueError("the text prompt must be a string")
+    if len(text) > 8 * MAX_TEXT_CHARS:  # before splitting it: a huge paste costs nothing (whitespace may collapse)
+        raise ValueError(f"the text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
     text = " ".join(text.split())
     try:
         text.encode("utf-8")

@@ -492,6 +492,17 @@ def test_text_too_long_through_the_api(served_app, client):
                    "referring expression 2 is 2000 tokens long; the model reads at most 64")
 
 
+def test_a_huge_text_is_refused_on_its_length_before_it_is_split():
+    """A 17 MB prompt was split into words (about 200 MB) before its length was checked."""
+    from pixelllm.ui.callbacks import parse_expressions
+
+    with pytest.raises(ValueError, match="the text is 40000 characters long"):  # the raw length: not yet collapsed
+        imaging.check_text("a " * 20_000)
+    with pytest.raises(ValueError, match="the expressions are 600000 characters long; at most 16 of 2000"):
+        parse_expressions("the red circle\n" * 40_000)
+    assert imaging.check_text("a" + " " * 15_000 + "b") == "a b"  # runs of whitespace still collapse
+
+
 def test_traced_captions_through_the_api(served_app, client):
     hostile = '<img src=x onerror="window.__pwned=1"> 🔴 圆圈  spaced   out'
     out = trace(client, NORMAL_IMAGE, hostile, json.dumps({"box": [100, 135, 200, 220]}))

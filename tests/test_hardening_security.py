@@ -238,3 +238,35 @@ def test_typed_and_model_html_never_executes(page, hostile_app, artifacts_dir):
     assert not dialogs, dialogs
     assert not [e for e in errors if re.search(r"pwned|Failed to load resource", e)], errors
     assert not errors, errors
+
+
+def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_predictor, example_images):
+    """Every visitor can browse every logged output and export every correction: `--auth` (or $PIXELLLM_AUTH)
+    puts the whole app, page and API, behind a login."""
+    import argparse
+
+    from gradio_client import Client, handle_file
+
+    import app as app_module
+    from pixelllm.ui import build_demo
+    from tests.conftest import free_port
+
+    assert app_module.parse_auth("ann:s3:cret, rev:pw") == [("ann", "s3:cret"), ("rev", "pw")]
+    for bad in ("ann", "ann:", ":pw", "ann:pw,"):
+        with pytest.raises(argparse.ArgumentTypeError, match="USER:PASSWORD"):
+            app_module.parse_auth(bad)
+    demo = build_demo(small_predictor, None, min_word_interval=0.0)
+    port = free_port()
+    app_module.launch(demo, host="127.0.0.1", port=port, block=False, auth=[("ann", "s3:cret")])
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for path in ("config", "gradio_api/info"):
+            assert httpx.get(url + path, timeout=30).status_code == 401, path
+        with pytest.raises(Exception):
+            Client(url, auth=("ann", "wrong"), verbose=False)
+        client = Client(url, auth=("ann", "s3:cret"), verbose=False)
+        out = client.predict(handle_file(str(example_images[0])), "", "", 3, False, 1.0, 1.0, -1, 1.0,
+                             api_name="/caption")
+        assert len(out["words"]) == 3
+    finally:
+        demo.close()

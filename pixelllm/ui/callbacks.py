@@ -175,6 +175,9 @@ def _keep_caption(studio: Studio, session: Session, array: np.ndarray, record: d
 # ------------------------------------------------------------------------------------------ referring
 
 def parse_expressions(text: str | None) -> list[str]:
+    if text is not None and len(text) > 8 * MAX_EXPRESSIONS * imaging.MAX_TEXT_CHARS:  # before splitting it
+        raise ValueError(f"the expressions are {len(text)} characters long; at most {MAX_EXPRESSIONS} of "
+                         f"{imaging.MAX_TEXT_CHARS} characters each")
     lines = [" ".join(line.split()) for line in (text or "").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
