@@ -262,7 +262,7 @@ def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_pr
     try:
         for path in ("config", "gradio_api/info"):
             assert httpx.get(url + path, timeout=30).status_code == 401, path
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="Could not login"):
             Client(url, auth=("ann", "wrong"), verbose=False)
         client = Client(url, auth=("ann", "s3:cret"), verbose=False)
         out = client.predict(handle_file(str(example_images[0])), "", "", 3, False, 1.0, 1.0, -1, 1.0,
