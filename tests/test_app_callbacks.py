@@ -561,6 +561,38 @@ def test_every_output_shown_is_logged_with_the_adapter(studio, example_images):
     assert session.last["generation_id"] == rows[4]["id"]  # what an Annotate tab would correct
 
 
+def test_an_adapter_is_logged_with_the_fingerprint_of_its_weights(tmp_path, annotation_store, example_images):
+    """finetune names an adapter after its --out folder, so two runs' adapters can share a name: each output
+    records which weights served it (the adapter file's fingerprint; "in-memory" for one never saved)."""
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.checkpoint import file_fingerprint
+    from tests.helpers import small_model
+
+    def served_by(model) -> dict:
+        studio = ws.Studio(predictor=PixelLLMPredictor(model, device="cpu"), store=annotation_store,
+                           min_word_interval=0.0)
+        api.caption(studio, str(example_images[0]), "", "", 2, False, 1, 1, None, "s")
+        return annotation_store.list_generations(limit=1)[0]
+
+    versions = []
+    for seed in (1, 2):  # two finetunes, both called "ft1"
+        model = small_model(seed=seed)
+        model.add_adapter("ft1")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        assert served_by(model)["extra"]["adapter_version"] == "in-memory"
+        model.save_pretrained(tmp_path / f"run{seed}")
+        row = served_by(PixelLLM.from_pretrained(tmp_path / f"run{seed}"))
+        assert row["adapter"] == "ft1"
+        assert row["extra"]["adapter_version"] == file_fingerprint(
+            tmp_path / f"run{seed}" / "adapters" / "ft1" / "adapter_model.safetensors")
+        versions.append(row["extra"]["adapter_version"])
+    assert versions[0] != versions[1]
+    assert "adapter_version" not in served_by(small_model(seed=1))["extra"]  # the base model: no adapter
+
+
 def test_a_failing_store_warns_but_the_user_keeps_the_result(studio, example_images):
     class BrokenStore:
         def add_image(self, *args, **kwargs):

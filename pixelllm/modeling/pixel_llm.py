@@ -81,6 +81,7 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         self.source = "in-memory"
         self.directory: str | None = None  # the local folder from_pretrained read (a hub id's snapshot)
         self.adapter_configs: dict[str, Any] = {}
+        self.adapter_versions: dict[str, str] = {}  # name -> fingerprint of the weights file it was loaded from
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PixelLLM:
         """After any cast (`.to(torch.bfloat16)`, `.half()`, ...) keep SAM's random-Fourier position encoding in
@@ -337,12 +338,16 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
         config = adapters.lora_config(self.config.lora, extra_targets)
         adapters.add_adapter(self, name, config)
         self.adapter_configs[name] = config
+        self.adapter_versions.pop(name, None)  # trained in memory: no file says which weights these are
         self.train(self.training)  # new LoRA dropout modules start in train mode; follow the model
 
     def load_adapter(self, directory: str | Path, name: str, *, activate: bool = True) -> None:
         from pixelllm import adapters
 
+        from pixelllm.checkpoint import file_fingerprint
+
         self.adapter_configs[name] = adapters.load_adapter(self, Path(directory), name)
+        self.adapter_versions[name] = file_fingerprint(Path(directory) / adapters.ADAPTER_WEIGHTS)
         self.train(self.training)
         if activate:
             adapters.set_active_adapter(self, name)

@@ -47,9 +47,12 @@ def log_output(studio: Studio, session: Session | None, array: np.ndarray, task:
             sha = studio.store.add_image(render.png_bytes(array), int(array.shape[1]), int(array.shape[0]))
             if session is not None:
                 session.sha = sha
+        adapter = studio.predictor.adapter
+        if adapter is not None:  # two adapters may share a name (finetune names them after --out's folder)
+            extra = {**extra, "adapter_version": studio.model.adapter_versions.get(adapter, "in-memory")}
         return studio.store.log_generation(
             sha, task, words, boxes, model_id=studio.model_id, model_version=str(studio.model.version),
-            prompts=prompts, extra=extra, adapter=studio.predictor.adapter, session=session_id)
+            prompts=prompts, extra=extra, adapter=adapter, session=session_id)
     except Exception as err:  # noqa: BLE001 - any store failure must not cost the user the result
         log.exception("annotation store: could not log a %s generation", task)
         gr.Warning(f"The result is shown but could not be saved to the annotation store: {err}")
