@@ -343,7 +343,6 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
 
     def load_adapter(self, directory: str | Path, name: str, *, activate: bool = True) -> None:
         from pixelllm import adapters
-
         from pixelllm.checkpoint import file_fingerprint
 
         self.adapter_configs[name] = adapters.load_adapter(self, Path(directory), name)
