@@ -57,6 +57,7 @@ class Worker(threading.Thread):
         self.generation_ids: list[int] = []
         self.saved: dict[str, int] = {}   # client_token -> correction id (first save)
         self.chain: list[int] = []        # this client's edit chain, in order
+        self.head: dict = {}              # the chain head's words and boxes (an edit keeps to its image)
         self.latency: dict[str, list[float]] = {}
         self.calls = 0
 
@@ -105,12 +106,12 @@ class Worker(threading.Thread):
 
     def _save(self, client: Client, i: int, last: dict, rng) -> None:
         annotator = f"annotator-{self.index}"
-        words = [w.upper() if rng.random() < 0.3 else w for w in last["words"]]
-        if self.chain and rng.random() < 0.5:  # an edit of this client's current head
-            kwargs = dict(parent_id=self.chain[-1])
+        if self.chain and rng.random() < 0.5:  # an edit of this client's current head (of the head's image)
+            kwargs, base = dict(parent_id=self.chain[-1]), self.head
         else:
-            kwargs = dict(generation_id=last["generation_id"])
-        kwargs.update(annotator=annotator, caption=" ".join(words), words=words, boxes=last["boxes"],
+            kwargs, base = dict(generation_id=last["generation_id"]), last
+        words = [w.upper() if rng.random() < 0.3 else w for w in base["words"]]
+        kwargs.update(annotator=annotator, caption=" ".join(words), words=words, boxes=base["boxes"],
                       status="submitted" if i % 2 else "draft", client_token=f"soak-{self.index}-{i}")
 
         def save() -> int:
@@ -126,10 +127,9 @@ class Worker(threading.Thread):
             assert again == correction_id, (again, correction_id)
         assert kwargs["client_token"] not in self.saved
         self.saved[kwargs["client_token"]] = correction_id
-        if "parent_id" in kwargs:
+        if "parent_id" in kwargs or not self.chain:
             self.chain.append(correction_id)
-        elif not self.chain:
-            self.chain.append(correction_id)
+            self.head = {"words": words, "boxes": base["boxes"]}
 
 
 @pytest.mark.slow
