@@ -175,6 +175,16 @@ def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotat
     sel = app.locator(f"{EDITOR} rect.pa-box.pa-sel")
     assert float(sel.get_attribute("x")) == pytest.approx(20, abs=2)
     assert float(sel.get_attribute("width")) == pytest.approx(80, abs=3)
+    # "click two corners": the first click marks a corner, the second sets the box (the first click's redraw used
+    # to forget the corner, so the box never moved)
+    app.locator(f"{EDITOR} select.pa-boxmode").select_option("corners")
+    app.mouse.click(*_to_screen(app, 150, 40))
+    expect(app.locator(f"{EDITOR} circle.pa-corner")).to_have_count(1)
+    app.mouse.click(*_to_screen(app, 110, 100))
+    expect(root).to_have_attribute("data-rev", str(rev + 2))
+    assert [float(sel.get_attribute(k)) for k in ("x", "y", "width", "height")] == [
+        pytest.approx(v, abs=2) for v in (110, 40, 40, 60)]
+    app.locator(f"{EDITOR} select.pa-boxmode").select_option("drag")
 
     hostile = '<img src=x onerror="window.__xss=1;alert(1)">'
     app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill(hostile)
@@ -183,7 +193,7 @@ def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotat
     expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
     row = annotate_app.store.list_corrections(status="draft", limit=1)[0]
     assert row["annotator"] == hostile and row["words"][0] == "<b>square</b>"
-    assert row["boxes"][0] == [pytest.approx(v, abs=2) for v in (20, 30, 100, 90)]
+    assert row["boxes"][0] == [pytest.approx(v, abs=2) for v in (110, 40, 150, 100)]
     cell = app.locator("#annotate-list tr.pl-row td.pl-annotator").first
     expect(cell).to_have_text(hostile, timeout=TIMEOUT)
     assert app.evaluate("window.__xss") is None

@@ -273,7 +273,8 @@
     if (!p) return;
     evt.preventDefault();
     if (boxModeIn.value === "corners" && sel !== null) {
-      if (!corner) { corner = [clampX(p[0]), clampY(p[1])]; select(sel); return; }
+      // redrawBoxes, not select(): select() starts a new box and forgets the corner just set
+      if (!corner) { corner = [clampX(p[0]), clampY(p[1])]; redrawBoxes(); return; }
       const c = corner;
       corner = null;
       send({ op: "box", i: sel, box: [c[0], c[1], clampX(p[0]), clampY(p[1])] });
