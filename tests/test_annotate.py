@@ -78,6 +78,7 @@ def test_editor_edits_then_save_and_submit_reach_the_store(studio, captioned, an
     state, view = an.save(studio, state, "submitted", "ana", None)
     head = annotation_store.list_corrections(status="submitted")[0]
     assert head["parent_id"] == row["id"]  # the submit supersedes the draft: one chain
+    traces = annotate_doc.hold_trace_ends(traces, timed)  # the recording, held before its first / after its last point
     assert head["traces"] == traces
     assert [u["utterance"] for u in head["timed_caption"]] == head["words"]  # utterances follow the words
     assert [(u["start_time"], u["end_time"]) for u in head["timed_caption"]] == [
@@ -145,6 +146,26 @@ def test_the_undo_stack_shares_traces_and_is_bounded_by_their_points(studio, cap
     assert state.doc["words"][0]["non_visual"] != state.future[-1]["words"][0]["non_visual"]
 
 
+def test_a_recording_that_starts_moving_late_keeps_the_first_box_on_the_image(studio, captioned):
+    """The recording's clock starts at the key press; the first pointer point came 0.3 s later, followed by a fast
+    move. The LN rule extrapolated that move back to t = 0 and saved a first box hundreds of pixels off a 256 px
+    image. The pointer is held at its first (last) point before (after) the recording instead."""
+    state = _opened(studio, captioned)
+    n = len(state.doc["words"])
+    points = [{"x": 0.1, "y": 0.5, "t": 0.3}, {"x": 0.9, "y": 0.5, "t": 0.4}, {"x": 0.5, "y": 0.6, "t": 0.5 * n - 0.2}]
+    edges = np.linspace(0, 0.5 * n, n + 1)
+    timed = [{"utterance": "w", "start_time": float(edges[i]), "end_time": float(edges[i + 1])} for i in range(n)]
+    state, _ = an.edit_event(state, {"op": "trace", "traces": [points], "timed_caption": timed, "rev": state.rev})
+    width, height = state.image["width"], state.image["height"]
+    for word in state.doc["words"]:
+        x0, y0, x1, y1 = word["box"]
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height, word
+    first = state.doc["words"][0]["box"]
+    assert first[0] == pytest.approx(0.1 * width) and first[2] == pytest.approx(0.9 * width)  # the move, held
+    held = state.doc["traces"][0]
+    assert (held[0]["t"], held[-1]["t"]) == (0.0, 0.5 * n) and held[1:-1] == points
+
+
 def test_inserts_past_the_word_limit_are_refused(studio, captioned):
     state = _opened(studio, captioned)
     with pytest.raises(gr.Error, match="the limit is 512"):
@@ -158,6 +179,7 @@ def test_structural_edits_keep_boxes_on_the_trace_and_a_box_move_drops_it(studio
     n = len(state.doc["words"])
     traces, timed = _recording(n, seed=1)
     state, _ = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
+    traces = annotate_doc.hold_trace_ends(traces, timed)
     for op in ({"op": "merge", "i": 0}, {"op": "split", "i": 0, "at": 1}, {"op": "insert", "i": 0, "text": "x"},
                {"op": "delete", "i": 1}, {"op": "text", "i": 0, "text": "left side"}):
         state, _ = an.edit_event(state, {**op, "rev": state.rev})
@@ -362,7 +384,7 @@ def test_export_zip(studio, captioned, annotation_store):
         names = archive.namelist()
         record = json.loads(archive.read("pixelllm-corrections/corrections.ln.jsonl").decode())
     assert any(n.startswith("pixelllm-corrections/images/") for n in names)
-    assert record["traces"] == traces and record["annotator_id"] == "hal"
+    assert record["traces"] == annotate_doc.hold_trace_ends(traces, timed) and record["annotator_id"] == "hal"
     with pytest.raises(gr.Error, match="at least one status"):
         panels.export(studio, [])
 

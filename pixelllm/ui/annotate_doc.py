@@ -188,6 +188,26 @@ def boxes_from_trace(traces: Sequence[Sequence[Mapping]], timed_caption: Sequenc
     return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale).tolist()
 
 
+def hold_trace_ends(traces: list[list[dict]], timed_caption: Sequence[Mapping]) -> list[list[dict]]:
+    """A recording whose first word starts before its first captured point (the clock starts at the key press,
+    the first pointer event comes a moment later), or whose last word ends after its last point, gets that first
+    (last) point repeated at the word's start (end): the pointer did not move outside the recording. The LN rule
+    then interpolates within it; extrapolating the first fast movement backwards put a word's box hundreds of
+    pixels off the image. Traces already covering the words come back unchanged."""
+    if not traces or not timed_caption:
+        return traces
+    out = [list(segment) for segment in traces]
+    where = [(p["t"], s, p) for s, segment in enumerate(out) for p in segment]
+    (t_first, s_first, first), (t_last, s_last, last) = min(where, key=lambda w: w[0]), max(where, key=lambda w: w[0])
+    start = min(float(w["start_time"]) for w in timed_caption)
+    end = max(float(w["end_time"]) for w in timed_caption)
+    if start < t_first:
+        out[s_first].insert(0, {"x": first["x"], "y": first["y"], "t": start})
+    if end > t_last:
+        out[s_last].append({"x": last["x"], "y": last["y"], "t": end})
+    return out
+
+
 def normalise_doc(data: Mapping[str, Any], width: int, height: int) -> dict:
     """Editor / API JSON -> the canonical document. `words` is either [{text, box, non_visual}] (the editor) or
     a list of strings with parallel `boxes` and `non_visual` word indices (the API). Boxes may be omitted when a
@@ -228,6 +248,7 @@ def normalise_doc(data: Mapping[str, Any], width: int, height: int) -> dict:
         raise ValueError("words must be all strings or all {text, box} objects")
     traces = _traces(data.get("traces"))
     timed = _timed_caption(data.get("timed_caption"), texts)
+    traces = hold_trace_ends(traces, timed)
     if trace_point_count(traces) >= 2 and timed:
         boxes = boxes_from_trace(traces, timed, width, height)
     else:
@@ -406,7 +427,7 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
         new["timed_caption"] = _timed_caption(op.get("timed_caption"), [w["text"] for w in words])
         if not new["timed_caption"]:
             raise ValueError("the recording has no word timing")
-        new["traces"] = traces
+        new["traces"] = hold_trace_ends(traces, new["timed_caption"])
         message = (f"recorded {trace_point_count(traces)} trace points over "
                    f"{new['timed_caption'][-1]['end_time']:.1f} s; boxes derived from the trace")
     elif kind == "clear_trace":
