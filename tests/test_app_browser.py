@@ -8,6 +8,7 @@ tab go to test-artifacts/.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,20 @@ def test_the_repetition_penalty_starts_at_the_checkpoints_default_and_reaches_th
     app.locator("#generate").click()
     expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     assert _last_generation(studio_app.store)["extra"]["decoding"]["repetition_penalty"] == pytest.approx(1.35)
+    # sampling with the seed field as the page starts draws a new seed each time (it used to start at 0, a fixed
+    # seed: every sampled caption was the same)
+    app.locator("#sampling input[type=checkbox]").check()
+    seeds = []
+    for _ in range(2):
+        first = _last_generation(studio_app.store)["id"]
+        app.locator("#generate").click()
+        deadline = time.monotonic() + TIMEOUT / 1000
+        while _last_generation(studio_app.store)["id"] == first and time.monotonic() < deadline:
+            app.wait_for_timeout(100)
+        row = _last_generation(studio_app.store)
+        assert row["id"] > first and row["extra"]["decoding"]["do_sample"]
+        seeds.append(row["extra"]["decoding"]["seed"])
+    assert seeds[0] != seeds[1]
 
 def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page, studio_app):
     """Picking another image while a caption still streams: the stream's later updates carried the old session

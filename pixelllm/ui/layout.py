@@ -95,8 +95,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                                             elem_id="temperature")
                                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p",
                                                       elem_id="top-p")
-                                    seed = gr.Number(label="Seed (blank = random; used when sampling)",
-                                                     value=None, precision=0, elem_id="seed")
+                                    # -1, not None: gradio shows and sends None as 0, a fixed seed
+                                    seed = gr.Number(label="Seed (-1 = a new random seed each time; used when "
+                                                           "sampling)", value=-1, precision=0, elem_id="seed")
                                     repetition = gr.Slider(
                                         1.0, 2.0, value=studio.model.config.repetition_penalty, step=0.05,
                                         label="Repetition penalty (1 = none; starts at the checkpoint's default)",
