@@ -206,6 +206,13 @@ class PixelLLMPredictor:
                              "(shorten it)")
         return ids
 
+    def check_text_prompt(self, text: str | None) -> None:
+        """ValueError for a text prompt a caption call would refuse (over the limits of `image.check_text`, or
+        longer than the model reads), so that a caller can refuse it before it starts showing anything."""
+        text = imaging.check_text(text)
+        if text is not None:
+            self._prompt_ids(text, "the text prompt")
+
     def _text_ids(self, text: str | None, batch: int) -> torch.Tensor | None:
         text = imaging.check_text(text)
         if text is None:

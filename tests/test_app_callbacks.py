@@ -243,6 +243,15 @@ def test_a_handler_finishing_after_a_new_image_leaves_the_page_to_it(studio, exa
     assert list(ws.for_the_shown_image(streams)(fresh)) == [(fresh, 1), (gr.skip(), gr.skip())]
 
 
+def test_a_text_prompt_too_long_for_the_model_is_refused_before_anything_is_shown(studio, example_images):
+    """The token check ran inside the stream, after the "Generating…" frame: the error toast came, but the viewer
+    stayed on "Generating…" with the previous caption wiped."""
+    session = _loaded(studio, example_images[0])
+    updates = cb.generate(studio, session, "a " * 80, 12, False, 1.0, 1.0, None, "test")
+    with pytest.raises(gr.Error, match="the text prompt is 80 tokens long; the model reads at most 64"):
+        next(updates)
+
+
 def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
     session = _loaded(studio, example_images[0])
     updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")

@@ -54,6 +54,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     session = ensure_session(session)
     require_image(session)
     text = imaging.check_text(text)
+    studio.predictor.check_text_prompt(text)  # refused before "Generating…" is shown (it stayed up otherwise)
     options = decoding_options(max_words, sampling, temperature, top_p, seed, limit=studio.max_words,
                                repetition_penalty=studio.penalty(repetition_penalty),
                                default_words=studio.default_max_words)
