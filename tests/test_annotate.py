@@ -166,6 +166,14 @@ def test_a_recording_that_starts_moving_late_keeps_the_first_box_on_the_image(st
     assert (held[0]["t"], held[-1]["t"]) == (0.0, 0.5 * n) and held[1:-1] == points
 
 
+def test_opening_the_current_output_again_says_its_corrections_exist(studio, captioned):
+    """As opening it from the list does: a save from a fresh open starts a second chain for the same output."""
+    state = _opened(studio, captioned)
+    state, view = an.save(studio, state, "draft", "ana", None)
+    state, view = an.open_current(studio, captioned, state)
+    assert "1 correction chain(s) exist for it" in view["message"]
+
+
 def test_inserts_past_the_word_limit_are_refused(studio, captioned):
     state = _opened(studio, captioned)
     with pytest.raises(gr.Error, match="the limit is 512"):
@@ -395,7 +403,8 @@ def test_compare_adapters(studio, captioned, tmp_path):
 
     lock = threading.Lock()
     base_view, tuned_view, note = panels.compare_adapters(studio, captioned, lock)
-    assert "No LoRA adapter is active" in note and tuned_view["image"] is None
+    assert "No LoRA adapter is active" in note and tuned_view["message"] == "no LoRA adapter is active"
+    assert tuned_view["image"] == base_view["image"]  # the image shown, not an "upload an image" placeholder
     model = small_model(seed=0)
     _talkative(model)  # an untrained model otherwise stops at once (see conftest)
     model.add_adapter("fix")

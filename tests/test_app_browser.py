@@ -183,6 +183,12 @@ def test_trace_a_typed_caption(app: Page, studio_app):
     expect(app.locator("#caption-files a[href$='/trace.json']")).to_have_count(1)
     words = app.locator("#caption-viewer .px-word").evaluate_all("els => els.map(e => e.textContent.trim())")
     assert words == typed.split()
+    # Enter traces too, as docs/app.md says (the two-line box took it as a new line)
+    first = row["id"]
+    app.locator("#trace-text textarea").fill("a small blue square")
+    app.locator("#trace-text textarea").press("Enter")
+    expect(app.locator("#caption-text textarea")).to_have_value("a small blue square", timeout=TIMEOUT)
+    assert _last_generation(studio_app.store)["id"] > first
 
 
 

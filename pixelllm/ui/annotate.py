@@ -278,12 +278,28 @@ def open_current(studio: ws.Studio, session: ws.Session | None, state: AnnotateS
              "height": session.image["height"], "png": pending}
     state = _open(state, doc, image, generation_id=last.get("generation_id"), head_id=None, head_status=None)
     gen = f"generation #{last['generation_id']}" if last.get("generation_id") else "the last output (not logged)"
+    note += _chains_note(studio.store, sha, last.get("generation_id"))
     return state, editor_value(state, f"Opened {gen}: {len(doc['words'])} {_unit(doc)}{note}.",
                                src=session.image.get("src") or None)
 
 
 def _unit(doc: dict) -> str:
     return {"caption": "words", "refer": "expressions", "dense": "region captions"}.get(doc["task"], "items")
+
+
+def _chains_note(store: Any, image_sha: str | None, generation_id: int | None) -> str:
+    """" · N correction chain(s) exist for it …" when corrections of this generation exist (a save from here
+    would start another chain), else ""."""
+    if store is None or image_sha is None or generation_id is None:
+        return ""
+    try:
+        others = store.list_corrections(image_sha=image_sha, limit=MAX_WORDS)
+    except Exception:  # noqa: BLE001 - a note; the editor opens without it
+        log.exception("annotation store: could not list corrections")
+        return ""
+    mine = [c for c in others if c["generation_id"] == generation_id]
+    return (f" · {len(mine)} correction chain(s) exist for it: open one from “Corrections” to continue it"
+            if mine else "")
 
 
 @ws.user_errors
@@ -309,10 +325,7 @@ def open_item(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tupl
             raise ValueError(f"generation #{item_id} has no words to correct")
         image, src = _image_from_store(store, gen["image_sha"])
         state = _open(state, doc, image, generation_id=item_id, head_id=None, head_status=None)
-        others = store.list_corrections(image_sha=gen["image_sha"], limit=MAX_WORDS)
-        mine = [c for c in others if c["generation_id"] == item_id]
-        note = (f" · {len(mine)} correction chain(s) exist for it: open one from “Corrections” to continue it"
-                if mine else "")
+        note = _chains_note(store, gen["image_sha"], item_id)
         return state, editor_value(state, f"Opened generation #{item_id} ({gen['task']}){note}.", src=src)
     head = store.head(item_id)
     task = "caption"

@@ -144,7 +144,8 @@ def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: thread
                     "app on its output (python app.py --checkpoint runs/ft1) to compare before / after.")
             empty = render.viewer_value(session.image, mode="caption", include_src=True, clickable=False,
                                         message="base model")
-            return empty, render.viewer_value(None, mode="caption"), note
+            return empty, render.viewer_value(session.image, mode="caption", include_src=True, clickable=False,
+                                              message="no LoRA adapter is active"), note
         if traced:  # a caption the user typed: compare where each model puts its words
             kwargs = {key: kwargs[key] for key in ("points", "point_labels", "box") if key in kwargs}
             run = functools.partial(predictor.trace, text=session.caption["text"], **kwargs)

@@ -88,7 +88,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
             words.append(word)
             # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
             yield (caption_view(session, words=words, status="streaming",
-                                message=f"Generating… {len(words)} words"),
+                                message=f"Generating… {len(words)} word{'' if len(words) == 1 else 's'}"),
                    " ".join(w["text"] for w in words), gr.skip(), gr.skip())
     except GeneratorExit:  # closed mid-stream (the page went away, the request was cancelled)
         if words:

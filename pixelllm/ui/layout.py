@@ -105,7 +105,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                                 with gr.Accordion("Trace your own caption", open=False, elem_id="trace"):
                                     trace_text = gr.Textbox(
-                                        label="Caption", lines=2, elem_id="trace-text",
+                                        label="Caption", lines=1, max_lines=4, elem_id="trace-text",
                                         placeholder="In this picture we can see a large red circle on the left.",
                                         info="Where does the model put each word? Uses the prompts above; "
                                              "it traces in the order it narrates.")
