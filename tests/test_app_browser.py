@@ -335,3 +335,21 @@ def test_generate_without_an_image_explains_itself_then_an_upload_works(app: Pag
     app.locator("#image-input input[type=file]").set_input_files(str(example_images[3]))  # the app is still up
     expect(app.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
     expect(app.locator("#caption-viewer .px-status")).to_contain_text("Image 256×256")
+
+
+def test_a_click_beside_a_tall_image_adds_no_prompt(app: Page, tmp_path):
+    """The viewer letterboxes a tall image: a click on the grey band beside it used to add a point on its edge."""
+    from PIL import Image
+
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (100, 400), (200, 30, 30)).save(tall)
+    app.locator("#image-input input[type=file]").set_input_files(str(tall))
+    expect(app.locator("#caption-viewer .px-status")).to_contain_text("Image 100×400", timeout=TIMEOUT)
+    sx, sy = _screen(app, "#caption-viewer", -30, 200)
+    svg = app.locator("#caption-viewer svg.px-svg").bounding_box()
+    assert svg["x"] < sx < svg["x"] + svg["width"]  # the click lands on the viewer, beside the picture
+    app.mouse.click(sx, sy)
+    app.wait_for_timeout(1000)
+    expect(app.locator("#caption-viewer .px-point")).to_have_count(0)
+    _click_image(app, "#caption-viewer", 50, 200)  # on the picture: a point
+    expect(app.locator("#caption-viewer .px-point.px-pos")).to_have_count(1)

@@ -279,17 +279,20 @@
   replayBtn.addEventListener("click", replay);
 
   // Pointer: a click sends "pick" {x, y}; a drag sends "drag" {box}. Coordinates: image pixels.
-  function toImage(evt) {
+  // Image pixels of a pointer event, clamped to the image; with `strict`, null outside it (the grey band beside
+  // a tall or wide image is not the image: a click there used to add a prompt on the image's edge)
+  function toImage(evt, strict) {
     const ctm = svg.getScreenCTM();
     if (!ctm || !view.image) return null;
     const p = new DOMPoint(evt.clientX, evt.clientY).matrixTransform(ctm.inverse());
+    if (strict && (p.x < 0 || p.y < 0 || p.x > view.image.width || p.y > view.image.height)) return null;
     const x = Math.min(Math.max(p.x, 0), view.image.width);
     const y = Math.min(Math.max(p.y, 0), view.image.height);
     return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
   }
   svg.addEventListener("pointerdown", (evt) => {
     if (!view.clickable || evt.button !== 0) return;
-    const p = toImage(evt);
+    const p = toImage(evt, true);  // a drag may leave the image (clamped); it starts on it
     if (!p) return;
     drag = { start: p, sx: evt.clientX, sy: evt.clientY, moved: false };
     try { svg.setPointerCapture(evt.pointerId); } catch (e) { /* capture is optional */ }
