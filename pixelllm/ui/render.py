@@ -17,9 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 # The word gradient: first word -> last word ("plasma"-like, readable on light and dark images with a halo).
 GRADIENT_STOPS = ("#3b0f9e", "#8c1ea8", "#d1477a", "#f58a3c", "#e8c518")
-# Categorical colours for referring expressions and dense regions (Tableau 10).
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
+# Categorical colours for referring expressions and dense regions (Tableau 10), the hues that name no Shapes colour
+# first: "the red diamond" drawn in blue over a red diamond read as a purple one (the Shapes world names red, green,
+# blue, yellow, purple and orange), so cyan, pink, brown, grey and olive come before the rest.
+PALETTE = ("#17becf", "#e377c2", "#8c564b", "#7f7f7f", "#bcbd22", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728",
+           "#9467bd")
 POSITIVE, NEGATIVE = "#16a34a", "#dc2626"
 DISPLAY_MAX_SIDE = 1280  # the browser gets at most this; the SVG viewBox keeps model-frame coordinates
 PNG_DISPLAY_MAX_PIXELS = 512 * 512  # small images go as exact PNG, larger ones as JPEG
