@@ -542,6 +542,11 @@ def test_dense_regions_and_tracing_one_region(studio, example_images, prefix_cal
     assert clicked["selected"] == cb.region_at(session.dense, x, y)
     with pytest.raises(gr.Error, match="region"):
         list(cb.dense_select(studio, session, {"i": 99}, "test"))
+    # a dragged box is listed as the user's, with no detection score (it showed a made-up 1.00)
+    dragged = list(cb.dense_select(studio, session, {"box": [10, 10, 60, 50]}, "test"))[-1][1]
+    mine = dragged["regions"][dragged["selected"]]
+    assert mine["label"] == "your box" and mine["detail"] == "drawn, not detected" and mine["score"] is None
+    assert len(dragged["regions"]) == len(session.dense) + 1
 
 
 # ------------------------------------------------------------------------------------------ store

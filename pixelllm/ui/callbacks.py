@@ -258,7 +258,8 @@ def dense_options(score_threshold: Any, max_regions: Any) -> tuple[float, int]:
 
 def _dense_regions(regions: Sequence[dict], selected: int | None = None) -> list[dict]:
     return [{"box": [round(c, 2) for c in r["box"]], "label": r["caption"] or "(no words)",
-             "detail": f"{r['score']:.2f}", "score": r["score"], "color": render.palette_color(i), "mask": None}
+             "detail": "drawn, not detected" if r["score"] is None else f"{r['score']:.2f}", "score": r["score"],
+             "color": render.palette_color(i), "mask": None}
             for i, r in enumerate(regions)]
 
 
@@ -338,7 +339,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     extra_region = {"region_box": box}
     view_regions = list(regions)
     if index is None:  # a dragged box: show it as the selected region
-        view_regions = regions + [{"box": box, "score": 1.0, "caption": "your box", "words": []}]
+        view_regions = regions + [{"box": box, "score": None, "caption": "your box", "words": []}]  # no score
         session.dense_selected = len(regions)
     words: list[dict] = []
     shown = dataclasses.replace(session, dense=view_regions)
