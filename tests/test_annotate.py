@@ -395,6 +395,8 @@ def test_export_zip(studio, captioned, annotation_store):
     assert record["traces"] == annotate_doc.hold_trace_ends(traces, timed) and record["annotator_id"] == "hal"
     with pytest.raises(gr.Error, match="at least one status"):
         panels.export(studio, [])
+    with pytest.raises(gr.Error, match="no accepted corrections to export"):  # not an empty zip
+        panels.export(studio, ["accepted"])
 
 
 def test_compare_adapters(studio, captioned, tmp_path):

@@ -104,6 +104,9 @@ def export(studio: ws.Studio, statuses: Any) -> tuple[str, str]:
     except Exception as err:  # noqa: BLE001
         log.exception("export failed")
         raise gr.Error(f"The export failed: {render.escape(err)}") from err
+    if not summary.get("ln_records") and not summary.get("regions"):
+        shutil.rmtree(out, ignore_errors=True)
+        raise ValueError(f"no {' or '.join(chosen)} corrections to export (an empty zip would be all you got)")
     target = folder / "pixelllm-corrections.zip"
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(out.rglob("*")):
