@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,16 +110,28 @@ def refuse_pickle(directory: Path) -> None:
     raise FileNotFoundError(f"no {WEIGHTS} in {directory}")
 
 
+_HEAD, _SHARED = "language_model.lm_head.weight", "language_model.shared.weight"
+
+
 def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") -> None:
-    """Strict load: the file must hold exactly the model's (de-duplicated) tensors with matching shapes."""
+    """Strict load: the file must hold exactly the model's (de-duplicated) tensors with matching shapes.
+
+    One exception: a Flan-T5-style model (its own lm_head) saved before that head was untied (2026-12-07) has no
+    lm_head in its file, since the head was the input embeddings; it loads with the head set to them, as it was
+    trained, and a warning."""
     expected, aliases = _dedupe_shared(lora.base_state_dict(model))
     with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
         keys = set(handle.keys())
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-        if missing or unexpected:
+        tied_before = missing == [_HEAD] and not unexpected and aliases.get(_SHARED, _SHARED) in keys
+        if (missing or unexpected) and not tied_before:
             raise ValueError(f"{path} does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         state = {key: handle.get_tensor(key) for key in keys}
+    if tied_before:
+        warnings.warn(f"{path} holds no {_HEAD}: saved when Flan-T5's output head was tied to its input embeddings; "
+                      "the head starts as those embeddings, as this checkpoint was trained", stacklevel=3)
+        state[_HEAD] = state[aliases.get(_SHARED, _SHARED)].clone()
     for key, target in expected.items():
         if tuple(state[key].shape) != tuple(target.shape):
             raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, model expects {tuple(target.shape)}")

@@ -432,6 +432,33 @@ def test_sam_checkpoint_and_t5_directory_load_into_base_style_build(tmp_path):
         load_sam_weights(other, tmp_path / "sam_vit_test.pth")
 
 
+def test_a_checkpoint_saved_while_flan_t5_s_head_was_tied_still_loads(tmp_path):
+    """Before Flan-T5's lm_head was untied, a base/paper-style checkpoint stored no lm_head (it was the input
+    embeddings): such a file, and a run's checkpoint to resume, load with the head set to those embeddings."""
+    import dataclasses
+
+    from tests.helpers import small_config
+
+    tokenizer = small_model(seed=0).tokenizer
+    config = small_config(len(tokenizer))
+    model = PixelLLM(config.replace(t5=dataclasses.replace(config.t5, tie_word_embeddings=False)))
+    model.tokenizer = tokenizer
+    model.save_pretrained(tmp_path / "old")
+    weights = tmp_path / "old" / "model.safetensors"
+    state = load_file(str(weights))
+    del state["language_model.lm_head.weight"]  # the layout a tied head was saved in
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="saved when Flan-T5's output head was tied"):
+        loaded = PixelLLM.from_pretrained(tmp_path / "old")
+    lm = loaded.language_model
+    assert torch.equal(lm.lm_head.weight, lm.shared.weight)
+    assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr()  # equal now, its own weight to train
+    del state["language_model.shared.weight"]  # anything else missing is still refused
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match the model"):
+        PixelLLM.from_pretrained(tmp_path / "old")
+
+
 def test_config_json_is_plain_and_round_trips(tmp_path):
     model = small_model(seed=8)
     model.save_pretrained(tmp_path / "c")
