@@ -174,6 +174,20 @@ def test_opening_the_current_output_again_says_its_corrections_exist(studio, cap
     assert "1 correction chain(s) exist for it" in view["message"]
 
 
+def test_a_recording_saved_before_its_ends_were_held_is_held_at_the_next_edit(studio, captioned):
+    """What the editor shows after an edit is what a save stores: an older, unheld recording is held by the edit."""
+    state = _opened(studio, captioned)
+    n = len(state.doc["words"])
+    late = [{"x": 0.1, "y": 0.5, "t": 0.3}, {"x": 0.9, "y": 0.5, "t": 0.4}, {"x": 0.5, "y": 0.6, "t": 0.5 * n}]
+    edges = np.linspace(0, 0.5 * n, n + 1)
+    state.doc["traces"] = [late]  # as a correction recorded before the fix comes back from the store
+    state.doc["timed_caption"] = [{"utterance": w["text"], "start_time": float(edges[i]),
+                                   "end_time": float(edges[i + 1])} for i, w in enumerate(state.doc["words"])]
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "circle", "rev": state.rev})
+    assert state.doc["traces"][0][0] == {"x": 0.1, "y": 0.5, "t": 0.0}
+    assert all(0 <= w["box"][0] <= w["box"][2] <= 256 for w in state.doc["words"])
+
+
 def test_inserts_past_the_word_limit_are_refused(studio, captioned):
     state = _opened(studio, captioned)
     with pytest.raises(gr.Error, match="the limit is 512"):
@@ -267,6 +281,14 @@ def test_api_payloads(studio, captioned, annotation_store):
     with pytest.raises(gr.Error, match=r"outside the stored image \(256x256 pixels\)"):
         an.api_save_correction(studio, {"image_sha": sha, "annotator": "a", "words": ["a"],
                                         "boxes": [[100, 120, 400, 300]]})
+    # a one-point "trace" is no trace to derive boxes from: the boxes sent are kept, the point stored as sent
+    one = an.api_save_correction(studio, {"image_sha": sha, "annotator": "a", "words": ["a", "b"],
+                                          "boxes": [[1, 2, 30, 40], [5, 6, 7, 8]],
+                                          "traces": [[{"x": 0.9, "y": 0.9, "t": 1.5}]],
+                                          "timed_caption": [{"utterance": "a", "start_time": 0, "end_time": 1},
+                                                            {"utterance": "b", "start_time": 1, "end_time": 2}]})
+    saved = annotation_store.get_correction(one["correction_id"])
+    assert saved["boxes"] == [[1, 2, 30, 40], [5, 6, 7, 8]] and saved["traces"] == [[{"x": 0.9, "y": 0.9, "t": 1.5}]]
     # an oversized trace is refused on its point count, before a point is read
     with pytest.raises(gr.Error, match="more than 50000 points"):
         an.api_save_correction(studio, {"image_sha": sha, "annotator": "a", "words": ["a"],

@@ -193,14 +193,17 @@ def hold_trace_ends(traces: list[list[dict]], timed_caption: Sequence[Mapping]) 
     the first pointer event comes a moment later), or whose last word ends after its last point, gets that first
     (last) point repeated at the word's start (end): the pointer did not move outside the recording. The LN rule
     then interpolates within it; extrapolating the first fast movement backwards put a word's box hundreds of
-    pixels off the image. Traces already covering the words come back unchanged."""
-    if not traces or not timed_caption:
+    pixels off the image. Traces already covering the words, or of fewer than 2 points (not a trace to derive
+    boxes from), come back unchanged."""
+    if trace_point_count(traces) < 2 or not timed_caption:
         return traces
-    out = [list(segment) for segment in traces]
-    where = [(p["t"], s, p) for s, segment in enumerate(out) for p in segment]
+    where = [(p["t"], s, p) for s, segment in enumerate(traces) for p in segment]
     (t_first, s_first, first), (t_last, s_last, last) = min(where, key=lambda w: w[0]), max(where, key=lambda w: w[0])
     start = min(float(w["start_time"]) for w in timed_caption)
     end = max(float(w["end_time"]) for w in timed_caption)
+    if start >= t_first and end <= t_last:
+        return traces  # the same object: versions of a document keep sharing it
+    out = [list(segment) for segment in traces]
     if start < t_first:
         out[s_first].insert(0, {"x": first["x"], "y": first["y"], "t": start})
     if end > t_last:
@@ -297,8 +300,10 @@ def _set_doc(state: AnnotateState, doc: dict) -> None:
 
 
 def _rederive(doc: dict, width: int, height: int) -> None:
-    """With a trace, every box follows from it (LN rule); keeps the stored boxes and trace consistent."""
+    """With a trace, every box follows from it (LN rule); keeps the stored boxes and trace consistent (a recording
+    saved before its ends were held is held here too, as saving it would)."""
     if trace_point_count(doc["traces"]) >= 2 and doc["timed_caption"]:
+        doc["traces"] = hold_trace_ends(doc["traces"], doc["timed_caption"])
         for word, box in zip(doc["words"], boxes_from_trace(doc["traces"], doc["timed_caption"], width, height)):
             word["box"] = box
 
