@@ -25,8 +25,9 @@ holds no LoRA tensor (proposal heatmaps, SAM masks prompted by ground-truth boxe
 
 Outputs in --out: a full checkpoint (base weights in the base file's dtype + `adapters/<name>/` active, so
 `PixelLLM.from_pretrained(out)` gives the fine-tuned model) and `finetune.json`. The run is recorded in the
-store's `finetune_runs` (running -> metrics updates -> finished, or failed with the error). A running app loads
-the adapter without a restart: `predictor.load_adapter(out / "adapters" / name, name)`.
+store's `finetune_runs` (running -> metrics updates -> finished, or failed with the error). The app serves it
+with `python app.py --checkpoint <out>`; in Python, `predictor.load_adapter(out / "adapters" / name, name)` adds it
+to a loaded predictor (the app has no control for that: it would switch the model every visitor shares).
 """
 
 from __future__ import annotations
@@ -385,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter {summary['adapter']} ({summary['examples']} samples from "
           f"{summary['corrections']['corrections']} corrections, {summary['steps']} steps, "
           f"{summary['train_seconds']:.0f} s) -> {summary['adapter_dir']}")
-    print(f"load it in a running app: predictor.load_adapter({summary['adapter_dir']!r}, {summary['adapter']!r}); "
-          f"or PixelLLM.from_pretrained({summary['checkpoint']!r})")
+    print(f"serve it: python app.py --checkpoint {summary['checkpoint']}  "
+          f"(or PixelLLM.from_pretrained({summary['checkpoint']!r}))")
     return 0
 
 
