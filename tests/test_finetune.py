@@ -257,7 +257,7 @@ def test_cli_runs_and_refuses_a_missing_store(base_dir, store, tmp_path, capsys)
     out = tmp_path / "runs" / "cli"
     code = ft.main(["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "2",
                     "--batch-size", "2", "--log-every", "1"])
-    assert code == 0 and "load_adapter" in capsys.readouterr().out
+    assert code == 0 and f"python app.py --checkpoint {out}" in capsys.readouterr().out
     assert (out / "adapters" / "cli" / "adapter_model.safetensors").is_file()
     assert ft.main(["--db", str(tmp_path / "nope.db"), "--out", str(out)]) == 2
 
