@@ -252,6 +252,24 @@ def test_a_text_prompt_too_long_for_the_model_is_refused_before_anything_is_show
         next(updates)
 
 
+def test_a_region_caption_abandoned_for_another_image_logs_the_words_shown(studio, example_images):
+    """As in the Caption tab: the Dense tab's region caption, stopped by a new image, logs what it had shown."""
+    session = _loaded(studio, example_images[0])
+    session, _, _ = cb.dense(studio, session, 0.0, 2)
+    @ws.for_the_shown_image
+    def on_select(state, data):  # as layout.py wires it
+        yield from cb.dense_select(studio, state, data, "test")
+
+    updates = on_select(session, {"i": 0})
+    shown = [next(updates) for _ in range(3)][-1]  # "Tracing…", then two words
+    ws.load_image(studio, str(example_images[1]), session)
+    assert _only_skips(updates)
+    row = studio.store.list_generations(task="caption", limit=1)[0]
+    assert row["words"] == shown[2].split() and len(row["words"]) == 2
+    assert row["extra"]["abandoned"] == "another image was opened" and row["extra"]["region_box"]
+    assert len(studio.store.list_generations(task="caption")) == 1  # logged once
+
+
 def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
     session = _loaded(studio, example_images[0])
     updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")

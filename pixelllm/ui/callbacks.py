@@ -39,6 +39,10 @@ MAX_EXPRESSIONS = 16
 
 # ------------------------------------------------------------------------------------------ captioning
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 # A stream the page has left ends on this no-op update. Ending it with no update at all, once logging had delayed
 # the end, put the previous image's view back in the browser (seen in test_app_browser's new-image test)
 _NOTHING = (gr.skip(),) * 4
@@ -88,7 +92,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
             words.append(word)
             # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
             yield (caption_view(session, words=words, status="streaming",
-                                message=f"Generating… {len(words)} word{'' if len(words) == 1 else 's'}"),
+                                message=f"Generating… {_count(len(words), 'word')}"),
                    " ".join(w["text"] for w in words), gr.skip(), gr.skip())
     except GeneratorExit:  # closed mid-stream (the page went away, the request was cancelled)
         if words:
@@ -108,7 +112,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     files = _keep_caption(studio, session, array, record, "caption", {
         "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
         "generation_id": gen_id})
-    done = f"{len(words)} words" + cut_note(stream) + (
+    done = _count(len(words), "word") + cut_note(stream) + (
         f" · saved as generation #{gen_id}" if gen_id is not None else "")
     if options["do_sample"]:
         done += f" · seed {options['seed']}"
@@ -153,7 +157,7 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     files = _keep_caption(studio, session, array, record, "trace", {
         "words": words, "text": text, "prompts": prompts_model, "decoding": None, "traced": True,
         "generation_id": gen_id})
-    done = f"Traced {len(words)} words · geometric-mean token probability {score:.2f}" + (
+    done = f"Traced {_count(len(words), 'word')} · geometric-mean token probability {score:.2f}" + (
         f" · saved as generation #{gen_id}" if gen_id is not None else "")
     return caption_view(session, words=words, status="done", message=done), text, files, session
 
@@ -344,28 +348,46 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     words: list[dict] = []
     shown = dataclasses.replace(session, dense=view_regions)
     yield session, dense_view(shown, status="streaming", message="Tracing the region's caption…"), ""
-    last = 0.0
+    def log(cut: bool, abandoned: str | None = None) -> int | None:
+        extra = {"decoding": options, "text": " ".join(w["text"] for w in words), "cut": cut, **extra_region}
+        if abandoned:  # shown in part, as a caption abandoned in the Caption tab
+            extra["abandoned"] = abandoned
+        return records.log_output(studio, session, session.array, "caption", [w["text"] for w in words],
+                                  [w["box"] for w in words], prompts={"box": box, "region": index}, extra=extra,
+                                  session_id=session_id)
+
+    last, abandoned = 0.0, False
     stream = WordStream(studio, session.array, box=box, options=options)
-    for word in stream:
-        words.append(word)
-        wait = studio.min_word_interval - (time.monotonic() - last)
-        if wait > 0:
-            time.sleep(wait)
-        last = time.monotonic()
-        yield session, dense_view(shown, words=words, status="streaming",
-                                  message=f"Tracing… {len(words)} words"), " ".join(w["text"] for w in words)
+    try:
+        for word in stream:
+            wait = studio.min_word_interval - (time.monotonic() - last)
+            if wait > 0:
+                time.sleep(wait)
+            last = time.monotonic()
+            if session.replaced:  # another image was opened: log what was shown (below), leave the page to it
+                abandoned = True
+                break
+            words.append(word)
+            yield (session, dense_view(shown, words=words, status="streaming",
+                                       message=f"Tracing… {_count(len(words), 'word')}"),
+                   " ".join(w["text"] for w in words))
+    except GeneratorExit:  # closed mid-stream (the page went away, the request was cancelled)
+        if words:
+            log(True, "the stream was closed")
+        raise
+    if abandoned:
+        if words:
+            log(True, "another image was opened")
+        yield gr.skip(), gr.skip(), gr.skip()
+        return
     text = " ".join(w["text"] for w in words)
-    gen_id = records.log_output(studio, session, session.array, "caption", [w["text"] for w in words],
-                                [w["box"] for w in words],
-                                prompts={"box": box, "region": index},
-                                extra={"decoding": options, "text": text, "cut": stream.cut, **extra_region},
-                                session_id=session_id)
+    gen_id = log(stream.cut)
     session.dense_words = words
     session.last = {"task": "caption", "words": words, "text": text, "prompts": {"box": box},
                     "generation_id": gen_id}
     label = f"region {index + 1}" if index is not None else "your box"
     yield session, dense_view(shown, words=words, status="done",
-                              message=f"{label}: {len(words)} words" + cut_note(stream) + (
+                              message=f"{label}: {_count(len(words), 'word')}" + cut_note(stream) + (
                                   f" · generation #{gen_id}" if gen_id is not None else "")), text
 
 

@@ -16,6 +16,7 @@ Every user mistake raises `ValueError` inside and leaves as `gr.Error` (see `use
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -74,11 +75,12 @@ def for_the_shown_image(fn: Callable) -> Callable:
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(state: Any, *args: Any, **kwargs: Any) -> Iterator:
-            for out in fn(state, *args, **kwargs):
-                if left_behind(state):
-                    yield nothing(out)
-                    return
-                yield out
+            with contextlib.closing(fn(state, *args, **kwargs)) as updates:  # closed at once: it logs what it showed
+                for out in updates:
+                    if left_behind(state):
+                        yield nothing(out)
+                        return
+                    yield out
         return generator
 
     @functools.wraps(fn)
