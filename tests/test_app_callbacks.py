@@ -270,6 +270,32 @@ def test_a_region_caption_abandoned_for_another_image_logs_the_words_shown(studi
     assert len(studio.store.list_generations(task="caption")) == 1  # logged once
 
 
+def test_a_new_image_waits_for_the_caption_streaming_on_the_old_one_to_stop(studio, example_images):
+    """The page's image change and a streaming caption are two events: a frame the caption sent just before the
+    change could reach the page after the new image's views and put the old picture back. load_image now returns
+    only once the old stream has ended (its last update a no-op)."""
+    import threading
+
+    studio.min_word_interval = 0.05
+    session = _loaded(studio, example_images[0])
+    seen: list = []
+    two_words = threading.Event()
+
+    def page():
+        for update in cb.generate(studio, session, None, 40, False, 1.0, 1.0, None, "test"):
+            seen.append(update)
+            if len(seen) >= 3:
+                two_words.set()
+
+    reader = threading.Thread(target=page)
+    reader.start()
+    assert two_words.wait(60)
+    ws.load_image(studio, str(example_images[1]), session)
+    assert session.streams == 0 and all(isinstance(x, type(gr.skip())) for x in seen[-1])
+    reader.join(10)
+    assert studio.store.list_generations(task="caption", limit=1)[0]["extra"]["abandoned"]
+
+
 def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
     session = _loaded(studio, example_images[0])
     updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")

@@ -32,6 +32,7 @@ from pixelllm.ui.workspace import (
     require_image,
     session_scale,
     session_size,
+    streams_on_session,
     user_errors,
 )
 
@@ -49,6 +50,7 @@ _NOTHING = (gr.skip(),) * 4
 
 
 @user_errors
+@streams_on_session
 def generate(studio: Studio, session: Session | None, text: str | None, max_words: Any, sampling: Any,
              temperature: Any, top_p: Any, seed: Any, session_id: str | None = None, *,
              repetition_penalty: Any = None) -> Iterator[tuple]:
@@ -315,6 +317,7 @@ def region_at(regions: Sequence[dict], x: float, y: float) -> int | None:
 
 
 @user_errors
+@streams_on_session
 def dense_select(studio: Studio, session: Session | None, data: Any, session_id: str | None = None
                  ) -> Iterator[tuple]:
     """Trace-caption one region: data = {i} (a listed region), {x, y} (a click: the smallest region under it)

@@ -23,6 +23,7 @@ import inspect
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,25 @@ def user_errors(fn: Callable) -> Callable:
         except ValueError as err:
             raise gr.Error(str(err)) from err
     return wrapper
+
+
+STREAM_STOP_WAIT_S = 1.0
+
+
+def streams_on_session(fn: Callable) -> Callable:
+    """A streaming handler `fn(studio, session, ...)`: counted in `session.streams` while it runs (until it ends or
+    is closed), which `load_image` waits on."""
+    @functools.wraps(fn)
+    def generator(studio: Any, session: Any, *args: Any, **kwargs: Any) -> Iterator:
+        owner = session if isinstance(session, Session) else None
+        if owner is not None:
+            owner.streams += 1
+        try:
+            yield from fn(studio, session, *args, **kwargs)
+        finally:
+            if owner is not None:
+                owner.streams -= 1
+    return generator
 
 
 def for_the_shown_image(fn: Callable) -> Callable:
@@ -187,6 +207,7 @@ class Session:
     dense_words: list[dict] = dataclasses.field(default_factory=list)
     last: dict | None = None           # the last output shown, any task: what an Annotate tab would correct
     replaced: bool = False             # a new image made a new Session: a caption still streaming stops
+    streams: int = 0                   # captions streaming on this session (load_image waits for them to stop)
 
 
 def ensure_session(session: Session | None) -> Session:
@@ -255,6 +276,11 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
     caption still streaming on it stops instead of writing the old image back into the page's state."""
     if isinstance(session, Session):
         session.replaced = True
+        # A caption streaming on the old session stops at its next word: let it finish first (at most a second),
+        # so that none of its frames reaches the page after this image's views (the old picture came back)
+        deadline = time.monotonic() + STREAM_STOP_WAIT_S
+        while session.streams > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
     if not source:
         return (Session(), *empty_views())
     loaded = load_user_image(source)
