@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gradio as gr
@@ -42,6 +42,31 @@ MAX_EXPRESSIONS = 16
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _paced(studio: Studio, session: Session, stream: WordStream, words: list[dict],
+           log: Callable[..., int | None], frame: Callable[[], tuple]) -> Iterator[tuple]:
+    """Stream words into `words`, one `frame()` per word, at most one every `studio.min_word_interval` seconds.
+    Another image opened meanwhile stops it; what was shown is then logged as abandoned, and so it is when the
+    stream is closed (the page went away). Returns True when it stopped for another image."""
+    last = 0.0
+    try:
+        for word in stream:
+            wait = studio.min_word_interval - (time.monotonic() - last)
+            if wait > 0:
+                time.sleep(wait)
+            last = time.monotonic()
+            if session.replaced:
+                if words:
+                    log(True, "another image was opened")
+                return True
+            words.append(word)
+            yield frame()
+    except GeneratorExit:
+        if words:
+            log(True, "the stream was closed")
+        raise
+    return False
 
 
 # A stream the page has left ends on this no-op update. Ending it with no update at all, once logging had delayed
@@ -80,29 +105,12 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
                                   [w["box"] for w in words], prompts=prompts_model, extra=extra,
                                   session_id=session_id)
 
-    last, abandoned = 0.0, False
     stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
-    try:
-        for word in stream:
-            wait = studio.min_word_interval - (time.monotonic() - last)
-            if wait > 0:
-                time.sleep(wait)
-            last = time.monotonic()
-            if session.replaced:  # the user picked another image meanwhile: log what was shown, leave the page
-                abandoned = True
-                break
-            words.append(word)
-            # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
-            yield (caption_view(session, words=words, status="streaming",
-                                message=f"Generating… {_count(len(words), 'word')}"),
-                   " ".join(w["text"] for w in words), gr.skip(), gr.skip())
-    except GeneratorExit:  # closed mid-stream (the page went away, the request was cancelled)
-        if words:
-            log(True, "the stream was closed")
-        raise
+    # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
+    abandoned = yield from _paced(studio, session, stream, words, log, lambda: (
+        caption_view(session, words=words, status="streaming", message=f"Generating… {_count(len(words), 'word')}"),
+        " ".join(w["text"] for w in words), gr.skip(), gr.skip()))
     if abandoned:
-        if words:
-            log(True, "another image was opened")
         yield _NOTHING
         return
     gen_id = log(stream.cut)
@@ -351,6 +359,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
     words: list[dict] = []
     shown = dataclasses.replace(session, dense=view_regions)
     yield session, dense_view(shown, status="streaming", message="Tracing the region's caption…"), ""
+
     def log(cut: bool, abandoned: str | None = None) -> int | None:
         extra = {"decoding": options, "text": " ".join(w["text"] for w in words), "cut": cut, **extra_region}
         if abandoned:  # shown in part, as a caption abandoned in the Caption tab
@@ -359,28 +368,11 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
                                   [w["box"] for w in words], prompts={"box": box, "region": index}, extra=extra,
                                   session_id=session_id)
 
-    last, abandoned = 0.0, False
     stream = WordStream(studio, session.array, box=box, options=options)
-    try:
-        for word in stream:
-            wait = studio.min_word_interval - (time.monotonic() - last)
-            if wait > 0:
-                time.sleep(wait)
-            last = time.monotonic()
-            if session.replaced:  # another image was opened: log what was shown (below), leave the page to it
-                abandoned = True
-                break
-            words.append(word)
-            yield (session, dense_view(shown, words=words, status="streaming",
-                                       message=f"Tracing… {_count(len(words), 'word')}"),
-                   " ".join(w["text"] for w in words))
-    except GeneratorExit:  # closed mid-stream (the page went away, the request was cancelled)
-        if words:
-            log(True, "the stream was closed")
-        raise
+    abandoned = yield from _paced(studio, session, stream, words, log, lambda: (
+        session, dense_view(shown, words=words, status="streaming", message=f"Tracing… {_count(len(words), 'word')}"),
+        " ".join(w["text"] for w in words)))
     if abandoned:
-        if words:
-            log(True, "another image was opened")
         yield gr.skip(), gr.skip(), gr.skip()
         return
     text = " ".join(w["text"] for w in words)
