@@ -432,7 +432,7 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
         new["timed_caption"] = _timed_caption(op.get("timed_caption"), [w["text"] for w in words])
         if not new["timed_caption"]:
             raise ValueError("the recording has no word timing")
-        new["traces"] = hold_trace_ends(traces, new["timed_caption"])
+        new["traces"] = traces  # held at its ends by _rederive below
         message = (f"recorded {trace_point_count(traces)} trace points over "
                    f"{new['timed_caption'][-1]['end_time']:.1f} s; boxes derived from the trace")
     elif kind == "clear_trace":

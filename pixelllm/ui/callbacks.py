@@ -62,9 +62,9 @@ def _paced(studio: Studio, session: Session, stream: WordStream, words: list[dic
                 return True
             words.append(word)
             yield frame()
-    except GeneratorExit:
+    except GeneratorExit:  # the page went away, or for_the_shown_image left the stream for another image
         if words:
-            log(True, "the stream was closed")
+            log(True, "another image was opened" if session.replaced else "the stream was closed")
         raise
     return False
 
@@ -114,9 +114,6 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
         yield _NOTHING
         return
     gen_id = log(stream.cut)
-    if session.replaced:
-        yield _NOTHING
-        return
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
                                     prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
     files = _keep_caption(studio, session, array, record, "caption", {
