@@ -199,3 +199,31 @@ def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotat
     assert app.evaluate("window.__xss") is None
     assert app.locator('img[src="x"]').count() == 0
     app.screenshot(path=str(artifacts_dir / "app-annotate-edit.png"), full_page=True)
+
+
+def test_behind_a_login_saves_and_reviews_are_stored_under_it(page: Page, app_checkpoint, example_images,
+                                                                tmp_path):
+    """`--auth`: the Annotate tab shows the login in the (locked) name field, and a submit and a review are
+    stored under it whatever had been typed before; a name typed in the page cannot be someone else's."""
+    studio = start_studio(app_checkpoint, example_images, tmp_path / "annotations.db", auth=[("rita", "pw-1")])
+    try:
+        page.set_viewport_size({"width": 1400, "height": 1100})
+        page.set_default_timeout(TIMEOUT)
+        page.goto(studio.url)
+        page.get_by_label("username").fill("rita")
+        page.get_by_label("password").fill("pw-1")
+        page.get_by_role("button", name="Login").click()
+        _caption_then_annotate(page)
+        name = page.locator("#annotate-annotator input, #annotate-annotator textarea").first
+        expect(name).to_have_value("rita")
+        expect(name).to_be_disabled()
+        page.locator("#annotate-submit").click()
+        expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Submitted as correction #")
+        page.locator("#annotate-review button").first.click()  # open the accordion
+        page.locator("#annotate-accept").click()
+        expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("accepted")
+        (head,) = studio.store.list_corrections()  # the chain's head: the review row
+        assert [(r["status"], r["annotator"], r["reviewer"]) for r in studio.store.history(head["id"])] == [
+            ("submitted", "rita", None), ("accepted", "rita", "rita")]
+    finally:
+        stop_studio(studio)

@@ -240,9 +240,11 @@ def test_typed_and_model_html_never_executes(page, hostile_app, artifacts_dir):
     assert not errors, errors
 
 
-def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_predictor, example_images):
+def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_predictor, example_images,
+                                                                       annotation_store):
     """Every visitor can browse every logged output and export every correction: `--auth` (or $PIXELLLM_AUTH)
-    puts the whole app, page and API, behind a login."""
+    puts the whole app, page and API, behind a login; a correction is then stored under the login, not under
+    a name the client types."""
     import argparse
 
     from gradio_client import Client, handle_file
@@ -255,7 +257,7 @@ def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_pr
     for bad in ("ann", "ann:", ":pw", "ann:pw,"):
         with pytest.raises(argparse.ArgumentTypeError, match="USER:PASSWORD"):
             app_module.parse_auth(bad)
-    demo = build_demo(small_predictor, None, min_word_interval=0.0)
+    demo = build_demo(small_predictor, annotation_store, min_word_interval=0.0)
     port = free_port()
     app_module.launch(demo, host="127.0.0.1", port=port, block=False, auth=[("ann", "s3:cret")])
     url = f"http://127.0.0.1:{port}/"
@@ -268,5 +270,13 @@ def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_pr
         out = client.predict(handle_file(str(example_images[0])), "", "", 3, False, 1.0, 1.0, -1, 1.0,
                              api_name="/caption")
         assert len(out["words"]) == 3
+        generation = out["generation_id"]
+        saved = client.predict({"generation_id": generation, "words": ["a"], "boxes": [[1, 1, 9, 9]]},
+                               api_name="/save_correction")
+        assert annotation_store.get_correction(saved["correction_id"])["annotator"] == "ann"
+        with pytest.raises(Exception, match="signed in as 'ann'"):
+            client.predict({"generation_id": generation, "annotator": "bob", "words": ["b"],
+                            "boxes": [[1, 1, 9, 9]]}, api_name="/save_correction")
+        assert [c["annotator"] for c in annotation_store.list_corrections()] == ["ann"]
     finally:
         demo.close()

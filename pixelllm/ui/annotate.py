@@ -420,11 +420,18 @@ def review(studio: ws.Studio, state: AnnotateState | None, reviewer: Any, accept
 
 # ------------------------------------------------------------------------------------------ API
 
+def signed_in_name(typed: Any, login: str | None) -> Any:
+    """The name a save or review is stored under: the login when the app runs behind `--auth` (a typed name
+    could be anyone's), else the name typed in the Annotate tab."""
+    return login if login else typed
+
+
 @ws.user_errors
-def api_save_correction(studio: ws.Studio, payload: Any) -> dict:
+def api_save_correction(studio: ws.Studio, payload: Any, login: str | None = None) -> dict:
     """/save_correction: one JSON object — {image_sha | generation_id | parent_id, annotator, status (draft |
     submitted, default submitted), words, boxes, non_visual, timed_caption, traces, caption, comment,
-    client_token} — saved through save_correction_from_editor. Returns its result."""
+    client_token} — saved through save_correction_from_editor. Returns its result. Behind `--auth` (``login``)
+    the correction is saved under the login: ``annotator`` may be left out, and another name is refused."""
     if isinstance(payload, str):
         try:
             payload = json.loads(payload)
@@ -435,9 +442,15 @@ def api_save_correction(studio: ws.Studio, payload: Any) -> dict:
     unknown = sorted(set(payload) - set(API_KEYS))
     if unknown:
         raise ValueError(f"unknown keys {unknown}; allowed: {', '.join(API_KEYS)}")
+    annotator = payload.get("annotator")
+    if login:
+        if annotator is not None and (not isinstance(annotator, str) or " ".join(annotator.split()) != login):
+            raise ValueError(f"you are signed in as {login!r}: a correction is saved under your login (leave "
+                             "'annotator' out or send the login)")
+        annotator = login
     try:
         return save_correction_from_editor(studio.store, None, payload, payload.get("status") or "submitted",
-                                           payload.get("annotator"), payload.get("client_token"))
+                                           annotator, payload.get("client_token"))
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - the store failed: the client keeps its JSON and retries

@@ -105,15 +105,19 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def refresh(kind, prefix, name, wanted, text):
         return panels.list_items(studio, kind, prefix, name, wanted, text)
 
-    def on_tab(sess, st, *filter_values):
-        listing = panels.list_items(studio, *filter_values) if studio.store is not None else gr.skip()
+    def on_tab(sess, st, kind, prefix, name, wanted, text, request: gr.Request):
+        listing = panels.list_items(studio, kind, prefix, name, wanted, text) if studio.store is not None \
+            else gr.skip()
+        login = getattr(request, "username", None)
+        name = gr.update(value=login, interactive=False, label="Signed in: saves and reviews are stored under "
+                         "your login") if login else gr.skip()
         if (st is None or st.doc is None) and isinstance(sess, ws.Session) and sess.last and sess.image:
             try:
                 st, view = an.open_current(studio, sess, st)
-                return st, view, listing
+                return st, view, listing, name
             except gr.Error:
                 pass
-        return gr.skip(), gr.skip(), listing
+        return gr.skip(), gr.skip(), listing, name
 
     def on_open_current(sess, st):
         return an.open_current(studio, sess, st)
@@ -127,24 +131,27 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def on_history(st, evt: gr.EventData):
         return an.history_event(st, evt._data)
 
-    def on_key_save(st, name, note, evt: gr.EventData):
-        return an.save(studio, st, "draft", name, note)
+    def named(name, request):  # behind --auth the login, else the typed name
+        return an.signed_in_name(name, getattr(request, "username", None))
 
-    def on_save(st, name, note):
-        return an.save(studio, st, "draft", name, note)
+    def on_key_save(st, name, note, evt: gr.EventData, request: gr.Request):
+        return an.save(studio, st, "draft", named(name, request), note)
 
-    def on_submit(st, name, note):
-        return an.save(studio, st, "submitted", name, note)
+    def on_save(st, name, note, request: gr.Request):
+        return an.save(studio, st, "draft", named(name, request), note)
 
-    def on_autosave(st, name, note):
-        st, view = an.save(studio, st, "draft", name, note, auto=True)
+    def on_submit(st, name, note, request: gr.Request):
+        return an.save(studio, st, "submitted", named(name, request), note)
+
+    def on_autosave(st, name, note, request: gr.Request):
+        st, view = an.save(studio, st, "draft", named(name, request), note, auto=True)
         return st, (gr.skip() if view is None else view)
 
-    def on_accept(st, name, note):
-        return an.review(studio, st, name, True, note)
+    def on_accept(st, name, note, request: gr.Request):
+        return an.review(studio, st, named(name, request), True, note)
 
-    def on_reject(st, name, note):
-        return an.review(studio, st, name, False, note)
+    def on_reject(st, name, note, request: gr.Request):
+        return an.review(studio, st, named(name, request), False, note)
 
     def on_export(chosen):
         return panels.export(studio, chosen)
@@ -152,10 +159,11 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def on_compare(sess):
         return panels.compare_adapters(studio, sess, compare_lock)
 
-    def save_correction(correction):
-        return an.api_save_correction(studio, correction)
+    def save_correction(correction, request: gr.Request):
+        return an.api_save_correction(studio, correction, getattr(request, "username", None))
 
-    tab.select(on_tab, [session, state, *filters], [state, editor, items], **private, show_progress="hidden")
+    tab.select(on_tab, [session, state, *filters], [state, editor, items, annotator], **private,
+               show_progress="hidden")
     open_btn.click(on_open_current, [session, state], [state, editor], **edits)
     items.open(on_open_item, [state], [state, editor], **edits)
     editor.edit(on_edit, [state], [state, editor], **edits)
