@@ -419,6 +419,11 @@ def test_export_zip(studio, captioned, annotation_store):
         panels.export(studio, [])
     with pytest.raises(gr.Error, match="no accepted corrections to export"):  # not an empty zip
         panels.export(studio, ["accepted"])
+    # the button: no file and why, so the page does not keep showing the previous zip as this export's
+    assert panels.export_for_page(studio, ["submitted"])[0] is not None
+    with pytest.warns(UserWarning, match="no accepted corrections"):  # gr.Warning outside a request
+        assert panels.export_for_page(studio, ["accepted"]) == (
+            None, "Nothing exported: no accepted corrections to export (an empty zip would be all you got)")
 
 
 def test_compare_adapters(studio, captioned, tmp_path):

@@ -6,6 +6,7 @@ out, tested directly (tests/test_annotate.py); the editor's callbacks are in `an
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import re
 import shutil
@@ -117,6 +118,16 @@ def export(studio: ws.Studio, statuses: Any) -> tuple[str, str]:
             f"{summary.get('synthesised_traces', 0)} synthesised traces), {summary.get('regions', 0)} region(s), "
             f"{summary.get('images', 0)} image(s); statuses: {', '.join(chosen)}")
     return str(target), text
+
+
+def export_for_page(studio: ws.Studio, statuses: Any) -> tuple[str | None, str]:
+    """The Export button: `export`'s zip and summary, or no file and why nothing was exported (a raised error
+    would leave the previous export's zip and summary on the page, read as this one's)."""
+    try:
+        return export(studio, statuses)
+    except gr.Error as err:
+        gr.Warning(err.message)
+        return None, f"Nothing exported: {html.unescape(err.message)}"
 
 
 # ------------------------------------------------------------------------------------------ compare adapters

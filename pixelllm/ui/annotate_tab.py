@@ -154,7 +154,7 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         return an.review(studio, st, named(name, request), False, note)
 
     def on_export(chosen):
-        return panels.export(studio, chosen)
+        return panels.export_for_page(studio, chosen)
 
     def on_compare(sess):
         return panels.compare_adapters(studio, sess, compare_lock)
