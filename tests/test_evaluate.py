@@ -446,6 +446,12 @@ def test_limit_and_bad_limit(tmp_path) -> None:
         load_truth(tmp_path, "test", limit=0)
     with pytest.raises(ValueError, match="no Shapes split"):
         load_truth(tmp_path, "val")
+    # a second narrative of an image is refused, not silently read in place of the first
+    ln = tmp_path / "test.ln.jsonl"
+    first = ln.read_text().splitlines()[0]
+    ln.write_text(ln.read_text() + first + "\n")
+    with pytest.raises(ValueError, match="holds 2 narratives of image 'test_000000'"):
+        load_truth(tmp_path, "test")
 
 
 # ------------------------------------------------------------------------------------------- CLI smoke

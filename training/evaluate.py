@@ -24,7 +24,7 @@ import json
 import sys
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +158,11 @@ def load_truth(root: str | Path, split: str = "test", limit: int | None = None) 
     dense = {rec["image_id"]: rec for rec in data.dense}
     samples, _ = read_localized_narratives(Path(root) / f"{split}.ln.jsonl")
     narratives = {s.image_id: (list(s.words), np.asarray(s.word_boxes, dtype=np.float64)) for s in samples}
+    if len(narratives) < len(samples):  # the trace metrics compare against one reference narrative per image
+        seen = Counter(s.image_id for s in samples)
+        image_id, count = seen.most_common(1)[0]
+        raise ValueError(f"{split}.ln.jsonl holds {count} narratives of image {image_id!r}: the evaluation reads "
+                         "one per image (a Shapes split has one each)")
     truths = []
     for rec in data.objects[:limit]:
         image_id = rec["image_id"]
