@@ -246,11 +246,56 @@ def test_a_failing_run_is_recorded_as_failed(base_dir, store, tmp_path, monkeypa
     assert run["status"] == "failed" and "disk on fire" in run["metrics"]["error"]
 
 
+def test_a_run_failing_to_save_keeps_the_previous_output_and_a_bad_out_is_refused_first(base_dir, store, tmp_path,
+                                                                                      monkeypatch):
+    """A new run into a previous run's --out replaces it only once complete: a save that fails (disk full)
+    leaves the previous adapter, finetune.json and run row as they were. An --out that is a file, or someone's
+    folder, is refused before the model loads or a run is recorded."""
+    import pixelllm.checkpoint as checkpoint
+
+    out = tmp_path / "runs" / "keep"
+    first = ft.finetune(settings(base_dir, store, out), store=store, progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.lora, "save_adapter", full)
+    with pytest.raises(OSError, match="No space left"):
+        ft.finetune(settings(base_dir, store, out, seed=1), store=store, progress=False)
+    assert json.loads((out / "finetune.json").read_text())["run_id"] == first["run_id"]
+    assert PixelLLM.from_pretrained(out).adapters == ["keep"]
+    assert [r["status"] for r in store.list_finetune_runs()] == ["failed", "finished"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["keep"]  # no staging folder left behind
+    monkeypatch.undo()
+    second = ft.finetune(settings(base_dir, store, out, seed=1), store=store, progress=False)
+    assert json.loads((out / "finetune.json").read_text())["run_id"] == second["run_id"] != first["run_id"]
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for bad, match in ((tmp_path / "a-file", "is a file"), (tmp_path / "mine", "no finetune.json")):
+        with pytest.raises(ValueError, match=match):
+            ft.finetune(settings(base_dir, store, bad), store=store, progress=False)
+    assert len(store.list_finetune_runs()) == 3 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_settings_take_paths(base_dir, store, tmp_path):
+    made = ft.FinetuneSettings(db=store.path, base=base_dir, out=tmp_path / "o", replay_data=tmp_path)
+    assert all(isinstance(v, str) for v in (made.db, made.base, made.out, made.replay_data))
+
+
 def test_no_corrections_is_a_clear_error_and_records_nothing(base_dir, tmp_path):
     with AnnotationStore(tmp_path / "empty.db") as empty:
         with pytest.raises(ValueError, match="no usable corrections"):
             ft.finetune(settings(base_dir, empty, tmp_path / "runs" / "none"), store=empty, progress=False)
         assert empty.list_finetune_runs() == []
+
+
+def test_corrections_whose_images_are_gone_are_named_in_the_error(base_dir, store, tmp_path):
+    for image in (store.root / "images").iterdir():
+        image.unlink()
+    with pytest.raises(ValueError, match=r"no usable corrections .* \(4 without their image file skipped\)"):
+        ft.finetune(settings(base_dir, store, tmp_path / "runs" / "gone"), store=store, progress=False)
 
 
 def test_cli_runs_and_refuses_a_missing_store(base_dir, store, tmp_path, capsys):

@@ -36,6 +36,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
+import shutil
 import signal
 import sys
 import time
@@ -97,6 +99,11 @@ class FinetuneSettings:
     log_every: int = 10
     max_minutes: float | None = None  # stop early (and say so) when the training loop exceeds this
 
+    def __post_init__(self) -> None:  # paths may come as Path objects; the run's params are JSON
+        for key in ("db", "base", "out", "replay_data"):
+            if isinstance(getattr(self, key), os.PathLike):
+                setattr(self, key, os.fspath(getattr(self, key)))
+
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch size must be at least 1")
@@ -123,6 +130,31 @@ def grouped_batch_sizes(collate: Collator, batch_size: int) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------- the run
+
+def check_out(out: Path) -> None:
+    """Refuse, before anything trains, an --out the run could not write or must not replace: a new run replaces
+    an empty folder or a previous run's output (it has finetune.json), never someone's other folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "finetune.json").is_file():
+        raise ValueError(f"--out {out} holds files and no finetune.json (not a finetune run's output, which a "
+                         "new run replaces): give a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write in {out.parent}")
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Put the finished output folder in place of `out` (a previous run's output, or nothing): the previous run
+    stays whole until the new one is complete beside it."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
 
 
 def _checkpoint_dtype(directory: Path) -> torch.dtype | None:
@@ -179,6 +211,7 @@ def finetune(settings: FinetuneSettings, *, store: AnnotationStore | None = None
     settings.check()
     out = Path(settings.out)
     name = check_adapter_name(settings.name or out.name)
+    check_out(out)
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
     own_store = store is None
@@ -197,25 +230,38 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
     size = model.config.image_size
     examples, pixels, counts = correction_examples(store, size, tuple(settings.statuses))
     if not examples:
-        raise ValueError(f"no usable corrections with status {'/'.join(settings.statuses)} in {settings.db}")
+        skipped = [f"{n} {why}" for n, why in ((counts["skipped_missing_image"], "without their image file"),
+                                                (counts["skipped_no_words"], "without words")) if n]
+        raise ValueError(f"no usable corrections with status {'/'.join(settings.statuses)} in {settings.db}"
+                         + (f" ({', '.join(skipped)} skipped)" if skipped else ""))
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()}
     params.update({"adapter": name, "trainable_tensors": len(trainable),
                    "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
                    "examples": len(examples)})
     run_id = store.start_finetune_run(name, str(settings.base), num_corrections=counts["corrections"], params=params)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")  # written whole, then swapped in
     try:
-        summary = _train(settings, store, run_id, model, trainable, examples, pixels, out, name, progress, began)
+        shutil.rmtree(staging, ignore_errors=True)
+        summary = _train(settings, store, run_id, model, trainable, examples, pixels, staging, name, progress)
+        adapter_dir = out / "adapters" / name
+        summary.update({"adapter_dir": str(adapter_dir), "checkpoint": str(out),
+                        "total_seconds": round(time.perf_counter() - began, 1), "run_id": run_id,
+                        "corrections": counts, "params": params})
+        (staging / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        swap_in(staging, out)
+        store.finish_finetune_run(run_id, status="finished", adapter_path=str(adapter_dir.resolve()), metrics={
+            k: summary[k] for k in ("steps", "stopped_early", "train_seconds", "total_seconds", "final_loss")})
     except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
         store.finish_finetune_run(run_id, status="failed", metrics={"error": f"{type(err).__name__}: {err}"})
         raise
-    summary.update({"run_id": run_id, "corrections": counts, "params": params})
-    (out / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
 def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, model: PixelLLM, trainable: list[str],
-           examples: list[CorrectionExample], pixels: list[torch.Tensor], out: Path, name: str, progress: bool,
-           began: float) -> dict[str, Any]:
+           examples: list[CorrectionExample], pixels: list[torch.Tensor], out: Path, name: str, progress: bool
+           ) -> dict[str, Any]:
+    """The training loop; saves the base and the adapter into `out` and returns the run's figures."""
     size = model.config.image_size
     correction_bank = FeatureBank(model, pixels)
     replay = replay_sampler = None
@@ -285,13 +331,10 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
                         f"(finetune run {run_id} in the annotation store)."}
     model.save_pretrained(out, dtype=_checkpoint_dtype(Path(settings.base)),  # base + adapters/<name>/ (active)
                           model_card_kwargs=card)
-    adapter_dir = out / "adapters" / name
-    final = {"steps": step, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 1),
-             "total_seconds": round(time.perf_counter() - began, 1),
-             "final_loss": history[-1]["loss_all"] if history else None}
-    store.finish_finetune_run(run_id, status="finished", metrics=final, adapter_path=str(adapter_dir.resolve()))
-    return {"adapter": name, "adapter_dir": str(adapter_dir), "checkpoint": str(out), **final, "history": history,
-            "examples": len(examples), "replay_images": len(replay.records) if replay is not None else 0}
+    return {"adapter": name, "steps": step, "stopped_early": stopped_early,
+            "train_seconds": round(train_seconds, 1), "final_loss": history[-1]["loss_all"] if history else None,
+            "history": history, "examples": len(examples),
+            "replay_images": len(replay.records) if replay is not None else 0}
 
 
 # ---------------------------------------------------------------------------- command line
@@ -380,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_exit():
             summary = finetune(settings_from_args(args))
-    except (ValueError, StoreError) as err:
+    except (ValueError, StoreError, OSError) as err:
         print(f"finetune: {err}", file=sys.stderr)
         return 2
     print(f"adapter {summary['adapter']} ({summary['examples']} samples from "
