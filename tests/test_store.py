@@ -342,6 +342,12 @@ def test_list_corrections_filters(store: AnnotationStore, image: str):
     assert ids(store.list_corrections(search="0% r")) == [a2]
     assert ids(store.list_corrections(search="d_c")) == [a2]  # "_" is literal, not a wildcard
     assert ids(store.list_corrections(search="dxc")) == []
+    # a region correction's text is in its words only; case folds beyond ASCII (SQLite's LIKE folds A-Z only)
+    c = store.save_correction(**edit(image_sha=other_image, annotator="cy", caption="",
+                                     words=["Äpfel rot", "blue  square"], boxes=[[0, 0, 5, 5], [5, 5, 9, 9]]))
+    assert ids(store.list_corrections(search="äPFEL")) == [c]
+    assert ids(store.list_corrections(search="rot blue square")) == [c]  # spaces collapsed, words joined
+    assert ids(store.list_corrections(search="RED_circle, FIXED")) == [a2]
     with pytest.raises(ValueError, match="status must be one of"):
         store.list_corrections(status="done")
     with pytest.raises(ValueError, match="limit"):

@@ -340,7 +340,8 @@ class AnnotationStore(StoreDatabase):
                          image_sha: str | None = None, search: str | None = None, heads_only: bool = True,
                          limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Corrections, newest first. ``status`` is one status or several; ``search`` is a case-insensitive
-        substring of the caption or comment; ``heads_only`` keeps only the latest row of each chain."""
+        substring of the caption, the words or the comment (spaces collapsed); ``heads_only`` keeps only the
+        latest row of each chain."""
         where, params = [], []
         if status is not None:
             statuses = _choices(status, "status", STATUSES)
@@ -352,10 +353,9 @@ class AnnotationStore(StoreDatabase):
         if image_sha is not None:
             where.append("c.image_sha = ?")
             params.append(_sha(image_sha))
-        if search is not None:
-            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", _text(search, "search")) + "%"
-            where.append("(c.caption LIKE ? ESCAPE '\\' OR c.comment LIKE ? ESCAPE '\\')")
-            params += [pattern, pattern]
+        if search is not None:  # caption, words and comment, any case (database.search_text)
+            where.append("instr(pl_search_text(c.caption, c.comment, c.words), ?) > 0")
+            params.append(" ".join(_text(search, "search").split()).casefold())
         if heads_only:
             where.append("NOT EXISTS (SELECT 1 FROM corrections AS k WHERE k.parent_id = c.id)")
         sql = self._SELECT_CORRECTION + (" WHERE " + " AND ".join(where) if where else "")

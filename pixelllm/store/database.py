@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import sqlite3
 import threading
@@ -68,6 +69,18 @@ def _api(action: str) -> Callable:
         return wrapper
 
     return decorate
+
+
+def search_text(caption: str | None, comment: str | None, words_json: str | None) -> str:
+    """What a correction search looks in (SQL `pl_search_text`): caption, words and comment, casefolded (SQLite's
+    LIKE folds ASCII letters only, and a region or referring correction has its text in its words only)."""
+    try:
+        words = json.loads(words_json) if words_json else []
+    except ValueError:
+        words = []
+    parts = [caption or "", *(w for w in words if isinstance(w, str)), comment or ""] if isinstance(words, list) \
+        else [caption or "", comment or ""]
+    return " ".join(" ".join(parts).split()).casefold()
 
 
 class StoreDatabase:
@@ -135,6 +148,7 @@ class StoreDatabase:
                 raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode!r}); "
                                  "is the file on a read-only or network file system?", self.path)
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.create_function("pl_search_text", 3, search_text, deterministic=True)
             # execute_plugins=False: no sqlite-utils plugin may alter our connections.
             return sqlite_utils.Database(conn, execute_plugins=False)
         except BaseException:
