@@ -178,6 +178,12 @@ def test_only_the_requested_statuses_are_exported(store, tmp_path):
     words = sorted(s.words[0] for s in read_back(tmp_path / "a")[0])
     assert words == ["accepted", "submitted"]
     assert export.export_corrections(store, tmp_path / "b", ["accepted"])["ln_records"] == 1
+    # re-exported into the same folder, the images of corrections no longer selected go too, and only those
+    (tmp_path / "a" / export.IMAGES_DIR / "train_000000.png").write_bytes(b"a data folder's own image")
+    again = export.export_corrections(store, tmp_path / "a", ["accepted"])
+    left = sorted(p.name for p in (tmp_path / "a" / export.IMAGES_DIR).iterdir())
+    assert again["images"] == 1 and len(left) == 2 and left[-1] == "train_000000.png"
+    assert read_back(tmp_path / "a")[0][0].words == ["accepted"]
     with pytest.raises(ValueError):
         export.export_corrections(store, tmp_path / "c", ["maybe"])
     assert sub

@@ -69,6 +69,7 @@ __all__ = [
 
 LN_FILE = "corrections.ln.jsonl"
 COCO_FILE = "regions.coco.json"
+EXPORTED_IMAGE = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")  # images/<sha256>.<ext>
 IMAGES_DIR = "images"
 DATASET_ID = "pixelllm_corrections"
 #: Synthetic timing (a calm speaking rate, 2 words/s): each word lasts WORD_SECONDS, then a GAP_SECONDS pause.
@@ -391,6 +392,15 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     elif coco_path.is_file():
         coco_path.unlink()  # a stale file from an earlier export would describe corrections no longer selected
+    image_dir = out / IMAGES_DIR
+    exported = {Path(relative).name for relative, _ in images.values()}
+    if image_dir.is_dir() and not image_dir.is_symlink():
+        # an earlier export's images of corrections not selected now; only sha256-named files, the export's own
+        # (the folder may also be a training data folder whose images/ holds other files)
+        for stale in image_dir.iterdir():
+            if (stale.name not in exported and EXPORTED_IMAGE.fullmatch(stale.name) and stale.is_file()
+                    and not stale.is_symlink()):
+                stale.unlink()
     return {
         "out_dir": str(out.resolve()),
         "ln_file": str(ln_path),
