@@ -576,6 +576,7 @@ def test_read_only_folder_fails_at_open_naming_the_file(world_readable_dir: Path
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else proc.stderr
     assert isinstance(result, dict) and "store_error" in result, result
     assert str(path) in result["store_error"] and "read-only" in result["store_error"]
+    assert "writes its WAL journal beside the file" in result["store_error"], result  # not "missing folder"
     assert count_rows(path) == 1
 
 

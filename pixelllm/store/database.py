@@ -199,6 +199,10 @@ class StoreDatabase:
         if isinstance(exc, sqlite3.Error):
             code = getattr(exc, "sqlite_errorcode", None)
             hint = _SQLITE_HINTS.get(code & 0xFF) if code is not None else None
+            if code is not None and code & 0xFF in (8, 14) and self.root.is_dir() \
+                    and not os.access(self.root, os.W_OK):
+                hint = (f"the folder {self.root} is read-only, and the store writes its WAL journal beside the file "
+                        "even to read (copy the folder somewhere writable)")
             detail = f"{getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}"
         else:
             hint = _OS_HINTS.get(exc.errno)
