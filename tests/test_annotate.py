@@ -17,7 +17,7 @@ import torch
 from pixelllm import PixelLLMPredictor
 from pixelllm.store import StoreError
 from pixelllm.ui import annotate as an
-from pixelllm.ui import annotate_doc, render
+from pixelllm.ui import annotate_doc, records, render
 from pixelllm.ui import annotate_panels as panels
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
@@ -34,7 +34,8 @@ def studio(small_predictor, annotation_store):
 def captioned(studio, example_images):
     """A session whose last output is a real streamed caption (logged as a generation)."""
     session, *_ = ws.load_image(studio, str(example_images[0]), None)
-    *_, (view, text, files, session) = list(cb.generate(studio, session, "", 6, False, 1.0, 1.0, None, "s1"))
+    *_, (view, text, files, session) = list(cb.generate(studio, session, "", 6, False, 1.0, 1.0, None,
+                                                                   records.Visitor("s1")))
     assert session.last["generation_id"] is not None and len(session.last["words"]) >= 2
     return session
 
@@ -448,7 +449,7 @@ def test_compare_adapters(studio, captioned, tmp_path):
     assert base_view["message"].startswith("base model") and "fix" in tuned_view["message"]
 
     # a typed caption that was traced is compared as a trace: the same words, each model's boxes
-    _, _, _, traced = cb.trace(own, captioned, "a large red circle", "s1")
+    _, _, _, traced = cb.trace(own, captioned, "a large red circle", records.Visitor("s1"))
     base_view, tuned_view, note = panels.compare_adapters(own, traced, lock)
     assert "tracing the same caption" in note and own.predictor.adapter == "fix"
     assert [w["text"] for w in base_view["words"]] == [w["text"] for w in tuned_view["words"]] == \

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pixelllm.store import StoreError
-from pixelllm.ui import api, render
+from pixelllm.ui import api, records, render
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
 
@@ -49,8 +49,11 @@ def _loaded(studio, path):
     return session
 
 
+VISITOR = records.Visitor("test")  # the browser session the outputs are logged under
+
+
 def _run(studio, session, *, text=None, max_words=12, sampling=False, temperature=1.0, top_p=1.0, seed=None):
-    outputs = list(cb.generate(studio, session, text, max_words, sampling, temperature, top_p, seed, "test"))
+    outputs = list(cb.generate(studio, session, text, max_words, sampling, temperature, top_p, seed, VISITOR))
     view, caption, files, session = outputs[-1]
     return outputs, view, caption, files, session
 
@@ -192,7 +195,7 @@ def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, exam
     """Picking another image while a caption streams stops the stream; the words the page had received were an
     output shown to the user, so they are logged, flagged abandoned and cut, under the image they describe."""
     session = _loaded(studio, example_images[0])
-    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
+    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, VISITOR)
     shown = [next(updates) for _ in range(4)][-1]  # "Generating…", then three words
     new_session = ws.load_image(studio, str(example_images[1]), session)[0]
     assert session.replaced and not new_session.replaced
@@ -207,7 +210,7 @@ def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, exam
 def test_a_caption_stream_closed_midway_logs_the_words_shown(studio, example_images):
     """The page went away mid-caption (gradio closes or drops the generator): the words shown are logged too."""
     session = _loaded(studio, example_images[0])
-    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
+    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, VISITOR)
     shown = [next(updates) for _ in range(3)][-1]  # "Generating…", then two words
     updates.close()
     row = studio.store.list_generations(task="caption", limit=1)[0]
@@ -247,7 +250,7 @@ def test_a_text_prompt_too_long_for_the_model_is_refused_before_anything_is_show
     """The token check ran inside the stream, after the "Generating…" frame: the error toast came, but the viewer
     stayed on "Generating…" with the previous caption wiped."""
     session = _loaded(studio, example_images[0])
-    updates = cb.generate(studio, session, "a " * 80, 12, False, 1.0, 1.0, None, "test")
+    updates = cb.generate(studio, session, "a " * 80, 12, False, 1.0, 1.0, None, VISITOR)
     with pytest.raises(gr.Error, match="the text prompt is 80 tokens long; the model reads at most 64"):
         next(updates)
 
@@ -258,7 +261,7 @@ def test_a_region_caption_abandoned_for_another_image_logs_the_words_shown(studi
     session, _, _ = cb.dense(studio, session, 0.0, 2)
     @ws.for_the_shown_image
     def on_select(state, data):  # as layout.py wires it
-        yield from cb.dense_select(studio, state, data, "test")
+        yield from cb.dense_select(studio, state, data, VISITOR)
 
     updates = on_select(session, {"i": 0})
     shown = [next(updates) for _ in range(3)][-1]  # "Tracing…", then two words
@@ -282,7 +285,7 @@ def test_a_new_image_waits_for_the_caption_streaming_on_the_old_one_to_stop(stud
     two_words = threading.Event()
 
     def page():
-        for update in cb.generate(studio, session, None, 40, False, 1.0, 1.0, None, "test"):
+        for update in cb.generate(studio, session, None, 40, False, 1.0, 1.0, None, VISITOR):
             seen.append(update)
             if len(seen) >= 3:
                 two_words.set()
@@ -298,7 +301,7 @@ def test_a_new_image_waits_for_the_caption_streaming_on_the_old_one_to_stop(stud
 
 def test_a_caption_abandoned_before_its_first_word_logs_nothing(studio, example_images):
     session = _loaded(studio, example_images[0])
-    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, "test")
+    updates = cb.generate(studio, session, None, 12, False, 1.0, 1.0, None, VISITOR)
     next(updates)  # "Generating…"
     ws.load_image(studio, str(example_images[1]), session)
     assert _only_skips(updates)
@@ -363,14 +366,14 @@ def test_the_checkpoints_repetition_penalty_reaches_the_decoder_and_is_recorded(
     assert studio.store.get_generation(record["generation_id"])["extra"]["decoding"]["repetition_penalty"] == 1.5
 
     # the Decoding slider and the API's repetition_penalty override it for one call; out of range is a user error
-    *_, (_, _, files, _) = cb.generate(studio, session, None, 5, False, 1.0, 1.0, None, "t", repetition_penalty=1.0)
+    *_, (_, _, files, _) = cb.generate(studio, session, None, 5, False, 1.0, 1.0, None, VISITOR, repetition_penalty=1.0)
     assert json.loads(Path(files[0]).read_text())["decoding"]["repetition_penalty"] == 1.0
     cap = api.caption(studio, str(example_images[0]), "", "", 5, False, 1, 1, None, repetition_penalty=1.25)
     assert cap["decoding"]["repetition_penalty"] == 1.25
     assert penalties == [1.5, 1.0, 1.25]
     for bad in (3, "much"):
         with pytest.raises(gr.Error, match="repetition penalty"):
-            list(cb.generate(studio, session, None, 5, False, 1.0, 1.0, None, "t", repetition_penalty=bad))
+            list(cb.generate(studio, session, None, 5, False, 1.0, 1.0, None, VISITOR, repetition_penalty=bad))
     assert len(penalties) == 3  # refused before decoding
 
 
@@ -441,7 +444,7 @@ def test_tracing_the_models_own_caption_gives_back_the_boxes_it_streamed(studio,
     session = _loaded(studio, example_images[0])
     session, _ = ws.drag_box(session, {"box": [20, 30, 150, 120]})
     _, gen_view, caption, _, session = _run(studio, session, max_words=8)
-    view, text, files, session = cb.trace(studio, session, "  " + caption.replace(" ", "   ") + "\n", "t")
+    view, text, files, session = cb.trace(studio, session, "  " + caption.replace(" ", "   ") + "\n", VISITOR)
     assert text == caption and [w["text"] for w in view["words"]] == caption.split()
     w, h = session.image["width"], session.image["height"]
     torch.testing.assert_close(prefix_calls[-1]["boxes"], torch.tensor([[20 / w, 30 / h, 150 / w, 120 / h]]),
@@ -449,7 +452,7 @@ def test_tracing_the_models_own_caption_gives_back_the_boxes_it_streamed(studio,
     np.testing.assert_allclose([x["box"] for x in view["words"]], [x["box"] for x in gen_view["words"]], atol=0.5)
     assert view["box"] == [20.0, 30.0, 150.0, 120.0] and view["status"] == "done"
 
-    other, *_ = cb.trace(studio, session, "the small green star", "t")  # another caption, other boxes
+    other, *_ = cb.trace(studio, session, "the small green star", VISITOR)  # another caption, other boxes
     assert [x["text"] for x in other["words"]] == ["the", "small", "green", "star"]
     assert [x["box"] for x in other["words"]] != [x["box"] for x in view["words"][:4]]
 
@@ -459,7 +462,7 @@ def test_a_traced_caption_is_logged_downloadable_and_correctable(studio, example
 
     session = _loaded(studio, example_images[2])
     session, _ = ws.click(session, "Positive point", {"x": 30, "y": 200})
-    view, text, files, session = cb.trace(studio, session, "a large red circle", "t")
+    view, text, files, session = cb.trace(studio, session, "a large red circle", VISITOR)
     json_path, png_path = (Path(f) for f in files)
     assert json_path.name == "trace.json" and png_path.name == "trace_overlay.png"
     record = json.loads(json_path.read_text())
@@ -475,9 +478,9 @@ def test_a_traced_caption_is_logged_downloadable_and_correctable(studio, example
     assert [x["text"] for x in doc_view["words"]] == text.split()
 
     with pytest.raises(gr.Error, match="caption to trace"):
-        cb.trace(studio, session, "   ", "t")
+        cb.trace(studio, session, "   ", VISITOR)
     with pytest.raises(gr.Error, match="image first"):
-        cb.trace(studio, None, "a red circle", "t")
+        cb.trace(studio, None, "a red circle", VISITOR)
     assert len(studio.store.list_generations()) == 1
 
     traced = api.trace(studio, str(example_images[2]), '{"box": [10, 20, 110, 90]}', "the blue square")
@@ -572,7 +575,7 @@ def test_dense_regions_and_tracing_one_region(studio, example_images, prefix_cal
     record = json.loads(Path(files[0]).read_text())
     assert [r["caption"] for r in record["regions"]] == [r["label"] for r in view["regions"]]
 
-    outputs = list(cb.dense_select(studio, session, {"i": 0}, "test"))
+    outputs = list(cb.dense_select(studio, session, {"i": 0}, VISITOR))
     session, final, text = outputs[-1]
     assert final["selected"] == 0 and final["words"] and text == " ".join(w["text"] for w in final["words"])
     assert len(outputs) >= 3  # streamed
@@ -582,12 +585,12 @@ def test_dense_regions_and_tracing_one_region(studio, example_images, prefix_cal
                                torch.tensor([[box[0] / w, box[1] / h, box[2] / w, box[3] / h]]),
                                atol=1e-5, rtol=0)
     x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    clicked = list(cb.dense_select(studio, session, {"x": x, "y": y}, "test"))[-1][1]
+    clicked = list(cb.dense_select(studio, session, {"x": x, "y": y}, VISITOR))[-1][1]
     assert clicked["selected"] == cb.region_at(session.dense, x, y)
     with pytest.raises(gr.Error, match="region"):
-        list(cb.dense_select(studio, session, {"i": 99}, "test"))
+        list(cb.dense_select(studio, session, {"i": 99}, VISITOR))
     # a dragged box is listed as the user's, with no detection score (it showed a made-up 1.00)
-    dragged = list(cb.dense_select(studio, session, {"box": [10, 10, 60, 50]}, "test"))[-1][1]
+    dragged = list(cb.dense_select(studio, session, {"box": [10, 10, 60, 50]}, VISITOR))[-1][1]
     mine = dragged["regions"][dragged["selected"]]
     assert mine["label"] == "your box" and mine["detail"] == "drawn, not detected" and mine["score"] is None
     assert len(dragged["regions"]) == len(session.dense) + 1
@@ -603,8 +606,8 @@ def test_every_output_shown_is_logged_with_the_adapter(studio, example_images):
     session = _run(studio, session, max_words=4)[-1]
     session, ref_view, _ = cb.refer(studio, session, "the red circle")
     session, dense_view, _ = cb.dense(studio, session, 0.0, 2)
-    list(cb.dense_select(studio, session, {"i": 0}, "s1"))
-    api.caption(studio, str(example_images[0]), "", "", 3, False, 1, 1, None, "api-session")
+    list(cb.dense_select(studio, session, {"i": 0}, records.Visitor("s1")))
+    api.caption(studio, str(example_images[0]), "", "", 3, False, 1, 1, None, records.Visitor("api-session", "ann"))
     rows = list(reversed(store.list_generations()))
     assert [r["task"] for r in rows] == ["caption", "caption", "refer", "dense", "caption", "caption"]
     first = rows[0]
@@ -614,7 +617,8 @@ def test_every_output_shown_is_logged_with_the_adapter(studio, example_images):
                and r["adapter"] is None for r in rows)
     assert rows[2]["boxes"] == [ref_view["regions"][0]["box"]]
     assert len(rows[3]["words"]) == len(dense_view["regions"])
-    assert rows[-1]["session"] == "api-session"
+    assert (rows[-1]["session"], rows[-1]["user"]) == ("api-session", "ann")  # behind --auth: the login
+    assert rows[0]["user"] is None
     assert len({r["image_sha"] for r in rows}) == 1  # one stored image, reused
     assert session.last["generation_id"] == rows[4]["id"]  # what an Annotate tab would correct
 
@@ -629,7 +633,7 @@ def test_an_adapter_is_logged_with_the_fingerprint_of_its_weights(tmp_path, anno
     def served_by(model) -> dict:
         studio = ws.Studio(predictor=PixelLLMPredictor(model, device="cpu"), store=annotation_store,
                            min_word_interval=0.0)
-        api.caption(studio, str(example_images[0]), "", "", 2, False, 1, 1, None, "s")
+        api.caption(studio, str(example_images[0]), "", "", 2, False, 1, 1, None, VISITOR)
         return annotation_store.list_generations(limit=1)[0]
 
     versions = []

@@ -271,6 +271,7 @@ def test_auth_keeps_logged_outputs_from_visitors_who_have_not_logged_in(small_pr
                              api_name="/caption")
         assert len(out["words"]) == 3
         generation = out["generation_id"]
+        assert annotation_store.get_generation(generation)["user"] == "ann"  # each output logs who asked
         saved = client.predict({"generation_id": generation, "words": ["a"], "boxes": [[1, 1, 9, 9]]},
                                api_name="/save_correction")
         assert annotation_store.get_correction(saved["correction_id"])["annotator"] == "ann"

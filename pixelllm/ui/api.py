@@ -63,7 +63,7 @@ def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: in
 
 @user_errors
 def caption(studio: Studio, image: str | None, prompts: str | None, text: str | None, max_words: Any,
-            do_sample: Any, temperature: Any, top_p: Any, seed: Any, session_id: str | None = None, *,
+            do_sample: Any, temperature: Any, top_p: Any, seed: Any, visitor: records.Visitor | None = None, *,
             repetition_penalty: Any = None) -> dict:
     """/caption: image file + prompts JSON + text prompt + decoding options -> words with pixel boxes.
     repetition_penalty: None = the checkpoint's default."""
@@ -81,14 +81,14 @@ def caption(studio: Studio, image: str | None, prompts: str | None, text: str | 
     gen_id = records.log_output(studio, None, loaded.array, "caption", [x["text"] for x in words],
                                 [x["box"] for x in words],
                                 prompts=prompts_model, extra={"decoding": options, "api": True, "cut": stream.cut},
-                                session_id=session_id)
+                                visitor=visitor)
     return records.caption_record(studio, words, loaded.scale, loaded.size,
                                   prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
 
 
 @user_errors
 def trace(studio: Studio, image: str | None, prompts: str | None, caption: str | None,
-          session_id: str | None = None) -> dict:
+          visitor: records.Visitor | None = None) -> dict:
     """/trace: image file + prompts JSON + a caption -> the caption's words, each with the pixel box the model
     grounds it to, and the caption's score (geometric-mean token probability)."""
     loaded = load_user_image(image)
@@ -102,14 +102,14 @@ def trace(studio: Studio, image: str | None, prompts: str | None, caption: str |
                                 [x["box"] for x in words],
                                 prompts=prompts_model,
                                 extra={"traced": True, "text": text, "score": score, "api": True},
-                                session_id=session_id)
+                                visitor=visitor)
     record = records.caption_record(studio, words, loaded.scale, loaded.size,
                                     prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
     return {**record, "score": score}
 
 
 @user_errors
-def refer(studio: Studio, image: str | None, expressions: str | None, session_id: str | None = None) -> dict:
+def refer(studio: Studio, image: str | None, expressions: str | None, visitor: records.Visitor | None = None) -> dict:
     """/refer: image file + expressions (one per line) -> box, score and RLE mask per expression."""
     loaded = load_user_image(image)
     lines = parse_expressions(expressions)
@@ -117,13 +117,13 @@ def refer(studio: Studio, image: str | None, expressions: str | None, session_id
     gen_id = records.log_output(studio, None, loaded.array, "refer", lines, [list(r.box) for r in referrals],
                                 prompts={"expressions": lines},
                                 extra={"scores": [r.score for r in referrals], "api": True},
-                                session_id=session_id)
+                                visitor=visitor)
     return records.refer_record(studio, referrals, loaded.scale, loaded.size, gen_id)
 
 
 @user_errors
 def dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: Any,
-          session_id: str | None = None) -> dict:
+          visitor: records.Visitor | None = None) -> dict:
     """/dense: image file + score threshold + max regions -> regions with boxes, scores, captions, word boxes."""
     loaded = load_user_image(image)
     threshold, top_k = dense_options(score_threshold, max_regions)
@@ -136,5 +136,5 @@ def dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: 
         gen_id = records.log_output(studio, None, loaded.array, "dense", [r["caption"] for r in rows],
                                     [r["box"] for r in rows],
                                     prompts={"score_threshold": threshold, "max_regions": top_k},
-                                    extra={"scores": [r["score"] for r in rows], "api": True}, session_id=session_id)
+                                    extra={"scores": [r["score"] for r in rows], "api": True}, visitor=visitor)
     return records.dense_record(studio, rows, loaded.scale, loaded.size, gen_id)

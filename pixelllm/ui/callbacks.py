@@ -77,7 +77,7 @@ _NOTHING = (gr.skip(),) * 4
 @user_errors
 @streams_on_session
 def generate(studio: Studio, session: Session | None, text: str | None, max_words: Any, sampling: Any,
-             temperature: Any, top_p: Any, seed: Any, session_id: str | None = None, *,
+             temperature: Any, top_p: Any, seed: Any, visitor: records.Visitor | None = None, *,
              repetition_penalty: Any = None) -> Iterator[tuple]:
     """Stream a caption: yields (caption view, caption text, files, session) once per decoded word, then a
     final update with the downloads. The view carries words + boxes; the browser draws the trace.
@@ -103,7 +103,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
             extra["abandoned"] = abandoned
         return records.log_output(studio, session, array, "caption", [w["text"] for w in words],
                                   [w["box"] for w in words], prompts=prompts_model, extra=extra,
-                                  session_id=session_id)
+                                  visitor=visitor)
 
     stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
     # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
@@ -141,7 +141,8 @@ def trace_words(studio: Studio, array: np.ndarray, caption: str | None, *, point
 
 
 @user_errors
-def trace(studio: Studio, session: Session | None, caption: str | None, session_id: str | None = None) -> tuple:
+def trace(studio: Studio, session: Session | None, caption: str | None, visitor: records.Visitor | None = None
+          ) -> tuple:
     """Trace a caption the user typed (MITR's controlled trace generation): the decoder reads the caption under
     the current prompts and every word gets the box the location head gives it. Shown, downloadable and logged
     like a generated caption (task caption, extra.traced), so an annotator can correct it in the Annotate tab.
@@ -156,7 +157,7 @@ def trace(studio: Studio, session: Session | None, caption: str | None, session_
     gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
                                 [w["box"] for w in words],
                                 prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
-                                session_id=session_id)
+                                visitor=visitor)
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
                                     prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
     record["score"] = score
@@ -207,7 +208,7 @@ def _slug(text: str) -> str:
 
 @user_errors
 def refer(studio: Studio, session: Session | None, expressions: str | None,
-          session_id: str | None = None) -> tuple:
+          visitor: records.Visitor | None = None) -> tuple:
     """Referring localisation + segmentation. Returns (session, refer view, files)."""
     session = ensure_session(session)
     require_image(session)
@@ -219,7 +220,7 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
                                 prompts={"expressions": lines},
                                 extra={"scores": [r.score for r in referrals],
                                        "mask_scores": [r.mask_score for r in referrals]},
-                                session_id=session_id)
+                                visitor=visitor)
     low = studio.low_refer_score()  # from the checkpoint's evaluation, when it has one
 
     def is_low(r: Any) -> bool:
@@ -283,7 +284,7 @@ def dense_view(session: Session, *, words: Sequence[dict] = (), status: str = "i
 
 @user_errors
 def dense(studio: Studio, session: Session | None, score_threshold: Any, max_regions: Any,
-          session_id: str | None = None) -> tuple:
+          visitor: records.Visitor | None = None) -> tuple:
     """Dense captioning: proposals -> one batched captioning pass. Returns (session, dense view, files)."""
     session = ensure_session(session)
     require_image(session)
@@ -298,7 +299,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
         gen_id = records.log_output(studio, session, session.array, "dense", [r["caption"] for r in session.dense],
                                     [r["box"] for r in session.dense],
                                     prompts={"score_threshold": threshold, "max_regions": top_k},
-                                    extra={"scores": [r["score"] for r in session.dense]}, session_id=session_id)
+                                    extra={"scores": [r["score"] for r in session.dense]}, visitor=visitor)
     session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
     folder = records.download_dir(studio)
     record = records.dense_record(studio, session.dense, session_scale(session), session_size(session), gen_id)
@@ -323,7 +324,7 @@ def region_at(regions: Sequence[dict], x: float, y: float) -> int | None:
 
 @user_errors
 @streams_on_session
-def dense_select(studio: Studio, session: Session | None, data: Any, session_id: str | None = None
+def dense_select(studio: Studio, session: Session | None, data: Any, visitor: records.Visitor | None = None
                  ) -> Iterator[tuple]:
     """Trace-caption one region: data = {i} (a listed region), {x, y} (a click: the smallest region under it)
     or {box} (a dragged box). Streams (session, dense view, region caption text)."""
@@ -363,7 +364,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, session_id:
             extra["abandoned"] = abandoned
         return records.log_output(studio, session, session.array, "caption", [w["text"] for w in words],
                                   [w["box"] for w in words], prompts={"box": box, "region": index}, extra=extra,
-                                  session_id=session_id)
+                                  visitor=visitor)
 
     stream = WordStream(studio, session.array, box=box, options=options)
     abandoned = yield from _paced(studio, session, stream, words, log, lambda: (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pixelllm.ui import api
+from pixelllm.ui import api, records
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
 from pixelllm.ui.annotate_tab import build_annotate_tab
@@ -36,8 +36,8 @@ def viewer(value: dict, elem_id: str) -> gr.HTML:
                    elem_classes=["px-viewer"])
 
 
-def _session_id(request: gr.Request | None) -> str | None:
-    return getattr(request, "session_hash", None) if request is not None else None
+def _visitor(request: gr.Request | None) -> records.Visitor:
+    return records.Visitor(getattr(request, "session_hash", None), getattr(request, "username", None) or None)
 
 
 def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples: list[str] | None = None,
@@ -185,38 +185,38 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             return ws.drag_box(state, evt._data)
 
         def on_generate(state, text, n, sample, temp, p, s, penalty, request: gr.Request):
-            yield from cb.generate(studio, state, text, n, sample, temp, p, s, _session_id(request),
+            yield from cb.generate(studio, state, text, n, sample, temp, p, s, _visitor(request),
                                    repetition_penalty=penalty)
 
         @ws.for_the_shown_image
         def on_trace(state, text, request: gr.Request):
-            return cb.trace(studio, state, text, _session_id(request))
+            return cb.trace(studio, state, text, _visitor(request))
 
         @ws.for_the_shown_image
         def on_refer(state, text, request: gr.Request):
-            return cb.refer(studio, state, text, _session_id(request))
+            return cb.refer(studio, state, text, _visitor(request))
 
         @ws.for_the_shown_image
         def on_dense(state, thr, k, request: gr.Request):
-            return cb.dense(studio, state, thr, k, _session_id(request))
+            return cb.dense(studio, state, thr, k, _visitor(request))
 
         @ws.for_the_shown_image
         def on_dense_select(state, evt: gr.EventData, request: gr.Request):
-            yield from cb.dense_select(studio, state, evt._data, _session_id(request))
+            yield from cb.dense_select(studio, state, evt._data, _visitor(request))
 
         def caption(image, prompts, text, max_words, do_sample, temperature, top_p, seed, repetition_penalty,
                     request: gr.Request):
             return api.caption(studio, image, prompts, text, max_words, do_sample, temperature, top_p, seed,
-                               _session_id(request), repetition_penalty=repetition_penalty)
+                               _visitor(request), repetition_penalty=repetition_penalty)
 
         def trace(image, prompts, caption, request: gr.Request):
-            return api.trace(studio, image, prompts, caption, _session_id(request))
+            return api.trace(studio, image, prompts, caption, _visitor(request))
 
         def refer(image, expressions, request: gr.Request):
-            return api.refer(studio, image, expressions, _session_id(request))
+            return api.refer(studio, image, expressions, _visitor(request))
 
         def dense(image, score_threshold, max_regions, request: gr.Request):
-            return api.dense(studio, image, score_threshold, max_regions, _session_id(request))
+            return api.dense(studio, image, score_threshold, max_regions, _visitor(request))
 
         private = {"api_visibility": "private"}
         # Prompt edits are cheap and must apply in click order: one at a time, every click counted.

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gradio as gr
 import numpy as np
@@ -36,8 +36,16 @@ def to_original(box: Sequence[float], scale: tuple[float, float]) -> list[float]
     return [round(box[0] * sx, 2), round(box[1] * sy, 2), round(box[2] * sx, 2), round(box[3] * sy, 2)]
 
 
+class Visitor(NamedTuple):
+    """Who asked, as logged with an output: the browser session (gradio's session hash) and, behind `--auth`,
+    the login."""
+
+    session: str | None = None
+    user: str | None = None
+
+
 def log_output(studio: Studio, session: Session | None, array: np.ndarray, task: str, words: list[str],
-               boxes: list[list[float]], *, prompts: Any, extra: dict, session_id: str | None) -> int | None:
+               boxes: list[list[float]], *, prompts: Any, extra: dict, visitor: Visitor | None) -> int | None:
     """Log an output shown to a user. A failing store warns; the user keeps the result."""
     if studio.store is None:
         return None
@@ -52,7 +60,8 @@ def log_output(studio: Studio, session: Session | None, array: np.ndarray, task:
             extra = {**extra, "adapter_version": studio.model.adapter_versions.get(adapter, "in-memory")}
         return studio.store.log_generation(
             sha, task, words, boxes, model_id=studio.model_id, model_version=str(studio.model.version),
-            prompts=prompts, extra=extra, adapter=adapter, session=session_id)
+            prompts=prompts, extra=extra, adapter=adapter, session=visitor.session if visitor else None,
+            user=visitor.user if visitor else None)
     except Exception as err:  # noqa: BLE001 - any store failure must not cost the user the result
         log.exception("annotation store: could not log a %s generation", task)
         gr.Warning(f"The result is shown but could not be saved to the annotation store: {err}")
