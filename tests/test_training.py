@@ -367,6 +367,33 @@ def test_a_misspelt_task_batch_size_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists()  # refused before generating data
 
 
+def test_the_export_goes_under_the_run_and_never_replaces_someone_elses_folder(tmp_path):
+    """`export:` writes `<train.out>/export` unless `export.dir` says otherwise; the folder is replaced at the end,
+    so one that is not a checkpoint is refused before any work."""
+    from pixelllm import PixelLLM
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    cfg = yaml.safe_load(config.read_text())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    cfg["export"] = {"dir": str(mine), "dtype": "float16"}
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        main(["--config", str(config)])
+    assert not (tmp_path / "data").exists() and (mine / "notes.txt").read_text() == "keep me"
+    del cfg["export"]["dir"]
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(config)]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run" / "export" / "model.safetensors")
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    assert PixelLLM.from_pretrained(tmp_path / "run" / "export").config.preset == "tiny"
+    assert main(["--config", str(config)]) == 0  # run again: its own earlier export is replaced
+
+
 def test_a_missing_or_broken_config_is_refused_with_one_line(tmp_path, capsys):
     from training.train import main
 

@@ -201,6 +201,19 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
 
 
 # ---------------------------------------------------------------------------- main
+def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
+    """Where the run's `export:` writes (`export.dir`, default `<train.out>/export`), or None without one. The
+    folder is replaced at the end, so it must be new, empty or a checkpoint (it has config.json)."""
+    export = cfg.get("export")
+    if not export:
+        return None
+    folder = Path(export.get("dir") or out / "export")
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.json").is_file())):
+        raise SystemExit(f"export.dir {folder}: not a checkpoint folder (no config.json), and the export replaces "
+                         "it; give a new folder")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
@@ -216,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"train.task_batch_size: unknown tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
     out = Path(tcfg["out"])
+    export_dir = export_folder(cfg, out)  # refused here, before any work, if it is someone's folder
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
     root = Path(cfg["data"]["root"])
@@ -362,12 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         card = {"training": training_summary(args.config, stages, str(root), cfg["data"]["train_split"],
                                              len(data.records), float(tcfg["lr"]))}
         model.save_pretrained(out / "final", model_card_kwargs=card)
-        export = cfg.get("export")
-        if export:
-            dtype = getattr(torch, export.get("dtype", "float32"))
-            shutil.rmtree(export["dir"], ignore_errors=True)
-            model.save_pretrained(export["dir"], dtype=dtype, model_card_kwargs=card)
-            print(f"exported {export['dir']} ({export.get('dtype', 'float32')})", flush=True)
+        if export_dir is not None:
+            dtype_name = cfg["export"].get("dtype", "float32")
+            shutil.rmtree(export_dir, ignore_errors=True)
+            model.save_pretrained(export_dir, dtype=getattr(torch, dtype_name), model_card_kwargs=card)
+            print(f"exported {export_dir} ({dtype_name})", flush=True)
         print(f"done: {step} steps -> {out / 'final'}", flush=True)
     if world > 1:
         dist.destroy_process_group()
