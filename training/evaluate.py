@@ -1,4 +1,4 @@
-"""Evaluate a PixelLLM checkpoint on a Shapes split (definitions: docs/metrics.md): every model metric beside a trivial baseline.
+"""Evaluate a PixelLLM checkpoint on a Shapes split (docs/metrics.md): every model metric beside a trivial baseline.
 
 ```
 python -m training.evaluate --checkpoint DIR --data DIR [--split test] [--limit N] [--json OUT] [--device cpu]

@@ -107,7 +107,7 @@ def make_splits(s: SimulateSettings, data: Path) -> dict[str, Any]:
 def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSettings, model_id: str) -> dict[str, Any]:
     """Base-model captions of cross boxes, logged by the app's /caption function -> simulated corrections saved
     by the Annotate tab's save function (status submitted)."""
-    from pixelllm.ui import api
+    from pixelllm.ui import api, records
     from pixelllm.ui import workspace as ws
     from pixelllm.ui.annotate import save_correction_from_editor
 
@@ -122,7 +122,7 @@ def collect_corrections(predictor: Any, store: Any, data: Path, s: SimulateSetti
         for obj in crosses:
             box = [float(v) for v in obj["box"]]
             output = api.caption(studio, str(data / record["file_name"]), json.dumps({"box": box}), None,
-                                 s.max_words, False, 1.0, 1.0, None, session_id="simulate_annotators")
+                                 s.max_words, False, 1.0, 1.0, None, records.Visitor("simulate_annotators"))
             if output["generation_id"] is None:
                 raise RuntimeError("the app's caption function did not log its output to the store")
             words = [obj["size"], obj["color"], obj["shape"]]
