@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = PixelLLM.from_pretrained(checkpoint)
     except FileNotFoundError as err:
-        hint = (f" The embedded model belongs in {DEFAULT_CHECKPOINT} (trained with `python -m training.train "
-                "--config training/configs/shapes_tiny.yaml`); or pass --checkpoint PATH|HUB_ID."
+        hint = (f" The embedded model belongs in {DEFAULT_CHECKPOINT} (`python -m training.train --config "
+                "training/configs/shapes_tiny.yaml` trains it into runs/shapes_tiny/export); or pass --checkpoint "
+                "PATH|HUB_ID."
                 if args.checkpoint == DEFAULT_CHECKPOINT else "")
         raise SystemExit(f"cannot load the checkpoint: {err}.{hint}") from err
     except ValueError as err:  # pickle weights refused, weights that do not match the config

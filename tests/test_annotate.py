@@ -21,6 +21,7 @@ from pixelllm.ui import annotate_doc, records, render
 from pixelllm.ui import annotate_panels as panels
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
+from pixelllm.ui.decoding import token_budget
 from training.data.localized_narratives import utterance_targets
 
 
@@ -404,7 +405,6 @@ def test_browse_filters_and_open(studio, captioned, annotation_store):
 
 
 def test_export_zip(studio, captioned, annotation_store):
-    pytest.importorskip("training.export")
     state = _opened(studio, captioned)
     traces, timed = _recording(len(state.doc["words"]))
     state, _ = an.edit_event(state, {"op": "trace", "traces": traces, "timed_caption": timed, "rev": state.rev})
@@ -427,7 +427,7 @@ def test_export_zip(studio, captioned, annotation_store):
             None, "Nothing exported: no accepted corrections to export (an empty zip would be all you got)")
 
 
-def test_compare_adapters(studio, captioned, tmp_path):
+def test_compare_adapters(studio, captioned, tmp_path, example_images):
     from tests.conftest import _talkative
     from tests.helpers import small_model
 
@@ -458,3 +458,22 @@ def test_compare_adapters(studio, captioned, tmp_path):
     own.predictor.set_adapter(None)
     assert [w["box"] for w in base_view["words"]] == [w.to_dict()["box"] for w in own.predictor.trace(
         own.predictor.set_image(traced.array), "a large red circle").words]
+
+    # a caption made under a box prompt is compared under that box, by both models
+    own.predictor.set_adapter("fix")
+    boxed, _ = ws.drag_box(ws.load_image(own, str(example_images[0]), None)[0], {"box": [10, 20, 110, 90]})
+    *_, (_, _, _, boxed) = list(cb.generate(own, boxed, "", 6, False, 1.0, 1.0, None, records.Visitor("s1")))
+    base_view, tuned_view, note = panels.compare_adapters(own, boxed, lock)
+    predictor, state = own.predictor, own.predictor.set_image(boxed.array)
+    budget = {"max_new_tokens": token_budget(own.default_max_words)}
+    box = boxed.caption["prompts"]["box"]
+    assert box == [10, 20, 110, 90]
+    def words(**kwargs):  # this small random model says "we we ..." whatever it is shown: compare the boxes too
+        return [(w.text, w.to_dict()["box"]) for w in predictor.caption(state, **budget, **kwargs).words]
+
+    def shown(view):
+        return [(w["text"], w["box"]) for w in view["words"]]
+
+    assert shown(tuned_view) == words(box=box)
+    with predictor.using_adapter(None):
+        assert shown(base_view) == words(box=box) != words()  # the box mattered

@@ -235,8 +235,18 @@ def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page
         return app.locator(f"{viewer} image.px-base").get_attribute("href")[-48:]
 
     old = shown("#caption-viewer")
+    before = _last_generation(studio_app.store)["id"] if studio_app.store.list_generations(limit=1) else 0
     app.locator("#examples button").nth(1).click()
-    app.wait_for_timeout(4000)  # longer than the rest of the caption would have streamed
+    # the old stream is over once it has logged the words it showed, flagged as abandoned for another image
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while time.monotonic() < deadline:
+        rows = [g for g in studio_app.store.list_generations(task="caption", limit=5) if g["id"] > before]
+        if any(g["extra"].get("abandoned") for g in rows):
+            break
+        app.wait_for_timeout(100)
+    else:
+        pytest.fail("the stream on the previous image was not stopped and logged as abandoned")
+    app.wait_for_timeout(500)  # frames sent before that log line have reached the page
     new = shown("#caption-viewer")
     assert new != old, "the caption viewer went back to the previous image"
     _open_tab(app, "Referring", "#refer-viewer")

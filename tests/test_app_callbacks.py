@@ -767,6 +767,27 @@ def test_store_location_on_a_space_and_what_annotators_are_told(tmp_path, monkey
         demo.close()
 
 
+def test_app_main_serves_with_the_login_concurrency_and_address_asked_for(monkeypatch, small_checkpoint):
+    """The flags and $PIXELLLM_AUTH reach the server: a login that stopped at argparse would serve everyone."""
+    import app
+
+    launched = []
+    monkeypatch.setattr(app, "launch", lambda demo, **kwargs: launched.append((demo, kwargs)))
+    monkeypatch.delenv("PIXELLLM_AUTH", raising=False)
+    base = ["--no-store", "--checkpoint", str(small_checkpoint), "--device", "cpu"]
+    app.main([*base, "--auth", "ann:pw,rev:x:y", "--concurrency", "3", "--host", "0.0.0.0", "--port", "7999",
+              "--share"])
+    monkeypatch.setenv("PIXELLLM_AUTH", "env:pw")
+    app.main(base)
+    (flagged, kwargs), (from_env, env_kwargs) = launched
+    assert kwargs == {"host": "0.0.0.0", "port": 7999, "share": True, "auth": [("ann", "pw"), ("rev", "x:y")]}
+    assert flagged._queue.default_concurrency_limit == 3
+    assert env_kwargs["auth"] == [("env", "pw")] and not env_kwargs["share"]
+    assert from_env._queue.default_concurrency_limit == app.parse_args([]).concurrency
+    for demo, _ in launched:
+        demo.close()
+
+
 def test_the_app_reads_the_checkpoints_evaluation_from_any_working_directory(tmp_path, monkeypatch,
                                                                                small_checkpoint):
     """A relative --checkpoint that app.py resolves from its own folder (the embedded model's default, started from

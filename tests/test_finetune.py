@@ -279,6 +279,31 @@ def test_a_run_failing_to_save_keeps_the_previous_output_and_a_bad_out_is_refuse
     assert len(store.list_finetune_runs()) == 3 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_max_minutes_stops_the_loop_early_and_says_so(base_dir, store, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 25))  # every reading of the clock is 25 s after the last
+    monkeypatch.setattr(ft.time, "perf_counter", lambda: float(next(clock)))
+    summary = ft.finetune(settings(base_dir, store, tmp_path / "runs" / "short", steps=50, max_minutes=1),
+                          store=store, progress=False)
+    assert summary["stopped_early"] and 1 <= summary["steps"] < 50
+    [run] = store.list_finetune_runs()
+    assert run["status"] == "finished" and run["metrics"]["stopped_early"] and run["metrics"]["steps"] == \
+        summary["steps"]
+
+
+def test_every_cli_flag_reaches_the_settings():
+    args = ft.build_parser().parse_args([
+        "--db", "a.db", "--base", "b", "--out", "runs/c", "--name", "n", "--steps", "7", "--batch-size", "3",
+        "--lr", "0.01", "--warmup", "2", "--rank", "4", "--alpha", "6", "--extra-targets", "x,y",
+        "--statuses", "accepted", "--replay-data", "d", "--replay-split", "s", "--replay-ratio", "0.5",
+        "--replay-mode", "alternate", "--replay-limit", "9", "--replay-tasks", "refer=2,sentence",
+        "--max-tokens", "20", "--seed", "5", "--threads", "1", "--log-every", "3", "--max-minutes", "1.5"])
+    assert ft.settings_from_args(args) == ft.FinetuneSettings(
+        db="a.db", base="b", out="runs/c", name="n", steps=7, batch_size=3, lr=0.01, warmup=2, rank=4, alpha=6.0,
+        extra_targets=("x", "y"), statuses=("accepted",), replay_data="d", replay_split="s", replay_ratio=0.5,
+        replay_mode="alternate", replay_limit=9, replay_tasks={"refer": 2.0, "sentence": 1.0}, max_tokens=20,
+        seed=5, threads=1, log_every=3, max_minutes=1.5)
+
+
 def test_settings_take_paths(base_dir, store, tmp_path):
     made = ft.FinetuneSettings(db=store.path, base=base_dir, out=tmp_path / "o", replay_data=tmp_path)
     assert all(isinstance(v, str) for v in (made.db, made.base, made.out, made.replay_data))

@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.conftest import free_port
 from training.data.sampling import TaskStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,7 +296,7 @@ def test_ddp_two_gloo_processes_train(tmp_path):
     cfg["stages"][1]["tasks"] = {"refer_image": 1, "refer": 1, "region_points": 1}
     config.write_text(yaml.safe_dump(cfg))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                str(29500 + os.getpid() % 1000), "-m"]
+                str(free_port()), "-m"]  # a port nothing listens on now, not one derived from the pid
     out = _finish(_train(config, launcher=launcher))
     assert "world=2" in out
     final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
