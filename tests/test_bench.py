@@ -6,6 +6,11 @@ profile, the in-process app called through gradio_client, the app.py subprocess,
 and the two ceilings printed beside bounded ratios: prompt reuse on a second preset, the independent-pair run)
 and that the JSON report holds every ratio as a positive finite number. It asserts no timing: speed is the
 benchmark's job, and wall-clock thresholds do not belong in tests (TESTING.md).
+
+The benchmark's own logic has unit tests without timing: a ratio's PASS/FAIL/n/a against its target, the median
+ratio, the interleaved timer (order of the arms, warm-up discarded; a fake clock stands in for the real one), the
+two decoding switches that make both arms of a comparison do the same work (`fixed_length`, `ban_eos`) and the exit
+code of `main` when a target is missed (measurements replaced by canned ratios).
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from pixelllm.bench.core import Bench, Ratio, Settings, ban_eos, fixed_length, ratio_of
 from tests.conftest import ROOT
-from tests.helpers import save_small_checkpoint
+from tests.helpers import save_small_checkpoint, small_model
 
 RATIOS = ["location_head_overhead", "prompt_reuse_speedup", "batched_dense_speedup", "per_token_cost_ratio",
           "app_overhead", "train_scaleout"]
@@ -110,3 +118,152 @@ def test_time_to_first_word_leaves_out_the_warm_up_calls(monkeypatch, small_pred
     absolute: dict = {}
     bench_app.bench_app(bench, absolute)
     assert len(calls) == 4 and absolute["time_to_first_word_ms"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- Ratio, ratio_of
+
+@pytest.mark.parametrize("op, target, value, status", [
+    # "<=": a cost ratio, met at or below the target
+    ("<=", 1.1, 1.0, "PASS"), ("<=", 1.1, 1.1, "PASS"), ("<=", 1.1, 1.2, "FAIL"),
+    # ">=": a speed-up, met at or above the target
+    (">=", 5.0, 6.0, "PASS"), (">=", 5.0, 5.0, "PASS"), (">=", 5.0, 4.0, "FAIL"),
+    # not measured, or no number (a zero median in a denominator): not available, neither PASS nor FAIL
+    ("<=", 1.1, None, "n/a"), (">=", 5.0, None, "n/a"), ("<=", 1.1, math.nan, "n/a"), (">=", 5.0, math.nan, "n/a"),
+    ("<=", 1.1, math.inf, "n/a"), (">=", 5.0, math.inf, "n/a"),
+])
+def test_ratio_status_against_its_target(op, target, value, status):
+    assert Ratio("k", "label", target, op, value=value).status == status
+
+
+def test_ratio_of_is_numerator_median_over_denominator_median():
+    assert ratio_of([2, 2, 2], [1, 1, 1]) == 2.0  # the first argument is the numerator
+    assert ratio_of([1, 1, 1], [2, 2, 2]) == 0.5
+    # medians, not means: median(1, 9, 3) = 3, median(2, 100, 1) = 2 -> 1.5 (the means would give 13/103)
+    assert ratio_of([1, 9, 3], [2, 100, 1]) == 1.5
+
+
+# ---------------------------------------------------------------------------------------------- interleave
+
+def test_interleave_alternates_the_arms_and_discards_the_warm_up(monkeypatch, small_predictor, tmp_path):
+    """Arms record their calls and advance a fake clock by a duration of their own per call: the warm-up calls
+    (100 s each) must not appear in the times, and the timed rounds run a, b, c then c, b, a."""
+    import pixelllm.bench.core as core
+
+    clock = [0.0]
+    monkeypatch.setattr(core, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls: list[str] = []
+    durations = {"a": iter([100, 100, 1, 2, 3, 4]), "b": iter([100, 100, 10, 20, 30, 40]),
+                 "c": iter([100, 100, 0.5, 0.25, 0.125, 0.0625])}
+
+    def arm(name):
+        def call():
+            calls.append(name)
+            clock[0] += next(durations[name])
+        return call
+
+    bench = Bench(small_predictor, Settings(warmup=2, reps=4), tmp_path)
+    times = bench.interleave({name: arm(name) for name in "abc"})
+    assert calls == list("abc" "abc"              # two warm-up rounds, in order
+                         "abc" "cba" "abc" "cba")  # four timed rounds (settings.reps), every other one reversed
+    assert times == {"a": [1, 2, 3, 4], "b": [10, 20, 30, 40], "c": [0.5, 0.25, 0.125, 0.0625]}
+
+    calls.clear()
+    durations = {"a": iter([100, 100, 7]), "b": iter([100, 100, 8])}
+    assert bench.interleave({"a": arm("a"), "b": arm("b")}, reps=1) == {"a": [7], "b": [8]}  # reps overrides
+    assert calls == list("ab" "ab" "ab")
+
+
+# ---------------------------------------------------------------------------------------------- decoding switches
+
+def _prefix(model):
+    images = torch.rand(1, 3, model.config.image_size, model.config.image_size,
+                        generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        return model.encode_prefix(model.encode_image(images))
+
+
+def _tokens(model, prefix, n):
+    with torch.no_grad():
+        return [int(step.tokens[0]) for step, _ in model.stream(prefix, max_new_tokens=n, with_boxes=False)]
+
+
+def _prefer(model, *token_ids):
+    """A forward hook on the LM head making the given tokens the most likely ones, in that order."""
+    def hook(_module, _inputs, logits):
+        logits = logits.clone()
+        for rank, token in enumerate(token_ids):
+            logits[..., token] = 1e4 - rank
+        return logits
+    return model.language_model.lm_head.register_forward_hook(hook)
+
+
+def test_fixed_length_decodes_exactly_n_steps_and_keeps_the_tokens():
+    """A model that picks EOS at every step stops after one step; under `fixed_length` it runs all N steps, the
+    tokens still the model's own (EOS every time), and the switch is undone on exit."""
+    model = small_model(seed=0)
+    prefix = _prefix(model)
+    eos = model.config.eos_token_id
+    n = 7
+    handle = _prefer(model, eos)
+    try:
+        assert _tokens(model, prefix, n) == [eos]
+        with fixed_length(model):
+            assert _tokens(model, prefix, n) == [eos] * n
+        assert model.config.eos_token_id == eos
+        assert _tokens(model, prefix, n) == [eos]
+    finally:
+        handle.remove()
+
+
+def test_ban_eos_runs_n_steps_of_the_next_most_likely_tokens():
+    """With EOS the most likely token and pad the second, `ban_eos` decodes N steps that are neither: at each step
+    the token is the argmax of the model's logits with EOS and pad left out (recorded before the ban applies)."""
+    model = small_model(seed=0)
+    prefix = _prefix(model)
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    n = 7
+    seen: list[torch.Tensor] = []
+    handles = [_prefer(model, eos, pad),
+               model.language_model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out[0, -1].clone()))]
+    try:
+        with ban_eos(model):
+            tokens = _tokens(model, prefix, n)
+        assert len(tokens) == n and eos not in tokens and pad not in tokens, tokens
+        expected = []
+        for logits in seen:
+            logits[[eos, pad]] = -math.inf
+            expected.append(int(logits.argmax()))
+        assert tokens == expected
+        assert _tokens(model, prefix, n) == [eos]  # the ban is lifted on exit
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- exit code
+
+@pytest.mark.parametrize("overhead, reuse, flags, code, failed", [
+    (1.0, 6.0, [], 0, []),                                       # both targets met
+    (2.0, 6.0, [], 1, ["location_head_overhead"]),               # 2.0 > 1.1: a "<=" target missed
+    (1.0, 4.0, [], 1, ["prompt_reuse_speedup"]),                 # 4.0 < 5.0: a ">=" target missed
+    (2.0, 4.0, ["--no-fail"], 0, ["location_head_overhead", "prompt_reuse_speedup"]),  # reported, exit 0
+    (None, 6.0, [], 0, []),                                      # not measured is no failure
+])
+def test_main_exits_non_zero_when_a_target_is_missed(monkeypatch, small_checkpoint, tmp_path, overhead, reuse,
+                                                     flags, code, failed):
+    """The two measurements are replaced by canned ratios (targets: overhead <= 1.1, reuse >= 5): the exit code and
+    the report's `failed` list follow the targets alone."""
+    import pixelllm.bench.run as run
+
+    monkeypatch.setattr(run, "paper_preset", lambda: {})  # builds a 4B model on the meta device: not under test
+    monkeypatch.setattr(run, "bench_location_head", lambda b: Ratio("location_head_overhead", "overhead", 1.1, "<=",
+                                                                      value=overhead))
+    monkeypatch.setattr(run, "bench_prompt_reuse", lambda b: Ratio("prompt_reuse_speedup", "reuse", 5.0, ">=",
+                                                                     value=reuse))
+    report = tmp_path / "bench.json"
+    argv = ["--checkpoint", str(small_checkpoint), "--only", "location_head_overhead,prompt_reuse_speedup",
+            "--threads", str(torch.get_num_threads()), "--json", str(report), *flags]
+    assert run.main(argv) == code
+    data = json.loads(report.read_text())
+    assert data["complete"] is True and data["failed"] == failed
+    assert set(data["ratios"]) == {"location_head_overhead", "prompt_reuse_speedup"}

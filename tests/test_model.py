@@ -184,7 +184,10 @@ def _outputs(model: PixelLLM) -> dict:
         feats = model.encode_image(images)
         refer = model.refer(feats, torch.tensor([[10, 11, 12]]), torch.ones(1, 3, dtype=torch.long))
         proposals = model.propose(feats, score_threshold=0.0)
-    return {"tokens": tokens, "boxes": boxes, **refer, "proposals": proposals[0][0]}
+    # model.refer also returns "boxes": its keys get a prefix of their own, or the referral box would overwrite the
+    # caption's per-word boxes and the round-trip checks would never compare the latter
+    return {"tokens": tokens, "caption_boxes": boxes, **{f"refer_{k}": v for k, v in refer.items()},
+            "proposals": proposals[0][0]}
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
@@ -203,11 +206,16 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert loaded.active_adapter == "fix" and loaded.adapters == ["fix"]
     after = _outputs(loaded)
     assert before["tokens"] == after["tokens"]
-    for key in ("boxes", "boxes", "score", "mask_logits", "mask_iou", "proposals"):
+    assert set(before) == set(after) == {"tokens", "caption_boxes", "refer_boxes", "refer_score", "refer_mask_rows",
+                                         "refer_mask_logits", "refer_mask_iou", "proposals"}
+    assert before["caption_boxes"].shape == (len(before["tokens"]), 4)
+    for key in sorted(set(before) - {"tokens"}):
         assert torch.equal(before[key], after[key]), key
     # the base model (adapter off) differs from the adapted one, so the adapter really was restored
     loaded.set_adapter(None)
-    assert not torch.equal(_outputs(loaded)["boxes"], after["boxes"])
+    base = _outputs(loaded)
+    assert not torch.equal(base["caption_boxes"], after["caption_boxes"])
+    assert not torch.equal(base["refer_boxes"], after["refer_boxes"])
 
 
 def test_saving_over_a_folder_drops_the_previous_saves_adapters(tmp_path):
