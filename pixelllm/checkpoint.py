@@ -114,7 +114,9 @@ _HEAD, _SHARED = "language_model.lm_head.weight", "language_model.shared.weight"
 
 
 def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") -> None:
-    """Strict load: the file must hold exactly the model's (de-duplicated) tensors with matching shapes.
+    """Strict load: the file must hold exactly the model's (de-duplicated) tensors with matching shapes. The
+    tensors are copied into the model's own one at a time (cast to its dtype), so loading needs the model and one
+    tensor in memory, not the model and a second copy of the file.
 
     One exception: a Flan-T5-style model (its own lm_head) saved before that head was untied (2026-12-07) has no
     lm_head in its file, since the head was the input embeddings; it loads with the head set to them, as it was
@@ -127,16 +129,41 @@ def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") 
         if (missing or unexpected) and not tied_before:
             raise ValueError(f"{path} does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        state = {key: handle.get_tensor(key) for key in keys}
-    if tied_before:
-        warnings.warn(f"{path} holds no {_HEAD}: saved when Flan-T5's output head was tied to its input embeddings; "
-                      "the head starts as those embeddings, as this checkpoint was trained", stacklevel=3)
-        state[_HEAD] = state[aliases.get(_SHARED, _SHARED)].clone()
-    for key, target in expected.items():
-        if tuple(state[key].shape) != tuple(target.shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, model expects {tuple(target.shape)}")
-    state.update({alias: state[name] for alias, name in aliases.items()})
-    model.load_state_dict(state, strict=True)
+        for key, target in expected.items():  # shapes first: a mismatch leaves the model untouched
+            shape = tuple(handle.get_slice(key if key in keys else aliases.get(_SHARED, _SHARED)).get_shape())
+            if shape != tuple(target.shape):
+                raise ValueError(f"{path}: {key} has shape {shape}, model expects {tuple(target.shape)}")
+        if tied_before:
+            warnings.warn(f"{path} holds no {_HEAD}: saved when Flan-T5's output head was tied to its input "
+                          "embeddings; the head starts as those embeddings, as this checkpoint was trained",
+                          stacklevel=3)
+        with torch.no_grad():
+            for key, target in expected.items():  # aliases share their storage with one of these
+                target.copy_(handle.get_tensor(key if key in keys else aliases.get(_SHARED, _SHARED)))
+
+
+def empty_model(cls: type[PixelLLM], config: PixelLLMConfig, device: str | torch.device,
+                dtype: torch.dtype | None = None) -> PixelLLM:
+    """The model with storage for its weights (in `dtype` when given) on `device` and nothing computed: no random
+    initialisation of weights the checkpoint overwrites (minutes and a float32 copy for the paper preset). Every
+    tensor is then read from the checkpoint (`load_weights` is strict) but the constants no file holds, which are
+    set again here."""
+    with torch.device("meta"):
+        model = cls(config)
+    if dtype is not None:
+        model.to(dtype)
+    # to_empty gives every module its own new Parameter: note which ones are one tensor (T5's tied embeddings)
+    places: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, name))
+    model.to_empty(device=device)
+    for (owner, name), *others in (where for where in places.values() if len(where) > 1):
+        for module, other in others:
+            setattr(module, other, getattr(owner, name))
+    model.reset_constants()
+    return model
 
 
 def load_tokenizer(directory: Path) -> Any:
@@ -149,20 +176,19 @@ def load_tokenizer(directory: Path) -> Any:
 
 def load_checkpoint(cls: type[PixelLLM], model_id: str, *, config: Any = None, map_location: str = "cpu",
                     revision: str | None = None, cache_dir: Any = None, token: Any = None,
-                    local_files_only: bool = False, load_adapters: bool = True) -> PixelLLM:
+                    local_files_only: bool = False, load_adapters: bool = True,
+                    dtype: torch.dtype | None = None) -> PixelLLM:
     directory = _resolve(model_id, revision=revision, cache_dir=cache_dir, token=token,
                          local_files_only=local_files_only)
     refuse_pickle(directory)
     if not isinstance(config, PixelLLMConfig):
         config = PixelLLMConfig.from_dict(json.loads((directory / "config.json").read_text()))
-    model = cls(config)
+    model = empty_model(cls, config, map_location, dtype)
     load_weights(model, directory / WEIGHTS, map_location)
     model.tokenizer = load_tokenizer(directory)
     model.version = file_fingerprint(directory / WEIGHTS)
     model.source = str(model_id)
     model.directory = str(directory)
-    if torch.device(map_location).type != "cpu":  # the weights were read there; the module was built on the CPU
-        model.to(map_location)
     adapter_root = directory / "adapters"
     if load_adapters and adapter_root.is_dir():
         for sub in sorted(p for p in adapter_root.iterdir() if p.is_dir()):

@@ -131,14 +131,14 @@ class PixelLLMConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_encoder, dict):
-            self.image_encoder = ViTConfig(**self.image_encoder)
-        if isinstance(self.semantic_encoder, dict):
-            self.semantic_encoder = ViTConfig(**self.semantic_encoder)
-        if isinstance(self.t5, dict):
-            self.t5 = T5Settings(**self.t5)
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
+        for name, kind in (("image_encoder", ViTConfig), ("semantic_encoder", ViTConfig), ("t5", T5Settings),
+                           ("lora", LoraSettings)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {f.name for f in dataclasses.fields(kind)})
+                if unknown:  # a field this version does not know would build another architecture
+                    raise ValueError(f"config {name} has unknown keys {unknown} (a checkpoint of a newer version?)")
+                setattr(self, name, kind(**value))
         if not 1.0 <= float(self.repetition_penalty) <= 2.0:  # the predictor's range for a call's own penalty
             raise ValueError(f"repetition_penalty must be between 1 and 2, got {self.repetition_penalty}")
 

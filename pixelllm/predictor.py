@@ -32,13 +32,14 @@ MAX_TRACE_TOKENS = 512  # the longest caption `trace` reads (max_new_tokens' lim
 
 @dataclass(frozen=True)
 class ImageState:
-    """An encoded image. width/height: original pixels; features live on the predictor's device."""
+    """An encoded image. width/height: original pixels; features live on the predictor's device. `encoded_by`:
+    the weights' version, dtype and device that computed them (a model cast or moved since cannot read them)."""
 
     key: str
     width: int
     height: int
     features: ImageFeatures = field(repr=False)
-    model_version: str
+    encoded_by: str
 
 
 @dataclass
@@ -159,9 +160,7 @@ class PixelLLMPredictor:
         if model.tokenizer is None:
             raise ValueError("the model has no tokenizer; load it with PixelLLM.from_pretrained or attach one")
         self.device = torch.device(device) if device is not None else model.device
-        self.model = model.to(self.device).eval()
-        if dtype is not None:
-            self.model.to(dtype)
+        self.model = model.to(device=self.device, dtype=dtype).eval()  # one move: never a float32 copy on a GPU
         self.tokenizer = model.tokenizer
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str | None, str], ImageFeatures] = OrderedDict()
@@ -175,7 +174,7 @@ class PixelLLMPredictor:
         """Encode an image (HxWx3 uint8 RGB array or PIL image), or fetch its embedding from the cache."""
         arr = imaging.as_rgb_array(image)
         key = imaging.image_key(arr)
-        cache_key = (self.model.version, self._encoder_adapter(), key)
+        cache_key = (self._encoder(), self._encoder_adapter(), key)
         with self._cache_lock:
             features = self._cache.get(cache_key)
             if features is not None:
@@ -191,7 +190,12 @@ class PixelLLMPredictor:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return ImageState(key=key, width=arr.shape[1], height=arr.shape[0], features=features,
-                          model_version=self.model.version)
+                          encoded_by=cache_key[0])
+
+    def _encoder(self) -> str:
+        """The weights' version, dtype and device: image features of one are not valid for another (another
+        predictor may cast or move a model it shares with this one)."""
+        return f"{self.model.version}|{self.model.dtype}|{self.model.device}"
 
     # ------------------------------------------------------------------ prompts
     def _norm(self, state: ImageState) -> np.ndarray:
@@ -234,8 +238,9 @@ class PixelLLMPredictor:
         return self.model.encode_prefix(state.features, text_ids=self._text_ids(text, 1), **kwargs)
 
     def _check_state(self, state: ImageState) -> None:
-        if state.model_version != self.model.version:
-            raise ValueError("this image was encoded by another model version: call set_image again")
+        if state.encoded_by != self._encoder():
+            raise ValueError("this image was encoded by another model version, dtype or device: call set_image "
+                             "again")
 
     @staticmethod
     def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty) -> dict:

@@ -178,6 +178,23 @@ def test_image_cache_keeps_apart_the_features_of_an_adapter_on_the_image_encoder
     assert torch.equal(predictor.set_image(image).features.fused, base)
 
 
+def test_a_model_cast_by_another_predictor_gets_its_image_encoded_again():
+    """Two predictors sharing one model: the second casts it to bfloat16. The first one's cached float32 features
+    are not served to the bfloat16 model (a dtype error in every task), and a state it handed out is refused with
+    a message instead."""
+    image = random_image(8, 48, 64)
+    model = small_model(seed=8)
+    first = PixelLLMPredictor(model, device="cpu")
+    old = first.set_image(image)
+    PixelLLMPredictor(model, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="another model version, dtype or device"):
+        first.caption(old, max_new_tokens=2)
+    again = first.set_image(image)
+    assert first.cache_misses == 2 and again.features.fused.dtype == torch.bfloat16
+    assert len(first.trace(again, "a red circle").words) == 3  # was: a float/bfloat16 mismatch in every task
+    assert isinstance(first.dense_caption(again, max_regions=2), list)
+
+
 def test_using_adapter_holds_other_requests_until_it_ends():
     import threading
 

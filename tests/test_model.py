@@ -608,3 +608,27 @@ def test_saved_folder_has_a_model_card_describing_it(tmp_path):
     assert "weights, float32" in card and "1 step of `narrative`" in card and "Not recorded" not in card
     assert "adapters/" not in card
     PixelLLM.from_pretrained(tmp_path / "half")  # the card does not disturb loading
+
+
+def test_loading_reads_the_weights_into_the_dtype_asked_for_and_draws_no_random_initialisation(small_checkpoint):
+    """from_pretrained builds the model without computing an initialisation the file overwrites (minutes and a
+    float32 copy for the paper preset) and holds the weights in the dtype asked for; tied tensors stay one
+    tensor, and the constants no file holds (pixel mean/std) are set."""
+    from pixelllm import PixelLLM
+
+    file = load_file(small_checkpoint / "model.safetensors")
+    before = torch.get_rng_state()
+    full = PixelLLM.from_pretrained(small_checkpoint)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing drawn: the weights were read, not initialised
+    half = PixelLLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16)
+    for name, value in full.state_dict().items():
+        if name in file:
+            assert torch.equal(value, file[name].float()), name
+    for name, value in half.state_dict().items():  # SAM's Fourier matrix (shared by two modules) stays float32
+        if value.is_floating_point() and not name.endswith("pe_layer.positional_encoding_gaussian_matrix"):
+            assert value.dtype == torch.bfloat16 and torch.equal(value, full.state_dict()[name].bfloat16()), name
+    for model in (full, half):
+        lm = model.language_model
+        assert lm.shared.weight is lm.encoder.embed_tokens.weight is lm.decoder.embed_tokens.weight
+        assert model.pixel_mean.flatten().tolist() == pytest.approx(list(model.config.pixel_mean), rel=1e-2)
+        assert model.pixel_std.flatten().tolist() == pytest.approx(list(model.config.pixel_std), rel=1e-2)

@@ -167,7 +167,12 @@ def decode(lm: T5ForConditionalGeneration, prefix: Prefix, *, max_new_tokens: in
         logprobs = torch.log_softmax(logits, dim=-1)
         scores = warpers(history, logits.clone()) if warpers else logits  # history: start token + tokens so far
         if do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            probs = torch.softmax(scores, dim=-1)
+            if generator is not None and generator.device != probs.device:  # a seed's (CPU) generator: draw there
+                # (multinomial refuses a generator of another device; a seed then gives one caption on any device)
+                tokens = torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(device)
+            else:
+                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
         logprob = logprobs.gather(1, tokens[:, None]).squeeze(1)

@@ -74,14 +74,23 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
             embed_dim=c,
         )
         self.proposal_head = ProposalHead(c, config.proposal_channels, config.proposal_upsample)
-        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.reset_constants()
         self.tokenizer: Any = None  # set by the builder / from_pretrained; saved with the checkpoint
         self.version = f"untrained-{id(self):x}"  # weights fingerprint; part of the image-embedding cache key
         self.source = "in-memory"
         self.directory: str | None = None  # the local folder from_pretrained read (a hub id's snapshot)
         self.adapter_configs: dict[str, Any] = {}
         self.adapter_versions: dict[str, str] = {}  # name -> fingerprint of the weights file it was loaded from
+
+    def reset_constants(self) -> None:
+        """Set the tensors that come from the config, not from training (no checkpoint holds them)."""
+        with torch.no_grad():
+            for name, values in (("pixel_mean", self.config.pixel_mean), ("pixel_std", self.config.pixel_std)):
+                buffer = getattr(self, name)
+                if buffer.device.type != "meta":
+                    buffer.copy_(torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PixelLLM:
         """After any cast (`.to(torch.bfloat16)`, `.half()`, ...) keep SAM's random-Fourier position encoding in
@@ -399,17 +408,19 @@ class PixelLLM(nn.Module, PyTorchModelHubMixin, library_name="pixelllm", repo_ur
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
                          force_download: bool = False, local_files_only: bool = False, token: Any = None,
                          map_location: str = "cpu", strict: bool = True, config: Any = None,
-                         adapters: bool = True, **kwargs: Any) -> PixelLLM:
+                         adapters: bool = True, dtype: torch.dtype | None = None, **kwargs: Any) -> PixelLLM:
         from pixelllm.checkpoint import load_checkpoint
 
         return load_checkpoint(cls, model_id, config=config, map_location=map_location, revision=revision,
                                cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-                               load_adapters=adapters)
+                               load_adapters=adapters, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> PixelLLM:
         """Load a checkpoint directory or a hub id (safetensors only). A path that does not exist is an error,
-        not a hub lookup."""
+        not a hub lookup. `map_location` (default cpu) is where the weights are read and stay; `dtype` (default
+        float32) what they are held in: `dtype=torch.bfloat16, map_location="cuda"` reads them straight into a
+        bf16 model on the GPU."""
         from pixelllm.checkpoint import check_source
 
         check_source(pretrained_model_name_or_path)
