@@ -42,12 +42,17 @@ def store_notice(db: str | None, environ=os.environ, persistent: Path = SPACE_PE
         return ("**No annotation store** (the app was started with `--no-store`): nothing you do here is saved. "
                 "Restart it without `--no-store` to save corrections.")
     path = Path(db).absolute()
-    if on_space(environ) and not path.is_relative_to(persistent):
-        return (f"**This Space has no persistent storage**: the annotation store ({path}) is on the Space's own "
-                "disk, which is wiped whenever the Space restarts or sleeps. Export your corrections before "
-                "leaving, or ask the Space's owner to add persistent storage (Settings → Persistent storage; it "
-                f"is mounted at {persistent} and used automatically).")
-    return None
+    if not on_space(environ) or path.is_relative_to(persistent):
+        return None
+    if persistent.is_dir():  # the Space has persistent storage, but the store was put elsewhere ($PIXELLLM_DB, --db)
+        return (f"**The annotation store is not on this Space's persistent storage**: it is at {path} (set by "
+                f"PIXELLLM_DB or --db), on the Space's own disk, which is wiped whenever the Space restarts or "
+                f"sleeps; {persistent} would last. Export your corrections before leaving, or ask the Space's owner "
+                f"to point the store under {persistent}.")
+    return (f"**This Space has no persistent storage**: the annotation store ({path}) is on the Space's own "
+            "disk, which is wiped whenever the Space restarts or sleeps. Export your corrections before "
+            "leaving, or ask the Space's owner to add persistent storage (Settings → Persistent storage; it "
+            f"is mounted at {persistent} and used automatically).")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,12 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "if it cannot be opened")
     parser.add_argument("--no-store", action="store_true",
                         help="run without the annotation store: nothing is logged, corrections cannot be saved")
-    parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once")
+    parser.add_argument("--concurrency", type=positive_int, default=2, help="model calls running at once (>= 1)")
     parser.add_argument("--auth", default=os.environ.get("PIXELLLM_AUTH") or None, type=parse_auth,
                         metavar="USER:PASSWORD[,USER:PASSWORD...]",
                         help="require a login (default $PIXELLLM_AUTH): every visitor sees every logged output "
                              "and can export all corrections, so a public host with real images needs one")
     return parser.parse_args(argv)
+
+
+def positive_int(value: str) -> int:
+    number = int(value)  # argparse turns the ValueError of a non-number into its own message
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number} (0 would queue every call forever)")
+    return number
 
 
 def parse_auth(value: str) -> list[tuple[str, str]]:
@@ -150,17 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     from pixelllm.ui import build_demo
 
     checkpoint = resolve_checkpoint(args.checkpoint)
-    try:
-        model = PixelLLM.from_pretrained(checkpoint)
+    device, dtype = pick_device(args.device)
+    try:  # read straight into the device and dtype it serves in (a paper-size model: 7.6 GB, not 15 + 7.6)
+        model = PixelLLM.from_pretrained(checkpoint, map_location=str(device), dtype=dtype)
     except FileNotFoundError as err:
         hint = (f" The embedded model belongs in {DEFAULT_CHECKPOINT} (`python -m training.train --config "
                 "training/configs/shapes_tiny.yaml` trains it into runs/shapes_tiny/export); or pass --checkpoint "
                 "PATH|HUB_ID."
                 if args.checkpoint == DEFAULT_CHECKPOINT else "")
         raise SystemExit(f"cannot load the checkpoint: {err}.{hint}") from err
-    except ValueError as err:  # pickle weights refused, weights that do not match the config
+    except (ValueError, OSError) as err:  # pickle refused, weights that do not fit the config, hub errors
         raise SystemExit(f"cannot load the checkpoint {checkpoint}: {err}") from err
-    device, dtype = pick_device(args.device)
+    if model.tokenizer is None:
+        raise SystemExit(f"cannot serve the checkpoint {checkpoint}: it has no tokenizer (tokenizer.json or "
+                         "spiece.model beside its weights)")
     predictor = PixelLLMPredictor(model, device=device, dtype=dtype)
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
     demo = build_demo(predictor, store, checkpoint=args.checkpoint, examples=examples,

@@ -749,6 +749,8 @@ def test_store_location_on_a_space_and_what_annotators_are_told(tmp_path, monkey
     assert app.store_notice(str(persistent / "annotations.db"), persistent=persistent) is None
     monkeypatch.setenv("PIXELLLM_DB", str(tmp_path / "mine.db"))
     assert app.default_db(persistent=persistent) == str(tmp_path / "mine.db")
+    elsewhere = app.store_notice(str(tmp_path / "mine.db"), persistent=persistent)  # storage exists, not used
+    assert "not on this Space's persistent storage" in elsewhere and "no persistent storage" not in elsewhere
     assert "--no-store" in app.store_notice(None, persistent=persistent)
 
     # Through app.main: on a Space whose store is not under /data, the Annotate tab says so; off a Space it

@@ -708,3 +708,40 @@ def test_app_refuses_pickle_weights_with_a_message(tmp_path, small_checkpoint, m
     monkeypatch.setattr(app_module, "launch", lambda *a, **k: pytest.fail("must not launch"))
     with pytest.raises(SystemExit, match=r"refusing to load pickle weights \['pytorch_model.bin'\]"):
         app_module.main(["--no-store", "--checkpoint", str(ckpt), "--device", "cpu"])
+
+
+def test_app_refuses_an_unservable_checkpoint_or_flags_with_a_message(tmp_path, small_checkpoint, monkeypatch):
+    """No tokenizer, a config key this version does not know, a hub error, or --concurrency 0 (every call would
+    wait in the queue forever): one line, no traceback, nothing launched."""
+    import json
+    import shutil
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import app as app_module
+    from pixelllm import PixelLLM
+
+    monkeypatch.setattr(app_module, "launch", lambda *a, **k: pytest.fail("must not launch"))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(small_checkpoint, no_tokenizer)
+    for path in no_tokenizer.glob("tokenizer*"):
+        path.unlink()
+    newer = tmp_path / "newer"
+    shutil.copytree(small_checkpoint, newer)
+    config = json.loads((newer / "config.json").read_text())
+    config["image_encoder"]["bogus"] = 1
+    (newer / "config.json").write_text(json.dumps(config))
+    for folder, match in ((no_tokenizer, "has no tokenizer"), (newer, r"image_encoder has unknown keys \['bogus'\]")):
+        with pytest.raises(SystemExit, match=match):
+            app_module.main(["--no-store", "--checkpoint", str(folder), "--device", "cpu"])
+
+    def missing_repo(*args, **kwargs):  # what the hub client raises for a mistyped id, in the family it belongs to
+        assert issubclass(RepositoryNotFoundError, OSError)
+        raise OSError("404 Client Error: Repository Not Found for url: https://x")
+
+    monkeypatch.setattr(PixelLLM, "from_pretrained", missing_repo)
+    with pytest.raises(SystemExit, match="cannot load the checkpoint someone/typo-model: 404"):
+        app_module.main(["--no-store", "--checkpoint", "someone/typo-model", "--device", "cpu"])
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            app_module.parse_args(["--concurrency", bad])
