@@ -8,11 +8,11 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: demo test install browser lint clean constraints
 
-$(STAMP): requirements.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need Python 3.11 ($(PY)); set PY=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +35,10 @@ lint: $(STAMP)
 # After changing requirements.txt: resolve it afresh and pin every installed package (header kept).
 constraints:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.txt
+	grep -v '^-c ' requirements.txt > requirements.unpinned.txt  # resolved afresh, not under the old pins
+	sed 's/^-r requirements.txt/-r requirements.unpinned.txt/' requirements-dev.txt > requirements-dev.unpinned.txt
+	$(BIN)/pip install --quiet -r requirements-dev.unpinned.txt
+	rm requirements.unpinned.txt requirements-dev.unpinned.txt
 	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	touch $(STAMP)
