@@ -178,14 +178,20 @@ def test_only_the_requested_statuses_are_exported(store, tmp_path):
     words = sorted(s.words[0] for s in read_back(tmp_path / "a")[0])
     assert words == ["accepted", "submitted"]
     assert export.export_corrections(store, tmp_path / "b", ["accepted"])["ln_records"] == 1
-    # re-exported into the same folder, the images of corrections no longer selected go too, and only those
-    (tmp_path / "a" / export.IMAGES_DIR / "train_000000.png").write_bytes(b"a data folder's own image")
+    # re-exported into the same folder, the images of corrections no longer selected go too, and only those the
+    # earlier export wrote (its manifest): not a data folder's own images, even sha256-named ones
+    own = {"train_000000.png", "f" * 64 + ".png"}
+    for name in own:
+        (tmp_path / "a" / export.IMAGES_DIR / name).write_bytes(b"a data folder's own image")
     again = export.export_corrections(store, tmp_path / "a", ["accepted"])
-    left = sorted(p.name for p in (tmp_path / "a" / export.IMAGES_DIR).iterdir())
-    assert again["images"] == 1 and len(left) == 2 and left[-1] == "train_000000.png"
+    left = {p.name for p in (tmp_path / "a" / export.IMAGES_DIR).iterdir()}
+    assert again["images"] == 1 and len(left) == 3 and own < left
+    assert (tmp_path / "a" / export.IMAGE_MANIFEST).read_text().split() == sorted(left - own)
     assert read_back(tmp_path / "a")[0][0].words == ["accepted"]
     with pytest.raises(ValueError):
         export.export_corrections(store, tmp_path / "c", ["maybe"])
+    with pytest.raises(ValueError, match="the annotation store's own folder"):  # its images/ is the store's
+        export.export_corrections(store, store.root)
     assert sub
 
 

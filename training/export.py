@@ -70,6 +70,7 @@ __all__ = [
 LN_FILE = "corrections.ln.jsonl"
 COCO_FILE = "regions.coco.json"
 EXPORTED_IMAGE = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")  # images/<sha256>.<ext>
+IMAGE_MANIFEST = "corrections.images.txt"  # the images/ files this export wrote, one name a line
 IMAGES_DIR = "images"
 DATASET_ID = "pixelllm_corrections"
 #: Synthetic timing (a calm speaking rate, 2 words/s): each word lasts WORD_SECONDS, then a GAP_SECONDS pause.
@@ -327,6 +328,8 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
+    if (out / IMAGES_DIR).resolve() == store_root / "images":
+        raise ValueError(f"--out {out} is the annotation store's own folder: export somewhere else")
     rows = store.training_examples(statuses)
     generations: dict[int, dict | None] = {}
     images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
@@ -392,15 +395,16 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     elif coco_path.is_file():
         coco_path.unlink()  # a stale file from an earlier export would describe corrections no longer selected
-    image_dir = out / IMAGES_DIR
-    exported = {Path(relative).name for relative, _ in images.values()}
-    if image_dir.is_dir() and not image_dir.is_symlink():
-        # an earlier export's images of corrections not selected now; only sha256-named files, the export's own
-        # (the folder may also be a training data folder whose images/ holds other files)
-        for stale in image_dir.iterdir():
-            if (stale.name not in exported and EXPORTED_IMAGE.fullmatch(stale.name) and stale.is_file()
-                    and not stale.is_symlink()):
-                stale.unlink()
+    # the images an earlier export into this folder wrote (its manifest) that no selected correction needs now;
+    # nothing else in images/ is touched (the folder may also be a training data folder with images of its own)
+    exported = sorted(Path(relative).name for relative, _ in images.values())
+    manifest = out / IMAGE_MANIFEST
+    before = manifest.read_text().split() if manifest.is_file() else []
+    for name in sorted(set(before) - set(exported)):
+        stale = out / IMAGES_DIR / name
+        if EXPORTED_IMAGE.fullmatch(name) and stale.is_file() and not stale.is_symlink():
+            stale.unlink()
+    write_atomically(manifest, "".join(f"{name}\n" for name in exported))
     return {
         "out_dir": str(out.resolve()),
         "ln_file": str(ln_path),
