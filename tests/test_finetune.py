@@ -264,8 +264,23 @@ def test_a_run_failing_to_save_keeps_the_previous_output_and_a_bad_out_is_refuse
         ft.finetune(settings(base_dir, store, out, seed=1), store=store, progress=False)
     assert json.loads((out / "finetune.json").read_text())["run_id"] == first["run_id"]
     assert PixelLLM.from_pretrained(out).adapters == ["keep"]
-    assert [r["status"] for r in store.list_finetune_runs()] == ["failed", "finished"]
+    assert [r["status"] for r in store.list_finetune_runs()] == ["failed", "finished"]  # newest first
     assert sorted(p.name for p in out.parent.iterdir()) == ["keep"]  # no staging folder left behind
+    monkeypatch.undo()
+    # the output is in place but the run cannot be recorded as finished (the store is locked): the previous output
+    # comes back, so the finished run's row still points at its own adapter
+    finish = store.finish_finetune_run
+
+    def locked(run_id, *, status, **kwargs):
+        if status == "finished":
+            raise RuntimeError("database is locked")
+        return finish(run_id, status=status, **kwargs)
+
+    monkeypatch.setattr(store, "finish_finetune_run", locked)
+    with pytest.raises(RuntimeError, match="locked"):
+        ft.finetune(settings(base_dir, store, out, seed=2), store=store, progress=False)
+    assert json.loads((out / "finetune.json").read_text())["run_id"] == first["run_id"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["keep"]
     monkeypatch.undo()
     second = ft.finetune(settings(base_dir, store, out, seed=1), store=store, progress=False)
     assert json.loads((out / "finetune.json").read_text())["run_id"] == second["run_id"] != first["run_id"]
@@ -273,10 +288,13 @@ def test_a_run_failing_to_save_keeps_the_previous_output_and_a_bad_out_is_refuse
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    for bad, match in ((tmp_path / "a-file", "is a file"), (tmp_path / "mine", "no finetune.json")):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for bad, match in ((tmp_path / "a-file", "is a file"), (tmp_path / "mine", "no finetune.json"),
+                       (Path("."), "the working directory"), (tmp_path, "the working directory")):
         with pytest.raises(ValueError, match=match):
             ft.finetune(settings(base_dir, store, bad), store=store, progress=False)
-    assert len(store.list_finetune_runs()) == 3 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert len(store.list_finetune_runs()) == 4 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_max_minutes_stops_the_loop_early_and_says_so(base_dir, store, tmp_path, monkeypatch):

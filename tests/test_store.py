@@ -348,6 +348,7 @@ def test_list_corrections_filters(store: AnnotationStore, image: str):
     assert ids(store.list_corrections(search="äPFEL")) == [c]
     assert ids(store.list_corrections(search="rot blue square")) == [c]  # spaces collapsed, words joined
     assert ids(store.list_corrections(search="RED_circle, FIXED")) == [a2]
+    assert ids(store.list_corrections(search="fixed a")) == []  # caption then words: not one text
     with pytest.raises(ValueError, match="status must be one of"):
         store.list_corrections(status="done")
     with pytest.raises(ValueError, match="limit"):

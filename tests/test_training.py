@@ -384,6 +384,11 @@ def test_the_export_goes_under_the_run_and_never_replaces_someone_elses_folder(t
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
         main(["--config", str(config)])
     assert not (tmp_path / "data").exists() and (mine / "notes.txt").read_text() == "keep me"
+    for holds_the_run in (tmp_path / "run", tmp_path):
+        cfg["export"]["dir"] = str(holds_the_run)
+        config.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(SystemExit, match="it is train.out or holds it"):
+            main(["--config", str(config)])
     del cfg["export"]["dir"]
     config.write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(config)]) == 0

@@ -133,9 +133,12 @@ def grouped_batch_sizes(collate: Collator, batch_size: int) -> dict[str, int]:
 
 def check_out(out: Path) -> None:
     """Refuse, before anything trains, an --out the run could not write or must not replace: a new run replaces
-    an empty folder or a previous run's output (it has finetune.json), never someone's other folder."""
+    an empty folder or a previous run's output (it has finetune.json), never someone's other folder, nor the
+    working directory or a folder holding it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise ValueError(f"--out {out} is the working directory or holds it: give a folder of its own, e.g. runs/ft1")
     if out.is_dir() and any(out.iterdir()) and not (out / "finetune.json").is_file():
         raise ValueError(f"--out {out} holds files and no finetune.json (not a finetune run's output, which a "
                          "new run replaces): give a new folder")
@@ -144,14 +147,23 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot write in {out.parent}")
 
 
-def swap_in(staging: Path, out: Path) -> None:
-    """Put the finished output folder in place of `out` (a previous run's output, or nothing): the previous run
-    stays whole until the new one is complete beside it."""
+@contextlib.contextmanager
+def swapped_in(staging: Path, out: Path) -> Iterator[None]:
+    """Put the finished output folder in place of `out` (a previous run's output, or nothing) for the block;
+    if the block fails (the run could not be recorded as finished) the previous output comes back. The previous
+    run stays whole until the new one is complete beside it and recorded."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
     os.replace(staging, out)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -210,8 +222,8 @@ def finetune(settings: FinetuneSettings, *, store: AnnotationStore | None = None
     is nothing to train on; any failure after the run was recorded marks it ``failed`` and re-raises."""
     settings.check()
     out = Path(settings.out)
-    name = check_adapter_name(settings.name or out.name)
-    check_out(out)
+    name = check_adapter_name(settings.name or out.resolve().name)
+    check_out(out.resolve())
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
     own_store = store is None
@@ -239,7 +251,8 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
                    "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
                    "examples": len(examples)})
     run_id = store.start_finetune_run(name, str(settings.base), num_corrections=counts["corrections"], params=params)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")  # written whole, then swapped in
+    target = out.resolve()  # `ft1`, `.`: the folder's own name, beside which the run is staged
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")  # written whole, then swapped in
     try:
         shutil.rmtree(staging, ignore_errors=True)
         summary = _train(settings, store, run_id, model, trainable, examples, pixels, staging, name, progress)
@@ -248,9 +261,9 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
                         "total_seconds": round(time.perf_counter() - began, 1), "run_id": run_id,
                         "corrections": counts, "params": params})
         (staging / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        swap_in(staging, out)
-        store.finish_finetune_run(run_id, status="finished", adapter_path=str(adapter_dir.resolve()), metrics={
-            k: summary[k] for k in ("steps", "stopped_early", "train_seconds", "total_seconds", "final_loss")})
+        with swapped_in(staging, target):
+            store.finish_finetune_run(run_id, status="finished", adapter_path=str(adapter_dir.resolve()), metrics={
+                k: summary[k] for k in ("steps", "stopped_early", "train_seconds", "total_seconds", "final_loss")})
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         store.finish_finetune_run(run_id, status="failed", metrics={"error": f"{type(err).__name__}: {err}"})

@@ -208,6 +208,9 @@ def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
     if not export:
         return None
     folder = Path(export.get("dir") or out / "export")
+    if folder.resolve() == out.resolve() or folder.resolve() in out.resolve().parents:
+        raise SystemExit(f"export.dir {folder}: it is train.out or holds it, and the export replaces it (the run's "
+                         "checkpoint and logs with it); give a folder of its own, e.g. <train.out>/export")
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.json").is_file())):
         raise SystemExit(f"export.dir {folder}: not a checkpoint folder (no config.json), and the export replaces "
                          "it; give a new folder")

@@ -78,9 +78,9 @@ def search_text(caption: str | None, comment: str | None, words_json: str | None
         words = json.loads(words_json) if words_json else []
     except ValueError:
         words = []
-    parts = [caption or "", *(w for w in words if isinstance(w, str)), comment or ""] if isinstance(words, list) \
-        else [caption or "", comment or ""]
-    return " ".join(" ".join(parts).split()).casefold()
+    words = [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
+    fields = (caption or "", " ".join(words), comment or "")  # apart: a search does not match across two of them
+    return "\x1f".join(" ".join(text.split()) for text in fields).casefold()
 
 
 class StoreDatabase:
