@@ -393,3 +393,23 @@ def test_simulation_report_prints_a_change_that_rounds_to_zero_as_zero():
 
     assert str(_points(0.8421, 0.8420)) == "0.0"  # was "-0.0" in the report
     assert _points(0.5, 0.4) == -10.0 and _points(None, 0.4) is None
+
+
+def test_sigterm_ends_a_cli_run_as_a_failure_it_records(base_dir, store, tmp_path, monkeypatch):
+    """A killed CLI run (SIGTERM, e.g. a job scheduler's) is recorded failed, not left 'running' forever."""
+    import os
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+        raise AssertionError("SIGTERM did not end the run")
+
+    monkeypatch.setattr(corrections.FinetuneCollator, "corrections", killed)
+    with pytest.raises(SystemExit, match="terminated by signal 15"):
+        ft.main(["--db", str(store.path), "--base", str(base_dir), "--out", str(tmp_path / "runs" / "killed"),
+                 "--steps", "2", "--batch-size", "2", "--replay-ratio", "0"])
+    assert signal.getsignal(signal.SIGTERM) is previous
+    [run] = store.list_finetune_runs()
+    assert run["status"] == "failed" and "terminated by signal 15" in run["metrics"]["error"]
