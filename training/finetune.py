@@ -168,7 +168,6 @@ def swapped_in(staging: Path, out: Path) -> Iterator[None]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-
 def _checkpoint_dtype(directory: Path) -> torch.dtype | None:
     """The floating dtype of a checkpoint's weights (so the run's copy of the base weights is bit-identical)."""
     from safetensors import safe_open
@@ -251,7 +250,7 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
                    "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
                    "examples": len(examples)})
     run_id = store.start_finetune_run(name, str(settings.base), num_corrections=counts["corrections"], params=params)
-    target = out.resolve()  # `ft1`, `.`: the folder's own name, beside which the run is staged
+    target = out.resolve()  # `ft1` or `runs/ft1`: the run is staged beside it, under the folder's own name
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")  # written whole, then swapped in
     try:
         shutil.rmtree(staging, ignore_errors=True)

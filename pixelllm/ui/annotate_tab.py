@@ -109,15 +109,15 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         listing = panels.list_items(studio, kind, prefix, name, wanted, text) if studio.store is not None \
             else gr.skip()
         login = getattr(request, "username", None)
-        name = gr.update(value=login, interactive=False, label="Signed in: saves and reviews are stored under "
-                         "your login") if login else gr.skip()
+        name_field = gr.update(value=login, interactive=False, label="Signed in: saves and reviews are stored "
+                               "under your login") if login else gr.skip()
         if (st is None or st.doc is None) and isinstance(sess, ws.Session) and sess.last and sess.image:
             try:
                 st, view = an.open_current(studio, sess, st)
-                return st, view, listing, name
+                return st, view, listing, name_field
             except gr.Error:
                 pass
-        return gr.skip(), gr.skip(), listing, name
+        return gr.skip(), gr.skip(), listing, name_field
 
     def on_open_current(sess, st):
         return an.open_current(studio, sess, st)
