@@ -155,6 +155,50 @@ def test_record_a_trace_with_the_mouse_and_submit_it(app: Page, annotate_app, ar
     expect(rows.first).to_contain_text("mouse tester", timeout=TIMEOUT)
 
 
+def test_a_recording_that_strays_beside_the_image_keeps_only_the_points_on_it(app: Page, annotate_app, tmp_path):
+    """The drawing area is wider than a tall image: a pointer that leaves the picture inside it ends the segment
+    (LN: re-entering starts a new one) instead of recording points off the image, which the server refused,
+    losing the whole recording. Leaving the tab mid-recording cancels it."""
+    from PIL import Image
+
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (100, 400), (40, 90, 200)).save(tall)
+    app.locator("#image-input input[type=file]").set_input_files(str(tall))
+    expect(app.locator("#caption-viewer .px-status")).to_contain_text("Image 100×400", timeout=TIMEOUT)
+    app.locator("#generate").click()
+    expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    app.get_by_role("tab", name="Annotate").click()
+    app.locator("#annotate-open-current").click()
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation", timeout=TIMEOUT)
+    root = app.locator(f"{EDITOR} .pa-root")
+    app.locator(f"{EDITOR} .pa-advance").select_option("key")
+    app.mouse.move(*_to_screen(app, 20, 60))
+    app.keyboard.press("r")
+    expect(root).to_have_attribute("data-recording", "1")
+    svg = app.locator(f"{EDITOR} svg.pa-svg").bounding_box()
+    assert _to_screen(app, -30, 200)[0] > svg["x"]  # 30 px left of the picture is still on the editor
+    app.mouse.move(*_to_screen(app, 60, 120), steps=5)
+    app.mouse.move(*_to_screen(app, -30, 200), steps=5)  # off the picture, onto the band beside it
+    app.mouse.move(*_to_screen(app, 70, 300), steps=5)  # back onto it
+    app.locator(f"{EDITOR} .pa-stop").click()
+    expect(root).to_have_attribute("data-recording", "0")
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("boxes derived from the trace", timeout=TIMEOUT)
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("stray")
+    app.locator("#annotate-save").click()
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+    row = annotate_app.store.list_corrections(annotator="stray", limit=1)[0]
+    assert len(row["traces"]) == 2  # left the picture once: two segments
+    assert all(0 <= q["x"] <= 1 and 0 <= q["y"] <= 1 for segment in row["traces"] for q in segment)
+
+    app.locator(f"{EDITOR} .pa-advance").select_option("pace")
+    app.keyboard.press("r")
+    expect(root).to_have_attribute("data-recording", "1")
+    app.get_by_role("tab", name="Caption & trace").click()
+    expect(root).to_have_attribute("data-recording", "0")  # the next paced word, on the hidden tab, cancels it
+    app.get_by_role("tab", name="Annotate").click()
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Recording cancelled: the Annotate tab was left")
+
+
 def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotate_app, artifacts_dir):
     _caption_then_annotate(app, 1)
     root = app.locator(f"{EDITOR} .pa-root")

@@ -118,6 +118,13 @@ def test_click_a_point_and_stream_a_trace(app: Page, studio_app, artifacts_dir):
     assert float(hl.get_attribute("x")) == pytest.approx(x0, abs=0.01)
     assert float(hl.get_attribute("y")) == pytest.approx(y0, abs=0.01)
     app.screenshot(path=str(artifacts_dir / "app-caption.png"))
+    # keyboard only: a word is reached with Tab and pinned with Enter, as a click pins it
+    chip = app.locator("#caption-viewer .px-word").nth(0)
+    chip.focus()
+    app.keyboard.press("Enter")
+    expect(chip).to_have_class(re.compile(r"\bpx-pinned\b"))
+    app.keyboard.press(" ")
+    expect(chip).not_to_have_class(re.compile(r"\bpx-pinned\b"))
 
     # clicking a pixel (inspect mode) lists the words whose boxes cover it
     app.get_by_label("Inspect words").check()

@@ -217,8 +217,8 @@
   }
 
   // ------------------------------------------------------------------ word tools
-  btn("undo").addEventListener("click", () => trigger("history", { op: "undo" }));
-  btn("redo").addEventListener("click", () => trigger("history", { op: "redo" }));
+  btn("undo").addEventListener("click", () => { if (!rec) trigger("history", { op: "undo" }); });
+  btn("redo").addEventListener("click", () => { if (!rec) trigger("history", { op: "redo" }); });
   btn("apply").addEventListener("click", () => { if (sel !== null) send({ op: "text", i: sel, text: textIn.value }); });
   btn("insert").addEventListener("click", () => {
     const typed = textIn.value.trim();
@@ -232,6 +232,8 @@
   btn("merge").addEventListener("click", () => { if (sel !== null) send({ op: "merge", i: sel }); });
   btn("split").addEventListener("click", () => {
     if (sel === null) return;
+    if (textIn.value !== words()[sel].text) { send({ op: "text", i: sel, text: textIn.value }); return; }  // typed
+    // spaces split it as typed; the cursor is a split point only in the text the server holds
     const at = document.activeElement === textIn || textIn.selectionStart ? textIn.selectionStart : null;
     send({ op: "split", i: sel, at: at || null });
   });
@@ -349,6 +351,7 @@
   }
   function advance() {
     if (!rec) return;
+    if (!visible()) { cancelRecording("Recording cancelled: the Annotate tab was left."); return; }
     const t = now();
     if (rec.i >= words().length - 1) { finish(t); return; }
     rec.i += 1;
@@ -359,6 +362,7 @@
   function capture(evt) {
     const p = toImage(evt);
     if (!p) return;
+    if (p[0] < 0 || p[1] < 0 || p[0] > W() || p[1] > H()) { rec.cur = null; return; }  // beside the image: LN ends
     const t = r4(now());
     if (!rec.cur) { rec.cur = []; rec.segs.push(rec.cur); }
     rec.cur.push({ x: r6(p[0] / W()), y: r6(p[1] / H()), t: t });

@@ -38,7 +38,7 @@
       });
       const open = () => trigger("open", { kind: row.kind, id: row.id });
       tr.addEventListener("click", open);
-      tr.addEventListener("keydown", (evt) => { if (evt.key === "Enter") open(); });
+      tr.addEventListener("keydown", (evt) => { if (evt.key === "Enter" || evt.key === " ") { evt.preventDefault(); open(); } });
       body.appendChild(tr);
     });
   }

@@ -35,6 +35,9 @@
     if (parent) parent.appendChild(node);
     return node;
   }
+  function pressOnEnter(evt) {  // a focusable chip or row: Enter / Space act as a click
+    if (evt.key === "Enter" || evt.key === " ") { evt.preventDefault(); evt.currentTarget.click(); }
+  }
   function centre(b) { return [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]; }
   function clearTimers() { timers.forEach(clearTimeout); timers = []; }
   function size() { return view.image ? Math.max(view.image.width, view.image.height) : 256; }
@@ -42,6 +45,7 @@
   function render() {
     view = props.value && typeof props.value === "object" ? props.value : {};
     clearTimers();
+    root.dataset.replaying = "0";  // a replay's last timer, which said so, was just cleared
     const img = view.image;
     const words = view.words || [];
     root.dataset.status = view.status || "idle";
@@ -122,12 +126,17 @@
       if (i === pinned) chip.classList.add("px-pinned");
       chip.addEventListener("mouseenter", () => highlight(i));
       chip.addEventListener("mouseleave", () => highlight(pinned));
+      chip.tabIndex = 0;  // reachable with Tab; Enter or Space pins it like a click
+      chip.setAttribute("role", "button");
+      chip.addEventListener("focus", () => highlight(i));
+      chip.addEventListener("blur", () => highlight(pinned));
       chip.addEventListener("click", () => {
         pinned = pinned === i ? null : i;
         wordsBox.querySelectorAll(".px-word").forEach((c) =>
           c.classList.toggle("px-pinned", Number(c.dataset.i) === pinned));
         highlight(pinned);
       });
+      chip.addEventListener("keydown", pressOnEnter);
       wordsBox.appendChild(chip);
     });
   }
@@ -243,7 +252,12 @@
       row.append(sw, num, label, score);
       row.addEventListener("mouseenter", () => outline(i, true));
       row.addEventListener("mouseleave", () => outline(i, false));
-      if (clickable) row.addEventListener("click", () => trigger("region", { i: i }));
+      if (clickable) {
+        row.tabIndex = 0;
+        row.setAttribute("role", "button");
+        row.addEventListener("click", () => trigger("region", { i: i }));
+        row.addEventListener("keydown", pressOnEnter);
+      }
       regionsBox.appendChild(row);
     });
   }
