@@ -148,7 +148,7 @@ def test_server_made_html_escapes_user_and_model_text(small_predictor):
 # ------------------------------------------------------------------------------------------ browser
 
 @pytest.fixture(scope="module")
-def hostile_app(small_checkpoint, example_images):
+def hostile_app(small_checkpoint, example_images, tmp_path_factory):
     """The studio with a model whose words and region captions are HTML/JS payloads, and a payload as its
     checkpoint name (shown in the Model tab)."""
     import app as app_module
@@ -173,9 +173,7 @@ def hostile_app(small_checkpoint, example_images):
 
     torch.set_num_threads(1)
     predictor = HostilePredictor(PixelLLM.from_pretrained(small_checkpoint), device="cpu")
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="pixelllm-hostile-"))
+    folder = tmp_path_factory.mktemp("hostile-store")  # removed with pytest's other temporary folders
     store = AnnotationStore(folder / "annotations.db")
     demo = build_demo(predictor, store, checkpoint=PAYLOADS[0], examples=[str(p) for p in example_images],
                       min_word_interval=0.0)
