@@ -218,6 +218,21 @@ def test_every_narrative_of_an_image_trains(tmp_path):
         "A man rides a bike.", "There is a person on a bicycle.", "The road is grey."]
 
 
+def test_ln_records_of_two_collections_with_one_bare_id_are_two_images(tmp_path):
+    """LN COCO and LN Flickr30k number their images apart: Flickr30k's 36979 is not COCO's. A Flickr30k record is
+    the image `flickr:36979` (as `training.convert` names Flickr30k images), found as images/36979.jpg; COCO's
+    is images/000000036979.jpg. One bare id merged their narratives onto one picture."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), (200, 0, 0)).save(tmp_path / "images" / "000000036979.jpg")
+    Image.new("RGB", (30, 50), (0, 0, 200)).save(tmp_path / "images" / "36979.jpg")
+    coco, flickr = "A red square.".split(), "A blue street.".split()
+    _write_jsonl(tmp_path / "train.ln.jsonl", [_ln_record("36979", 1, coco),
+                                               {**_ln_record("36979", 2, flickr), "dataset_id": "flickr30k_train"}])
+    data = ShapesData(tmp_path, "train", 32)
+    assert sorted((r.image_id, r.file_name, r.width, [n.words for n in r.narratives]) for r in data.records) == [
+        ("36979", "images/000000036979.jpg", 64, [coco]), ("flickr:36979", "images/36979.jpg", 30, [flickr])]
+
+
 def test_dense_regions_become_the_objects_of_an_ln_image(tmp_path):
     """Dense regions of any image without Shapes ground truth are its objects, also when the image has an LN
     record (LN is read first)."""

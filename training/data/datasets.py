@@ -35,7 +35,7 @@ from PIL import Image
 
 from pixelllm.image import to_model_input
 from pixelllm.tokenizer import encode_text
-from training.data.localized_narratives import LNReadStats, read_localized_narratives
+from training.data.localized_narratives import LNReadStats, LNSample, read_localized_narratives
 from training.data.shapes import load_image, load_instance_map
 from training.data.shapes import load_jsonl as read_jsonl
 
@@ -94,7 +94,7 @@ class ShapesData:
         refer = read_jsonl(refer_file) if refer_file.is_file() else []
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
-        for entry in self._image_entries(split, [s.image_id for s in samples], refer)[:limit]:
+        for entry in self._image_entries(split, [ln_image_id(s) for s in samples], refer)[:limit]:
             rec = ImageRecord(image_id=entry["image_id"], width=0, height=0, pixels=None, instance_map=None,
                               objects=entry.get("objects", []), file_name=entry["file_name"],
                               mask_file=entry.get("mask_file"))
@@ -110,8 +110,8 @@ class ShapesData:
             warnings.warn(f"{split}: {self.image_stats['unchecked']} lines name a known image_id under a missing "
                           "file without width/height; they were taken as that image, unchecked", stacklevel=2)
         for sample in samples:  # every narrative of an image trains (LN COCO has several per image)
-            if sample.image_id in self.index:
-                self.records[self.index[sample.image_id]].narratives.append(Narrative(
+            if ln_image_id(sample) in self.index:
+                self.records[self.index[ln_image_id(sample)]].narratives.append(Narrative(
                     sample.words, np.clip(sample.word_boxes, 0.0, 1.0).astype(np.float32), list(sample.sentences)))
         self.refer = [r for r in refer if r["image_id"] in self.index]
         self.refer_by_image: dict[int, list[int]] = {}
@@ -206,8 +206,10 @@ class ShapesData:
         return self._file_sizes[name]
 
     def _ln_entry(self, image_id: str) -> dict:
-        # LN COCO's image ids are COCO ids without the zero padding of COCO 2017's file names
-        names = [image_id] + ([f"{int(image_id):012d}"] if image_id.isdigit() else [])
+        # another collection's image (`flickr:36979`) is its bare id's file; LN COCO's ids are COCO ids without the
+        # zero padding of COCO 2017's file names, tried first (a Flickr30k 36979.jpg may sit beside COCO's)
+        collection, _, bare = image_id.rpartition(":")
+        names = [bare] if collection else ([f"{int(image_id):012d}"] if image_id.isdigit() else []) + [image_id]
         for name in names:
             for ext in (".jpg", ".jpeg", ".png"):
                 if (self.root / "images" / f"{name}{ext}").is_file():
@@ -220,6 +222,20 @@ class ShapesData:
                 "region_points": len(self.regions), "region_image": len(self.region_images),
                 "refer": len(self.refer),
                 "refer_image": len(self.refer_images)}[task]
+
+
+# LN numbers the images of each collection apart: a Flickr30k, ADE20k or Open Images record gets the prefix that
+# `training.convert` gives every collection but COCO, whose bare ids LN COCO and RefCOCO share (`flickr:36979`)
+_LN_COLLECTIONS = (("flickr", "flickr"), ("ade20k", "ade20k"), ("open_images", "openimages"),
+                   ("openimages", "openimages"))
+
+
+def ln_image_id(sample: LNSample) -> str:
+    """The image id an LN record trains under: its `image_id`, prefixed by its collection unless COCO (or any
+    dataset_id this repo writes, such as the Shapes world's and the corrections export's)."""
+    name = sample.dataset_id.lower()
+    prefix = next((prefix for key, prefix in _LN_COLLECTIONS if key in name), None)
+    return f"{prefix}:{sample.image_id}" if prefix else sample.image_id
 
 
 def _norm_box(box: list[float], rec: ImageRecord) -> np.ndarray:
