@@ -200,8 +200,12 @@ def test_a_recording_that_strays_beside_the_image_keeps_only_the_points_on_it(ap
 
 
 def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotate_app, artifacts_dir):
-    _caption_then_annotate(app, 1)
+    n = _caption_then_annotate(app, 1)
     root = app.locator(f"{EDITOR} .pa-root")
+    app.locator(f"{EDITOR} .pa-word").first.click()
+    app.locator(f"{EDITOR} .pa-insert").click()  # a word after the selected one, selected once it is there
+    expect(root).to_have_attribute("data-words", str(n + 1))
+    expect(app.locator(f"{EDITOR} .pa-word.pa-sel")).to_have_attribute("data-i", "1")
     app.locator(f"{EDITOR} .pa-word").first.click()
     text = app.locator(f"{EDITOR} .pa-text")
     text.fill("<b>square</b>")

@@ -35,6 +35,7 @@
 
   let view = {};
   let sel = null;        // selected word index
+  let afterInsert = null; // {rev, words, sel}: the word to select when the server has added the inserted one
   let hover = null;      // word under the pointer in the word list
   let rec = null;        // the recording in progress
   let drag = null;       // a box being moved or drawn
@@ -104,6 +105,10 @@
       while (images.size > 8) images.delete(images.keys().next().value);
     }
     if (shownKey !== img.key) { sel = null; shownKey = img.key; corner = null; }
+    if (afterInsert && view.rev !== afterInsert.rev) {  // the answer to an insert: applied, or refused
+      if (ws.length === afterInsert.words + 1) sel = afterInsert.sel;
+      afterInsert = null;
+    }
     if (sel !== null && sel >= ws.length) sel = ws.length ? ws.length - 1 : null;
     stage.classList.add("pa-has-image");
     svg.setAttribute("viewBox", "0 0 " + img.width + " " + img.height);
@@ -225,8 +230,8 @@
     const current = sel === null ? null : words()[sel];
     const text = typed && (!current || typed !== current.text) ? typed : "word";
     const at = sel === null ? words().length - 1 : sel;
+    afterInsert = { rev: view.rev, words: words().length, sel: at + 1 };  // selected once the server adds it
     send({ op: "insert", i: at, text: text });
-    sel = at + 1;
   });
   btn("delete").addEventListener("click", () => { if (sel !== null) send({ op: "delete", i: sel }); });
   btn("merge").addEventListener("click", () => { if (sel !== null) send({ op: "merge", i: sel }); });
