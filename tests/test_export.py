@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -187,6 +188,24 @@ def test_only_the_requested_statuses_are_exported(store, tmp_path):
     left = {p.name for p in (tmp_path / "a" / export.IMAGES_DIR).iterdir()}
     assert again["images"] == 1 and len(left) == 3 and own < left
     assert (tmp_path / "a" / export.IMAGE_MANIFEST).read_text().split() == sorted(left - own)
+    # a data folder holding one of the store's images already: the export finds it there, does not claim it, and
+    # a later export that no longer needs it leaves it
+    data = tmp_path / "data"
+    (data / export.IMAGES_DIR).mkdir(parents=True)
+    first = export.export_corrections(store, tmp_path / "probe", ["accepted"])
+    accepted_image = next((tmp_path / "probe" / export.IMAGES_DIR).iterdir())
+    shutil.copyfile(accepted_image, data / export.IMAGES_DIR / accepted_image.name)
+    assert first["images"] == 1
+    export.export_corrections(store, data, ["accepted"])
+    assert (data / export.IMAGE_MANIFEST).read_text() == ""
+    export.export_corrections(store, data, ["submitted"])
+    assert (data / export.IMAGES_DIR / accepted_image.name).is_file()
+    # an export made before there was a manifest: its own images are known from its LN and COCO files
+    old = tmp_path / "old"
+    export.export_corrections(store, old)
+    (old / export.IMAGE_MANIFEST).unlink()
+    export.export_corrections(store, old, ["accepted"])
+    assert len(list((old / export.IMAGES_DIR).iterdir())) == 1
     assert read_back(tmp_path / "a")[0][0].words == ["accepted"]
     with pytest.raises(ValueError):
         export.export_corrections(store, tmp_path / "c", ["maybe"])

@@ -312,6 +312,26 @@ def _coco_annotation(ann_id: int, image_num: int, box: Sequence[float], row: dic
 # Export
 
 
+def _earlier_export_images(out: Path) -> set[str]:
+    """The images/ files an earlier export into `out` wrote: its manifest, or for an export made before there was
+    one, the images its LN file and COCO file name."""
+    manifest = out / IMAGE_MANIFEST
+    if manifest.is_file():
+        return set(manifest.read_text().split())
+    names: set[str] = set()
+    ln_file, coco_file = out / LN_FILE, out / COCO_FILE
+    try:
+        if ln_file.is_file():
+            ids = {json.loads(line).get("image_id") for line in ln_file.read_text().splitlines() if line.strip()}
+            folder = out / IMAGES_DIR
+            names |= {p.name for p in folder.iterdir() if p.stem in ids} if folder.is_dir() else set()
+        if coco_file.is_file():
+            names |= {Path(image["file_name"]).name for image in json.loads(coco_file.read_text())["images"]}
+    except (ValueError, KeyError, TypeError, AttributeError):  # not files an export wrote: claim nothing
+        return set()
+    return {name for name in names if EXPORTED_IMAGE.fullmatch(name)}
+
+
 def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
                        statuses: Sequence[str] = ("submitted", "accepted")) -> dict[str, Any]:
     """Export the heads of correction chains whose status is in ``statuses`` into ``out_dir``.
@@ -330,6 +350,8 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     store_root = Path(store.root).resolve()
     if (out / IMAGES_DIR).resolve() == store_root / "images":
         raise ValueError(f"--out {out} is the annotation store's own folder: export somewhere else")
+    before = _earlier_export_images(out)  # read before this export rewrites the files that name them
+    wrote: set[str] = set()
     rows = store.training_examples(statuses)
     generations: dict[int, dict | None] = {}
     images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
@@ -355,6 +377,7 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         target = safe_join(out, IMAGES_DIR, name)  # again, now that images/ exists (a symlink is caught here)
         if not (target.is_file() and target.stat().st_size == source.stat().st_size):
             shutil.copyfile(source, target)
+            wrote.add(name)
         relative = f"{IMAGES_DIR}/{name}"
         images[sha] = (relative, {"id": len(images) + 1, "file_name": relative, "width": int(row["image_width"]),
                                   "height": int(row["image_height"]), "sha256": sha})
@@ -395,16 +418,15 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     elif coco_path.is_file():
         coco_path.unlink()  # a stale file from an earlier export would describe corrections no longer selected
-    # the images an earlier export into this folder wrote (its manifest) that no selected correction needs now;
-    # nothing else in images/ is touched (the folder may also be a training data folder with images of its own)
-    exported = sorted(Path(relative).name for relative, _ in images.values())
-    manifest = out / IMAGE_MANIFEST
-    before = manifest.read_text().split() if manifest.is_file() else []
-    for name in sorted(set(before) - set(exported)):
+    # the images an earlier export into this folder wrote that no selected correction needs now go; nothing else in
+    # images/ is touched (the folder may also be a training data folder with images of its own, some of which an
+    # export found already there and did not write: those are not claimed in the manifest)
+    exported = {Path(relative).name for relative, _ in images.values()}
+    for name in sorted(before - exported):
         stale = out / IMAGES_DIR / name
         if EXPORTED_IMAGE.fullmatch(name) and stale.is_file() and not stale.is_symlink():
             stale.unlink()
-    write_atomically(manifest, "".join(f"{name}\n" for name in exported))
+    write_atomically(out / IMAGE_MANIFEST, "".join(f"{name}\n" for name in sorted(exported & (wrote | before))))
     return {
         "out_dir": str(out.resolve()),
         "ln_file": str(ln_path),
