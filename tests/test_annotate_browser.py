@@ -206,6 +206,14 @@ def test_edit_a_word_move_a_box_and_a_hostile_name_stays_text(app: Page, annotat
     app.locator(f"{EDITOR} .pa-insert").click()  # a word after the selected one, selected once it is there
     expect(root).to_have_attribute("data-words", str(n + 1))
     expect(app.locator(f"{EDITOR} .pa-word.pa-sel")).to_have_attribute("data-i", "1")
+    # Split at the cursor: the text box holds the word (a trailing space typed is no edit of it); "word" -> "wo" "rd"
+    text = app.locator(f"{EDITOR} .pa-text")
+    text.fill("word ")
+    text.evaluate("(el) => { el.focus(); el.setSelectionRange(2, 2); }")
+    app.locator(f"{EDITOR} .pa-split").click()
+    expect(root).to_have_attribute("data-words", str(n + 2))
+    expect(app.locator(f"{EDITOR} .pa-word").nth(1)).to_have_text("wo")
+    expect(app.locator(f"{EDITOR} .pa-word").nth(2)).to_have_text("rd")
     app.locator(f"{EDITOR} .pa-word").first.click()
     text = app.locator(f"{EDITOR} .pa-text")
     text.fill("<b>square</b>")

@@ -340,6 +340,16 @@ def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifa
     expect(app.locator("#region-text textarea")).to_have_value(" ".join(traced["words"]))
     app.screenshot(path=str(artifacts_dir / "app-dense.png"))
 
+    # from the keyboard: Enter on a focused row captions that region, and the focus stays on it as the caption
+    # streams in (every update redraws the rows)
+    assert count > 1
+    app.locator("#dense-viewer .px-region-row").nth(count - 1).focus()
+    app.keyboard.press("Enter")
+    expect(app.locator(f'#dense-viewer .px-region.px-selected[data-i="{count - 1}"]')).to_have_count(1,
+                                                                                               timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    expect(app.locator(f'#dense-viewer .px-region-row[data-i="{count - 1}"]')).to_be_focused()
+
     app.get_by_role("tab", name="Model").click()
     expect(app.locator("#model-panel")).to_contain_text("Parameters")
     expect(app.locator("#model-panel")).to_contain_text(studio_app.demo.studio.model.config.preset)

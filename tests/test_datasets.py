@@ -231,6 +231,10 @@ def test_ln_records_of_two_collections_with_one_bare_id_are_two_images(tmp_path)
     data = ShapesData(tmp_path, "train", 32)
     assert sorted((r.image_id, r.file_name, r.width, [n.words for n in r.narratives]) for r in data.records) == [
         ("36979", "images/000000036979.jpg", 64, [coco]), ("flickr:36979", "images/36979.jpg", 30, [flickr])]
+    # an id of another dataset that holds a colon is still its own file name
+    Image.new("RGB", (20, 20)).save(tmp_path / "images" / "site:0001.jpg")
+    _write_jsonl(tmp_path / "train.ln.jsonl", [{**_ln_record("site:0001", 3, coco), "dataset_id": "my_photos"}])
+    assert [r.file_name for r in ShapesData(tmp_path, "train", 32).records] == ["images/site:0001.jpg"]
 
 
 def test_dense_regions_become_the_objects_of_an_ln_image(tmp_path):

@@ -208,8 +208,11 @@ class ShapesData:
     def _ln_entry(self, image_id: str) -> dict:
         # another collection's image (`flickr:36979`) is its bare id's file; LN COCO's ids are COCO ids without the
         # zero padding of COCO 2017's file names, tried first (a Flickr30k 36979.jpg may sit beside COCO's)
-        collection, _, bare = image_id.rpartition(":")
-        names = [bare] if collection else ([f"{int(image_id):012d}"] if image_id.isdigit() else []) + [image_id]
+        collection, _, bare = image_id.partition(":")
+        if bare and collection in {prefix for _, prefix in _LN_COLLECTIONS}:
+            names = [bare]
+        else:
+            names = ([f"{int(image_id):012d}"] if image_id.isdigit() else []) + [image_id]
         for name in names:
             for ext in (".jpg", ".jpeg", ".png"):
                 if (self.root / "images" / f"{name}{ext}").is_file():

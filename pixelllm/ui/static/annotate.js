@@ -237,7 +237,8 @@
   btn("merge").addEventListener("click", () => { if (sel !== null) send({ op: "merge", i: sel }); });
   btn("split").addEventListener("click", () => {
     if (sel === null) return;
-    if (textIn.value !== words()[sel].text) { send({ op: "text", i: sel, text: textIn.value }); return; }  // typed
+    const typed = textIn.value.split(/\s+/).filter(Boolean).join(" ");  // as the server normalises it
+    if (typed && typed !== words()[sel].text) { send({ op: "text", i: sel, text: typed }); return; }  // typed
     // spaces split it as typed; the cursor is a split point only in the text the server holds
     const at = document.activeElement === textIn || textIn.selectionStart ? textIn.selectionStart : null;
     send({ op: "split", i: sel, at: at || null });

@@ -43,6 +43,9 @@
   function size() { return view.image ? Math.max(view.image.width, view.image.height) : 256; }
 
   function render() {
+    const active = document.activeElement;  // a chip or row focused from the keyboard keeps the focus
+    const refocus = active && root.contains(active) && active.dataset.i !== undefined
+      ? "." + active.className.split(" ")[0] + '[data-i="' + active.dataset.i + '"]' : null;
     view = props.value && typeof props.value === "object" ? props.value : {};
     clearTimers();
     root.dataset.replaying = "0";  // a replay's last timer, which said so, was just cleared
@@ -95,6 +98,8 @@
     drawRegionList(view.regions || [], view.selected);
     shown = words.length;
     if (pinned !== null) highlight(pinned);
+    const again = refocus ? root.querySelector(refocus) : null;
+    if (again) again.focus({ preventScroll: true });
   }
 
   function drawTrace(parent, words) {
