@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,26 @@ def test_every_cli_flag_reaches_the_settings():
         extra_targets=("x", "y"), statuses=("accepted",), replay_data="d", replay_split="s", replay_ratio=0.5,
         replay_mode="alternate", replay_limit=9, replay_tasks={"refer": 2.0, "sentence": 1.0}, max_tokens=20,
         seed=5, threads=1, log_every=3, max_minutes=1.5)
+
+
+def test_what_a_killed_run_left_beside_out_is_cleared_or_put_back(base_dir, store, tmp_path):
+    """A run killed (SIGKILL) mid-way leaves `.out.partial-PID` (its staging) or, killed between the two renames of
+    the swap, `.out.old-PID` (the previous output) with no `out`: the next run removes the first and puts the
+    second back, so the previous output is not lost. A live process's folders are left alone."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    runs = tmp_path / "runs"
+    (runs / f".ft.old-{dead.pid}").mkdir(parents=True)
+    (runs / f".ft.old-{dead.pid}" / "finetune.json").write_text("{}")
+    (runs / f".ft.partial-{dead.pid}").mkdir()
+    (runs / f".ft.partial-{os.getpid()}-x").mkdir()  # not a name a run writes: left
+    (runs / f".ft.partial-{os.getppid()}").mkdir()  # a live process: left
+    ft.check_out((runs / "ft").resolve())
+    assert (runs / "ft" / "finetune.json").is_file()  # the previous output, back in place
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        ["ft", f".ft.partial-{os.getpid()}-x", f".ft.partial-{os.getppid()}"])
 
 
 def test_settings_take_paths(base_dir, store, tmp_path):

@@ -145,6 +145,24 @@ def check_out(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out {out}: cannot write in {out.parent}")
+    for left in sorted(out.parent.glob(f".{out.name}.*-*")):  # what a run killed before its end left beside out
+        kind, _, pid = left.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():  # killed between moving the previous output away and the new in
+            os.replace(left, out)
+        else:
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
