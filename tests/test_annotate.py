@@ -338,6 +338,37 @@ def test_review_accept_and_reject(studio, captioned, annotation_store):
     assert [r["status"] for r in chain] == ["draft", "submitted", "rejected", "submitted", "accepted"]
 
 
+def test_two_people_on_one_chain(studio, captioned, annotation_store):
+    """An annotator and a reviewer at once: a review made meanwhile does not strand the annotator's next edit (a
+    review copies the content it decided on, so the edit supersedes it and goes back to review); someone else's
+    edit does (refused as superseded). Autosave never drafts over a submitted correction (it would leave review
+    and the export), and a double-clicked Accept stores one review."""
+    ana = _opened(studio, captioned)
+    ana, _ = an.save(studio, ana, "submitted", "ana")
+    submitted = ana.head_id
+    bob, _ = an.open_item(studio, None, {"kind": "correction", "id": submitted})
+    bob, _ = an.review(studio, bob, "bob", True, "")
+    bob, view = an.review(studio, bob, "bob", True, "")  # the second click of a double click
+    assert "Already accepted" in view["message"]
+    assert [r["status"] for r in annotation_store.history(submitted)] == ["submitted", "accepted"]
+
+    ana, _ = an.edit_event(ana, {"op": "text", "i": 0, "text": "later", "rev": ana.rev})
+    ana, view = an.save(studio, ana, "draft", "ana", auto=True)
+    assert "Not autosaved" in view["message"] and len(annotation_store.history(submitted)) == 2
+    ana, view = an.save(studio, ana, "submitted", "ana")
+    assert f"reviewed meanwhile (#{bob.head_id} accepted by bob)" in view["message"]
+    chain = annotation_store.history(submitted)
+    assert [(r["status"], r["words"][0]) for r in chain][1:] == [("accepted", chain[0]["words"][0]),
+                                                                 ("submitted", "later")]
+
+    bob, _ = an.open_item(studio, bob, {"kind": "correction", "id": ana.head_id})
+    bob, _ = an.edit_event(bob, {"op": "text", "i": 0, "text": "bob's", "rev": bob.rev})
+    bob, _ = an.save(studio, bob, "submitted", "bob")  # an edit, not a review
+    ana, _ = an.edit_event(ana, {"op": "text", "i": 0, "text": "ana's", "rev": ana.rev})
+    with pytest.raises(gr.Error, match="superseded"):
+        an.save(studio, ana, "submitted", "ana")
+
+
 def test_store_failure_warns_and_keeps_the_edits(studio, captioned, annotation_store, monkeypatch):
     state = _opened(studio, captioned)
     state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "kept", "rev": state.rev})

@@ -352,11 +352,29 @@ def client_token_for(state: AnnotateState, status: str) -> str:
     return f"ui-{state.uid}-{state.rev}-{status}"
 
 
+def follow_reviews(store: Any, state: AnnotateState) -> str:
+    """When the correction this editor supersedes was reviewed meanwhile (a review row copies its parent's
+    content), the next save supersedes the review instead: nothing the reviewer decided on is lost, and the edit
+    goes back to review. Returns a note for the status line ("" when nothing was reviewed). An edit made by
+    someone else since is not followed: that save is refused as superseded."""
+    if store is None or state.head_id is None:
+        return ""
+    later = [row for row in store.history(state.head_id) if row["id"] > state.head_id]
+    if not later or not all(row.get("reviewer") for row in later):
+        return ""
+    state.head_id, state.head_status = later[-1]["id"], later[-1]["status"]
+    decisions = ", ".join(f"#{row['id']} {row['status']} by {row['reviewer']}" for row in later)
+    return f" It had been reviewed meanwhile ({decisions}); this save supersedes the review."
+
+
 def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator: Any, comment: Any = None, *,
          auto: bool = False) -> tuple[AnnotateState, dict | None]:
     """Save draft / Submit / autosave from the editor. Bad input -> gr.Error; a store failure -> gr.Warning and
-    the document stays in the editor (dirty), so saving again (same client token) retries without duplicating."""
+    the document stays in the editor (dirty), so saving again (same client token) retries without duplicating.
+    Autosave never stores a draft over a submitted or accepted correction (that would take it out of review and
+    out of the export): the edits wait for Save draft or Submit."""
     state = as_state(state)
+    followed = ""
     try:
         doc = require_doc(state)
         if auto:
@@ -364,6 +382,11 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
                 return state, None  # nothing to do (the wiring leaves the editor as it is)
             if not (isinstance(annotator, str) and annotator.strip()):
                 return state, editor_value(state, "Autosave is waiting for your annotator name.", level="warn")
+            if state.head_status in ("submitted", "accepted"):
+                return state, editor_value(state, f"Not autosaved: correction #{state.head_id} is "
+                                           f"{state.head_status}, and a draft over it would take it out of review. "
+                                           "Save draft or Submit to store your edits.", level="warn")
+        followed = follow_reviews(studio.store, state)
         payload = {**doc, "comment": comment if isinstance(comment, str) and comment.strip() else None}
         image = state.image or {}
         if image.get("sha") is None and image.get("png") is not None and studio.store is not None:
@@ -383,7 +406,7 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
         return state, editor_value(state, "Not saved: the annotation store failed; your edits are kept — "
                                           "save again to retry.", level="error", store_ok=False)
     verb = {"draft": "Autosaved draft" if auto else "Saved draft", "submitted": "Submitted"}[status]
-    return state, editor_value(state, f"{verb} as correction #{result['correction_id']}.")
+    return state, editor_value(state, f"{verb} as correction #{result['correction_id']}.{followed}")
 
 
 @ws.user_errors
@@ -398,6 +421,9 @@ def review(studio: ws.Studio, state: AnnotateState | None, reviewer: Any, accept
         raise ValueError("Open a submitted correction to review it (Browse → Corrections).")
     if state.dirty:
         raise ValueError("The editor has unsaved edits: submit them (or undo them) before reviewing.")
+    if state.last_review is not None and state.last_review == (bool(accept), state.head_id):  # a repeated click
+        decision = "accepted" if accept else "rejected"
+        return state, editor_value(state, f"Already {decision} (review row #{state.head_id}).")
     if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS):
         raise ValueError(f"the comment must be at most {MAX_COMMENT_CHARS} characters")
     try:
@@ -414,6 +440,7 @@ def review(studio: ws.Studio, state: AnnotateState | None, reviewer: Any, accept
     decision = "accepted" if accept else "rejected"
     old = state.head_id
     state.head_id, state.head_status = new_id, decision
+    state.last_review = (bool(accept), new_id)
     state.rev += 1
     return state, editor_value(state, f"Correction #{old} {decision} (review row #{new_id}).")
 

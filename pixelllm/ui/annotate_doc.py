@@ -52,6 +52,7 @@ class AnnotateState:
     uid: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
     pending_open: tuple | None = None  # an open request refused once because of unsaved edits
     last_save: tuple[str, int | None] | None = None  # (client token, parent id) of the last save, for retries
+    last_review: tuple[bool, int] | None = None  # (accepted, review row id) of this editor's last review
 
     @property
     def dirty(self) -> bool:
