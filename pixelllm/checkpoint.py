@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import find_tied_parameters, retie_parameters
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -129,8 +130,9 @@ def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") 
         if (missing or unexpected) and not tied_before:
             raise ValueError(f"{path} does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        source = {key: key if key in keys else aliases.get(_SHARED, _SHARED) for key in expected}  # the file's name
         for key, target in expected.items():  # shapes first: a mismatch leaves the model untouched
-            shape = tuple(handle.get_slice(key if key in keys else aliases.get(_SHARED, _SHARED)).get_shape())
+            shape = tuple(handle.get_slice(source[key]).get_shape())
             if shape != tuple(target.shape):
                 raise ValueError(f"{path}: {key} has shape {shape}, model expects {tuple(target.shape)}")
         if tied_before:
@@ -139,7 +141,7 @@ def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") 
                           stacklevel=3)
         with torch.no_grad():
             for key, target in expected.items():  # aliases share their storage with one of these
-                target.copy_(handle.get_tensor(key if key in keys else aliases.get(_SHARED, _SHARED)))
+                target.copy_(handle.get_tensor(source[key]))
 
 
 def empty_model(cls: type[PixelLLM], config: PixelLLMConfig, device: str | torch.device,
@@ -152,16 +154,9 @@ def empty_model(cls: type[PixelLLM], config: PixelLLMConfig, device: str | torch
         model = cls(config)
     if dtype is not None:
         model.to(dtype)
-    # to_empty gives every module its own new Parameter: note which ones are one tensor (T5's tied embeddings)
-    places: dict[int, list[tuple[torch.nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                places.setdefault(id(param), []).append((module, name))
+    tied = find_tied_parameters(model)  # T5's shared embeddings: to_empty gives each place a Parameter of its own
     model.to_empty(device=device)
-    for (owner, name), *others in (where for where in places.values() if len(where) > 1):
-        for module, other in others:
-            setattr(module, other, getattr(owner, name))
+    retie_parameters(model, tied)
     model.reset_constants()
     return model
 

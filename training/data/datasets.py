@@ -90,11 +90,12 @@ class ShapesData:
         ln_file = self.root / f"{split}.ln.jsonl"
         samples, self.ln_stats = read_localized_narratives(ln_file) if ln_file.is_file() \
             else ([], LNReadStats())
+        ln_ids = [ln_image_id(s) for s in samples]
         refer_file = self.root / f"{split}.refer.jsonl"
         refer = read_jsonl(refer_file) if refer_file.is_file() else []
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
-        for entry in self._image_entries(split, [ln_image_id(s) for s in samples], refer)[:limit]:
+        for entry in self._image_entries(split, ln_ids, refer)[:limit]:
             rec = ImageRecord(image_id=entry["image_id"], width=0, height=0, pixels=None, instance_map=None,
                               objects=entry.get("objects", []), file_name=entry["file_name"],
                               mask_file=entry.get("mask_file"))
@@ -109,9 +110,9 @@ class ShapesData:
         if self.image_stats["unchecked"]:
             warnings.warn(f"{split}: {self.image_stats['unchecked']} lines name a known image_id under a missing "
                           "file without width/height; they were taken as that image, unchecked", stacklevel=2)
-        for sample in samples:  # every narrative of an image trains (LN COCO has several per image)
-            if ln_image_id(sample) in self.index:
-                self.records[self.index[ln_image_id(sample)]].narratives.append(Narrative(
+        for image_id, sample in zip(ln_ids, samples):  # every narrative of an image trains (LN COCO: up to 5)
+            if image_id in self.index:
+                self.records[self.index[image_id]].narratives.append(Narrative(
                     sample.words, np.clip(sample.word_boxes, 0.0, 1.0).astype(np.float32), list(sample.sentences)))
         self.refer = [r for r in refer if r["image_id"] in self.index]
         self.refer_by_image: dict[int, list[int]] = {}
