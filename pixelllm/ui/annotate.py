@@ -271,7 +271,7 @@ def open_current(studio: ws.Studio, session: ws.Session | None, state: AnnotateS
             pending = None
         except Exception as err:  # noqa: BLE001 - the editor still works; saving will retry
             log.exception("annotation store: could not add the image")
-            gr.Warning(f"The annotation store is unavailable ({render.escape(err)}); you can edit, and saving "
+            gr.Warning(f"The annotation store is unavailable ({render.notice(err)}); you can edit, and saving "
                        "will retry.")
             note = " (store unavailable: saving will retry)"
     image = {"sha": sha, "key": session.image["key"], "width": session.image["width"],
@@ -369,8 +369,9 @@ def follow_reviews(store: Any, state: AnnotateState) -> str:
 
 def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator: Any, comment: Any = None, *,
          auto: bool = False) -> tuple[AnnotateState, dict | None]:
-    """Save draft / Submit / autosave from the editor. Bad input -> gr.Error; a store failure -> gr.Warning and
-    the document stays in the editor (dirty), so saving again (same client token) retries without duplicating.
+    """Save draft / Submit / autosave from the editor. A refused save (bad input) and a store failure are shown in
+    the status line and as a toast; the document stays in the editor (dirty), so saving again (same client token)
+    retries without duplicating.
     Autosave never stores a draft over a submitted or accepted correction (that would take it out of review and
     out of the export): the edits wait for Save draft or Submit."""
     state = as_state(state)
@@ -398,10 +399,10 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
     except ValueError as err:
         if auto:
             return state, editor_value(state, f"Autosave failed: {err}", level="error")
-        raise gr.Error(render.escape(err)) from err
+        return state, refused(state, "Not saved", err)
     except Exception as err:  # noqa: BLE001 - StoreError or worse: keep the edits, tell the user
         log.exception("annotation store: could not save a correction")
-        gr.Warning(f"Not saved — the annotation store failed: {render.escape(err)}. Your edits are kept in this "
+        gr.Warning(f"Not saved — the annotation store failed: {render.notice(err)}. Your edits are kept in this "
                    "tab; save again to retry.")
         return state, editor_value(state, "Not saved: the annotation store failed; your edits are kept — "
                                           "save again to retry.", level="error", store_ok=False)
@@ -409,11 +410,26 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
     return state, editor_value(state, f"{verb} as correction #{result['correction_id']}.{followed}")
 
 
-@ws.user_errors
+def refused(state: AnnotateState, what: str, err: ValueError) -> dict:
+    """A refused save or review: a toast and the editor's status line both say why (the toast expires, and the
+    status line would otherwise still show the previous save's "Saved draft as correction #…")."""
+    gr.Warning(render.notice(f"{what}: {err}"))
+    return editor_value(state, f"{what}: {err}", level="error")
+
+
 def review(studio: ws.Studio, state: AnnotateState | None, reviewer: Any, accept: bool, comment: Any
            ) -> tuple[AnnotateState, dict]:
-    """Accept or reject the open correction (the head of its chain; it must be submitted) with a comment."""
+    """Accept or reject the open correction (the head of its chain; it must be submitted) with a comment. A
+    refusal (nothing open, unsaved edits, a draft, no name) is shown in the status line and changes nothing."""
     state = as_state(state)
+    try:
+        return _review(studio, state, reviewer, accept, comment)
+    except ValueError as err:
+        return state, refused(state, "Review not recorded", err)
+
+
+def _review(studio: ws.Studio, state: AnnotateState, reviewer: Any, accept: bool, comment: Any
+            ) -> tuple[AnnotateState, dict]:
     if studio.store is None:
         raise ValueError("No annotation store is configured.")
     reviewer = check_annotator(reviewer)
@@ -433,7 +449,7 @@ def review(studio: ws.Studio, state: AnnotateState | None, reviewer: Any, accept
         raise
     except Exception as err:  # noqa: BLE001
         log.exception("annotation store: could not record a review")
-        gr.Warning(f"The review was not recorded — the annotation store failed: {render.escape(err)}. "
+        gr.Warning(f"The review was not recorded — the annotation store failed: {render.notice(err)}. "
                    "Press the button again to retry.")
         return state, editor_value(state, "Review not recorded: store failure — retry.", level="error",
                                    store_ok=False)
@@ -482,7 +498,7 @@ def api_save_correction(studio: ws.Studio, payload: Any, login: str | None = Non
         raise
     except Exception as err:  # noqa: BLE001 - the store failed: the client keeps its JSON and retries
         log.exception("annotation store: /save_correction failed")
-        raise gr.Error(f"the annotation store failed ({render.escape(err)}); nothing was saved — retry with the "
+        raise gr.Error(f"the annotation store failed ({render.notice(err)}); nothing was saved — retry with the "
                        "same client_token") from err
 
 

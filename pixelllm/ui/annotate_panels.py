@@ -92,7 +92,7 @@ def export(studio: ws.Studio, statuses: Any) -> tuple[str, str]:
     try:
         from training.export import export_corrections
     except ImportError as err:
-        raise gr.Error(f"export module missing (training/export.py: {render.escape(err)})") from err
+        raise gr.Error(f"export module missing (training/export.py: {render.notice(err)})") from err
     chosen = [s for s in (statuses or []) if isinstance(s, str)]
     if not chosen:
         raise ValueError("tick at least one status to export")
@@ -104,7 +104,7 @@ def export(studio: ws.Studio, statuses: Any) -> tuple[str, str]:
         raise
     except Exception as err:  # noqa: BLE001
         log.exception("export failed")
-        raise gr.Error(f"The export failed: {render.escape(err)}") from err
+        raise gr.Error(f"The export failed: {render.notice(err)}") from err
     if not summary.get("ln_records") and not summary.get("regions"):
         shutil.rmtree(out, ignore_errors=True)
         raise ValueError(f"no {' or '.join(chosen)} corrections to export (an empty zip would be all you got)")

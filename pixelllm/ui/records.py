@@ -64,7 +64,7 @@ def log_output(studio: Studio, session: Session | None, array: np.ndarray, task:
             user=visitor.user if visitor else None)
     except Exception as err:  # noqa: BLE001 - any store failure must not cost the user the result
         log.exception("annotation store: could not log a %s generation", task)
-        gr.Warning(f"The result is shown but could not be saved to the annotation store: {err}")
+        gr.Warning(f"The result is shown but could not be saved to the annotation store: {render.notice(err)}")
         return None
 
 

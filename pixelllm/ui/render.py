@@ -32,6 +32,12 @@ def escape(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def notice(text: object) -> str:
+    """Text for a `gr.Error` / `gr.Warning` message, which the page renders as HTML: `<`, `>` and `&` escaped,
+    quotes kept (the message is element content, never an attribute, and `gradio_client` callers read it too)."""
+    return html.escape(str(text), quote=False)
+
+
 def _rgb(color: str) -> tuple[int, int, int]:
     color = color.lstrip("#")
     return int(color[0:2], 16), int(color[2:4], 16), int(color[4:6], 16)

@@ -40,7 +40,8 @@ CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box 
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn ValueError (a user mistake: no image, bad box, empty expression...) into gr.Error."""
+    """Turn ValueError (a user mistake: no image, bad box, empty expression...) into gr.Error, its message
+    escaped (the page renders it as HTML, and it may quote what the user sent)."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args: Any, **kwargs: Any) -> Iterator:
@@ -49,7 +50,7 @@ def user_errors(fn: Callable) -> Callable:
             except gr.Error:
                 raise
             except ValueError as err:
-                raise gr.Error(str(err)) from err
+                raise gr.Error(render.notice(err)) from err
         return generator
 
     @functools.wraps(fn)
@@ -59,7 +60,7 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except ValueError as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(render.notice(err)) from err
     return wrapper
 
 
