@@ -434,3 +434,15 @@ def test_sigterm_ends_a_cli_run_as_a_failure_it_records(base_dir, store, tmp_pat
     assert signal.getsignal(signal.SIGTERM) is previous
     [run] = store.list_finetune_runs()
     assert run["status"] == "failed" and "terminated by signal 15" in run["metrics"]["error"]
+
+
+def test_a_symlinked_out_names_the_adapter_after_the_link(base_dir, store, tmp_path):
+    """`--out runs/latest` pointing at `runs/2026-12-07`: the adapter is `latest` (the name typed, which the docs
+    promise), and the run is written through the link, which still loads."""
+    target = tmp_path / "runs" / "2026-12-07"
+    target.mkdir(parents=True)
+    link = tmp_path / "runs" / "latest"
+    link.symlink_to(target, target_is_directory=True)
+    ft.finetune(settings(base_dir, store, link), store=store, progress=False)
+    assert PixelLLM.from_pretrained(link).adapters == ["latest"]
+    assert store.list_finetune_runs()[0]["name"] == "latest"

@@ -239,7 +239,7 @@ def finetune(settings: FinetuneSettings, *, store: AnnotationStore | None = None
     is nothing to train on; any failure after the run was recorded marks it ``failed`` and re-raises."""
     settings.check()
     out = Path(settings.out)
-    name = check_adapter_name(settings.name or out.resolve().name)
+    name = check_adapter_name(settings.name or Path(os.path.abspath(out)).name)  # the name typed, not a link target
     check_out(out.resolve())
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
