@@ -125,16 +125,21 @@ def resolve_checkpoint(checkpoint: str) -> str:
 
 def open_store(path: str):
     """The annotation store, or SystemExit naming the file. Annotators' work goes there: a store that cannot be
-    opened (corrupt, not an annotation store, read-only folder, newer schema) stops the app at start rather
+    opened (corrupt, not an annotation store, read-only file or folder, newer schema) stops the app at start rather
     than letting people work for hours with nothing saved. `--no-store` runs without one, on purpose."""
     from pixelllm.store import AnnotationStore, StoreError
 
+    store = None
     try:
-        return AnnotationStore(path)
+        store = AnnotationStore(path)
+        store.check_writable()  # a read-only file (or folder holding its WAL files) opens; every save would fail
+        return store
     except (StoreError, ValueError) as err:
+        if store is not None:
+            store.close()
         raise SystemExit(f"cannot open the annotation store {Path(path).absolute()}: {err}\n"
-                         "Move the file aside (or restore a backup), pass --db OTHER.db, or run with --no-store "
-                         "to serve without logging.") from err
+                         "Move the file aside together with its -wal and -shm files (or restore a backup), pass "
+                         "--db OTHER.db, or run with --no-store to serve without logging.") from err
 
 
 def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -15,7 +15,7 @@ def write_atomically(target: str | os.PathLike, data: bytes | str) -> None:
     target = Path(target)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -32,3 +32,16 @@ def write_atomically(target: str | os.PathLike, data: bytes | str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _create_temp(target: Path) -> tuple[int, str]:
+    """A new empty file beside ``target``, created with mode 0o666 less the umask, as ``open(target, "wb")`` would
+    make it (``tempfile.mkstemp`` makes it 0o600: the store's images and an export's files were unreadable to the
+    team's other accounts while the database beside them was not)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name beside {target}")

@@ -523,3 +523,22 @@ def test_compare_adapters(studio, captioned, tmp_path, example_images):
     assert shown(tuned_view) == words(box=box)
     with predictor.using_adapter(None):
         assert shown(base_view) == words(box=box) != words()  # the box mattered
+
+
+def test_autosave_does_not_draft_over_a_rejection_accepted_meanwhile(studio, captioned, annotation_store):
+    """An annotator fixing a rejected correction while a reviewer re-reviews it and accepts it: autosave follows the
+    review but must not then store a draft over the accepted row (that takes it out of review and the export)."""
+    ana = _opened(studio, captioned)
+    ana, _ = an.save(studio, ana, "submitted", "ana")
+    first = ana.head_id
+    rita, _ = an.open_item(studio, None, {"kind": "correction", "id": first})
+    rita, _ = an.review(studio, rita, "rita", False, "box 2 is off")
+    ana, _ = an.open_item(studio, ana, {"kind": "correction", "id": rita.head_id})
+    assert ana.head_status == "rejected"
+    ana, _ = an.edit_event(ana, {"op": "text", "i": 0, "text": "fixing", "rev": ana.rev})
+    rita, _ = an.open_item(studio, rita, {"kind": "correction", "id": rita.head_id})
+    rita, _ = an.review(studio, rita, "rita", True, "on second thought, fine")
+    ana, view = an.save(studio, ana, "draft", "ana", auto=True)
+    assert annotation_store.head(first)["status"] == "accepted", view["message"]
+    assert "Not autosaved" in view["message"] and ana.dirty
+    assert [r["id"] for r in annotation_store.training_examples()] == [rita.head_id]

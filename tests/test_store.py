@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -581,6 +582,67 @@ def test_read_only_folder_fails_at_open_naming_the_file(world_readable_dir: Path
     assert count_rows(path) == 1
 
 
+APP_OPEN_STORE = UNPRIVILEGED.replace("if os.geteuid() == 0:", "import app\nif os.geteuid() == 0:", 1).split(
+    "result = {}")[0] + """
+result = {}
+try:
+    s = app.open_store(sys.argv[1])
+    result["opened"] = True
+    s.save_correction(annotator="ro", image_sha=sys.argv[2], words=["x"], boxes=[[0, 0, 1, 1]])
+    result["saved"] = True
+except SystemExit as exc:
+    result["refused"] = str(exc)
+except Exception as exc:
+    result["other_error"] = repr(exc)
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("case", ["read-only file", "read-only folder holding the WAL files"])
+def test_app_refuses_at_start_a_store_it_cannot_write(world_readable_dir: Path, case: str):
+    """The app promises to stop at start on a store it cannot save to; a read-only file (writable folder), or a
+    read-only folder whose -wal/-shm exist (another process has the store open, or was killed), opens and reads
+    fine, so only a write probe finds out."""
+    path = world_readable_dir / "annotations.db"
+    sha = _store_with_one_row(path)
+    path.chmod(0o444)
+    keep_open = None
+    if case != "read-only file":
+        keep_open = AnnotationStore(path)  # holds annotations.db-wal and -shm beside the file
+        keep_open.list_corrections()
+        world_readable_dir.chmod(0o555)
+    try:
+        proc = run_child(APP_OPEN_STORE, str(path), sha)
+    finally:
+        world_readable_dir.chmod(0o777)
+        path.chmod(0o644)
+        if keep_open is not None:
+            keep_open.close()
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else proc.stderr
+    assert isinstance(result, dict) and "refused" in result, result
+    assert "read-only" in result["refused"] and str(path) in result["refused"], result
+    assert count_rows(path) == 1
+
+
+def test_stored_images_get_the_same_permissions_as_the_database(store: AnnotationStore, db_path: Path):
+    """Images are written like any file the process creates (0o666 less the umask), not 0o600: another account
+    that can read the database (an export or a finetune run by a teammate) can read the images too."""
+    sha = store.add_image(IMAGE, 64, 48)
+    plain = db_path.parent / "plain"
+    plain.write_bytes(b"x")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(Path(store.get_image(sha)["abs_path"])) == mode(plain)
+
+
+def test_check_writable_changes_nothing(store: AnnotationStore, image: str, db_path: Path):
+    store.save_correction(**edit(image_sha=image))
+    store.check_writable()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert count_rows(db_path) == 1 and store.integrity_check() == "ok"
+    store.save_correction(**edit(image_sha=image))  # the connection is usable afterwards
+
+
 def test_database_full_raises_store_error_and_writes_nothing(store: AnnotationStore, image: str, db_path: Path):
     store.save_correction(**edit(image_sha=image))
     conn = store._db().conn
@@ -681,6 +743,22 @@ def test_failed_migration_leaves_the_previous_version(db_path: Path):
         assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tags'").fetchone()[0] == 0
     assert count_rows(db_path, "images") == 1
+
+
+def test_migration_raising_a_python_error_is_a_store_error_and_leaves_the_previous_version(db_path: Path):
+    """A step's own code (or sqlite-utils, e.g. transform()'s TransformError) can fail with a non-sqlite3 error: it
+    is reported like a SQL failure, not as a raw traceback (app.open_store only turns StoreError into a message)."""
+    with AnnotationStore(db_path, migrations=V1) as s:
+        s.add_image(IMAGE, 64, 48)
+
+    def step(db):
+        db["corrections"].add_column("priority", int)
+        raise RuntimeError("the step's own bug")
+
+    with pytest.raises(StoreError, match="schema migration 2 .*stays at version 1.*the step's own bug"):
+        AnnotationStore(db_path, migrations=[*V1, Migration(2, "broken in Python", step)])
+    with AnnotationStore(db_path, migrations=V1) as s:
+        assert s.schema_version() == 1 and "priority" not in s._db()["corrections"].columns_dict
 
 
 def test_file_from_newer_code_is_refused(db_path: Path):

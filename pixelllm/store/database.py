@@ -241,7 +241,7 @@ class StoreDatabase:
                         db.executescript(migration.apply)  # split into statements inside our transaction
                     else:
                         migration.apply(db)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # sqlite3, sqlite-utils (e.g. TransformError) or the step's own code
                     raise StoreError(f"{self.path}: schema migration {migration.version} "
                                      f"({migration.description}) failed, the file stays at version "
                                      f"{current}: {exc}", self.path) from exc
@@ -251,6 +251,27 @@ class StoreDatabase:
     @_api("read schema version")
     def schema_version(self) -> int:
         return self._schema_version()
+
+    @_api("check write access")
+    def check_writable(self) -> None:
+        """Raise ``StoreError`` unless this process can write the database and its images folder; nothing is
+        changed. A read-only database file (in a writable folder), or a read-only folder that still holds the
+        file's ``-wal``/``-shm`` (left by a killed process or copied from a live store), opens and reads fine and
+        fails only at the first write: a program that will write (the app) checks this at start."""
+        conn = self._db().conn
+        assert not conn.in_transaction, "check_writable inside a transaction"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version = {int(version)}")  # writes the header page; rolled back below
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+        images = self.root / "images"
+        folder = images if images.is_dir() else self.root
+        if not os.access(folder, os.W_OK):
+            raise StoreError(f"{self.path}: the folder {folder} is read-only: images cannot be stored", self.path)
 
     # ---- files ---------------------------------------------------------------------------------------------
 

@@ -383,9 +383,11 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
                 return state, None  # nothing to do (the wiring leaves the editor as it is)
             if not (isinstance(annotator, str) and annotator.strip()):
                 return state, editor_value(state, "Autosave is waiting for your annotator name.", level="warn")
-            if state.head_status in ("submitted", "accepted"):
-                return state, editor_value(state, f"Not autosaved: correction #{state.head_id} is "
-                                           f"{state.head_status}, and a draft over it would take it out of review. "
+            head = copy.copy(state)  # the head this save would supersede, reviews made meanwhile followed
+            follow_reviews(studio.store, head)
+            if head.head_status in ("submitted", "accepted"):
+                return state, editor_value(state, f"Not autosaved: correction #{head.head_id} is "
+                                           f"{head.head_status}, and a draft over it would take it out of review. "
                                            "Save draft or Submit to store your edits.", level="warn")
         followed = follow_reviews(studio.store, state)
         payload = {**doc, "comment": comment if isinstance(comment, str) and comment.strip() else None}
