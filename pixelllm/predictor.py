@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,14 @@ class ImageState:
     height: int
     features: ImageFeatures = field(repr=False)
     encoded_by: str
+
+
+class ServedBy(NamedTuple):
+    """The weights that served a block of requests (`PixelLLMPredictor.reading`): the active LoRA adapter (None:
+    the base model) and the fingerprint of its weights file ("in-memory" for one never saved; None without one)."""
+
+    adapter: str | None
+    adapter_version: str | None
 
 
 @dataclass
@@ -174,23 +183,30 @@ class PixelLLMPredictor:
         """Encode an image (HxWx3 uint8 RGB array or PIL image), or fetch its embedding from the cache."""
         arr = imaging.as_rgb_array(image)
         key = imaging.image_key(arr)
-        cache_key = (self._encoder(), self._encoder_adapter(), key)
-        with self._cache_lock:
-            features = self._cache.get(cache_key)
-            if features is not None:
-                self._cache.move_to_end(cache_key)
-                self.cache_hits += 1
-        if features is None:
-            pixels = imaging.to_model_input(arr, self.model.config.image_size).unsqueeze(0).to(self.device)
-            with self._model_lock.read(), torch.inference_mode():
-                features = self.model.encode_image(pixels)
+        # The key (which encoder adapter is active) is read, and the image encoded, under one read lock: an adapter
+        # switch in between stored one model's features under the other's key (and returned them to the caller)
+        with self._model_lock.read():
+            cache_key = (self._encoder(), self._encoder_adapter(), key)
             with self._cache_lock:
-                self.cache_misses += 1
-                self._cache[cache_key] = features
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                features = self._cache.get(cache_key)
+                if features is not None:
+                    self._cache.move_to_end(cache_key)
+                    self.cache_hits += 1
+            if features is None:
+                pixels = imaging.to_model_input(arr, self.model.config.image_size).unsqueeze(0).to(self.device)
+                with torch.inference_mode():
+                    features = self.model.encode_image(pixels)
+                with self._cache_lock:
+                    self.cache_misses += 1
+                    self._cache[cache_key] = features
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
         return ImageState(key=key, width=arr.shape[1], height=arr.shape[0], features=features,
-                          encoded_by=cache_key[0])
+                          encoded_by=self._encoded_by(cache_key[0], cache_key[1]))
+
+    @staticmethod
+    def _encoded_by(encoder: str, encoder_adapter: str | None) -> str:
+        return encoder if encoder_adapter is None else f"{encoder}|adapter={encoder_adapter}"
 
     def _encoder(self) -> str:
         """The weights' version, dtype and device: image features of one are not valid for another (another
@@ -238,9 +254,10 @@ class PixelLLMPredictor:
         return self.model.encode_prefix(state.features, text_ids=self._text_ids(text, 1), **kwargs)
 
     def _check_state(self, state: ImageState) -> None:
-        if state.encoded_by != self._encoder():
-            raise ValueError("this image was encoded by another model version, dtype or device: call set_image "
-                             "again")
+        """Call it holding the model lock (an adapter switch may change which features are valid)."""
+        if state.encoded_by != self._encoded_by(self._encoder(), self._encoder_adapter()):
+            raise ValueError("this image was encoded by another model version, dtype or device (or image-encoder "
+                             "adapter): call set_image again")
 
     @staticmethod
     def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty) -> dict:
@@ -298,12 +315,12 @@ class PixelLLMPredictor:
     def caption_boxes(self, state: ImageState, boxes, *, text: str | None = None, max_new_tokens: int | None = None,
                       ) -> list[Caption]:
         """Location-conditioned captions for K boxes (Kx4 pixels) in one batched decoding pass (greedy)."""
-        self._check_state(state)
         arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(arr) == 0:
             return []
         norm = np.stack([imaging.check_box(b, state.width, state.height) for b in arr]) / self._norm(state)
         with self._model_lock.read(), torch.inference_mode():
+            self._check_state(state)
             prefix = self.model.encode_prefix(
                 state.features, boxes=torch.tensor(norm, dtype=torch.float32, device=self.device),
                 text_ids=self._text_ids(text, len(norm)))
@@ -374,7 +391,6 @@ class PixelLLMPredictor:
         ``masks``: False, or one flag per expression, skips the mask of those expressions (their ``mask`` is None;
         box and score are the same as with it): an evaluation that only reads an expression's score saves SAM's
         decoder and the upsampling. Blank expressions are dropped, with their flags."""
-        self._check_state(state)
         wanted = [bool(masks)] * len(expressions) if isinstance(masks, bool) else [bool(m) for m in masks]
         if len(wanted) != len(expressions):
             raise ValueError(f"masks: {len(wanted)} flags for {len(expressions)} expressions")
@@ -390,6 +406,7 @@ class PixelLLMPredictor:
                                  device=self.device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
         with self._model_lock.read(), torch.inference_mode():
+            self._check_state(state)
             out = self.model.refer(state.features, id_tensor, mask,
                                    mask_rows=torch.tensor(mask_rows, dtype=torch.long, device=self.device))
             segmented = F.interpolate(out["mask_logits"][:, None].float(), size=(state.height, state.width),
@@ -405,12 +422,12 @@ class PixelLLMPredictor:
     def dense_caption(self, state: ImageState, *, max_regions: int = 16, score_threshold: float = 0.3,
                       nms_iou: float = 0.5, max_new_tokens: int | None = 24) -> list[Region]:
         """Proposals -> NMS -> one batched location-conditioned captioning pass over all kept boxes."""
-        self._check_state(state)
         if not 1 <= int(max_regions) <= 100:
             raise ValueError("max_regions must be between 1 and 100")
         if not 0.0 <= float(score_threshold) <= 1.0:  # also refuses NaN, which would silently keep nothing
             raise ValueError("score_threshold must be between 0 and 1")
         with self._model_lock.read(), torch.inference_mode():
+            self._check_state(state)
             boxes, scores = self.model.propose(state.features, top_k=int(max_regions),
                                                score_threshold=float(score_threshold), nms_iou=float(nms_iou))[0]
             if len(boxes) == 0:
@@ -443,6 +460,16 @@ class PixelLLMPredictor:
                 yield
             finally:
                 self.model.set_adapter(previous)
+
+    @contextmanager
+    def reading(self) -> Iterator[ServedBy]:
+        """Hold the model for a block of calls (no adapter switch until it ends) and say which weights serve them:
+        what a caller logs as the output's adapter must be read here, not from `adapter` after the calls (another
+        user's `using_adapter` block may have switched it by then)."""
+        with self._model_lock.read():
+            name = self.model.active_adapter
+            version = None if name is None else getattr(self.model, "adapter_versions", {}).get(name, "in-memory")
+            yield ServedBy(name, version)
 
     def _encoder_adapter(self) -> str | None:
         """The active adapter if it has LoRA layers in the image encoder (its features differ from the base

@@ -4,6 +4,7 @@ coordinates of the image as sent, and every output shown is logged to the annota
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -175,6 +176,10 @@ def test_a_caption_the_token_budget_ends_is_reported_cut():
     class Budgeted:  # streams three words, then the token limit (no EOS)
         def set_image(self, array):
             return None
+
+        @contextlib.contextmanager
+        def reading(self):
+            yield None
 
         def stream_caption(self, state, **kwargs):
             yield from (Word(text=t, box=[0, 0, 1, 1], index=i, token_ids=[i], token_boxes=[], eos=False)

@@ -81,9 +81,10 @@ def caption(studio: Studio, image: str | None, prompts: str | None, text: str | 
     gen_id = records.log_output(studio, None, loaded.array, "caption", [x["text"] for x in words],
                                 [x["box"] for x in words],
                                 prompts=prompts_model, extra={"decoding": options, "api": True, "cut": stream.cut},
-                                visitor=visitor)
+                                visitor=visitor, served=stream.served)
     return records.caption_record(studio, words, loaded.scale, loaded.size,
-                                  prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
+                                  prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut,
+                                  served=stream.served)
 
 
 @user_errors
@@ -94,7 +95,7 @@ def trace(studio: Studio, image: str | None, prompts: str | None, caption: str |
     loaded = load_user_image(image)
     h, w = loaded.array.shape[:2]
     parsed = parse_prompts(prompts, loaded.scale, w, h)
-    words, score = trace_words(studio, loaded.array, caption, points=parsed["points"],
+    words, score, served = trace_words(studio, loaded.array, caption, points=parsed["points"],
                                point_labels=parsed["point_labels"], box=parsed["box"])
     text = " ".join(x["text"] for x in words)
     prompts_model = records.model_prompts(parsed["points"], parsed["point_labels"], parsed["box"], None)
@@ -102,9 +103,10 @@ def trace(studio: Studio, image: str | None, prompts: str | None, caption: str |
                                 [x["box"] for x in words],
                                 prompts=prompts_model,
                                 extra={"traced": True, "text": text, "score": score, "api": True},
-                                visitor=visitor)
+                                visitor=visitor, served=served)
     record = records.caption_record(studio, words, loaded.scale, loaded.size,
-                                    prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
+                                    prompts=prompts_model, options=None, generation_id=gen_id, task="trace",
+                                    served=served)
     return {**record, "score": score}
 
 
@@ -113,12 +115,13 @@ def refer(studio: Studio, image: str | None, expressions: str | None, visitor: r
     """/refer: image file + expressions (one per line) -> box, score and RLE mask per expression."""
     loaded = load_user_image(image)
     lines = parse_expressions(expressions)
-    referrals = studio.predictor.refer(studio.predictor.set_image(loaded.array), lines)
+    with studio.predictor.reading() as served:
+        referrals = studio.predictor.refer(studio.predictor.set_image(loaded.array), lines)
     gen_id = records.log_output(studio, None, loaded.array, "refer", lines, [list(r.box) for r in referrals],
                                 prompts={"expressions": lines},
                                 extra={"scores": [r.score for r in referrals], "api": True},
-                                visitor=visitor)
-    return records.refer_record(studio, referrals, loaded.scale, loaded.size, gen_id)
+                                visitor=visitor, served=served)
+    return records.refer_record(studio, referrals, loaded.scale, loaded.size, gen_id, served)
 
 
 @user_errors
@@ -127,8 +130,9 @@ def dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: 
     """/dense: image file + score threshold + max regions -> regions with boxes, scores, captions, word boxes."""
     loaded = load_user_image(image)
     threshold, top_k = dense_options(score_threshold, max_regions)
-    regions = studio.predictor.dense_caption(studio.predictor.set_image(loaded.array), max_regions=top_k,
-                                             score_threshold=threshold)
+    with studio.predictor.reading() as served:
+        regions = studio.predictor.dense_caption(studio.predictor.set_image(loaded.array), max_regions=top_k,
+                                                 score_threshold=threshold)
     rows = [{"box": list(r.box), "score": r.score, "caption": r.caption.text,
              "words": [w.to_dict() for w in r.caption.words]} for r in regions]
     gen_id = None
@@ -136,5 +140,6 @@ def dense(studio: Studio, image: str | None, score_threshold: Any, max_regions: 
         gen_id = records.log_output(studio, None, loaded.array, "dense", [r["caption"] for r in rows],
                                     [r["box"] for r in rows],
                                     prompts={"score_threshold": threshold, "max_regions": top_k},
-                                    extra={"scores": [r["score"] for r in rows], "api": True}, visitor=visitor)
-    return records.dense_record(studio, rows, loaded.scale, loaded.size, gen_id)
+                                    extra={"scores": [r["score"] for r in rows], "api": True}, visitor=visitor,
+                                    served=served)
+    return records.dense_record(studio, rows, loaded.scale, loaded.size, gen_id, served)

@@ -103,7 +103,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
             extra["abandoned"] = abandoned
         return records.log_output(studio, session, array, "caption", [w["text"] for w in words],
                                   [w["box"] for w in words], prompts=prompts_model, extra=extra,
-                                  visitor=visitor)
+                                  visitor=visitor, served=stream.served)
 
     stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
     # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
@@ -115,7 +115,8 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
         return
     gen_id = log(stream.cut)
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
-                                    prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut)
+                                    prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut,
+                                    served=stream.served)
     files = _keep_caption(studio, session, array, record, "caption", {
         "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
         "generation_id": gen_id})
@@ -130,14 +131,16 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
 
 
 def trace_words(studio: Studio, array: np.ndarray, caption: str | None, *, points=None, point_labels=None,
-                box=None) -> tuple[list[dict], float]:
-    """A given caption's words with their boxes ({index, text, box}, model-frame pixels) and its score."""
+                box=None) -> tuple[list[dict], float, Any]:
+    """A given caption's words with their boxes ({index, text, box}, model-frame pixels), its score and the
+    weights that traced it (`predictor.reading()`)."""
     caption = imaging.check_text(caption)
     if caption is None:
         raise ValueError("Type the caption to trace.")
-    traced = studio.predictor.trace(studio.predictor.set_image(array), caption, points=points,
-                                    point_labels=point_labels, box=box)
-    return [w.to_dict() for w in traced.words], traced.score
+    with studio.predictor.reading() as served:
+        traced = studio.predictor.trace(studio.predictor.set_image(array), caption, points=points,
+                                        point_labels=point_labels, box=box)
+    return [w.to_dict() for w in traced.words], traced.score, served
 
 
 @user_errors
@@ -151,15 +154,16 @@ def trace(studio: Studio, session: Session | None, caption: str | None, visitor:
     require_image(session)
     points, labels, box = checked_prompts(session)
     array = session.array
-    words, score = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
+    words, score, served = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)
     text = " ".join(w["text"] for w in words)
     prompts_model = records.model_prompts(points, labels, box, None)
     gen_id = records.log_output(studio, session, array, "caption", [w["text"] for w in words],
                                 [w["box"] for w in words],
                                 prompts=prompts_model, extra={"traced": True, "text": text, "score": score},
-                                visitor=visitor)
+                                visitor=visitor, served=served)
     record = records.caption_record(studio, words, session_scale(session), session_size(session),
-                                    prompts=prompts_model, options=None, generation_id=gen_id, task="trace")
+                                    prompts=prompts_model, options=None, generation_id=gen_id, task="trace",
+                                    served=served)
     record["score"] = score
     session.inspect = session.pending = None
     files = _keep_caption(studio, session, array, record, "trace", {
@@ -213,14 +217,14 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     session = ensure_session(session)
     require_image(session)
     lines = parse_expressions(expressions)
-    state = studio.predictor.set_image(session.array)
-    referrals = studio.predictor.refer(state, lines)
+    with studio.predictor.reading() as served:
+        referrals = studio.predictor.refer(studio.predictor.set_image(session.array), lines)
     boxes = [list(r.box) for r in referrals]
     gen_id = records.log_output(studio, session, session.array, "refer", lines, boxes,
                                 prompts={"expressions": lines},
                                 extra={"scores": [r.score for r in referrals],
                                        "mask_scores": [r.mask_score for r in referrals]},
-                                visitor=visitor)
+                                visitor=visitor, served=served)
     low = studio.low_refer_score()  # from the checkpoint's evaluation, when it has one
 
     def is_low(r: Any) -> bool:
@@ -241,7 +245,8 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     scale = session_scale(session)
     size = session_size(session)
     folder = records.download_dir(studio)
-    files = [records.write_json(folder, "refer.json", records.refer_record(studio, referrals, scale, size, gen_id))]
+    record = records.refer_record(studio, referrals, scale, size, gen_id, served)
+    files = [records.write_json(folder, "refer.json", record)]
     for i, r in enumerate(referrals):
         files.append(records.write_png(folder, f"mask_{i + 1}_{_slug(r.expression)}.png",
                                        render.mask_png(r.mask, size)))
@@ -289,8 +294,9 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     session = ensure_session(session)
     require_image(session)
     threshold, top_k = dense_options(score_threshold, max_regions)
-    state = studio.predictor.set_image(session.array)
-    regions = studio.predictor.dense_caption(state, max_regions=top_k, score_threshold=threshold)
+    with studio.predictor.reading() as served:
+        regions = studio.predictor.dense_caption(studio.predictor.set_image(session.array), max_regions=top_k,
+                                                 score_threshold=threshold)
     session.dense = [{"box": list(r.box), "score": r.score, "caption": r.caption.text,
                       "words": [w.to_dict() for w in r.caption.words]} for r in regions]
     session.dense_selected, session.dense_words = None, []
@@ -299,10 +305,12 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
         gen_id = records.log_output(studio, session, session.array, "dense", [r["caption"] for r in session.dense],
                                     [r["box"] for r in session.dense],
                                     prompts={"score_threshold": threshold, "max_regions": top_k},
-                                    extra={"scores": [r["score"] for r in session.dense]}, visitor=visitor)
+                                    extra={"scores": [r["score"] for r in session.dense]}, visitor=visitor,
+                                    served=served)
     session.last = {"task": "dense", "regions": session.dense, "generation_id": gen_id}
     folder = records.download_dir(studio)
-    record = records.dense_record(studio, session.dense, session_scale(session), session_size(session), gen_id)
+    record = records.dense_record(studio, session.dense, session_scale(session), session_size(session), gen_id,
+                                  served)
     files = [records.write_json(folder, "dense.json", record)]
     if regions:
         files.append(records.write_png(folder, "dense_overlay.png", render.regions_overlay(
@@ -364,7 +372,7 @@ def dense_select(studio: Studio, session: Session | None, data: Any, visitor: re
             extra["abandoned"] = abandoned
         return records.log_output(studio, session, session.array, "caption", [w["text"] for w in words],
                                   [w["box"] for w in words], prompts={"box": box, "region": index}, extra=extra,
-                                  visitor=visitor)
+                                  visitor=visitor, served=stream.served)
 
     stream = WordStream(studio, session.array, box=box, options=options)
     abandoned = yield from _paced(studio, session, stream, words, log, lambda: (

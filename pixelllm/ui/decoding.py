@@ -61,19 +61,23 @@ class WordStream:
     """Words as they are decoded ({index, text, box} model-frame pixels), at most options['max_words']. After the
     loop, `cut` tells whether a limit (max words, or the token budget behind it) stopped a caption the model had
     not ended: the final streamed word carries `eos` when the model's EOS ended it, so this costs no extra
-    decoding. The predictor generator is closed explicitly so its model lock is released when we stop early."""
+    decoding. The predictor generator is closed explicitly so its model lock is released when we stop early.
+    `served`: the weights that decoded the words (`predictor.reading()`), set once iteration starts; what the
+    caller logs (the active adapter may have changed by the time it logs)."""
 
     def __init__(self, studio: Studio, array: np.ndarray, *, points=None, point_labels=None, box=None,
                  text: str | None = None, options: dict) -> None:
         self.studio, self.array, self.options = studio, array, options
         self.prompts = {"points": points, "point_labels": point_labels, "box": box, "text": text}
         self.cut = False
+        self.served = None
 
     def __iter__(self) -> Iterator[dict]:
-        state = self.studio.predictor.set_image(self.array)
+        predictor = self.studio.predictor
         max_words = self.options["max_words"]
-        with closing(self.studio.predictor.stream_caption(
-                state, **self.prompts, max_new_tokens=token_budget(max_words),
+        with predictor.reading() as self.served, closing(predictor.stream_caption(
+                predictor.set_image(self.array),
+                **self.prompts, max_new_tokens=token_budget(max_words),
                 do_sample=self.options["do_sample"], temperature=self.options["temperature"],
                 top_p=self.options["top_p"], seed=self.options["seed"],
                 repetition_penalty=self.options["repetition_penalty"])) as words:
