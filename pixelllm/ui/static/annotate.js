@@ -275,7 +275,9 @@
   }
   function live() { return svg.querySelector(".pa-live-layer"); }
 
+  function dropDrag() { drag = null; const g = live(); if (g) g.replaceChildren(); }
   svg.addEventListener("pointerdown", (evt) => {
+    if (drag && evt.pointerId !== drag.id) { dropDrag(); return; }  // a second finger (a pinch): no edit
     if (rec || !view.image || evt.button !== 0) return;
     const p = toImage(evt);
     if (!p) return;
@@ -290,13 +292,16 @@
     }
     const b = sel !== null ? words()[sel].box : null;
     const inside = b && p[0] >= b[0] && p[0] <= b[2] && p[1] >= b[1] && p[1] <= b[3];
-    drag = { start: p, sx: evt.clientX, sy: evt.clientY, moved: false, mode: inside ? "move" : "draw", box: b };
+    // a finger moves a few pixels in a tap: touch and pen get a wider slop before a press counts as a drag (with
+    // 5 px, tapping another word's box to select it replaced the selected word's box with a tiny one)
+    drag = { id: evt.pointerId, start: p, sx: evt.clientX, sy: evt.clientY, moved: false, mode: inside ? "move" : "draw",
+             box: b, slop: evt.pointerType === "mouse" ? 5 : 10 };
     try { svg.setPointerCapture(evt.pointerId); } catch (e) { /* optional */ }
   });
   svg.addEventListener("pointermove", (evt) => {
     if (rec) { capture(evt); return; }
-    if (!drag) return;
-    if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > 5) drag.moved = true;
+    if (!drag || evt.pointerId !== drag.id) return;
+    if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > drag.slop) drag.moved = true;
     if (!drag.moved || sel === null) return;
     const p = toImage(evt);
     if (!p) return;
@@ -318,7 +323,7 @@
     return [Math.min(x0, x1), Math.min(y0, y1), Math.max(x0, x1), Math.max(y0, y1)];
   }
   svg.addEventListener("pointerup", (evt) => {
-    if (rec || !drag) return;
+    if (rec || !drag || evt.pointerId !== drag.id) return;
     const d = drag;
     drag = null;
     const g = live();
@@ -331,7 +336,7 @@
       select(hit === null ? null : hit);
     }
   });
-  svg.addEventListener("pointercancel", () => { drag = null; const g = live(); if (g) g.replaceChildren(); });
+  svg.addEventListener("pointercancel", dropDrag);  // e.g. the browser took a pinch-zoom over
 
   // ------------------------------------------------------------------ recording (LN style)
   function now() { return rec ? (performance.now() - rec.t0) / 1000 : 0; }

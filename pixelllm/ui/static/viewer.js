@@ -309,17 +309,27 @@
     const y = Math.min(Math.max(p.y, 0), view.image.height);
     return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
   }
+  // A finger is not a mouse: a tap moves it a few pixels, so touch and pen get a wider slop before a press counts
+  // as a drag (6 px made many taps tiny boxes instead of points).
+  function slop(evt) { return evt.pointerType === "mouse" ? 6 : 10; }
+  function dropDrag() {
+    drag = null;
+    const live = svg.querySelector(".px-live");
+    if (live) live.replaceChildren();
+  }
   svg.addEventListener("pointerdown", (evt) => {
+    // A second finger (a pinch) ends the gesture: it is neither a click nor a drag.
+    if (drag && evt.pointerId !== drag.id) { dropDrag(); return; }
     if (!view.clickable || evt.button !== 0) return;
     const p = toImage(evt, true);  // a drag may leave the image (clamped); it starts on it
     if (!p) return;
-    drag = { start: p, sx: evt.clientX, sy: evt.clientY, moved: false };
+    drag = { id: evt.pointerId, start: p, sx: evt.clientX, sy: evt.clientY, moved: false, slop: slop(evt) };
     try { svg.setPointerCapture(evt.pointerId); } catch (e) { /* capture is optional */ }
     evt.preventDefault();
   });
   svg.addEventListener("pointermove", (evt) => {
-    if (!drag) return;
-    if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > 6) drag.moved = true;
+    if (!drag || evt.pointerId !== drag.id) return;
+    if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > drag.slop) drag.moved = true;
     const live = svg.querySelector(".px-live");
     if (!drag.moved || !live) return;
     const p = toImage(evt);
@@ -329,7 +339,7 @@
                  width: Math.abs(p[0] - drag.start[0]), height: Math.abs(p[1] - drag.start[1]) }, live);
   });
   svg.addEventListener("pointerup", (evt) => {
-    if (!drag) return;
+    if (!drag || evt.pointerId !== drag.id) return;
     const d = drag;
     drag = null;
     const p = toImage(evt);
@@ -337,11 +347,7 @@
     if (d.moved) trigger("drag", { box: [d.start[0], d.start[1], p[0], p[1]] });
     else trigger("pick", { x: d.start[0], y: d.start[1] });
   });
-  svg.addEventListener("pointercancel", () => {
-    drag = null;
-    const live = svg.querySelector(".px-live");
-    if (live) live.replaceChildren();
-  });
+  svg.addEventListener("pointercancel", dropDrag);  // e.g. the browser took a pinch-zoom over
 
   watch("value", render);
   render();
