@@ -20,6 +20,7 @@ import gradio as gr
 import numpy as np
 
 from pixelllm import image as imaging
+from pixelllm.predictor import ServedBy
 from pixelllm.ui import records, render
 from pixelllm.ui.decoding import WordStream, cut_note, decoding_options
 from pixelllm.ui.workspace import (
@@ -131,7 +132,7 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
 
 
 def trace_words(studio: Studio, array: np.ndarray, caption: str | None, *, points=None, point_labels=None,
-                box=None) -> tuple[list[dict], float, Any]:
+                box=None) -> tuple[list[dict], float, ServedBy]:
     """A given caption's words with their boxes ({index, text, box}, model-frame pixels), its score and the
     weights that traced it (`predictor.reading()`)."""
     caption = imaging.check_text(caption)

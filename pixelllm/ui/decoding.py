@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pixelllm.predictor import ServedBy
 from pixelllm.ui.workspace import Studio
 
 
@@ -70,7 +71,7 @@ class WordStream:
         self.studio, self.array, self.options = studio, array, options
         self.prompts = {"points": points, "point_labels": point_labels, "box": box, "text": text}
         self.cut = False
-        self.served = None
+        self.served: ServedBy | None = None
 
     def __iter__(self) -> Iterator[dict]:
         predictor = self.studio.predictor

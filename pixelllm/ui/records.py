@@ -21,6 +21,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from pixelllm.predictor import ServedBy
 from pixelllm.ui import render
 
 if TYPE_CHECKING:
@@ -44,18 +45,16 @@ class Visitor(NamedTuple):
     user: str | None = None
 
 
-def served_now(studio: Studio) -> Any:
+def served_now(studio: Studio) -> ServedBy:
     """The weights serving requests right now: only for an output computed while `predictor.reading()` is held
     by the caller; otherwise pass what `reading()` yielded where the output was computed."""
-    from pixelllm.predictor import ServedBy
-
     adapter = studio.predictor.adapter
     return ServedBy(adapter, None if adapter is None else studio.model.adapter_versions.get(adapter, "in-memory"))
 
 
 def log_output(studio: Studio, session: Session | None, array: np.ndarray, task: str, words: list[str],
                boxes: list[list[float]], *, prompts: Any, extra: dict, visitor: Visitor | None,
-               served: Any = None) -> int | None:
+               served: ServedBy | None = None) -> int | None:
     """Log an output shown to a user. A failing store warns; the user keeps the result. served: the
     `predictor.reading()` value the output was computed under (its adapter is logged); None = `served_now`."""
     if studio.store is None:
@@ -107,7 +106,7 @@ def write_png(folder: Path, name: str, data: bytes | np.ndarray) -> str:
     return str(path)
 
 
-def model_meta(studio: Studio, served: Any = None) -> dict:
+def model_meta(studio: Studio, served: ServedBy | None = None) -> dict:
     """served: the `predictor.reading()` value the output was computed under; None = `served_now`."""
     return {"checkpoint": studio.model_id, "version": str(studio.model.version),
             "adapter": (served or served_now(studio)).adapter}
@@ -129,7 +128,7 @@ def _prompts_to_original(prompts: dict, scale: tuple[float, float]) -> dict:
 
 def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption",
-                   cut: bool | None = None, served: Any = None) -> dict:
+                   cut: bool | None = None, served: ServedBy | None = None) -> dict:
     """The JSON a user downloads or the API returns: word boxes and `prompts` (`model_prompts`' dict, as logged)
     mapped to the pixels of the image the user sent. cut: a limit (max words, or its token budget) ended a
     caption the model had not finished (a generated caption; None for a typed one)."""
@@ -150,7 +149,7 @@ def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float]
 
 
 def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float], size: tuple[int, int],
-                 gen_id: int | None, served: Any = None) -> dict:
+                 gen_id: int | None, served: ServedBy | None = None) -> dict:
     results = []
     for r in referrals:
         mask = r.mask
@@ -166,7 +165,7 @@ def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float]
 
 
 def dense_record(studio: Studio, regions: Sequence[dict], scale: tuple[float, float], size: tuple[int, int],
-                 gen_id: int | None, served: Any = None) -> dict:
+                 gen_id: int | None, served: ServedBy | None = None) -> dict:
     return {"task": "dense", "image": {"width": size[0], "height": size[1]},
             "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
             "regions": [{"box": to_original(r["box"], scale), "score": round(r["score"], 4), "caption": r["caption"],
