@@ -230,14 +230,25 @@ def test_the_repetition_penalty_starts_at_the_checkpoints_default_and_reaches_th
         seeds.append(row["extra"]["decoding"]["seed"])
     assert seeds[0] != seeds[1]
 
-def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page, studio_app):
+def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page, studio_app, monkeypatch):
     """Picking another image while a caption still streams: the stream's later updates carried the old session
     back into the page's state, so Referring (and Dense, Annotate) worked on the previous image while the new
     one was shown. The new image stops the stream (`Session.replaced`)."""
+    real = studio_app.predictor.stream_caption
+
+    def slowed(*args, **kwargs):  # words 0.25 s apart: on a busy machine the caption ended before the next image came
+        # (a caption is logged as abandoned once words were shown: the next image is picked after two)
+        for word in real(*args, **kwargs):
+            time.sleep(0.25)
+            yield word
+
+    monkeypatch.setattr(studio_app.predictor, "stream_caption", slowed)
     _load_example(app, 0)
     root = app.locator("#caption-viewer .px-root")
     app.locator("#generate").click()
     expect(root).to_have_attribute("data-status", "streaming", timeout=TIMEOUT)
+    app.wait_for_function("Number(document.querySelector('#caption-viewer .px-root').dataset.words) >= 2")
+
     def shown(viewer: str) -> str:  # the end of the picture's data URL: enough to tell two images apart
         return app.locator(f"{viewer} image.px-base").get_attribute("href")[-48:]
 
