@@ -145,11 +145,14 @@ def open_store(path: str):
 def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,
            auth: list[tuple[str, str]] | None = None) -> None:
     """Serve `demo` with the app's limits (upload cap MAX_FILE_SIZE, no SSR). block=False returns once the
-    server is up (tests serve the app in their own process this way). auth: (user, password) pairs to log in."""
-    from pixelllm.ui import MAX_FILE_SIZE
+    server is up (tests serve the app in their own process this way). auth: (user, password) pairs to log in.
+    At most STATE_SESSION_CAPACITY sessions keep their state (each holds its image): memory stays bounded however
+    many visitors come."""
+    from pixelllm import ui
 
-    demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, ssr_mode=False,
-                prevent_thread_lock=not block, quiet=not block, auth=auth or None)
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=ui.MAX_FILE_SIZE, ssr_mode=False,
+                prevent_thread_lock=not block, quiet=not block, auth=auth or None,
+                state_session_capacity=ui.STATE_SESSION_CAPACITY)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from pixelllm.ui import workspace as ws
 from tests.conftest import start_studio, stop_studio
 from tests.helpers import set_slider
 
@@ -369,7 +370,7 @@ def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifa
 
 def test_generate_without_an_image_explains_itself_then_an_upload_works(app: Page, example_images):
     app.locator("#generate").click()
-    expect(app.get_by_text("Upload, paste or pick an example image first.").first).to_be_visible()
+    expect(app.get_by_text(ws.NO_IMAGE).first).to_be_visible()
     app.locator("#image-input input[type=file]").set_input_files(str(example_images[3]))  # the app is still up
     expect(app.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
     expect(app.locator("#caption-viewer .px-status")).to_contain_text("Image 256×256")

@@ -4,6 +4,6 @@
 `layout` the wiring, `static/` the viewer's HTML/CSS/JS.
 """
 
-from pixelllm.ui.layout import MAX_FILE_SIZE, build_demo
+from pixelllm.ui.layout import MAX_FILE_SIZE, STATE_SESSION_CAPACITY, build_demo
 
-__all__ = ["build_demo", "MAX_FILE_SIZE"]
+__all__ = ["build_demo", "MAX_FILE_SIZE", "STATE_SESSION_CAPACITY"]

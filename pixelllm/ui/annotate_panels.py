@@ -139,7 +139,7 @@ def compare_adapters(studio: ws.Studio, session: ws.Session | None, lock: thread
     and restored afterwards. Returns (base view, adapter view, note)."""
     session = session if isinstance(session, ws.Session) else None
     if session is None or session.array is None or session.image is None:
-        raise ValueError("Upload, paste or pick an example image first.")
+        raise ValueError(ws.NO_IMAGE)
     predictor = studio.predictor
     prompts = session.caption.get("prompts", {}) if session.caption else {}
     traced = bool(session.caption and session.caption.get("traced"))

@@ -17,6 +17,12 @@ from pixelllm.ui.annotate_tab import build_annotate_tab
 
 STATIC = Path(__file__).parent / "static"
 MAX_FILE_SIZE = "25mb"  # uploads above this are refused by Gradio itself (launch(max_file_size=...))
+# Browser sessions whose state Gradio keeps (launch(state_session_capacity=...)); the least recently used beyond it
+# are dropped. Gradio's default, 10000, is no bound here: a session's gr.State holds its image (a 2048x1536 upload:
+# 9.4 MB of model-frame pixels + its display JPEG), kept an hour after the tab closes and forever when no
+# heartbeat closes it, and Gradio never drops a session's per-session config (the three viewers' values, ~0.7 MB),
+# only this cap does. 128 sessions of a phone photo: ~1.8 GB at most.
+STATE_SESSION_CAPACITY = 128
 TITLE = "PixelLLM Studio"
 
 

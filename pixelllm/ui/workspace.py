@@ -215,9 +215,14 @@ def ensure_session(session: Session | None) -> Session:
     return session if isinstance(session, Session) else Session()
 
 
+# A page's session is dropped after the app's session cap (pixelllm.ui.STATE_SESSION_CAPACITY) of more recent ones:
+# the page still shows its image, the server no longer has it
+NO_IMAGE = "Upload, paste or pick an example image first (or pick it again if the page sat idle for long)."
+
+
 def require_image(session: Session) -> None:
     if session.array is None or session.image is None:
-        raise ValueError("Upload, paste or pick an example image first.")
+        raise ValueError(NO_IMAGE)
 
 
 # ------------------------------------------------------------------------------------------ images
