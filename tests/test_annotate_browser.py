@@ -283,3 +283,39 @@ def test_behind_a_login_saves_and_reviews_are_stored_under_it(page: Page, app_ch
             ("submitted", "rita", None), ("accepted", "rita", "rita")]
     finally:
         stop_studio(studio)
+
+
+def test_move_and_resize_a_box_from_the_keyboard(app: Page, annotate_app):
+    """Keyboard only: ← → select a word, Shift+arrows move its box, Ctrl+Shift+arrows resize it (one edit, sent
+    when Shift is released), then `s` saves: the stored box is the one set from the keyboard."""
+    _caption_then_annotate(app, 1)
+    root = app.locator(f"{EDITOR} .pa-root")
+    app.locator(f"{EDITOR} .pa-record").focus()  # any control but a text field: the shortcuts apply
+    app.keyboard.press("ArrowRight")
+    sel = app.locator(f"{EDITOR} rect.pa-box.pa-sel")
+    expect(sel).to_have_attribute("data-i", "0")
+    x, y, w, h = (float(sel.get_attribute(k)) for k in ("x", "y", "width", "height"))
+    size = float(app.locator(f"{EDITOR} svg.pa-svg").evaluate("el => el.viewBox.baseVal.width"))
+    step = max(1, round(size / 64))
+    rev = int(root.get_attribute("data-rev"))
+    dx = -step if x >= step else step
+    app.keyboard.press("Shift+ArrowLeft" if dx < 0 else "Shift+ArrowRight")
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    assert float(sel.get_attribute("x")) == pytest.approx(x + dx, abs=0.2)
+    assert float(sel.get_attribute("width")) == pytest.approx(w, abs=0.2)
+    app.keyboard.down("Control")
+    app.keyboard.down("Shift")
+    app.keyboard.press("ArrowUp")  # shorter by a step, twice: one edit, sent when Shift is released
+    app.keyboard.press("ArrowUp")
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    app.keyboard.up("Shift")
+    app.keyboard.up("Control")
+    expect(root).to_have_attribute("data-rev", str(rev + 2))
+    assert float(sel.get_attribute("height")) == pytest.approx(max(h - 2 * step, 1), abs=0.2)
+    assert float(sel.get_attribute("y")) == pytest.approx(y, abs=0.2)
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("kbd")
+    app.locator(f"{EDITOR} .pa-record").focus()
+    app.keyboard.press("s")
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+    row = annotate_app.store.list_corrections(status="draft", limit=1)[0]
+    assert row["boxes"][0] == [pytest.approx(v, abs=0.5) for v in (x + dx, y, x + dx + w, y + max(h - 2 * step, 1))]

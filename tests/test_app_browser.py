@@ -392,3 +392,46 @@ def test_a_click_beside_a_tall_image_adds_no_prompt(app: Page, tmp_path):
     expect(app.locator("#caption-viewer .px-point")).to_have_count(0)
     _click_image(app, "#caption-viewer", 50, 200)  # on the picture: a point
     expect(app.locator("#caption-viewer .px-point.px-pos")).to_have_count(1)
+
+
+def test_point_and_box_prompts_from_the_keyboard(app: Page, studio_app):
+    """Keyboard only: the image is a Tab stop (with a visible focus ring); arrow keys move a cursor over it and
+    Enter / Space click there, so points and a two-corner box are placed without a mouse."""
+    app.locator("#examples button").nth(0).focus()
+    app.keyboard.press("Enter")
+    svg = app.locator("#caption-viewer svg.px-svg")
+    expect(app.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+    app.locator("#tab-model-button").focus()
+    app.keyboard.press("Tab")  # the viewer comes first in its tab; its Replay button is disabled before a caption
+    expect(svg).to_be_focused()
+    assert svg.evaluate("el => getComputedStyle(el).outlineStyle") not in ("none", "")
+    cursor = app.locator("#caption-viewer .px-kbd")
+    expect(cursor).to_have_count(1)
+    for key in ("ArrowLeft", "ArrowLeft", "ArrowUp"):
+        app.keyboard.press(key)
+    app.keyboard.press("Enter")  # a positive point 2 steps left and 1 up of the centre (a step: 1/32 of the image)
+    point = app.locator("#caption-viewer .px-point.px-pos")
+    expect(point).to_have_count(1)
+    step = 256 / 32
+    assert float(point.get_attribute("cx")) == pytest.approx(128 - 2 * step, abs=0.5)
+    assert float(point.get_attribute("cy")) == pytest.approx(128 - step, abs=0.5)
+    expect(svg).to_be_focused()  # the prompt's redraw keeps the focus on the image
+
+    app.get_by_label("Box (2 clicks)").focus()
+    app.keyboard.press(" ")
+    expect(app.get_by_label("Box (2 clicks)")).to_be_checked()
+    svg.focus()
+    app.keyboard.press(" ")  # the first corner where the point is
+    expect(app.locator("#caption-viewer .px-pending")).to_have_count(1)
+    app.keyboard.press("Shift+ArrowRight")  # Shift: 4 steps
+    app.keyboard.press("Shift+ArrowDown")
+    app.keyboard.press("Enter")
+    box = app.locator("#caption-viewer .px-prompt-box")
+    expect(box).to_have_count(1)
+    assert float(box.get_attribute("width")) == pytest.approx(4 * step, abs=1)
+    assert float(box.get_attribute("height")) == pytest.approx(4 * step, abs=1)
+    app.locator("#generate").focus()
+    app.keyboard.press("Enter")
+    expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    row = _last_generation(studio_app.store)
+    assert len(row["prompts"]["points"]) == 1 and row["prompts"]["box"] is not None

@@ -40,6 +40,7 @@
   let rec = null;        // the recording in progress
   let drag = null;       // a box being moved or drawn
   let corner = null;     // first corner in "click two corners" mode
+  let kbox = null;       // {i, box}: a box moved / resized with Shift+arrows, sent as one edit when Shift is released
   let base = null;       // the <image> element (kept across renders)
   let replayTimers = [];
   let shownKey = null;
@@ -434,6 +435,32 @@
   }
 
   // ------------------------------------------------------------------ keyboard
+  // Shift+arrows move the selected word's box, Ctrl+Shift+arrows move its right / bottom edge (a step: 1/64 of the
+  // image); the new box is drawn as a drag draws it and sent as one edit when Shift is released.
+  const ARROWS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  function nudge(d, resize) {
+    if (!kbox || kbox.i !== sel) kbox = { i: sel, box: words()[sel].box.slice() };
+    const s = Math.max(1, Math.round(Math.max(W(), H()) / 64));
+    let [x0, y0, x1, y1] = kbox.box;
+    if (resize) {
+      x1 = Math.min(Math.max(x1 + d[0] * s, x0 + 1), W());
+      y1 = Math.min(Math.max(y1 + d[1] * s, y0 + 1), H());
+    } else {
+      const dx = Math.min(Math.max(d[0] * s, -x0), W() - x1), dy = Math.min(Math.max(d[1] * s, -y0), H() - y1);
+      x0 += dx; x1 += dx; y0 += dy; y1 += dy;
+    }
+    kbox.box = [x0, y0, x1, y1];
+    const g = live();
+    g.replaceChildren();
+    el("rect", { class: "pa-rubber", x: x0, y: y0, width: x1 - x0, height: y1 - y0 }, g);
+    say("Box of word " + (sel + 1) + ": " + kbox.box.map((v) => Math.round(v)).join(", ") + " (release Shift to apply)");
+  }
+  function commitBox() {
+    if (!kbox) return;
+    const k = kbox;
+    kbox = null;
+    if (k.i === sel) send({ op: "box", i: k.i, box: k.box.map((v) => Math.round(v * 10) / 10) });
+  }
   function onKey(evt) {
     if (!visible()) return;
     if (rec) {
@@ -441,6 +468,7 @@
       if (evt.key === "Escape" && evt.type === "keydown") { evt.preventDefault(); cancelRecording("Recording cancelled."); }
       return;
     }
+    if (evt.type === "keyup" && evt.key === "Shift") commitBox();
     if (evt.type !== "keydown") return;
     const typing = evt.target && evt.target.closest && evt.target.closest("input, textarea, select, [contenteditable]");
     if (typing) return;
@@ -450,6 +478,7 @@
     if ((k === "z" || k === "Z") && !evt.shiftKey) trigger("history", { op: "undo" });
     else if (k === "y" || k === "Y" || (ctrl && evt.shiftKey && (k === "z" || k === "Z"))) trigger("history", { op: "redo" });
     else if ((k === "s" || k === "S") && !evt.altKey) trigger("save", { status: "draft" });
+    else if (evt.shiftKey && !evt.altKey && ARROWS[k] && sel !== null) nudge(ARROWS[k], ctrl);
     else if (ctrl || evt.altKey) handled = false;
     else if (k === "r") startRecording();
     else if (k === "ArrowRight" && words().length) select(sel === null ? 0 : Math.min(sel + 1, words().length - 1));
@@ -457,7 +486,7 @@
     else if ((k === "Delete" || k === "Backspace") && sel !== null) send({ op: "delete", i: sel });
     else if (k === "m" && sel !== null) send({ op: "merge", i: sel });
     else if (k === "n" && sel !== null) send({ op: "non_visual", i: sel, value: !words()[sel].non_visual });
-    else if (k === "Escape") select(null);
+    else if (k === "Escape") { kbox = null; select(null); const g = live(); if (g) g.replaceChildren(); }
     else handled = false;
     if (handled) evt.preventDefault();
   }

@@ -20,6 +20,7 @@
   const regionsBox = root.querySelector(".px-regions");
   const statusEl = root.querySelector(".px-status");
   const replayBtn = root.querySelector(".px-replay");
+  const kbdPos = root.querySelector(".px-kbd-pos");
 
   let view = {};
   let shown = 0;        // words already drawn: newer ones get the arrival animation
@@ -28,6 +29,7 @@
   let timers = [];
   let drag = null;
   let base = null;      // the <image> element holding the picture
+  let kbd = null;       // the keyboard cursor [x, y] (image pixels): arrow keys move it, Enter / Space click there
 
   function el(name, attrs, parent) {
     const node = document.createElementNS(NS, name);
@@ -66,6 +68,8 @@
       stage.classList.remove("px-has-image");
       svg.removeAttribute("viewBox");
       shown = 0;
+      kbd = null;
+      keyboardReady();
       return;
     }
     if (img.src && images.get(img.key) !== img.src) {
@@ -74,12 +78,13 @@
       while (images.size > 8) images.delete(images.keys().next().value);  // keep the page's memory bounded
     }
     const src = images.get(img.key);
-    if (shownKey !== img.key) { shown = 0; pinned = null; shownKey = img.key; }
+    if (shownKey !== img.key) { shown = 0; pinned = null; shownKey = img.key; kbd = null; }
     if (words.length < shown) shown = 0;
     if (pinned !== null && pinned >= words.length) pinned = null;
     stage.classList.add("px-has-image");
     svg.setAttribute("viewBox", "0 0 " + img.width + " " + img.height);
     svg.classList.toggle("px-clickable", !!view.clickable);
+    keyboardReady();
     // The picture stays one element across renders (no re-decoding per streamed word); overlays are redrawn.
     Array.from(svg.children).forEach((c) => { if (c !== base) c.remove(); });
     if (!base || !base.isConnected) {
@@ -96,6 +101,7 @@
     el("g", { class: "px-live" }, svg);
     drawWords(words);
     drawRegionList(view.regions || [], view.selected);
+    drawCursor();
     shown = words.length;
     if (pinned !== null) highlight(pinned);
     const again = refocus ? root.querySelector(refocus) : null;
@@ -348,6 +354,51 @@
     else trigger("pick", { x: d.start[0], y: d.start[1] });
   });
   svg.addEventListener("pointercancel", dropDrag);  // e.g. the browser took a pinch-zoom over
+
+  // Keyboard: a clickable image is a Tab stop; the arrow keys move a cursor (a step is 1/32 of the image, with
+  // Shift 1/8) and Enter / Space send "pick" there, as a click does (points, box corners, inspect, a region).
+  function keyboardReady() {
+    const on = !!(view.clickable && view.image);
+    if (on) svg.setAttribute("tabindex", "0"); else svg.removeAttribute("tabindex");
+    svg.setAttribute("role", on ? "application" : "img");
+    svg.setAttribute("aria-roledescription", "image");
+    svg.setAttribute("aria-label", on ? "image: arrow keys move a cursor (Shift: faster), Enter or Space clicks there"
+      : "image with overlay");
+    if (!on && document.activeElement === svg) svg.blur();
+  }
+  function drawCursor() {
+    const old = svg.querySelector(".px-kbd");
+    if (old) old.remove();
+    if (!kbd || !view.image || !svg.matches(":focus-visible")) return;  // not for a mouse click's focus
+    const s = size() / 40;
+    const g = el("g", { class: "px-kbd" }, svg);
+    el("circle", { class: "px-kbd-ring", cx: kbd[0], cy: kbd[1], r: s }, g);
+    el("line", { class: "px-kbd-line", x1: kbd[0] - 2 * s, y1: kbd[1], x2: kbd[0] + 2 * s, y2: kbd[1] }, g);
+    el("line", { class: "px-kbd-line", x1: kbd[0], y1: kbd[1] - 2 * s, x2: kbd[0], y2: kbd[1] + 2 * s }, g);
+  }
+  function sayCursor() { kbdPos.textContent = kbd ? "cursor at " + Math.round(kbd[0]) + ", " + Math.round(kbd[1]) : ""; }
+  const STEPS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+  svg.addEventListener("focus", () => {
+    if (!kbd && view.image) kbd = [view.image.width / 2, view.image.height / 2];
+    drawCursor();
+    sayCursor();
+  });
+  svg.addEventListener("blur", () => { drawCursor(); kbdPos.textContent = ""; });
+  svg.addEventListener("keydown", (evt) => {
+    if (!view.clickable || !view.image || !kbd || evt.ctrlKey || evt.metaKey || evt.altKey) return;
+    const d = STEPS[evt.key];
+    if (d) {
+      evt.preventDefault();
+      const step = size() / (evt.shiftKey ? 8 : 32);
+      kbd = [Math.min(Math.max(kbd[0] + d[0] * step, 0), view.image.width),
+             Math.min(Math.max(kbd[1] + d[1] * step, 0), view.image.height)];
+      drawCursor();
+      sayCursor();
+    } else if (evt.key === "Enter" || evt.key === " ") {
+      evt.preventDefault();
+      if (!evt.repeat) trigger("pick", { x: Math.round(kbd[0] * 10) / 10, y: Math.round(kbd[1] * 10) / 10 });
+    }
+  });
 
   watch("value", render);
   render();
