@@ -435,3 +435,28 @@ def test_point_and_box_prompts_from_the_keyboard(app: Page, studio_app):
     expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     row = _last_generation(studio_app.store)
     assert len(row["prompts"]["points"]) == 1 and row["prompts"]["box"] is not None
+
+
+def test_the_status_line_is_announced_once_a_caption_is_done_not_for_every_word(app: Page, studio_app, monkeypatch):
+    """The status is a polite live region: while words stream it is busy (a screen reader held "Generating… N
+    words" for every word), then the final message is announced."""
+    real = studio_app.predictor.stream_caption
+
+    def slowed(*args, **kwargs):  # 0.2 s a word: the streaming state lasts long enough to be seen
+        for word in real(*args, **kwargs):
+            time.sleep(0.2)
+            yield word
+
+    monkeypatch.setattr(studio_app.predictor, "stream_caption", slowed)
+    _load_example(app, 0)
+    root = app.locator("#caption-viewer .px-root")
+    status = app.locator("#caption-viewer .px-status")
+    expect(status).to_have_attribute("aria-live", "polite")
+    expect(status).to_have_attribute("aria-busy", "false")
+    app.locator("#generate").click()
+    app.wait_for_function("Number(document.querySelector('#caption-viewer .px-root').dataset.words) >= 2")
+    expect(root).to_have_attribute("data-status", "streaming")
+    expect(status).to_have_attribute("aria-busy", "true")
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    expect(status).to_have_attribute("aria-busy", "false")
+    expect(status).not_to_have_text("")

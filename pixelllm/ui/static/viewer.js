@@ -57,6 +57,9 @@
     root.dataset.words = String(words.length);
     root.dataset.mode = view.mode || "";
     statusEl.textContent = view.message || "";
+    // a live region re-announced "Generating… N words" for every streamed word: held while streaming, the final
+    // message is announced once
+    statusEl.setAttribute("aria-busy", view.status === "streaming" ? "true" : "false");
     replayBtn.disabled = words.length === 0 || view.status === "streaming";
     replayBtn.style.display = view.mode === "refer" ? "none" : "";
     wordsBox.replaceChildren();
