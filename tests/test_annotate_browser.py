@@ -319,3 +319,27 @@ def test_move_and_resize_a_box_from_the_keyboard(app: Page, annotate_app):
     expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
     row = annotate_app.store.list_corrections(status="draft", limit=1)[0]
     assert row["boxes"][0] == [pytest.approx(v, abs=0.5) for v in (x + dx, y, x + dx + w, y + max(h - 2 * step, 1))]
+
+
+def test_word_chips_are_selected_from_the_keyboard_and_keep_the_focus(app: Page, annotate_app):
+    """A word chip is a Tab stop (a button, pressed when selected): Enter selects it, ← → move the selection and the
+    focus along, the "word N of M" line is a live region, and an edit's redraw leaves the focus on the chip."""
+    n = _caption_then_annotate(app, 0)
+    chips = app.locator(f"{EDITOR} .pa-word")
+    chips.first.focus()
+    expect(chips.first).to_be_focused()
+    app.keyboard.press("Enter")
+    expect(chips.first).to_have_attribute("aria-pressed", "true")
+    selected = app.locator(f"{EDITOR} .pa-selected")
+    expect(selected).to_have_attribute("aria-live", "polite")
+    expect(selected).to_have_text(f"word 1 of {n}")
+    app.keyboard.press("ArrowRight")
+    expect(chips.nth(1)).to_be_focused()
+    expect(chips.nth(1)).to_have_attribute("aria-pressed", "true")
+    expect(chips.first).to_have_attribute("aria-pressed", "false")
+    root = app.locator(f"{EDITOR} .pa-root")
+    rev = int(root.get_attribute("data-rev"))
+    app.keyboard.press("n")  # toggle non-visual: an edit, the words are redrawn
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))
+    expect(chips.nth(1)).to_be_focused()

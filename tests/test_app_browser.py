@@ -124,8 +124,10 @@ def test_click_a_point_and_stream_a_trace(app: Page, studio_app, artifacts_dir):
     chip.focus()
     app.keyboard.press("Enter")
     expect(chip).to_have_class(re.compile(r"\bpx-pinned\b"))
+    expect(chip).to_have_attribute("aria-pressed", "true")  # a screen reader hears it pinned
     app.keyboard.press(" ")
     expect(chip).not_to_have_class(re.compile(r"\bpx-pinned\b"))
+    expect(chip).to_have_attribute("aria-pressed", "false")
 
     # clicking a pixel (inspect mode) lists the words whose boxes cover it
     app.get_by_label("Inspect words").check()

@@ -173,12 +173,27 @@
     if (corner) el("circle", { class: "pa-corner", cx: corner[0], cy: corner[1], r: Math.max(W(), H()) / 90 }, g);
   }
 
+  function focusedChip() {  // the index of the word chip with the keyboard focus, or null
+    const a = document.activeElement;
+    return a && a.classList && a.classList.contains("pa-word") && wordsBox.contains(a) ? Number(a.dataset.i) : null;
+  }
+  function focusChip(i) {
+    const chip = i === null ? null : wordsBox.querySelector('.pa-word[data-i="' + i + '"]');
+    if (chip) chip.focus();
+  }
   function drawWords() {
+    const had = focusedChip();  // a redraw (every edit) keeps the keyboard on its chip
     wordsBox.replaceChildren();
     words().forEach((wd, i) => {
       const chip = document.createElement("span");
       chip.className = "pa-word" + (wd.non_visual ? " pa-nv" : "") + (i === sel ? " pa-sel" : "");
       chip.dataset.i = String(i);
+      chip.tabIndex = 0;  // reachable with Tab; Enter or Space selects it like a click
+      chip.setAttribute("role", "button");
+      chip.setAttribute("aria-pressed", String(i === sel));
+      chip.addEventListener("keydown", (evt) => {
+        if (evt.key === "Enter" || evt.key === " ") { evt.preventDefault(); evt.stopPropagation(); chip.click(); }
+      });
       chip.textContent = wd.text;
       chip.style.background = wd.color;
       chip.style.color = wd.ink || "#fff";
@@ -189,6 +204,7 @@
       wordsBox.appendChild(chip);
     });
     markRecording();
+    if (had !== null) focusChip(Math.min(had, words().length - 1));
   }
 
   function markRecording() {
@@ -207,7 +223,11 @@
     sel = i;
     corner = null;
     redrawBoxes();
-    wordsBox.querySelectorAll(".pa-word").forEach((c) => c.classList.toggle("pa-sel", Number(c.dataset.i) === sel));
+    wordsBox.querySelectorAll(".pa-word").forEach((c) => {
+      c.classList.toggle("pa-sel", Number(c.dataset.i) === sel);
+      c.setAttribute("aria-pressed", String(Number(c.dataset.i) === sel));
+    });
+    if (focusedChip() !== null && sel !== null) focusChip(sel);  // ← → from a chip take the focus along
     updateTools();
   }
 

@@ -142,12 +142,15 @@
       chip.addEventListener("mouseleave", () => highlight(pinned));
       chip.tabIndex = 0;  // reachable with Tab; Enter or Space pins it like a click
       chip.setAttribute("role", "button");
+      chip.setAttribute("aria-pressed", String(i === pinned));
       chip.addEventListener("focus", () => highlight(i));
       chip.addEventListener("blur", () => highlight(pinned));
       chip.addEventListener("click", () => {
         pinned = pinned === i ? null : i;
-        wordsBox.querySelectorAll(".px-word").forEach((c) =>
-          c.classList.toggle("px-pinned", Number(c.dataset.i) === pinned));
+        wordsBox.querySelectorAll(".px-word").forEach((c) => {
+          c.classList.toggle("px-pinned", Number(c.dataset.i) === pinned);
+          c.setAttribute("aria-pressed", String(Number(c.dataset.i) === pinned));
+        });
         highlight(pinned);
       });
       chip.addEventListener("keydown", pressOnEnter);
