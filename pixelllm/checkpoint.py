@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import find_tied_parameters, retie_parameters
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pixelllm import adapters as lora
@@ -123,7 +123,11 @@ def load_weights(model: torch.nn.Module, path: Path, map_location: str = "cpu") 
     lm_head in its file, since the head was the input embeddings; it loads with the head set to them, as it was
     trained, and a warning."""
     expected, aliases = _dedupe_shared(lora.base_state_dict(model))
-    with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
+    try:  # a file cut short (an interrupted copy, download or save) fails here, as a ValueError naming it
+        opened = safe_open(str(path), framework="pt", device=str(map_location))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt: {err})") from None
+    with opened as handle:
         keys = set(handle.keys())
         missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
         tied_before = missing == [_HEAD] and not unexpected and aliases.get(_SHARED, _SHARED) in keys

@@ -169,3 +169,34 @@ def test_ids_of_different_image_collections_never_collide(tmp_path):
     assert batch["images"][0].mean() < 10 and batch["images"][1].mean() > 245  # each on its own picture
     vg = data.records[data.index["vg:9"]]
     assert [o["caption"] for o in vg.objects] == ["a bus"] and data.size("refer_image") == 2
+
+
+@pytest.mark.parametrize("kind, content, match", [
+    ("mdetr", VG_REGIONS, r"is not an MDETR annotation file"),  # the VG file given to mdetr
+    ("mdetr", {"images": [{"id": 0, "caption": "a dog"}], "annotations": [{"image_id": 0}]},
+     r"is not in the expected format \(KeyError"),
+    ("mdetr", {"images": [], "annotations": []}, r"no expressions converted .* left as it was"),
+    ("vg", REFCOCO, r"is not Visual Genome's region_descriptions.json"),
+    ("vg", [{"id": 1, "regions": [{"phrase": "a tree"}]}], r"is not in the expected format \(KeyError"),
+    ("vg", [{"id": 1, "regions": []}], r"no regions converted .* left as it was"),
+])
+def test_an_input_of_another_shape_is_named_and_leaves_the_data_folder_alone(tmp_path, kind, content, match):
+    """An input of another shape used to convert to nothing and replace the folder's good file with an empty one
+    (exit 0), or end in a traceback."""
+    source = tmp_path / "input.json"
+    source.write_text(json.dumps(content))
+    good = tmp_path / ("train.refer.jsonl" if kind == "mdetr" else "train.dense.jsonl")
+    good.write_text('{"a good": "file"}\n')
+    flag = "--ann" if kind == "mdetr" else "--regions"
+    with pytest.raises(SystemExit, match=match):
+        convert.main([kind, flag, str(source), "--out", str(tmp_path)])
+    assert good.read_text() == '{"a good": "file"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["input.json", good.name])  # no temporary file left
+
+
+def test_max_regions_below_one_is_refused(tmp_path, capsys):
+    (tmp_path / "regions.json").write_text(json.dumps(VG_REGIONS))
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["vg", "--regions", str(tmp_path / "regions.json"), "--out", str(tmp_path), "--max-regions", "-1"])
+    assert exit_info.value.code == 2 and "--max-regions must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "train.dense.jsonl").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -611,3 +612,35 @@ def test_the_shipped_metrics_json_holds_every_metric_of_this_code() -> None:
     result = json.loads(shipped.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
     assert result["settings"]["split"] == "test" and result["counts"]["images"] >= 500
+
+
+def test_cli_names_a_truncated_weights_file_in_one_line(tmp_path, capsys) -> None:
+    """A checkpoint whose model.safetensors was cut short (a copy or download interrupted) used to end in a
+    safetensors traceback; it is an argparse error naming the file, before any image is evaluated."""
+    from tests.helpers import save_small_checkpoint
+
+    checkpoint = save_small_checkpoint(tmp_path / "model")
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    generate_split(tmp_path / "data", "test", 1, seed=3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--threads", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint: {weights} is not a readable safetensors file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("target, match", [
+    ("a_folder", r"is a folder; give a file name"),
+    ("a_file/results.json", r"cannot write in .*a_file"),  # its folder is a file
+])
+def test_cli_refuses_a_json_target_it_cannot_write_before_evaluating(tmp_path, capsys, target, match) -> None:
+    """--json to a folder (or under a file) failed with a traceback only after the whole evaluation had run."""
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"),
+              "--json", str(tmp_path / target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and "--checkpoint:" not in err  # refused first

@@ -415,3 +415,55 @@ def test_a_missing_or_broken_config_is_refused_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"scalar.json must be a mapping .* got int"):
         main(["--config", str(scalar)])
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c["stages"][0].update(steps=0), r"stage 1 \('caption_pretraining'\): steps must be a whole number"),
+    (lambda c: c["stages"][1].update(steps=-3), r"stage 2 \('multitask'\): steps must be a whole number"),
+    (lambda c: c.update(stages=[]), r"stages must be a non-empty list"),
+    (lambda c: c["stages"][1].pop("steps"), r"stage 2 \('multitask'\): steps must be a whole number"),
+    (lambda c: c["stages"][1].update(tasks={"narative": 1}), r"stage 2 \('multitask'\): unknown tasks \['narative'\]"),
+    (lambda c: c["train"].pop("lr"), r"train.lr is missing"),
+    (lambda c: c["train"].pop("batch_size"), r"train.batch_size is missing"),
+    (lambda c: c.pop("stages"), r"no `stages:` section"),
+])
+def test_a_config_whose_stages_cannot_train_is_refused_before_any_work(tmp_path, change, match):
+    """A stage of 0 or negative steps used to finish with exit 0 and an untrained `final/` (and export); a typo'd
+    task or key in a later stage failed with a traceback only after the earlier stages had trained."""
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    cfg = yaml.safe_load(config.read_text())
+    change(cfg)
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=match):
+        main(["--config", str(config)])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_holding_another_run_or_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    """train.out holding a run of another model used to be resumed silently: that run's weights trained on under
+    the new config, whose config.resolved.json then described a model the folder does not hold, and `final/` was
+    replaced. A truncated checkpoint ended in a safetensors traceback."""
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    assert main(["--config", str(config)]) == 0
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in (run / "final" / "model.safetensors", run / "config.resolved.json")}
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["overrides"]["t5"]["d_model"] = 96
+    cfg["stages"][1]["steps"] = 2
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=r"holds another run .* model: section: model.overrides.t5.d_model\)"):
+        main(["--config", str(other)])
+    assert {p: p.read_bytes() for p in before} == before
+    weights = run / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    longer = yaml.safe_load(config.read_text())
+    longer["stages"][1]["steps"] = 2
+    config.write_text(yaml.safe_dump(longer))
+    with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint.*model.safetensors"):
+        main(["--config", str(config)])
+    assert {p: p.read_bytes() for p in before} == before

@@ -38,6 +38,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from pixelllm.files import write_atomically
+
 
 def xywh_to_box(bbox: list[float], width: float | None, height: float | None) -> list[float] | None:
     """[x, y, w, h] -> [x0, y0, x1, y1], clipped to the image if its size is given; None when under one pixel
@@ -171,11 +173,24 @@ def convert_vg(regions: list[dict[str, Any]], sizes: dict[str, tuple[int, int]],
     return records, counts
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
+def _write_jsonl(path: Path, records: list[dict[str, Any]], what: str) -> None:
+    """Replace `path` with the records, whole or not at all; none converted writes nothing (an input of another
+    shape converted to nothing, and the data folder's good file was replaced by an empty one)."""
+    if not records:
+        raise SystemExit(f"no {what} converted (see the counts above); {path} is left as it was")
+    try:
+        write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+    except OSError as err:
+        raise SystemExit(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _checked(converter, data: Any, path: str) -> tuple[list[dict[str, Any]], Counter]:
+    """Run a converter on a file's JSON; a file of another shape is one line naming it, not a traceback."""
+    try:
+        return converter(data)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise SystemExit(f"{path} is not in the expected format ({type(err).__name__}: {err}); "
+                         "see `python -m training.convert --help` and docs/data_formats.md") from None
 
 
 def _load_json(path: str) -> Any:
@@ -201,25 +216,40 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True, help="data folder (images/ is expected inside it)")
         p.add_argument("--split", default="train")
     args = parser.parse_args(argv)
+    if args.kind == "vg" and args.max_regions < 1:
+        parser.error(f"--max-regions must be at least 1, got {args.max_regions}")
     out = Path(args.out)
     if args.kind == "mdetr":
         path = out / f"{args.split}.refer.jsonl"
         everything = []
         for ann in args.ann:
-            records, counts = convert_mdetr(_load_json(ann), Path(ann).stem)
+            data = _load_json(ann)
+            if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+                    and isinstance(data.get("annotations"), list)):
+                raise SystemExit(f"{ann} is not an MDETR annotation file (a JSON object with `images` and "
+                                 "`annotations` lists)")
+            records, counts = _checked(lambda d, stem=Path(ann).stem: convert_mdetr(d, stem), data, ann)
             everything += records
             print(f"{ann}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        _write_jsonl(path, everything)
+        _write_jsonl(path, everything, "expressions")
         print(f"wrote {len(everything)} expressions to {path}")
     else:
         sizes = {}
         if args.image_data:
-            for img in _load_json(args.image_data):
-                sizes[str(img.get("image_id", img.get("id")))] = (int(img["width"]), int(img["height"]))
-        records, counts = convert_vg(_load_json(args.regions), sizes, args.max_regions)
+            try:
+                for img in _load_json(args.image_data):
+                    sizes[str(img.get("image_id", img.get("id")))] = (int(img["width"]), int(img["height"]))
+            except (KeyError, TypeError, AttributeError, ValueError) as err:
+                raise SystemExit(f"{args.image_data} is not Visual Genome's image_data.json ({type(err).__name__}: "
+                                 f"{err})") from None
+        data = _load_json(args.regions)
+        if not isinstance(data, list):
+            raise SystemExit(f"{args.regions} is not Visual Genome's region_descriptions.json (a JSON list of images "
+                             "with `regions`)")
+        records, counts = _checked(lambda d: convert_vg(d, sizes, args.max_regions), data, args.regions)
         path = out / f"{args.split}.dense.jsonl"
         print(f"{args.regions}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        _write_jsonl(path, records)
+        _write_jsonl(path, records, "regions")
         print(f"wrote {len(records)} images ({counts['regions']} regions) to {path}")
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -306,6 +307,20 @@ def print_result(result: dict[str, Any], title: str, decoding: str) -> None:
               f"{'-' if target is None else 'met' if target else 'not met'}")
 
 
+def json_target_problem(target: Path) -> str | None:
+    """Why the results could not be written to `target` (None: they can), found by creating a scratch file in its
+    folder (the folder is created, as writing the results would)."""
+    if target.is_dir():
+        return "is a folder; give a file name, e.g. --json runs/eval/test.json"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as err:
+        return f"cannot write in {target.parent}: {err.strerror or err}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -326,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     clash = [name for name in splits if name in ("task", "metric", "mean", "s.e.")] if len(splits) > 1 else []
     if clash:
         parser.error(f"--split: {clash[0]!r} is a column of the summary table; rename the split")
+    if args.json:  # an unwritable --json failed with a traceback after the whole evaluation had run
+        problem = json_target_problem(Path(args.json))
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
     truths = {}
     for split in splits:  # the user's mistakes as one line each, before the model loads
         try:

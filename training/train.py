@@ -63,6 +63,64 @@ def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     return cfg
 
 
+def check_config(cfg: dict[str, Any], path: str | Path) -> None:
+    """What the run needs, checked before any work: a missing key, or a stage that cannot train (0 or negative
+    steps, no or unknown tasks), is one line naming it, not an untrained `final/` with exit 0 or a KeyError after
+    the stages before it have trained."""
+    for section in ("model", "data", "train", "stages"):
+        if section not in cfg:
+            raise SystemExit(f"config {path}: no `{section}:` section")
+    for section in ("model", "data", "train"):
+        if not isinstance(cfg[section], dict):
+            raise SystemExit(f"config {path}: `{section}:` must be a mapping, got {type(cfg[section]).__name__}")
+    for section, keys in (("data", ("root", "train_split")), ("train", ("out", "batch_size", "lr"))):
+        for key in keys:
+            if cfg[section].get(key) in (None, ""):
+                raise SystemExit(f"config {path}: {section}.{key} is missing")
+    stages = cfg["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise SystemExit(f"config {path}: stages must be a non-empty list of stages (name:, steps:, tasks:)")
+    for number, stage in enumerate(stages, 1):
+        if not isinstance(stage, dict) or not stage.get("name"):
+            raise SystemExit(f"config {path}: stage {number} must be a mapping with a name:")
+        where = f"config {path}: stage {number} ({stage['name']!r})"
+        steps = stage.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SystemExit(f"{where}: steps must be a whole number of at least 1, got {steps!r}")
+        tasks = stage.get("tasks")
+        if not isinstance(tasks, dict) or not tasks:
+            raise SystemExit(f"{where}: tasks must map task names to weights, e.g. {{narrative: 1}}; got {tasks!r}")
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise SystemExit(f"{where}: unknown tasks {unknown}; known: {', '.join(TASKS)}")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in tasks.values()) \
+                or not any(w > 0 for w in tasks.values()):
+            raise SystemExit(f"{where}: task weights must be numbers >= 0, at least one positive; got {tasks}")
+
+
+def check_same_run(out: Path, cfg: dict[str, Any]) -> None:
+    """A folder with a checkpoint is resumed; refuse when that run was of another model (its `model:` section
+    differs), which would otherwise train on that run's weights under this config and replace its `final/`."""
+    resolved = out / "config.resolved.json"
+    try:
+        previous = json.loads(resolved.read_text())
+    except (OSError, ValueError):
+        return  # no record of the run's config (or an unreadable one): nothing to compare
+    if isinstance(previous, dict) and "model" in previous and previous["model"] != cfg["model"]:
+        changed = ", ".join(_differences(previous["model"], cfg["model"], "model")) or "model"
+        raise SystemExit(f"train.out {out} holds another run (its {resolved.name} has a different model: section: "
+                         f"{changed}), and resuming it would train that run's weights under this config; give a new "
+                         "train.out, or the model: section that run was started with")
+
+
+def _differences(before: Any, after: Any, prefix: str) -> list[str]:
+    """The dotted keys under which two nested configs differ."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [d for key in sorted(set(before) | set(after), key=str)
+                for d in _differences(before.get(key), after.get(key), f"{prefix}.{key}")]
+    return [] if before == after else [prefix]
+
+
 # ---------------------------------------------------------------------------- distributed
 def setup_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
@@ -224,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
     cfg = load_config(args.config, overrides)
+    check_config(cfg, args.config)
     rank, world, device = setup_distributed()
     tcfg = cfg["train"]
     torch.set_num_threads(max(1, int(tcfg.get("threads", os.cpu_count() or 1)) // world))
@@ -233,14 +292,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"train.task_batch_size: unknown tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
     out = Path(tcfg["out"])
     export_dir = export_folder(cfg, out)  # refused here, before any work, if it is someone's folder
+    resume = find_resume(out)
+    if resume is not None:
+        check_same_run(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
     root = Path(cfg["data"]["root"])
 
-    resume = find_resume(out)
     if resume is not None:
-        model = PixelLLM.from_pretrained(str(resume))
-        trainer_state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)
+        try:
+            model = PixelLLM.from_pretrained(str(resume))
+            trainer_state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: torch.load of a truncated file
+            raise SystemExit(f"cannot resume from {resume}: {err}; move that folder away to start the run over"
+                             ) from None
     else:
         mcfg = cfg["model"]
         init = mcfg.get("init", "scratch")
