@@ -467,3 +467,40 @@ def test_a_run_folder_holding_another_run_or_a_corrupt_checkpoint_is_refused_and
     with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint.*model.safetensors"):
         main(["--config", str(config)])
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_failed_final_save_keeps_the_previous_final_and_export(tmp_path, monkeypatch):
+    """The end of a run replaced final/ in place and deleted the export before writing the new one: a full disk
+    there lost the last good model. Now each is written beside and swapped in."""
+    import errno
+
+    from pixelllm import PixelLLM
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["export"] = {"dir": str(tmp_path / "export")}
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(config)]) == 0
+    kept = [tmp_path / "run" / "final" / "model.safetensors", tmp_path / "export" / "model.safetensors"]
+    before = {p: p.read_bytes() for p in kept}
+    cfg["stages"][1]["steps"] = 2  # one more step, resumed: the weights change
+    config.write_text(yaml.safe_dump(cfg))
+    real = PixelLLM.save_pretrained
+
+    def full_disk_at(name: str):
+        def save(self, folder, *args, **kwargs):
+            real(self, folder, *args, **kwargs)
+            if Path(folder).name == name:  # written (in part, as a full disk would leave it), then the error
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return save
+
+    for name, unchanged in (("final.tmp", kept), ("export.tmp", kept[1:])):  # final/ is saved before the export
+        monkeypatch.setattr(PixelLLM, "save_pretrained", full_disk_at(name))
+        with pytest.raises(OSError, match="No space left"):
+            main(["--config", str(config)])
+        assert all(p.read_bytes() == before[p] for p in unchanged), name
+        assert not list(tmp_path.glob("**/*.tmp")), name
+    monkeypatch.setattr(PixelLLM, "save_pretrained", real)
+    assert main(["--config", str(config)]) == 0  # with room again, the run ends and both are replaced
+    assert all(p.read_bytes() != before[p] for p in kept)

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +157,30 @@ def tokenizer_corpus(root: Path, split: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model: PixelLLM, state: dict) -> None:
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+def save_swapped(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder beside `target` (`<name>.tmp`, by `write`) and swap it in: a save that fails (a full disk)
+    or is killed keeps the previous `target` whole (`<name>.old` between the two renames)."""
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    if final.exists():
-        # a kill after the previous save's renames but before its rmtree leaves `old` behind; `final` is newer
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        # a kill after the previous save's renames but before its rmtree leaves `old` behind; `target` is newer
         shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
+        target.rename(old)
+    tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(out: Path, model: PixelLLM, state: dict) -> None:
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        torch.save(state, folder / "trainer_state.pt")
+
+    save_swapped(out / "checkpoint", write)
 
 
 def find_resume(out: Path) -> Path | None:
@@ -443,11 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         card = {"training": training_summary(args.config, stages, str(root), cfg["data"]["train_split"],
                                              len(data.records), float(tcfg["lr"]))}
-        model.save_pretrained(out / "final", model_card_kwargs=card)
+        # swapped in whole: a failed save (a full disk) keeps the previous final/ and export
+        save_swapped(out / "final", lambda folder: model.save_pretrained(folder, model_card_kwargs=card))
         if export_dir is not None:
             dtype_name = cfg["export"].get("dtype", "float32")
-            shutil.rmtree(export_dir, ignore_errors=True)
-            model.save_pretrained(export_dir, dtype=getattr(torch, dtype_name), model_card_kwargs=card)
+            save_swapped(export_dir, lambda folder: model.save_pretrained(
+                folder, dtype=getattr(torch, dtype_name), model_card_kwargs=card))
             print(f"exported {export_dir} ({dtype_name})", flush=True)
         print(f"done: {step} steps -> {out / 'final'}", flush=True)
     if world > 1:
