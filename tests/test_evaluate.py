@@ -644,3 +644,17 @@ def test_cli_refuses_a_json_target_it_cannot_write_before_evaluating(tmp_path, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and "Traceback" not in err and "--checkpoint:" not in err  # refused first
+
+
+def test_cli_names_the_file_and_line_of_a_malformed_jsonl_record(tmp_path, capsys) -> None:
+    """A broken line of a split's JSONL was reported as json's "Expecting property name ...: line 1 column 2",
+    without the file, and with a line number that was not the file's."""
+    generate_split(tmp_path / "data", "test", 2, seed=3)
+    refer = tmp_path / "data" / "test.refer.jsonl"
+    lines = refer.read_text().splitlines()
+    refer.write_text("\n".join([lines[0], "{'expression': 'single quotes'}", *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "data")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{refer}, line 2: not JSON" in err and "Traceback" not in err

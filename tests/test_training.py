@@ -504,3 +504,29 @@ def test_a_failed_final_save_keeps_the_previous_final_and_export(tmp_path, monke
     monkeypatch.setattr(PixelLLM, "save_pretrained", real)
     assert main(["--config", str(config)]) == 0  # with room again, the run ends and both are replaced
     assert all(p.read_bytes() != before[p] for p in kept)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("no split", r"data.root .*: no split 'elsewhere' there"),
+    ("a broken line", r"data: .*train.refer.jsonl, line 2: not JSON"),
+])
+def test_a_missing_split_or_a_broken_data_line_is_one_line(tmp_path, damage, match):
+    """A typo'd split (or data.root) ended in a FileNotFoundError traceback; a broken JSONL line in json's own
+    words, without the file."""
+    from training.data.shapes import generate_split
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"].pop("generate")
+    generate_split(tmp_path / "data", "train", 4, seed=5)
+    if damage == "no split":
+        cfg["data"]["train_split"] = "elsewhere"
+    else:
+        refer = tmp_path / "data" / "train.refer.jsonl"
+        lines = refer.read_text().splitlines()
+        refer.write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=match):
+        main(["--config", str(config)])
+    assert not (tmp_path / "run" / "final").exists()

@@ -151,9 +151,19 @@ def ensure_data(cfg: dict, rank: int, world: int) -> None:
 
 
 def tokenizer_corpus(root: Path, split: str) -> list[str]:
-    texts = [r["caption"] for r in read_jsonl(root / f"{split}.ln.jsonl")]
-    texts += [r["expression"] for r in read_jsonl(root / f"{split}.refer.jsonl")]
+    ln, refer = root / f"{split}.ln.jsonl", root / f"{split}.refer.jsonl"
+    texts = [r["caption"] for r in read_jsonl(ln)] if ln.is_file() else []
+    texts += [r["expression"] for r in read_jsonl(refer)] if refer.is_file() else []
     return texts
+
+
+def check_split(root: Path, split: str) -> None:
+    """The training split exists: one of its files is in data.root (a typo'd root or split was a traceback)."""
+    kinds = ("ln", "refer", "dense", "objects")
+    if not any((root / f"{split}.{kind}.jsonl").is_file() for kind in kinds):
+        raise SystemExit(f"data.root {root}: no split {split!r} there (none of "
+                         f"{', '.join(f'{split}.{kind}.jsonl' for kind in kinds)}); generate it (data.generate, "
+                         "python -m training.shapes) or convert a dataset into it (docs/data_formats.md)")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -312,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
     root = Path(cfg["data"]["root"])
+    check_split(root, cfg["data"]["train_split"])
 
     if resume is not None:
         try:
@@ -329,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
             tok_dir = out / "tokenizer"
             if rank == 0 and not (tok_dir / "tokenizer.json").is_file():
                 vocab = int(config.t5.vocab_size)
-                train_tokenizer(tokenizer_corpus(root, cfg["data"]["train_split"]), vocab).save_pretrained(tok_dir)
+                try:
+                    corpus = tokenizer_corpus(root, cfg["data"]["train_split"])
+                except ValueError as err:
+                    raise SystemExit(f"data: {err}") from None
+                train_tokenizer(corpus, vocab).save_pretrained(tok_dir)
             if world > 1:
                 dist.barrier()
             from transformers import AutoTokenizer
@@ -342,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer_state = {"step": 0}
     model.to(device).train()
 
-    data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"),
-                      lazy=bool(cfg["data"].get("lazy", model.config.image_size > 256)))
+    try:  # a malformed line is a ValueError naming its file and line
+        data = ShapesData(root, cfg["data"]["train_split"], model.config.image_size, cfg["data"].get("limit"),
+                          lazy=bool(cfg["data"].get("lazy", model.config.image_size > 256)))
+    except ValueError as err:
+        raise SystemExit(f"data: {err}") from None
     collate = Collator(data, model.tokenizer, model.config.image_size, max_tokens=int(tcfg.get("max_tokens", 96)),
                        refer_per_image=int(tcfg.get("refer_per_image", 8)),
                        region_per_image=int(tcfg.get("region_per_image", 8)))

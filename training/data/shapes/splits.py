@@ -87,9 +87,18 @@ def generate_split(
 
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL file (blank lines ignored)."""
+    """All records of a JSONL file (blank lines ignored). A line that is not JSON is a ValueError naming the file
+    and its line number (json's own message counts lines within the line: "line 1 column 3")."""
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err.msg}, column {err.colno})") from None
+    return records
 
 
 @dataclass
