@@ -294,7 +294,14 @@ def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_a
     colours = app.locator("#refer-viewer .px-region").evaluate_all("els => els.map(e => e.getAttribute('stroke'))")
     assert len(set(colours)) == 2
     expect(app.locator("#refer-files a[href$='/mask_1_the-large-blue-triangle.png']")).to_have_count(1)
-    assert _last_generation(studio_app.store, "refer")["words"] == ["the large blue triangle", hostile]
+    refer_row = _last_generation(studio_app.store, "refer")
+    assert refer_row["words"] == ["the large blue triangle", hostile]
+    # a screen reader gets a list, each result named with its expression, score and box
+    expect(app.locator("#refer-viewer .px-regions")).to_have_attribute("role", "list")
+    first = app.locator("#refer-viewer .px-region-row").first
+    expect(first).to_have_attribute("role", "listitem")
+    box = ", ".join(str(round(v)) for v in refer_row["boxes"][0])
+    expect(first).to_have_attribute("aria-label", re.compile(rf"^1\. the large blue triangle, .* — box {box}$"))
     app.screenshot(path=str(artifacts_dir / "app-refer.png"))
 
 
@@ -346,6 +353,7 @@ def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifa
     app.locator("#dense-viewer .px-region-row").first.click()
     root = app.locator("#dense-viewer .px-root")
     expect(app.locator("#dense-viewer .px-region.px-selected")).to_have_count(1, timeout=TIMEOUT)
+    expect(app.locator("#dense-viewer .px-region-row").first).to_have_attribute("aria-current", "true")
     expect(app.locator("#region-text textarea")).not_to_have_value("", timeout=TIMEOUT)  # streaming began
     expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     traced = _last_generation(studio_app.store)

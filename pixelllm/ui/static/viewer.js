@@ -250,6 +250,8 @@
 
   function drawRegionList(regions, selected) {
     const clickable = view.mode === "dense";
+    if (clickable) regionsBox.removeAttribute("role"); else regionsBox.setAttribute("role", "list");
+    regionsBox.setAttribute("aria-label", clickable ? "regions (Enter shows a region's traced caption)" : "results");
     regions.forEach((reg, i) => {
       const row = document.createElement("div");
       row.className = "px-region-row" + (clickable ? " px-clickable" : "") + (i === selected ? " px-selected" : "") +
@@ -267,6 +269,11 @@
       score.className = "px-region-score";
       score.textContent = reg.detail || "";
       row.append(sw, num, label, score);
+      // what a screen reader says of the row: its number, text, score and box (the picture's boxes are unnamed)
+      const b = reg.box ? " — box " + reg.box.map((v) => Math.round(v)).join(", ") : "";
+      row.setAttribute("aria-label", (i + 1) + ". " + reg.label + (reg.detail ? ", " + reg.detail : "") + b);
+      if (clickable) row.setAttribute("aria-current", String(i === selected));
+      else row.setAttribute("role", "listitem");
       row.addEventListener("mouseenter", () => outline(i, true));
       row.addEventListener("mouseleave", () => outline(i, false));
       if (clickable) {
