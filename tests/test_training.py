@@ -530,3 +530,20 @@ def test_a_missing_split_or_a_broken_data_line_is_one_line(tmp_path, damage, mat
     with pytest.raises(SystemExit, match=match):
         main(["--config", str(config)])
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_the_tokenizer_learns_every_text_of_the_split_and_refuses_none(tmp_path):
+    """A from-scratch tokenizer is trained on the narratives, expressions and region captions; a split of region
+    captions only (a Visual Genome conversion) gave it none and it knew single bytes only."""
+    from training.data.shapes import generate_split
+    from training.train import tokenizer_corpus
+
+    generate_split(tmp_path, "train", 3, seed=5)
+    dense = tmp_path / "train.dense.jsonl"
+    captions = [g["caption"] for line in dense.read_text().splitlines() for g in json.loads(line)["regions"]]
+    for kind in ("ln", "refer"):
+        (tmp_path / f"train.{kind}.jsonl").unlink()
+    assert tokenizer_corpus(tmp_path, "train") == captions
+    dense.write_text("")
+    with pytest.raises(ValueError, match="holds no text to build the tokenizer from"):
+        tokenizer_corpus(tmp_path, "train")

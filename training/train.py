@@ -33,6 +33,7 @@ from pixelllm.model_card import training_summary
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.tokenizer import train_tokenizer
 from training.data.datasets import TASKS, Collator, ShapesData, read_jsonl
+from training.data.localized_narratives import read_localized_narratives
 from training.data.sampling import MultiTaskSampler
 
 
@@ -151,9 +152,16 @@ def ensure_data(cfg: dict, rank: int, world: int) -> None:
 
 
 def tokenizer_corpus(root: Path, split: str) -> list[str]:
-    ln, refer = root / f"{split}.ln.jsonl", root / f"{split}.refer.jsonl"
-    texts = [r["caption"] for r in read_jsonl(ln)] if ln.is_file() else []
+    """The texts a from-scratch tokenizer is trained on: the split's narratives (as the LN reader keeps them: a bad
+    line is skipped and counted), referring expressions and region captions. ValueError when there are none (a
+    tokenizer trained on nothing knows single bytes only)."""
+    ln, refer, dense = (root / f"{split}.{kind}.jsonl" for kind in ("ln", "refer", "dense"))
+    texts = [s.caption for s in read_localized_narratives(ln)[0]] if ln.is_file() else []
     texts += [r["expression"] for r in read_jsonl(refer)] if refer.is_file() else []
+    texts += [g["caption"] for r in read_jsonl(dense) for g in r.get("regions", [])] if dense.is_file() else []
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"{root}: split {split!r} holds no text to build the tokenizer from (no narratives, "
+                         "referring expressions or region captions)")
     return texts
 
 
