@@ -159,3 +159,16 @@ def test_on_a_tablet_a_wobbly_tap_in_the_editor_edits_no_box_and_a_drag_does(dev
     expect(root).to_have_attribute("data-rev", str(rev + 1))
     assert [float(tablet.locator(f"{EDITOR} rect.pa-box.pa-sel").get_attribute(k))
             for k in ("x", "y", "width", "height")] == [pytest.approx(v, abs=3) for v in (20, 30, 80, 60)]
+
+    # "click two corners": a pinch places no corner and edits nothing; two taps set the box
+    rev = int(root.get_attribute("data-rev"))
+    tablet.locator(f"{EDITOR} select.pa-boxmode").select_option("corners")
+    a, b = fingers.at(svg, 100, 100), fingers.at(svg, 150, 150)
+    fingers.gesture([[a, (a[0] - 30, a[1] - 30)], [b, (b[0] + 30, b[1] + 30)]])
+    fingers.wobbly_tap(*fingers.at(svg, 30, 40))  # after the pinch: the first corner
+    expect(tablet.locator(f"{EDITOR} circle.pa-corner")).to_have_count(1)
+    assert int(root.get_attribute("data-rev")) == rev  # the pinch sent no box
+    fingers.wobbly_tap(*fingers.at(svg, 90, 120))
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    assert [float(tablet.locator(f"{EDITOR} rect.pa-box.pa-sel").get_attribute(k))
+            for k in ("x", "y", "width", "height")] == [pytest.approx(v, abs=3) for v in (30, 40, 60, 80)]

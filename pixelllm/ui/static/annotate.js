@@ -304,11 +304,9 @@
     if (!p) return;
     evt.preventDefault();
     if (boxModeIn.value === "corners" && sel !== null) {
-      // redrawBoxes, not select(): select() starts a new box and forgets the corner just set
-      if (!corner) { corner = [clampX(p[0]), clampY(p[1])]; redrawBoxes(); return; }
-      const c = corner;
-      corner = null;
-      send({ op: "box", i: sel, box: [c[0], c[1], clampX(p[0]), clampY(p[1])] });
+      // the corner is placed when this pointer is lifted: a second finger first (a pinch) places none
+      drag = { id: evt.pointerId, start: p, corners: true };
+      try { svg.setPointerCapture(evt.pointerId); } catch (e) { /* optional */ }
       return;
     }
     const b = sel !== null ? words()[sel].box : null;
@@ -321,7 +319,7 @@
   });
   svg.addEventListener("pointermove", (evt) => {
     if (rec) { capture(evt); return; }
-    if (!drag || evt.pointerId !== drag.id) return;
+    if (!drag || evt.pointerId !== drag.id || drag.corners) return;
     if (Math.hypot(evt.clientX - drag.sx, evt.clientY - drag.sy) > drag.slop) drag.moved = true;
     if (!drag.moved || sel === null) return;
     const p = toImage(evt);
@@ -349,6 +347,16 @@
     drag = null;
     const g = live();
     if (g) g.replaceChildren();
+    if (d.corners) {
+      if (sel === null) return;
+      const p = d.start;
+      // redrawBoxes, not select(): select() starts a new box and forgets the corner just set
+      if (!corner) { corner = [clampX(p[0]), clampY(p[1])]; redrawBoxes(); return; }
+      const c = corner;
+      corner = null;
+      send({ op: "box", i: sel, box: [c[0], c[1], clampX(p[0]), clampY(p[1])] });
+      return;
+    }
     if (d.moved && sel !== null) {
       const b = d.box.map((v) => Math.round(v * 10) / 10);
       send({ op: "box", i: sel, box: b });
