@@ -495,15 +495,19 @@ def test_a_failed_final_save_keeps_the_previous_final_and_export(tmp_path, monke
                 raise OSError(errno.ENOSPC, "No space left on device")
         return save
 
-    for name, unchanged in (("final.tmp", kept), ("export.tmp", kept[1:])):  # final/ is saved before the export
+    neighbour = tmp_path / "export.old"  # someone's backup beside the export folder: never touched
+    (neighbour / "keep.txt").parent.mkdir()
+    (neighbour / "keep.txt").write_text("mine")
+    for name, unchanged in (("final.tmp", kept), (".export.swap-tmp", kept[1:])):  # final/ is saved first
         monkeypatch.setattr(PixelLLM, "save_pretrained", full_disk_at(name))
         with pytest.raises(OSError, match="No space left"):
             main(["--config", str(config)])
         assert all(p.read_bytes() == before[p] for p in unchanged), name
-        assert not list(tmp_path.glob("**/*.tmp")), name
+        assert not list(tmp_path.glob("**/*.tmp")) and not list(tmp_path.glob("**/*.swap-*")), name
     monkeypatch.setattr(PixelLLM, "save_pretrained", real)
     assert main(["--config", str(config)]) == 0  # with room again, the run ends and both are replaced
     assert all(p.read_bytes() != before[p] for p in kept)
+    assert (neighbour / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("damage, match", [

@@ -175,10 +175,14 @@ def check_split(root: Path, split: str) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_swapped(target: Path, write: Callable[[Path], None]) -> None:
+def save_swapped(target: Path, write: Callable[[Path], None], *, private: bool = False) -> None:
     """Write a folder beside `target` (`<name>.tmp`, by `write`) and swap it in: a save that fails (a full disk)
-    or is killed keeps the previous `target` whole (`<name>.old` between the two renames)."""
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    or is killed keeps the previous `target` whole (`<name>.old` between the two renames). private: hidden names of
+    our own (`.<name>.swap-tmp` / `.swap-old`), for a folder outside the run's, whose `<name>.old` may be someone's."""
+    if private:
+        tmp, old = (target.with_name(f".{target.name}.swap-{kind}") for kind in ("tmp", "old"))
+    else:
+        tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
@@ -488,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if export_dir is not None:
             dtype_name = cfg["export"].get("dtype", "float32")
             save_swapped(export_dir, lambda folder: model.save_pretrained(
-                folder, dtype=getattr(torch, dtype_name), model_card_kwargs=card))
+                folder, dtype=getattr(torch, dtype_name), model_card_kwargs=card), private=True)
             print(f"exported {export_dir} ({dtype_name})", flush=True)
         print(f"done: {step} steps -> {out / 'final'}", flush=True)
     if world > 1:
