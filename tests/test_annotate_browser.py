@@ -343,3 +343,10 @@ def test_word_chips_are_selected_from_the_keyboard_and_keep_the_focus(app: Page,
     expect(root).to_have_attribute("data-rev", str(rev + 1))
     expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))
     expect(chips.nth(1)).to_be_focused()
+    app.keyboard.press("Backspace")  # in the editor: deletes the selected word
+    expect(root).to_have_attribute("data-words", str(n - 1))
+    app.locator("#annotate-open-current").focus()  # a button outside the editor: Backspace deletes nothing
+    app.keyboard.press("Backspace")
+    app.keyboard.press("n")  # an edit that arrives after anything Backspace sent
+    expect(root).to_have_attribute("data-rev", str(rev + 3))
+    expect(root).to_have_attribute("data-words", str(n - 1))

@@ -489,6 +489,7 @@
     kbox = null;
     if (k.i === sel) send({ op: "box", i: k.i, box: k.box.map((v) => Math.round(v * 10) / 10) });
   }
+  function inEditor(target) { return !target || target === document.body || root.contains(target); }
   function onKey(evt) {
     if (!visible()) return;
     if (rec) {
@@ -511,7 +512,11 @@
     else if (k === "r") startRecording();
     else if (k === "ArrowRight" && words().length) select(sel === null ? 0 : Math.min(sel + 1, words().length - 1));
     else if (k === "ArrowLeft" && words().length) select(sel === null ? words().length - 1 : Math.max(sel - 1, 0));
-    else if ((k === "Delete" || k === "Backspace") && sel !== null) send({ op: "delete", i: sel });
+    // Backspace (not listed, a habit) deletes only with the focus in the editor: on another control of the page (a
+    // button of the store panel) it deleted the selected word
+    else if ((k === "Delete" || (k === "Backspace" && inEditor(evt.target))) && sel !== null) {
+      send({ op: "delete", i: sel });
+    }
     else if (k === "m" && sel !== null) send({ op: "merge", i: sel });
     else if (k === "n" && sel !== null) send({ op: "non_visual", i: sel, value: !words()[sel].non_visual });
     else if (k === "Escape") { kbox = null; select(null); const g = live(); if (g) g.replaceChildren(); }
