@@ -75,6 +75,18 @@ def _watch_word_counts(page: Page, viewer: str) -> None:
                .observe(root, {attributes: true, attributeFilter: ['data-words']}); }""", viewer)
 
 
+def _slow_words(monkeypatch, predictor, seconds: float) -> None:
+    """The served predictor streams each word `seconds` after the last (for this test only)."""
+    real = predictor.stream_caption
+
+    def slowed(*args, **kwargs):
+        for word in real(*args, **kwargs):
+            time.sleep(seconds)
+            yield word
+
+    monkeypatch.setattr(predictor, "stream_caption", slowed)
+
+
 def _last_generation(store, task: str = "caption") -> dict:
     return store.list_generations(task=task, limit=1)[0]
 
@@ -237,15 +249,9 @@ def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page
     """Picking another image while a caption still streams: the stream's later updates carried the old session
     back into the page's state, so Referring (and Dense, Annotate) worked on the previous image while the new
     one was shown. The new image stops the stream (`Session.replaced`)."""
-    real = studio_app.predictor.stream_caption
-
-    def slowed(*args, **kwargs):  # words 0.25 s apart: on a busy machine the caption ended before the next image came
-        # (a caption is logged as abandoned once words were shown: the next image is picked after two)
-        for word in real(*args, **kwargs):
-            time.sleep(0.25)
-            yield word
-
-    monkeypatch.setattr(studio_app.predictor, "stream_caption", slowed)
+    # words 0.25 s apart: on a busy machine the caption ended before the next image came (a caption is logged as
+    # abandoned once words were shown: the next image is picked after two)
+    _slow_words(monkeypatch, studio_app.predictor, 0.25)
     _load_example(app, 0)
     root = app.locator("#caption-viewer .px-root")
     app.locator("#generate").click()
@@ -450,14 +456,7 @@ def test_point_and_box_prompts_from_the_keyboard(app: Page, studio_app):
 def test_the_status_line_is_announced_once_a_caption_is_done_not_for_every_word(app: Page, studio_app, monkeypatch):
     """The status is a polite live region: while words stream it is busy (a screen reader held "Generating… N
     words" for every word), then the final message is announced."""
-    real = studio_app.predictor.stream_caption
-
-    def slowed(*args, **kwargs):  # 0.2 s a word: the streaming state lasts long enough to be seen
-        for word in real(*args, **kwargs):
-            time.sleep(0.2)
-            yield word
-
-    monkeypatch.setattr(studio_app.predictor, "stream_caption", slowed)
+    _slow_words(monkeypatch, studio_app.predictor, 0.2)  # the streaming state lasts long enough to be seen
     _load_example(app, 0)
     root = app.locator("#caption-viewer .px-root")
     status = app.locator("#caption-viewer .px-status")
