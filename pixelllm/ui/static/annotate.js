@@ -192,7 +192,8 @@
       chip.setAttribute("role", "button");
       chip.setAttribute("aria-pressed", String(i === sel));
       chip.addEventListener("keydown", (evt) => {
-        if (evt.key === "Enter" || evt.key === " ") { evt.preventDefault(); evt.stopPropagation(); chip.click(); }
+        if (evt.defaultPrevented) return;  // the editor's shortcuts took it (Space: next word while recording)
+        if (evt.key === "Enter" || evt.key === " ") { evt.preventDefault(); chip.click(); }
       });
       chip.textContent = wd.text;
       chip.style.background = wd.color;
