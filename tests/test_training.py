@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -426,6 +427,7 @@ def test_a_missing_or_broken_config_is_refused_with_one_line(tmp_path, capsys):
     (lambda c: c["train"].pop("lr"), r"train.lr is missing"),
     (lambda c: c["train"].pop("batch_size"), r"train.batch_size is missing"),
     (lambda c: c.pop("stages"), r"no `stages:` section"),
+    (lambda c: c["train"].update(checkpoint_evry=5), r"unknown train settings \['checkpoint_evry'\]"),
 ])
 def test_a_config_whose_stages_cannot_train_is_refused_before_any_work(tmp_path, change, match):
     """A stage of 0 or negative steps used to finish with exit 0 and an untrained `final/` (and export); a typo'd
@@ -551,3 +553,15 @@ def test_the_tokenizer_learns_every_text_of_the_split_and_refuses_none(tmp_path)
     dense.write_text("")
     with pytest.raises(ValueError, match="holds no text to build the tokenizer from"):
         tokenizer_corpus(tmp_path, "train")
+
+
+
+@pytest.mark.parametrize("override", ["--stages.5.steps=3", "--train.lr.x=1", "--stages.first.steps=2"])
+def test_an_override_that_names_nothing_is_one_line(tmp_path, override):
+    """An override past the last stage was an IndexError traceback (a key under a number: AttributeError)."""
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    with pytest.raises(SystemExit, match=rf"override '{re.escape(override)}' names nothing in"):
+        main(["--config", str(config), override])
+    assert not (tmp_path / "data").exists()

@@ -54,15 +54,26 @@ def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
         key, value = item[2:].split("=", 1)
         node = cfg
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
-        parsed = yaml.safe_load(value)
-        if isinstance(node, list):
-            node[int(last)] = parsed
-        else:
-            node[last] = parsed
+        try:  # a list index past its end (--stages.5.steps with two stages), or a key under a number
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            last = parts[-1]
+            parsed = yaml.safe_load(value)
+            if isinstance(node, list):
+                node[int(last)] = parsed
+            elif isinstance(node, dict):
+                node[last] = parsed
+            else:
+                raise TypeError(f"{type(node).__name__} has no keys")
+        except (IndexError, ValueError, TypeError, AttributeError) as err:
+            raise SystemExit(f"override {item!r} names nothing in {path} ({type(err).__name__}: {err})") from None
     return cfg
+
+
+# every train.* setting the trainer reads: a typo ("checkpoint_evry", "lr_scale") silently trained with the default
+TRAIN_KEYS = ("autocast", "batch_size", "checkpoint_every", "grad_clip", "lm_lr_scale", "log_every", "lr",
+              "max_tokens", "out", "refer_per_image", "region_per_image", "seed", "task_batch_size", "threads",
+              "warmup", "weight_decay")
 
 
 def check_config(cfg: dict[str, Any], path: str | Path) -> None:
@@ -75,6 +86,9 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
     for section in ("model", "data", "train"):
         if not isinstance(cfg[section], dict):
             raise SystemExit(f"config {path}: `{section}:` must be a mapping, got {type(cfg[section]).__name__}")
+    unknown = sorted(set(cfg["train"]) - set(TRAIN_KEYS))
+    if unknown:
+        raise SystemExit(f"config {path}: unknown train settings {unknown}; known: {', '.join(TRAIN_KEYS)}")
     for section, keys in (("data", ("root", "train_split")), ("train", ("out", "batch_size", "lr"))):
         for key in keys:
             if cfg[section].get(key) in (None, ""):
