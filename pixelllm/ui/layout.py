@@ -21,7 +21,7 @@ MAX_FILE_SIZE = "25mb"  # uploads above this are refused by Gradio itself (launc
 # are dropped. Gradio's default, 10000, is no bound here: a session's gr.State holds its image (a 2048x1536 upload:
 # 9.4 MB of model-frame pixels + its display JPEG), kept an hour after the tab closes and forever when no
 # heartbeat closes it, and Gradio never drops a session's per-session config (the three viewers' values, ~0.7 MB),
-# only this cap does. 128 sessions of a phone photo: ~1.8 GB at most.
+# only this cap does. 128 sessions of a phone photo (~9.7 MB each, measured: docs/app.md): ~1.2 GB at most.
 STATE_SESSION_CAPACITY = 128
 TITLE = "PixelLLM Studio"
 
