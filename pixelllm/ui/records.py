@@ -45,18 +45,11 @@ class Visitor(NamedTuple):
     user: str | None = None
 
 
-def served_now(studio: Studio) -> ServedBy:
-    """The weights serving requests right now: only for an output computed while `predictor.reading()` is held
-    by the caller; otherwise pass what `reading()` yielded where the output was computed."""
-    adapter = studio.predictor.adapter
-    return ServedBy(adapter, None if adapter is None else studio.model.adapter_versions.get(adapter, "in-memory"))
-
-
 def log_output(studio: Studio, session: Session | None, array: np.ndarray, task: str, words: list[str],
                boxes: list[list[float]], *, prompts: Any, extra: dict, visitor: Visitor | None,
-               served: ServedBy | None = None) -> int | None:
-    """Log an output shown to a user. A failing store warns; the user keeps the result. served: the
-    `predictor.reading()` value the output was computed under (its adapter is logged); None = `served_now`."""
+               served: ServedBy) -> int | None:
+    """Log an output shown to a user. A failing store warns; the user keeps the result. served: what
+    `predictor.reading()` yielded where the output was computed (its adapter is logged, not the one active now)."""
     if studio.store is None:
         return None
     try:
@@ -65,7 +58,6 @@ def log_output(studio: Studio, session: Session | None, array: np.ndarray, task:
             sha = studio.store.add_image(render.png_bytes(array), int(array.shape[1]), int(array.shape[0]))
             if session is not None:
                 session.sha = sha
-        served = served or served_now(studio)
         adapter = served.adapter
         if adapter is not None:  # two adapters may share a name (finetune names them after --out's folder)
             extra = {**extra, "adapter_version": served.adapter_version}
@@ -106,10 +98,9 @@ def write_png(folder: Path, name: str, data: bytes | np.ndarray) -> str:
     return str(path)
 
 
-def model_meta(studio: Studio, served: ServedBy | None = None) -> dict:
-    """served: the `predictor.reading()` value the output was computed under; None = `served_now`."""
-    return {"checkpoint": studio.model_id, "version": str(studio.model.version),
-            "adapter": (served or served_now(studio)).adapter}
+def model_meta(studio: Studio, served: ServedBy) -> dict:
+    """served: what `predictor.reading()` yielded where the output was computed."""
+    return {"checkpoint": studio.model_id, "version": str(studio.model.version), "adapter": served.adapter}
 
 
 def model_prompts(points: np.ndarray | None, labels: np.ndarray | None, box: list[float] | None,
@@ -128,7 +119,7 @@ def _prompts_to_original(prompts: dict, scale: tuple[float, float]) -> dict:
 
 def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float], size: tuple[int, int], *,
                    prompts: dict, options: dict | None, generation_id: int | None, task: str = "caption",
-                   cut: bool | None = None, served: ServedBy | None = None) -> dict:
+                   cut: bool | None = None, served: ServedBy) -> dict:
     """The JSON a user downloads or the API returns: word boxes and `prompts` (`model_prompts`' dict, as logged)
     mapped to the pixels of the image the user sent. cut: a limit (max words, or its token budget) ended a
     caption the model had not finished (a generated caption; None for a typed one)."""
@@ -149,7 +140,7 @@ def caption_record(studio: Studio, words: list[dict], scale: tuple[float, float]
 
 
 def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float], size: tuple[int, int],
-                 gen_id: int | None, served: ServedBy | None = None) -> dict:
+                 gen_id: int | None, served: ServedBy) -> dict:
     results = []
     for r in referrals:
         mask = r.mask
@@ -165,7 +156,7 @@ def refer_record(studio: Studio, referrals: Sequence, scale: tuple[float, float]
 
 
 def dense_record(studio: Studio, regions: Sequence[dict], scale: tuple[float, float], size: tuple[int, int],
-                 gen_id: int | None, served: ServedBy | None = None) -> dict:
+                 gen_id: int | None, served: ServedBy) -> dict:
     return {"task": "dense", "image": {"width": size[0], "height": size[1]},
             "coordinates": "pixels of the image as sent (after EXIF rotation); boxes are [x0, y0, x1, y1]",
             "regions": [{"box": to_original(r["box"], scale), "score": round(r["score"], 4), "caption": r["caption"],
