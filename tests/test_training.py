@@ -565,3 +565,14 @@ def test_an_override_that_names_nothing_is_one_line(tmp_path, override):
     with pytest.raises(SystemExit, match=rf"override '{re.escape(override)}' names nothing in"):
         main(["--config", str(config), override])
     assert not (tmp_path / "data").exists()
+
+
+def test_train_keys_are_the_settings_the_trainer_reads():
+    """check_config refuses a train.* setting outside TRAIN_KEYS: the list must name every setting main() reads
+    (a new `tcfg.get("x")` missing from it would refuse every config that sets x), and nothing it does not."""
+    import inspect
+
+    import training.train as train
+
+    read = set(re.findall(r'tcfg(?:\.get\(|\[)"([a-z_]+)"', inspect.getsource(train)))
+    assert read == set(train.TRAIN_KEYS)
