@@ -32,9 +32,11 @@ only where a `mask_file` is given. The converter prints what it wrote and skippe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +186,11 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]], what: str) -> None:
         raise SystemExit(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def _checked(converter, data: Any, path: str) -> tuple[list[dict[str, Any]], Counter]:
-    """Run a converter on a file's JSON; a file of another shape is one line naming it, not a traceback."""
+@contextlib.contextmanager
+def _read_as_expected(path: str) -> Iterator[None]:
+    """Reading a file's JSON in the block: a file of another shape is one line naming it, not a traceback."""
     try:
-        return converter(data)
+        yield
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise SystemExit(f"{path} is not in the expected format ({type(err).__name__}: {err}); "
                          "see `python -m training.convert --help` and docs/data_formats.md") from None
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     and isinstance(data.get("annotations"), list)):
                 raise SystemExit(f"{ann} is not an MDETR annotation file (a JSON object with `images` and "
                                  "`annotations` lists)")
-            records, counts = _checked(lambda d, stem=Path(ann).stem: convert_mdetr(d, stem), data, ann)
+            with _read_as_expected(ann):
+                records, counts = convert_mdetr(data, Path(ann).stem)
             everything += records
             print(f"{ann}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         _write_jsonl(path, everything, "expressions")
@@ -236,17 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = {}
         if args.image_data:
-            try:
+            with _read_as_expected(args.image_data):
                 for img in _load_json(args.image_data):
                     sizes[str(img.get("image_id", img.get("id")))] = (int(img["width"]), int(img["height"]))
-            except (KeyError, TypeError, AttributeError, ValueError) as err:
-                raise SystemExit(f"{args.image_data} is not Visual Genome's image_data.json ({type(err).__name__}: "
-                                 f"{err})") from None
         data = _load_json(args.regions)
         if not isinstance(data, list):
             raise SystemExit(f"{args.regions} is not Visual Genome's region_descriptions.json (a JSON list of images "
                              "with `regions`)")
-        records, counts = _checked(lambda d: convert_vg(d, sizes, args.max_regions), data, args.regions)
+        with _read_as_expected(args.regions):
+            records, counts = convert_vg(data, sizes, args.max_regions)
         path = out / f"{args.split}.dense.jsonl"
         print(f"{args.regions}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         _write_jsonl(path, records, "regions")
