@@ -576,3 +576,69 @@ def test_train_keys_are_the_settings_the_trainer_reads():
 
     read = set(re.findall(r'tcfg(?:\.get\(|\[)"([a-z_]+)"', inspect.getsource(train)))
     assert read == set(train.TRAIN_KEYS)
+
+
+UNPRIVILEGED_TRAIN = """
+import os, sys
+import training.train  # imported while privileged: after setuid the interpreter's own modules may be unreadable
+os.setgid(65534)
+os.setuid(65534)  # root ignores file modes: act as nobody so read-only really is read-only
+try:
+    training.train.main(["--config", sys.argv[1]])
+except SystemExit as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.parametrize("where", ["train.out", "export.dir"])
+def test_a_train_out_or_export_folder_that_cannot_be_written_is_refused_before_any_work(where):
+    """A read-only train.out was an OSError traceback at the tokenizer; a read-only export folder (or a file in
+    the way) failed only after the whole run, at the export."""
+    import shutil
+    import tempfile
+
+    from training.train import main
+
+    top = Path(tempfile.mkdtemp(prefix="pixelllm-train-"))
+    try:
+        top.chmod(0o777)
+        config = _config(top, (1, 1))
+        cfg = yaml.safe_load(config.read_text())
+        blocker = top / "a-file"
+        blocker.write_text("not a folder")
+        target = blocker / "run" if where == "train.out" else blocker / "export"
+        if where == "train.out":
+            cfg["train"]["out"] = str(target)
+        else:
+            cfg["export"] = {"dir": str(target), "dtype": "float16"}
+        config.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(SystemExit, match=rf"{where} {re.escape(str(target))}.*cannot write there"):
+            main(["--config", str(config)])
+        assert not (top / "data").exists() and blocker.read_text() == "not a folder"
+
+        locked = top / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        target = locked / "run" if where == "train.out" else locked / "export"
+        if where == "train.out":
+            cfg["train"]["out"] = str(locked)
+        else:
+            cfg["export"]["dir"] = str(target)
+        config.write_text(yaml.safe_dump(cfg))
+        config.chmod(0o644)
+        shutil.rmtree(top / "run", ignore_errors=True)  # made by root above; nobody could not write it
+        if os.geteuid() == 0:
+            proc = subprocess.run([sys.executable, "-c", UNPRIVILEGED_TRAIN, str(config)], capture_output=True,
+                                  text=True, timeout=120, cwd=ROOT, env=_env())
+            said = proc.stdout + proc.stderr
+        else:
+            with pytest.raises(SystemExit) as refused:
+                main(["--config", str(config)])
+            said = f"REFUSED {refused.value}"
+        shown = str(locked) if where == "train.out" else str(target)
+        assert re.search(rf"REFUSED {where} {re.escape(shown)}.*cannot write there \(Permission denied\)", said), said
+        assert "Traceback" not in said and not (top / "data").exists() and list(locked.iterdir()) == []
+    finally:
+        for p in [top, *top.rglob("*")]:
+            p.chmod(0o777)
+        shutil.rmtree(top, ignore_errors=True)

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -309,6 +310,17 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
 
 
 # ---------------------------------------------------------------------------- main
+def check_can_write(folder: Path, what: str) -> None:
+    """Create `folder` and write a file there, before any work: a read-only folder, or a file in the way, would
+    otherwise fail with a traceback at the tokenizer, the first checkpoint or, for the export, after the whole run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SystemExit(f"{what} {folder}: cannot write there ({err.strerror or err})") from None
+
+
 def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
     """Where the run's `export:` writes (`export.dir`, default `<train.out>/export`), or None without one. The
     folder is replaced at the end, so it must be new, empty or a checkpoint (it has config.json)."""
@@ -322,6 +334,7 @@ def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.json").is_file())):
         raise SystemExit(f"export.dir {folder}: not a checkpoint folder (no config.json), and the export replaces "
                          "it; give a new folder")
+    check_can_write(folder.parent, f"export.dir {folder}: its folder")  # the export is written there and swapped in
     return folder
 
 
@@ -341,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"train.task_batch_size: unknown tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
     out = Path(tcfg["out"])
+    check_can_write(out, "train.out")
     export_dir = export_folder(cfg, out)  # refused here, before any work, if it is someone's folder
     resume = find_resume(out)
     if resume is not None:
         check_same_run(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, rank, world)
     root = Path(cfg["data"]["root"])
     check_split(root, cfg["data"]["train_split"])
