@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pixelllm.config import LoraSettings
+from pixelllm.files import save_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -84,7 +85,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
 def save_adapter(model: nn.Module, name: str, directory: Path, config: LoraConfig) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=name)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS))
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS)
     config.save_pretrained(str(directory))
 
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate.utils import find_tied_parameters, retie_parameters
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from pixelllm import adapters as lora
 from pixelllm.config import PixelLLMConfig
+from pixelllm.files import save_safetensors
 
 if TYPE_CHECKING:
     from pixelllm.modeling.pixel_llm import PixelLLM
@@ -67,7 +67,7 @@ def save_checkpoint_files(model: PixelLLM, directory: Path, dtype: torch.dtype |
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         tensors[key] = value.contiguous()
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt", "preset": model.config.preset})
+    save_safetensors(tensors, directory / WEIGHTS, metadata={"format": "pt", "preset": model.config.preset})
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(directory))

@@ -1,4 +1,5 @@
-"""Writing a file so that a reader, or the next run after a kill, sees the old file or the whole new one."""
+"""Writing files: atomically, so that a reader, or the next run after a kill, sees the old file or the whole new one;
+and safetensors files, whose failed writes are OSErrors like any other."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def write_atomically(target: str | os.PathLike, data: bytes | str) -> None:
@@ -45,3 +50,18 @@ def _create_temp(target: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary file name beside {target}")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, a failed write (a full disk, a file-size limit) raised as the OSError it is:
+    safetensors raises its own SafetensorError, which the callers' `except OSError` let through as a traceback."""
+    from safetensors import SafetensorError  # here: the store uses this module and stays free of torch
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        if "I/O error" not in str(err):
+            raise
+        raise OSError(f"cannot write {path}: {err}") from err

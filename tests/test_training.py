@@ -502,7 +502,7 @@ def test_a_failed_final_save_keeps_the_previous_final_and_export(tmp_path, monke
     (neighbour / "keep.txt").write_text("mine")
     for name, unchanged in (("final.tmp", kept), (".export.swap-tmp", kept[1:])):  # final/ is saved first
         monkeypatch.setattr(PixelLLM, "save_pretrained", full_disk_at(name))
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(SystemExit, match=r"cannot save .*No space left on device.* is kept as it was"):
             main(["--config", str(config)])
         assert all(p.read_bytes() == before[p] for p in unchanged), name
         assert not list(tmp_path.glob("**/*.tmp")) and not list(tmp_path.glob("**/*.swap-*")), name
@@ -642,3 +642,41 @@ def test_a_train_out_or_export_folder_that_cannot_be_written_is_refused_before_a
         for p in [top, *top.rglob("*")]:
             p.chmod(0o777)
         shutil.rmtree(top, ignore_errors=True)
+
+
+FILE_SIZE_LIMITED = """
+import resource, signal, sys
+from training.train import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk would
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_resumable(tmp_path):
+    """A failed checkpoint write was a traceback: safetensors' SafetensorError, or torch.save's "unexpected pos"
+    RuntimeError, neither an OSError. Here the write really fails (a file-size limit on the process)."""
+    from training.data.shapes import generate_split
+
+    config = _config(tmp_path, (1, 2), checkpoint_every=1)
+    cfg = yaml.safe_load(config.read_text())
+    spec = cfg["data"]["generate"]["train"]
+    generate_split(tmp_path / "data", "train", spec["num"], spec["seed"])  # before the limit: the data files are big
+    limit = 300_000
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), "--config", str(config)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"cannot save .*checkpoint: cannot write .*model.safetensors.*File too large.* is kept as it "
+                     r"was", proc.stderr), proc.stderr
+    run = tmp_path / "run"
+    assert not (run / "checkpoint").exists() and not list(run.glob("*.tmp")), list(run.iterdir())
+    _finish(_train(config))  # with room, the same command trains the run
+    weights = (run / "final" / "model.safetensors").stat().st_size
+    assert weights > limit
+    # room for the weights but not for the optimizer's state beside them (torch.save)
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(weights + 20_000), "--config", str(config),
+                           f"--train.out={tmp_path / 'second'}"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=_env())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"cannot save .*second/checkpoint: .*File too large; checkpoint is kept as it was",
+                     proc.stderr), proc.stderr

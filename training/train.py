@@ -10,6 +10,7 @@ step, optimizer, scheduler, sampler positions), written atomically.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -201,8 +202,11 @@ def save_swapped(target: Path, write: Callable[[Path], None], *, private: bool =
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk: one line, not a traceback
+            raise SystemExit(f"cannot save {target}: {err}; {target.name} is kept as it was (make room and run "
+                             "the command again: it resumes from the last checkpoint)") from None
         raise
     if target.exists():
         # a kill after the previous save's renames but before its rmtree leaves `old` behind; `target` is newer
@@ -215,7 +219,9 @@ def save_swapped(target: Path, write: Callable[[Path], None], *, private: bool =
 def save_checkpoint(out: Path, model: PixelLLM, state: dict) -> None:
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
-        torch.save(state, folder / "trainer_state.pt")
+        buffer = io.BytesIO()  # torch.save to a file fails on a full disk as "unexpected pos …", not an OSError
+        torch.save(state, buffer)
+        (folder / "trainer_state.pt").write_bytes(buffer.getbuffer())
 
     save_swapped(out / "checkpoint", write)
 
