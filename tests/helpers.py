@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,25 @@ CORPUS = [
     "a large purple diamond at the top. The background is light grey.",
     "orange triangle in the centre",
 ]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_FILE_SIZE_LIMITED = """
+import importlib, resource, signal, sys
+main = importlib.import_module(sys.argv[1]).main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk would
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]),) * 2)
+raise SystemExit(main(sys.argv[3:]))
+"""
+
+
+def run_with_file_size_limit(module: str, limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a child process that cannot write a file past `limit` bytes: its writes
+    really fail (EFBIG), as on a full disk, without needing a small file system."""
+    return subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, module, str(limit), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
 
 
 def small_tokenizer(vocab_size: int = 400):

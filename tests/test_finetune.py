@@ -24,7 +24,7 @@ from PIL import Image
 from pixelllm import PixelLLM
 from pixelllm.adapters import base_state_dict
 from pixelllm.store import AnnotationStore
-from tests.helpers import save_small_checkpoint
+from tests.helpers import run_with_file_size_limit, save_small_checkpoint
 from training import corrections
 from training import finetune as ft
 
@@ -452,24 +452,11 @@ def test_a_symlinked_out_names_the_adapter_after_the_link(base_dir, store, tmp_p
 def test_an_adapter_that_does_not_fit_on_the_disk_is_one_line_and_recorded_failed(base_dir, store, tmp_path):
     """safetensors reports a failed write (a full disk) as its own SafetensorError, which `main` did not catch:
     a traceback. Here the write really fails (a file-size limit on the process); the store stays writable."""
-    import subprocess
-    import sys
-
-    limited = """
-import resource, signal, sys
-from training.finetune import main
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk would
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
-raise SystemExit(main(sys.argv[2:]))
-"""
     limit = (base_dir / "model.safetensors").stat().st_size // 2
     assert store.path.stat().st_size < limit  # the store itself can still be written
     out = tmp_path / "runs" / "full"
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", limited, str(limit), "--db", str(store.path), "--base",
-                           str(base_dir), "--out", str(out), "--steps", "2", "--batch-size", "2"],
-                          capture_output=True, text=True, timeout=300, cwd=root,
-                          env=dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1"))
+    proc = run_with_file_size_limit("training.finetune", limit, "--db", str(store.path), "--base", str(base_dir),
+                                    "--out", str(out), "--steps", "2", "--batch-size", "2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert re.search(r"finetune: cannot write .*model.safetensors.*File too large", proc.stderr), proc.stderr
     [run] = store.list_finetune_runs()

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import free_port
+from tests.helpers import run_with_file_size_limit
 from training.data.sampling import TaskStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -644,15 +645,6 @@ def test_a_train_out_or_export_folder_that_cannot_be_written_is_refused_before_a
         shutil.rmtree(top, ignore_errors=True)
 
 
-FILE_SIZE_LIMITED = """
-import resource, signal, sys
-from training.train import main
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk would
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
-raise SystemExit(main(sys.argv[2:]))
-"""
-
-
 def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_resumable(tmp_path):
     """A failed checkpoint write was a traceback: safetensors' SafetensorError, or torch.save's "unexpected pos"
     RuntimeError, neither an OSError. Here the write really fails (a file-size limit on the process)."""
@@ -663,8 +655,7 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_resumable(tm
     spec = cfg["data"]["generate"]["train"]
     generate_split(tmp_path / "data", "train", spec["num"], spec["seed"])  # before the limit: the data files are big
     limit = 300_000
-    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), "--config", str(config)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    proc = run_with_file_size_limit("training.train", limit, "--config", str(config))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert re.search(r"cannot save .*checkpoint: cannot write .*model.safetensors.*File too large.* is kept as it "
                      r"was", proc.stderr), proc.stderr
@@ -674,9 +665,8 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_resumable(tm
     weights = (run / "final" / "model.safetensors").stat().st_size
     assert weights > limit
     # room for the weights but not for the optimizer's state beside them (torch.save)
-    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(weights + 20_000), "--config", str(config),
-                           f"--train.out={tmp_path / 'second'}"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=_env())
+    proc = run_with_file_size_limit("training.train", weights + 20_000, "--config", str(config),
+                                    f"--train.out={tmp_path / 'second'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert re.search(r"cannot save .*second/checkpoint: .*File too large; checkpoint is kept as it was",
                      proc.stderr), proc.stderr
