@@ -329,7 +329,8 @@ def check_can_write(folder: Path, what: str) -> None:
 
 def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
     """Where the run's `export:` writes (`export.dir`, default `<train.out>/export`), or None without one. The
-    folder is replaced at the end, so it must be new, empty or a checkpoint (it has config.json)."""
+    folder is replaced at the end, so it must be new, empty or a checkpoint (it has config.json), and its parent
+    (created here) writable."""
     export = cfg.get("export")
     if not export:
         return None
