@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from pixelllm import PixelLLM
-from tests.helpers import save_small_checkpoint, small_model
+from tests.helpers import run_with_file_size_limit, save_small_checkpoint, small_model
 from training import average
 
 
@@ -49,6 +49,43 @@ def test_float16_output_and_refusals(tmp_path):
     tuned.save_pretrained(tmp_path / "tuned")
     with pytest.raises(SystemExit, match="LoRA adapters"):
         average.main(["--checkpoints", str(a), str(tmp_path / "tuned"), "--out", str(tmp_path / "bad")])
-    with pytest.raises(SystemExit, match="one of the checkpoints"):
+    with pytest.raises(SystemExit, match="is or holds the checkpoint"):
         average.main(["--checkpoints", str(a), str(b), "--out", str(b)])
     assert (b / "model.safetensors").exists()
+
+
+def test_an_out_that_is_not_a_checkpoint_is_refused_and_left_as_it_was(tmp_path):
+    """`--out` used to be removed whatever it held: `--out runs` took every run with it."""
+    runs = tmp_path / "runs"
+    a = save_small_checkpoint(runs / "a", seed=0)
+    b = save_small_checkpoint(runs / "b", seed=1)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "plan.txt").write_text("keep me")
+    for out, reason in ((runs, "holds the checkpoint"), (notes, "not a checkpoint folder"),
+                        (notes / "plan.txt", "is a file")):
+        with pytest.raises(SystemExit, match=reason):
+            average.main(["--checkpoints", str(a), str(b), "--out", str(out)])
+    assert (notes / "plan.txt").read_text() == "keep me"
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b"] and (a / "model.safetensors").is_file()
+
+    soup = tmp_path / "soup"  # a checkpoint folder from an earlier average is replaced, as before
+    assert average.main(["--checkpoints", str(a), str(b), "--out", str(soup)]) == 0
+    assert average.main(["--checkpoints", str(a), str(b), "--out", str(soup), "--dtype", "float32"]) == 0
+    assert {w.dtype for w in load_file(soup / "model.safetensors").values()} == {torch.float32}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "runs", "soup"]  # nothing left beside it
+
+
+def test_a_save_that_does_not_fit_keeps_the_previous_average(tmp_path):
+    a = save_small_checkpoint(tmp_path / "a", seed=0)
+    b = save_small_checkpoint(tmp_path / "b", seed=1)
+    soup = tmp_path / "soup"
+    average.main(["--checkpoints", str(a), str(b), "--out", str(soup)])  # float16
+    before = (soup / "model.safetensors").read_bytes()
+    limit = len(before) + len(before) // 2  # float32 weights are twice the size: the write really fails
+    proc = run_with_file_size_limit("training.average", limit, "--checkpoints", str(a), str(b), "--out", str(soup),
+                                    "--dtype", "float32")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot save" in proc.stderr and "soup is kept as it was" in proc.stderr, proc.stderr
+    assert (soup / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "soup"]  # no half-written folder beside it

@@ -16,13 +16,13 @@ their float16 exports.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 from pixelllm.modeling.pixel_llm import PixelLLM
+from training.train import save_swapped
 
 
 def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
@@ -43,10 +43,25 @@ def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
     return averaged.module
 
 
+def check_out(out: Path, checkpoints: list[str]) -> None:
+    """Refuse an --out whose replacement would lose something: one of the inputs, a folder holding one, a file, or
+    a folder that is not a checkpoint (`--out runs` would have removed every run)."""
+    target = out.resolve()
+    for folder in map(Path, checkpoints):
+        if target == folder.resolve() or target in folder.resolve().parents:
+            raise SystemExit(f"error: --out {out} is or holds the checkpoint {folder}; it would be replaced")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a checkpoint folder: give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise SystemExit(f"error: --out {out} holds files and is not a checkpoint folder (only a checkpoint is "
+                         "replaced): give a new folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.average", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders (float32 `final` ones)")
-    parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="folder to write (a checkpoint folder already there is replaced; any other is refused)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                         help="dtype of the written weights (the embedded checkpoint ships float16)")
     return parser
@@ -54,16 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if Path(args.out).resolve() in {Path(folder).resolve() for folder in args.checkpoints}:
-        raise SystemExit(f"error: --out {args.out} is one of the checkpoints; it would be replaced")
+    out = Path(args.out)
+    check_out(out, args.checkpoints)
     try:
         model = average_checkpoints(args.checkpoints)
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
     card = {"training": "The parameter-wise mean (`python -m training.average`) of: "
                         + ", ".join(f"`{folder}`" for folder in args.checkpoints) + "."}
-    shutil.rmtree(args.out, ignore_errors=True)
-    model.save_pretrained(args.out, dtype=getattr(torch, args.dtype), model_card_kwargs=card)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: --out {out}: {error}") from None
+    # written beside --out and swapped in: a failed save (a full disk) keeps the checkpoint that was there
+    save_swapped(out, lambda folder: model.save_pretrained(folder, dtype=getattr(torch, args.dtype),
+                                                           model_card_kwargs=card),
+                 private=True, again="run the command again")
     print(f"averaged {len(args.checkpoints)} checkpoints -> {args.out} ({args.dtype})")
     return 0
 

@@ -191,10 +191,12 @@ def check_split(root: Path, split: str) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_swapped(target: Path, write: Callable[[Path], None], *, private: bool = False) -> None:
+def save_swapped(target: Path, write: Callable[[Path], None], *, private: bool = False,
+                 again: str = "run the command again: it resumes from the last checkpoint") -> None:
     """Write a folder beside `target` (`<name>.tmp`, by `write`) and swap it in: a save that fails (a full disk)
     or is killed keeps the previous `target` whole (`<name>.old` between the two renames). private: hidden names of
-    our own (`.<name>.swap-tmp` / `.swap-old`), for a folder outside the run's, whose `<name>.old` may be someone's."""
+    our own (`.<name>.swap-tmp` / `.swap-old`), for a folder outside the run's, whose `<name>.old` may be someone's.
+    again: what the one-line error of a failed save tells the user to do after making room."""
     if private:
         tmp, old = (target.with_name(f".{target.name}.swap-{kind}") for kind in ("tmp", "old"))
     else:
@@ -205,8 +207,8 @@ def save_swapped(target: Path, write: Callable[[Path], None], *, private: bool =
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):  # a full disk: one line, not a traceback
-            raise SystemExit(f"cannot save {target}: {err}; {target.name} is kept as it was (make room and run "
-                             "the command again: it resumes from the last checkpoint)") from None
+            raise SystemExit(f"cannot save {target}: {err}; {target.name} is kept as it was (make room and "
+                             f"{again})") from None
         raise
     if target.exists():
         # a kill after the previous save's renames but before its rmtree leaves `old` behind; `target` is newer
