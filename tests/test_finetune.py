@@ -372,6 +372,30 @@ def test_cli_runs_and_refuses_a_missing_store(base_dir, store, tmp_path, capsys)
     assert ft.main(["--db", str(tmp_path / "nope.db"), "--out", str(out)]) == 2
 
 
+def test_simulate_annotators_refuses_a_work_folder_it_did_not_make(base_dir, tmp_path, capsys):
+    """A run recreates <work>/data, images/ and annotations.db: `--work .` would have removed the project's data/
+    with its annotation store. A folder an earlier run made (or an empty one) is still taken."""
+    from training import simulate_annotators as sim
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "annotations.db").write_bytes(b"SQLite format 3\x00 the team's corrections")
+    (project / "notes.txt").write_text("keep")
+    assert sim.main(["--base", str(base_dir), "--work", str(project), "--no-progress"]) == 2
+    assert "is not a simulate_annotators work folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a simulate_annotators work folder"):
+        sim.run(sim.SimulateSettings(base=str(base_dir), work=str(project)))
+    assert (project / "data" / "annotations.db").read_bytes().endswith(b"the team's corrections")
+    assert sim.main(["--base", str(base_dir), "--work", str(project / "notes.txt"), "--no-progress"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+    earlier = tmp_path / "earlier"  # a run from before the marker: its simulate.json says it is ours
+    (earlier / "data").mkdir(parents=True)
+    (earlier / "simulate.json").write_text("{}")
+    sim.check_work(earlier)
+    sim.check_work(tmp_path / "new")
+
+
 def test_simulate_annotators_smoke(base_dir, tmp_path, capsys):
     """Plumbing only (random model, 2 steps): shift data -> logged generations -> corrections -> finetune ->
     before/after table and JSON. The acceptance numbers come from the real checkpoint, not from this test."""
@@ -396,6 +420,8 @@ def test_simulate_annotators_smoke(base_dir, tmp_path, capsys):
         assert all(g["session"] == "simulate_annotators" for g in gens)  # logged by the app's /caption function
         rows = store.training_examples()
         assert len(rows) == 3 and all(r["words"][-1] == "cross" and r["annotator"] == sim.ANNOTATOR for r in rows)
+    assert (work / sim.WORK_MARKER).is_file()  # a second run into the same folder is taken
+    sim.check_work(work)
 
 
 def test_corrections_are_learned_teacher_forced_whatever_the_base_trained_with(tmp_path):

@@ -26,7 +26,8 @@ python -m training.simulate_annotators --base assets/checkpoints/shapes-tiny --w
 
 Prints a table (``training.tables.format_table``) and the acceptance check (shift gain >= 30 points, base
 metrics drop <= 3 points) and writes everything to ``--json`` (default ``<work>/simulate.json``). ``--work`` is
-scratch space: its store and data splits are recreated on every run. Every size is a flag, so a smoke version
+scratch space: its store and data splits are recreated on every run (a folder that is not an earlier run's is
+refused). Every size is a flag, so a smoke version
 (a few images, a few steps) runs in seconds.
 """
 
@@ -51,6 +52,7 @@ from training.tables import format_table
 ANNOTATOR = "simulated_annotator"
 SHIFT_GAIN_POINTS = 30.0
 BASE_DROP_POINTS = 3.0
+WORK_MARKER = ".simulate-work"  # in a --work folder a run made (check_work)
 
 
 @dataclass
@@ -232,12 +234,14 @@ def run(s: SimulateSettings) -> dict[str, Any]:
         torch.set_num_threads(s.threads)
     began = time.perf_counter()
     work = Path(s.work)
+    check_work(work)
     data, run_dir, db = work / "data", work / "run", work / "annotations.db"
     for stale in (data, run_dir, work / "images"):  # scratch space: recreated on every run
         shutil.rmtree(stale, ignore_errors=True)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).touch()
 
     t = time.perf_counter()
     splits = make_splits(s, data)
@@ -274,6 +278,18 @@ def run(s: SimulateSettings) -> dict[str, Any]:
             "finetune": {k: v for k, v in ft.items() if k != "params"}, "finetune_run": run_row,
             "adapter_active_after_load": after_model.active_adapter, "before": before, "after": after,
             "table": table, "acceptance": verdict, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def check_work(work: Path) -> None:
+    """Refuse a --work folder that a run did not make: a run removes its data/, images/ and annotations.db, and
+    `--work .` would have taken the project's own data/ (the annotation store with it). A folder is ours when it
+    holds WORK_MARKER, or simulate.json (runs from before the marker)."""
+    if work.exists() and not work.is_dir():
+        raise ValueError(f"--work {work} is a file: give a folder of its own, e.g. runs/simulate")
+    if work.is_dir() and any(work.iterdir()) and not any((work / name).is_file()
+                                                         for name in (WORK_MARKER, "simulate.json")):
+        raise ValueError(f"--work {work} holds files and is not a simulate_annotators work folder (whose data/, "
+                         "images/ and annotations.db a run recreates): give a new folder, e.g. runs/simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         max_minutes=args.max_minutes, threads=args.threads, seed=args.seed, progress=not args.no_progress)
     if not Path(s.base).is_dir():
         print(f"no checkpoint folder at {s.base}", file=sys.stderr)
+        return 2
+    try:
+        check_work(Path(s.work))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     with sigterm_as_exit():
         result = run(s)
