@@ -313,3 +313,21 @@ def test_cli_writes_the_export_and_prints_the_summary(store, tmp_path, capsys):
         conn.execute("CREATE TABLE t (x)")
     assert export.main(["--db", str(stranger), "--out", str(out)]) == 2
     assert "not an annotation store" in capsys.readouterr().err
+
+
+def test_an_empty_selection_writes_nothing_and_an_earlier_export_stays(store, tmp_path, capsys):
+    """An export selecting nothing (another --statuses, a new or emptied store) used to rewrite the folder as an
+    empty export: its LN file emptied and its images removed, the only copy if the store it came from is gone."""
+    add_caption(store, 16, ["kept"], [[0, 0, 1, 1]])
+    out = tmp_path / "out"
+    assert export.export_corrections(store, out)["ln_records"] == 1
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(before) == 3  # the LN file, its image and the manifest
+    summary = export.export_corrections(store, out, ["accepted"])  # nothing accepted
+    assert summary["ln_records"] == 0 and summary["ln_file"] is None
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert export.main(["--db", str(store.path), "--out", str(out), "--statuses", "rejected"]) == 1
+    assert "nothing exported: no rejected corrections" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not export.export_corrections(store, tmp_path / "new", ["accepted"])["ln_records"]
+    assert not (tmp_path / "new").exists()  # not even created

@@ -338,14 +338,14 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
 
     Caption corrections become LN records (+ their images); referring / dense corrections and caption corrections
     made under a box prompt become COCO-style regions. Returns a JSON-friendly summary: file paths, counts of
-    records (recorded / synthesised traces), regions and images, and what was skipped and why.
+    records (recorded / synthesised traces), regions and images, and what was skipped and why. When nothing is
+    selected nothing is written (``ln_file`` is None): an earlier export in ``out_dir`` stays as it was.
     """
     statuses = [statuses] if isinstance(statuses, str) else list(statuses)
     unknown = [s for s in statuses if s not in STATUSES]
     if not statuses or unknown:
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
     if (out / IMAGES_DIR).resolve() == store_root / "images":
@@ -355,6 +355,7 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     rows = store.training_examples(statuses)
     generations: dict[int, dict | None] = {}
     images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
+    sources: dict[str, Path] = {}  # exported file name -> the store's file, copied once the export is known
     lines: list[str] = []
     annotations: list[dict] = []
     counts = {"recorded": 0, "synthesised": 0}
@@ -372,12 +373,8 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
             skipped["missing_image"] += 1
             return None
         name = f"{safe_id(sha)}.{_image_ext(source)}"
-        target = safe_join(out, IMAGES_DIR, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target = safe_join(out, IMAGES_DIR, name)  # again, now that images/ exists (a symlink is caught here)
-        if not (target.is_file() and target.stat().st_size == source.stat().st_size):
-            shutil.copyfile(source, target)
-            wrote.add(name)
+        safe_join(out, IMAGES_DIR, name)  # a name or a symlinked images/ leading outside is refused before any write
+        sources[name] = source
         relative = f"{IMAGES_DIR}/{name}"
         images[sha] = (relative, {"id": len(images) + 1, "file_name": relative, "width": int(row["image_width"]),
                                   "height": int(row["image_height"]), "sha256": sha})
@@ -405,6 +402,30 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
             annotations.append(_coco_annotation(len(annotations) + 1, image_num, box, row, "caption", "caption",
                                                 caption))
 
+    summary = {
+        "out_dir": str(out.resolve()),
+        "ln_file": str(ln_path) if lines or annotations else None,
+        "coco_file": str(coco_path) if annotations else None,
+        "statuses": statuses,
+        "ln_records": len(lines),
+        "recorded_traces": counts["recorded"],
+        "synthesised_traces": counts["synthesised"],
+        "regions": len(annotations),
+        "images": len(images),
+        "skipped": skipped,
+    }
+    if not lines and not annotations:
+        # nothing selected (another --statuses, a new or emptied store): an earlier export in the folder stays, the
+        # only copy of its corrections if the store it came from is gone
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        target = safe_join(out, IMAGES_DIR, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target = safe_join(out, IMAGES_DIR, name)  # again, now that images/ exists (a symlink is caught here)
+        if not (target.is_file() and target.stat().st_size == source.stat().st_size):
+            shutil.copyfile(source, target)
+            wrote.add(name)
     write_atomically(ln_path, "".join(line + "\n" for line in lines))
     if annotations:
         coco = {
@@ -427,18 +448,7 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         if EXPORTED_IMAGE.fullmatch(name) and stale.is_file() and not stale.is_symlink():
             stale.unlink()
     write_atomically(out / IMAGE_MANIFEST, "".join(f"{name}\n" for name in sorted(exported & (wrote | before))))
-    return {
-        "out_dir": str(out.resolve()),
-        "ln_file": str(ln_path),
-        "coco_file": str(coco_path) if annotations else None,
-        "statuses": statuses,
-        "ln_records": len(lines),
-        "recorded_traces": counts["recorded"],
-        "synthesised_traces": counts["synthesised"],
-        "regions": len(annotations),
-        "images": len(images),
-        "skipped": skipped,
-    }
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"export failed: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary["ln_file"] is None:
+        print(f"nothing exported: no {' or '.join(statuses)} corrections to export; {args.out} was not touched",
+              file=sys.stderr)
+        return 1
     return 0
 
 
