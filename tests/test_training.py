@@ -472,6 +472,29 @@ def test_a_run_folder_holding_another_run_or_a_corrupt_checkpoint_is_refused_and
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_a_resumed_run_may_change_its_decoding_defaults(tmp_path, capsys):
+    """A decoding default under model: (repetition_penalty, max_new_tokens) changes no weight: a run extended with a
+    new one used to be refused as "another run"; it resumes, and its final/ and export carry the new default."""
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    assert main(["--config", str(config)]) == 0
+    cfg = yaml.safe_load(config.read_text())
+    cfg["stages"][1]["steps"] = 2
+    cfg["model"]["overrides"]["repetition_penalty"] = 1.3
+    cfg["model"]["overrides"]["max_new_tokens"] = 40
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(config)]) == 0
+    final = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert (final["repetition_penalty"], final["max_new_tokens"]) == (1.3, 40)
+    assert "resume from step 2" in capsys.readouterr().out
+    cfg["model"]["overrides"]["repetition_penalty"] = 1.0
+    cfg["model"]["overrides"]["roi_grid"] = 2  # a change of the weights' meaning is still refused
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=r"holds another run .*model.overrides.roi_grid\)"):
+        main(["--config", str(config)])
+
+
 def test_a_failed_final_save_keeps_the_previous_final_and_export(tmp_path, monkeypatch):
     """The end of a run replaced final/ in place and deleted the export before writing the new one: a full disk
     there lost the last good model. Now each is written beside and swapped in."""

@@ -116,6 +116,10 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
             raise SystemExit(f"{where}: task weights must be numbers >= 0, at least one positive; got {tasks}")
 
 
+# model: settings that only change how a caption is decoded, not what is trained: a resumed run may change them
+DECODING_ONLY = frozenset({"model.overrides.repetition_penalty", "model.overrides.max_new_tokens"})
+
+
 def check_same_run(out: Path, cfg: dict[str, Any]) -> None:
     """A folder with a checkpoint is resumed; refuse when that run was of another model (its `model:` section
     differs), which would otherwise train on that run's weights under this config and replace its `final/`."""
@@ -125,7 +129,10 @@ def check_same_run(out: Path, cfg: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return  # no record of the run's config (or an unreadable one): nothing to compare
     if isinstance(previous, dict) and "model" in previous and previous["model"] != cfg["model"]:
-        changed = ", ".join(_differences(previous["model"], cfg["model"], "model")) or "model"
+        differences = _differences(previous["model"], cfg["model"], "model")
+        if differences and all(key in DECODING_ONLY for key in differences):
+            return  # the weights are the same model's; the new decoding default goes into final/ and the export
+        changed = ", ".join(differences) or "model"
         raise SystemExit(f"train.out {out} holds another run (its {resolved.name} has a different model: section: "
                          f"{changed}), and resuming it would train that run's weights under this config; give a new "
                          "train.out, or the model: section that run was started with")
@@ -379,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: torch.load of a truncated file
             raise SystemExit(f"cannot resume from {resume}: {err}; move that folder away to start the run over"
                              ) from None
+        recipe = get_config(cfg["model"].get("preset", "tiny"), **cfg["model"].get("overrides", {}))
+        for key in DECODING_ONLY:  # the config's decoding defaults, which check_same_run let differ from the run's
+            name = key.rsplit(".", 1)[1]
+            setattr(model.config, name, getattr(recipe, name))
     else:
         mcfg = cfg["model"]
         init = mcfg.get("init", "scratch")
