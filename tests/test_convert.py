@@ -200,3 +200,26 @@ def test_max_regions_below_one_is_refused(tmp_path, capsys):
         convert.main(["vg", "--regions", str(tmp_path / "regions.json"), "--out", str(tmp_path), "--max-regions", "-1"])
     assert exit_info.value.code == 2 and "--max-regions must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "train.dense.jsonl").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10**400], ids=["nan", "infinity", "huge-int"])
+def test_a_nan_infinite_or_huge_box_value_is_skipped_and_counted(bad):
+    """json reads NaN, Infinity and integers of any size. A NaN box passed every comparison and was written out as
+    `NaN` (a NaN training target); an infinite width was clipped into a whole-image box; a huge integer was an
+    OverflowError traceback."""
+    pair = {"id": 0, "file_name": "COCO_train2014_000000000007.jpg", "original_id": 7, "caption": "the red car",
+            "dataset_name": "refcoco"}
+    mdetr = {"images": [{**pair, "width": 80, "height": 60}, {**pair, "id": 1}, {**pair, "id": 2, "caption": "a dog"}],
+             "annotations": [{"id": 10, "image_id": 0, "bbox": [1, 1, bad, 20]},  # clipped to the image's size
+                             {"id": 11, "image_id": 1, "bbox": [bad, 1, 10, 20]},  # no size: not clipped
+                             {"id": 12, "image_id": 2, "bbox": [1, 1, 10, 20]}]}
+    refs, counts = convert.convert_mdetr(mdetr, "refcoco")
+    assert [(r["expression"], r["box"]) for r in refs] == [("a dog", [1.0, 1.0, 11.0, 21.0])]
+    assert counts["skipped_degenerate_box"] == 2
+    regions = [{"id": 42, "regions": [{"phrase": "sky", "x": 0, "y": 0, "width": bad, "height": 10},
+                                      {"phrase": "tree", "x": bad, "y": 0, "width": 5, "height": 10},
+                                      {"phrase": "grass", "x": 0, "y": 30, "width": 64, "height": 10}]}]
+    for sizes in ({}, {"42": (64, 48)}):
+        records, counts = convert.convert_vg(regions, sizes, max_regions=50)
+        assert records[0]["regions"] == [{"box": [0.0, 30.0, 64.0, 40.0], "caption": "grass"}]
+        assert counts["skipped_degenerate_box"] == 2

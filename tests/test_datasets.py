@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -309,3 +310,100 @@ def test_a_cut_caption_does_not_end_with_eos(tmp_path):
     assert sentence.tolist() == whole[:max_tokens]
     refer = collate("refer", [0], np.random.default_rng(0))["labels"][0]
     assert refer.tolist() == whole[: max_tokens - 1] + [tok.eos_token_id]
+
+
+def _first_line(path, change) -> None:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    change(lines[0])
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _set(key, value):
+    return lambda record: record.__setitem__(key, value)
+
+
+def _set_region(key, value):
+    return lambda record: record["regions"][0].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("kind, change, match", [
+    # a NaN / infinite / null box reached the batch as a NaN target (the loss became NaN); others were tracebacks
+    ("refer", _set("box", [float("nan"), 1, 20, 20]), "NaN or infinite"),
+    ("refer", _set("box", [0, 1, float("inf"), 20]), "NaN or infinite"),
+    ("refer", _set("box", [None, 1, 20, 20]), r"box must be \[x0, y0, x1, y1\]"),
+    ("refer", _set("box", [10**400, 1, 20, 20]), "NaN or infinite"),
+    ("refer", _set("box", [30, 30, 10, 10]), "x1 < x0"),
+    ("refer", lambda record: record.pop("expression"), "expression must be a string"),
+    ("refer", _set("expression", "the \ud800 star"), "valid Unicode"),
+    ("objects", lambda record: record["objects"][0].__setitem__("box", [float("nan"), 1, 2, 3]),
+     r"objects\[0\]: box has a NaN"),
+], ids=["nan", "infinity", "null", "huge-int", "reversed", "no-expression", "surrogate", "objects-nan"])
+def test_a_bad_record_is_refused_naming_its_file_and_line(shapes_dir, tmp_path, kind, change, match):
+    root = tmp_path / "data"
+    shutil.copytree(shapes_dir, root)
+    _first_line(root / f"train.{kind}.jsonl", change)
+    with pytest.raises(ValueError, match=rf"train\.{kind}\.jsonl, line 1: .*{match}"):
+        ShapesData(root, "train", 64)
+
+
+def _dense_folder(root, record) -> None:
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(root / "images" / "1.jpg")
+    line = {"image_id": "vg:1", "file_name": "images/1.jpg", "width": 40, "height": 30,
+            "regions": [{"box": [1, 2, 20, 25], "caption": "a dog"}]}
+    record(line)
+    _write_jsonl(root / "train.dense.jsonl", [line, line])
+
+
+@pytest.mark.parametrize("change, match", [
+    (_set_region("box", [float("nan"), 2, 20, 25]), r"regions\[0\]: box has a NaN"),
+    (_set_region("box", [20, 25, 1, 2]), "x1 < x0"),  # region_points: numpy's "high - low < 0" mid-training
+    (_set_region("caption", None), r"regions\[0\]\.caption must be a string"),
+    (_set("regions", {"box": [1, 2, 20, 25]}), "regions must be a list"),
+    (_set("width", 0), "width must be a number of pixels >= 1"),  # boxes / 0 = inf targets
+], ids=["nan", "reversed", "null-caption", "regions-object", "zero-width"])
+def test_a_bad_dense_record_is_refused_naming_its_file_and_line(tmp_path, change, match):
+    _dense_folder(tmp_path, change)
+    with pytest.raises(ValueError, match=rf"train\.dense\.jsonl, line 1: .*{match}"):
+        ShapesData(tmp_path, "train", 32)
+
+
+def test_a_line_that_is_not_an_object_is_refused_naming_its_line(shapes_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(shapes_dir, root)
+    refer = root / "train.refer.jsonl"
+    refer.write_text(refer.read_text() + "null\n")  # was TypeError: 'NoneType' object is not subscriptable
+    count = len(refer.read_text().splitlines())
+    with pytest.raises(ValueError, match=rf"train\.refer\.jsonl, line {count}: a record must be a JSON object"):
+        ShapesData(root, "train", 64)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("damage", ["missing", "not-an-image"])
+def test_a_missing_or_unreadable_image_is_named_before_training(tmp_path, lazy, damage):
+    """Was a FileNotFoundError / UnidentifiedImageError traceback; lazily (real datasets) the missing file was only
+    found when a batch needed it, in the middle of training."""
+    _dense_folder(tmp_path, lambda line: None)
+    image = tmp_path / "images" / "1.jpg"
+    if damage == "missing":
+        image.unlink()
+    else:
+        image.write_bytes(b"not an image")
+    if damage == "not-an-image" and lazy:  # lazily only the header is read when the line gives no size
+        _write_jsonl(tmp_path / "train.dense.jsonl", [{"image_id": "vg:1", "file_name": "images/1.jpg",
+                                                       "regions": [{"box": [1, 2, 20, 25], "caption": "a"}]}])
+    with pytest.raises(ValueError, match=r"image 'vg:1' \(images/1\.jpg\)"):
+        ShapesData(tmp_path, "train", 32, lazy=lazy)
+
+
+def test_files_with_a_byte_order_mark_and_crlf_lines_load_like_plain_ones(shapes_dir, tmp_path):
+    """Files saved by a Windows editor (UTF-8 BOM, CRLF): the BOM was "line 1: not JSON" for the whole split."""
+    root = tmp_path / "data"
+    shutil.copytree(shapes_dir, root)
+    for kind in ("ln", "refer", "dense", "objects"):
+        path = root / f"train.{kind}.jsonl"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    plain, edited = ShapesData(shapes_dir, "train", 64), ShapesData(root, "train", 64)
+    assert [r.image_id for r in edited.records] == [r.image_id for r in plain.records]
+    assert edited.refer == plain.refer and edited.regions == plain.regions
+    assert edited.ln_stats == plain.ln_stats and len(edited.narratives) == len(plain.narratives)

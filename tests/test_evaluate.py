@@ -658,3 +658,25 @@ def test_cli_names_the_file_and_line_of_a_malformed_jsonl_record(tmp_path, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"{refer}, line 2: not JSON" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind, change, match", [
+    ("refer", lambda r: r.__setitem__("box", [float("nan"), 0, 50, 50]), "box has a NaN or infinite value"),
+    ("refer", lambda r: r.__setitem__("box", [None, 0, 50, 50]), r"box must be \[x0, y0, x1, y1\]"),
+    ("objects", lambda r: r["objects"][0].__setitem__("box", [0, 0, float("inf"), 5]), r"objects\[0\]: box has a"),
+], ids=["refer-nan", "refer-null", "objects-infinity"])
+def test_cli_names_a_bad_box_of_a_split_in_one_line_before_the_model_loads(tmp_path, capsys, kind, change, match
+                                                                           ) -> None:
+    """A NaN referring box failed in the metrics after every image was predicted (a traceback without the file), a
+    null one with a TypeError traceback; an infinite object box went to the model as a box prompt."""
+    generate_split(tmp_path / "data", "test", 2, seed=3)
+    path = tmp_path / "data" / f"test.{kind}.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    change(lines[1])
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "data")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(path))}, line 2: {match}", err), err
+    assert "Traceback" not in err and "--checkpoint:" not in err  # refused before the model is loaded

@@ -209,3 +209,46 @@ def test_sentence_targets_split_the_sample(ln_file):
 def test_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_localized_narratives(tmp_path / "absent.jsonl")
+
+
+TWO_POINTS = [[point(0, 0.1, 0.2), point(1, 0.5, 0.6)]]
+
+
+@pytest.mark.parametrize("record", [
+    # an integer beyond float's range (json reads integers of any size): OverflowError escaped the reader
+    ln_record("huge_x", [[point(0, 10**400, 0.2), point(1, 0.5, 0.6)]], [utterance("a", 0, 1)]),
+    ln_record("huge_end", TWO_POINTS, [utterance("a", 0, 10**400)]),
+    # finite values whose targets overflow: these were kept with NaN / inf word boxes
+    ln_record("wide_times", TWO_POINTS, [utterance("a", -1e308, 1e308)]),
+    ln_record("float32_overflow", [[point(0, 1e39, 0.2), point(1, 0.5, 0.6)]], [utterance("a", 0, 1)]),
+    ln_record("subnormal_step", [[point(0, 0.1, 0.2), point(1e-320, 0.5, 0.6)]], [utterance("a", 0, 1)]),
+    # an unpaired surrogate escape ("\ud800"): kept, then the tokenizer failed with a TypeError mid-training
+    ln_record("surrogate", TWO_POINTS, [utterance("a \ud800", 0, 1)]),
+], ids=lambda record: record["image_id"])
+def test_hostile_values_are_skipped_and_counted_never_kept_as_nan(tmp_path, record):
+    good = ln_record("good", TWO_POINTS, [utterance("a b", 0, 1)])
+    path = tmp_path / "narratives.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(good) + "\n")
+    samples, stats = read_localized_narratives(path)
+    assert [s.image_id for s in samples] == ["good"]
+    assert (stats.records, stats.kept, stats.skipped_malformed) == (2, 1, 1)
+
+
+def test_a_line_nested_too_deeply_is_skipped_and_counted(tmp_path):
+    """json raises RecursionError (not a ValueError) on deep nesting: it escaped the reader as a traceback."""
+    good = ln_record("good", TWO_POINTS, [utterance("a", 0, 1)])
+    path = tmp_path / "narratives.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n" + json.dumps(good) + "\n")
+    samples, stats = read_localized_narratives(path)
+    assert [s.image_id for s in samples] == ["good"] and stats.skipped_malformed == 1
+
+
+def test_a_byte_order_mark_and_crlf_lines_lose_no_record(tmp_path):
+    """A file saved by a Windows editor: UTF-8 BOM and CRLF line ends. The BOM made the first (good) record count
+    as malformed, silently dropped."""
+    records = [ln_record(f"img_{k}", TWO_POINTS, [utterance("a b", 0, 1)]) for k in range(2)]
+    path = tmp_path / "narratives.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in records).encode())
+    samples, stats = read_localized_narratives(path)
+    assert [s.image_id for s in samples] == ["img_0", "img_1"]
+    assert (stats.records, stats.kept, stats.skipped_malformed) == (2, 2, 0)

@@ -24,9 +24,10 @@ one image share it); every other image is `<collection>:<id>` (`vg:<VG id>` for 
 
 Images are not copied: `file_name` is `images/<name>` under `--out`, so link the image folders there (COCO
 train2014 for RefCOCO, Flickr30k / VG for GoldG, VG for the regions). Boxes are clipped to the image when its
-size is known; boxes under one pixel wide or high, empty phrases and duplicates are skipped and counted. Masks are
-not converted (RefCOCO's polygons live in the COCO instances file): referring trains the box, and the mask loss
-only where a `mask_file` is given. The converter prints what it wrote and skipped; it never downloads anything.
+size is known; boxes under one pixel wide or high or with a NaN / infinite value, empty phrases and duplicates are
+skipped and counted. Masks are not converted (RefCOCO's polygons live in the COCO instances file): referring
+trains the box, and the mask loss only where a `mask_file` is given. The converter prints what it wrote and
+skipped; it never downloads anything.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -45,8 +47,14 @@ from pixelllm.files import write_atomically
 
 def xywh_to_box(bbox: list[float], width: float | None, height: float | None) -> list[float] | None:
     """[x, y, w, h] -> [x0, y0, x1, y1], clipped to the image if its size is given; None when under one pixel
-    wide or high."""
-    x, y, w, h = (float(v) for v in bbox)
+    wide or high, or when a value is NaN or infinite (json reads `NaN`, `Infinity` and integers of any size; a NaN
+    box passed every comparison and was written out)."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:  # an integer beyond float's range
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None
     x0, y0, x1, y1 = x, y, x + w, y + h
     if width is not None and height is not None:
         x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
@@ -191,7 +199,7 @@ def _read_as_expected(path: str) -> Iterator[None]:
     """Reading a file's JSON in the block: a file of another shape is one line naming it, not a traceback."""
     try:
         yield
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as err:  # OverflowError: int(1e400)
         raise SystemExit(f"{path} is not in the expected format ({type(err).__name__}: {err}); "
                          "see `python -m training.convert --help` and docs/data_formats.md") from None
 

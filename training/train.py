@@ -180,8 +180,8 @@ def tokenizer_corpus(root: Path, split: str) -> list[str]:
     tokenizer trained on nothing knows single bytes only)."""
     ln, refer, dense = (root / f"{split}.{kind}.jsonl" for kind in ("ln", "refer", "dense"))
     texts = [s.caption for s in read_localized_narratives(ln)[0]] if ln.is_file() else []
-    texts += [r["expression"] for r in read_jsonl(refer)] if refer.is_file() else []
-    texts += [g["caption"] for r in read_jsonl(dense) for g in r.get("regions", [])] if dense.is_file() else []
+    texts += [r["expression"] for r in read_jsonl(refer, "refer")] if refer.is_file() else []
+    texts += [g["caption"] for r in read_jsonl(dense, "dense") for g in r.get("regions", [])] if dense.is_file() else []
     if not any(t.strip() for t in texts):
         raise ValueError(f"{root}: split {split!r} holds no text to build the tokenizer from (no narratives, "
                          "referring expressions or region captions)")

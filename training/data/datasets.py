@@ -92,17 +92,14 @@ class ShapesData:
             else ([], LNReadStats())
         ln_ids = [ln_image_id(s) for s in samples]
         refer_file = self.root / f"{split}.refer.jsonl"
-        refer = read_jsonl(refer_file) if refer_file.is_file() else []
+        refer = read_jsonl(refer_file, "refer") if refer_file.is_file() else []
         self.records: list[ImageRecord] = []
         self.index: dict[str, int] = {}
         for entry in self._image_entries(split, ln_ids, refer)[:limit]:
             rec = ImageRecord(image_id=entry["image_id"], width=0, height=0, pixels=None, instance_map=None,
                               objects=entry.get("objects", []), file_name=entry["file_name"],
                               mask_file=entry.get("mask_file"))
-            rec.width, rec.height = self._size(entry)
-            if not lazy:
-                rec.pixels = self.pixels(rec)
-                rec.instance_map = self.instance_map(rec) if rec.mask_file else None
+            self._check_files(rec, entry)
             self.index[rec.image_id] = len(self.records)
             self.records.append(rec)
         if not self.records:
@@ -128,6 +125,21 @@ class ShapesData:
         self.narratives = [(i, n) for i, rec in enumerate(self.records) for n in rec.narratives if n.words]
         self.sentence_items = [(i, n, span) for i, n in self.narratives for span in n.sentences]
 
+    def _check_files(self, rec: ImageRecord, entry: dict) -> None:
+        """Set the record's size and (unless lazy) load its image and instance map; a missing or unreadable file
+        is a ValueError naming it (was a FileNotFoundError / PIL traceback; when lazy, in the middle of training)."""
+        names = [rec.file_name] + ([rec.mask_file] if rec.mask_file else [])
+        try:
+            missing = next((name for name in names if not (self.root / name).is_file()), None)
+            if missing:
+                raise FileNotFoundError(f"no such file: {self.root / missing}")
+            rec.width, rec.height = self._size(entry)
+            if not self.lazy:
+                rec.pixels = self.pixels(rec)
+                rec.instance_map = self.instance_map(rec) if rec.mask_file else None
+        except (OSError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{self.split}: image {rec.image_id!r} ({rec.file_name}): {err}") from None
+
     def pixels(self, rec: ImageRecord) -> torch.Tensor:
         """3xSxS uint8 model input of a record (cached in memory unless lazy)."""
         if rec.pixels is not None:
@@ -146,14 +158,14 @@ class ShapesData:
         objects of every image without Shapes ground truth, LN images included."""
         entries: dict[str, dict] = {}
         objects_file = self.root / f"{split}.objects.jsonl"
-        for entry in read_jsonl(objects_file) if objects_file.is_file() else []:
+        for entry in read_jsonl(objects_file, "objects") if objects_file.is_file() else []:
             self._claim(entries, entry, entry)
         ground_truth = set(entries)
         for image_id in ln_ids:
             if image_id not in entries:
                 entries[image_id] = self._ln_entry(image_id)
         dense_file = self.root / f"{split}.dense.jsonl"
-        for entry in read_jsonl(dense_file) if dense_file.is_file() else []:
+        for entry in read_jsonl(dense_file, "dense") if dense_file.is_file() else []:
             image = self._claim(entries, entry)
             if entry["image_id"] not in ground_truth:
                 objects = image.setdefault("objects", [])

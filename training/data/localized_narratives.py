@@ -23,6 +23,7 @@ LN traces may fall slightly outside [0, 1].  Boxes are ``(x0, y0, x1, y1)``.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "NUM_TRACE_SAMPLES",
     "LNReadStats",
     "LNSample",
+    "is_text",
     "read_localized_narratives",
     "sentence_targets",
     "trace_points",
@@ -99,10 +101,25 @@ def _number(value: Any, what: str) -> float:
     """``value`` as a finite float; ``ValueError`` naming ``what`` otherwise (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{what} must be a number, got {value!r}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an integer beyond float's range (JSON integers have no size limit)
+        raise ValueError(f"{what} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(result):
         raise ValueError(f"{what} must be finite, got {value!r}")
     return result
+
+
+def is_text(value: Any) -> bool:
+    """``value`` is a string of valid Unicode: json reads the escape ``"\\ud800"`` as an unpaired surrogate, which
+    the tokenizer refuses with a TypeError (in the middle of training)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def trace_points(traces: Sequence[Sequence[Mapping[str, Any]]]) -> np.ndarray:
@@ -146,8 +163,8 @@ def _parse_timed_caption(timed_caption: Any) -> list[tuple[str, float, float]]:
             utterance, start, end = item["utterance"], item["start_time"], item["end_time"]
         except KeyError as err:
             raise ValueError(f"timed_caption[{i}] lacks the key {err}") from None
-        if not isinstance(utterance, str):
-            raise ValueError(f"timed_caption[{i}].utterance must be a string, got {utterance!r}")
+        if not is_text(utterance):
+            raise ValueError(f"timed_caption[{i}].utterance must be a string of valid Unicode, got {utterance!r}")
         result.append((utterance, _number(start, f"timed_caption[{i}].start_time"),
                        _number(end, f"timed_caption[{i}].end_time")))
     return result
@@ -251,7 +268,9 @@ def _sentence_ranges(words: Sequence[str]) -> list[tuple[int, int]]:
 def _sample_from_record(record: Mapping[str, Any], points: np.ndarray) -> LNSample:
     """Build an :class:`LNSample` from a validated record and its (P >= 2, 3) trace points."""
     utterances = _parse_timed_caption(record["timed_caption"])
-    boxes, centres = _targets_from_points(points, utterances, NUM_TRACE_SAMPLES)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing targets are refused below
+        boxes, centres = _targets_from_points(points, utterances, NUM_TRACE_SAMPLES)
+        word_boxes, word_centres = boxes.astype(np.float32), centres.astype(np.float32)
     words: list[str] = []
     rows: list[int] = []
     for u, (utterance, _, _) in enumerate(utterances):
@@ -259,17 +278,21 @@ def _sample_from_record(record: Mapping[str, Any], points: np.ndarray) -> LNSamp
             words.append(word)
             rows.append(u)
     index = np.asarray(rows, dtype=np.int64)
+    word_boxes, word_centres = word_boxes[index].reshape(-1, 4), word_centres[index].reshape(-1, 2)
+    if not (np.isfinite(word_boxes).all() and np.isfinite(word_centres).all()):
+        # finite but extreme times or positions (t spanning +-1e308, x = 1e39 beyond float32) overflow to inf/NaN
+        raise ValueError("the trace gives non-finite word targets (extreme times or coordinates)")
     for key in ("dataset_id", "image_id", "caption"):
-        if not isinstance(record[key], str):
-            raise ValueError(f"{key} must be a string, got {record[key]!r}")
+        if not is_text(record[key]):
+            raise ValueError(f"{key} must be a string of valid Unicode, got {record[key]!r}")
     return LNSample(
         dataset_id=record["dataset_id"],
         image_id=record["image_id"],
         annotator_id=str(record["annotator_id"]),
         caption=record["caption"],
         words=words,
-        word_boxes=boxes[index].astype(np.float32).reshape(-1, 4),
-        word_centres=centres[index].astype(np.float32).reshape(-1, 2),
+        word_boxes=word_boxes,
+        word_centres=word_centres,
         sentences=_sentence_ranges(words),
     )
 
@@ -278,7 +301,7 @@ def _parse_line(line: bytes) -> tuple[dict[str, Any], np.ndarray]:
     """Decode one JSONL line into a record with all LN keys and its trace points (ValueError if not)."""
     try:
         record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep
         raise ValueError(f"not a JSON line: {err}") from None
     if not isinstance(record, dict):
         raise ValueError("an LN line must be a JSON object")
@@ -296,8 +319,10 @@ def read_localized_narratives(path: str | Path) -> tuple[list[LNSample], LNReadS
 
     Returns:
         the kept samples in file order, and the counts. A record with <= 1 trace point in total is
-        ``skipped_no_trace``; a bad JSON line, a missing key or a non-numeric/non-finite value is
-        ``skipped_malformed``. Blank lines are ignored.
+        ``skipped_no_trace``; a bad JSON line, a missing key, text that is not valid Unicode (an unpaired
+        surrogate escape), a non-numeric/non-finite value (an integer beyond float's range too) or a trace whose
+        word targets overflow to inf/NaN is ``skipped_malformed``.
+        Blank lines and a UTF-8 byte order mark at the start of the file are ignored.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -305,7 +330,9 @@ def read_localized_narratives(path: str | Path) -> tuple[list[LNSample], LNReadS
     samples: list[LNSample] = []
     stats = LNReadStats()
     with open(path, "rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle):
+            if number == 0:  # a file saved with a UTF-8 byte order mark (Windows editors): its first record is good
+                line = line.removeprefix(codecs.BOM_UTF8)
             if not line.strip():
                 continue
             stats.records += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from training.data.localized_narratives import is_text
 from training.data.shapes.scenes import _check_options, generate_scene
 from training.data.shapes.world import _PNG_LEVEL, ALL_SHAPES, COLORS, SIZES, WORLDS
 
@@ -86,18 +88,78 @@ def generate_split(
     return SplitSummary(split, num, objects, expressions, time.perf_counter() - began)
 
 
-def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL file (blank lines ignored). A line that is not JSON is a ValueError naming the file
-    and its line number (json's own message counts lines within the line: "line 1 column 3")."""
+def _box_problem(box: Any) -> str | None:
+    """Why ``box`` is not ``[x0, y0, x1, y1]`` of finite numbers with x0 <= x1 and y0 <= y1 (None: it is)."""
+    if not isinstance(box, list) or len(box) != 4 \
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
+        return f"box must be [x0, y0, x1, y1] (4 numbers, pixels), got {box!r}"[:200]
+    try:
+        values = [float(v) for v in box]
+    except OverflowError:  # an integer beyond float's range
+        values = [math.inf]
+    if not all(math.isfinite(v) for v in values):
+        return f"box has a NaN or infinite value: {box!r}"[:200]
+    if values[2] < values[0] or values[3] < values[1]:
+        return f"box {box!r} has x1 < x0 or y1 < y0 (boxes are [x0, y0, x1, y1], not [x, y, w, h])"
+    return None
+
+
+def record_problem(kind: str, record: Any) -> str | None:
+    """Why a line of a ``<split>.<kind>.jsonl`` file cannot be used for training or evaluation (None: it can): not
+    an object, a missing or mistyped field the readers use (`image_id`, `file_name`, positive `width`/`height`,
+    `expression`, `caption`, `regions`, `objects`), or a box that is not 4 finite ordered numbers. A NaN box
+    became a NaN training loss; a missing key or a null box a traceback in the middle of training."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    if kind == "ln":
+        return None  # the LN reader checks its own records (and skips and counts bad ones)
+    if not isinstance(record.get("image_id"), (str, int)) or isinstance(record.get("image_id"), bool):
+        return f"image_id must be a string or an integer, got {record.get('image_id')!r}"
+    if not isinstance(record.get("file_name"), str):
+        return f"file_name must be a string, got {record.get('file_name')!r}"
+    for key in ("width", "height"):
+        value = record.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+            return f"{key} must be a number of pixels >= 1, got {value!r}"
+    if kind == "refer":
+        if not is_text(record.get("expression")):
+            return f"expression must be a string of valid Unicode, got {record.get('expression')!r}"
+        return _box_problem(record.get("box"))
+    field = {"dense": "regions", "objects": "objects"}.get(kind)
+    items = record.get(field, []) if field else []
+    if not isinstance(items, list):
+        return f"{field} must be a list, got {type(items).__name__}"
+    for k, item in enumerate(items):
+        where = f"{field}[{k}]"
+        if not isinstance(item, dict):
+            return f"{where} must be an object"
+        if kind == "dense" and not is_text(item.get("caption")):
+            return f"{where}.caption must be a string of valid Unicode, got {item.get('caption')!r}"
+        problem = _box_problem(item.get("box"))
+        if problem:
+            return f"{where}: {problem}"
+    return None
+
+
+def load_jsonl(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """All records of a JSONL file (blank lines and a UTF-8 byte order mark ignored). A line that is not JSON is a
+    ValueError naming the file and its line number (json's own message counts lines within the line: "line 1
+    column 3"); with ``kind`` ("ln", "refer", "dense", "objects"), so is a record :func:`record_problem` refuses."""
     records = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not JSON ({err.msg}, column {err.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}, line {number}: not JSON (nested too deeply)") from None
+            problem = record_problem(kind, record) if kind else None
+            if problem:
+                raise ValueError(f"{path}, line {number}: {problem}")
+            records.append(record)
     return records
 
 
@@ -125,7 +187,7 @@ def load_split(root: str | Path, split: str) -> ShapesSplit:
         path = root / f"{split}.{kind}.jsonl"
         if not path.is_file():
             raise ValueError(f"no Shapes split {split!r} in {root}: {path.name} is missing")
-        records[kind] = load_jsonl(path)
+        records[kind] = load_jsonl(path, kind)
     return ShapesSplit(root=root, split=split, **records)
 
 
