@@ -1,13 +1,19 @@
 """Writing files: atomically, so that a reader, or the next run after a kill, sees the old file or the whole new one;
-and safetensors files, whose failed writes are OSErrors like any other."""
+safetensors files, whose failed writes are OSErrors like any other; and a lock for writers of one folder."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer at a time is then the user's to keep
+    fcntl = None
 
 if TYPE_CHECKING:
     import torch
@@ -65,3 +71,20 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         if "I/O error" not in str(err):
             raise
         raise OSError(f"cannot write {path}: {err}") from err
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: bool) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` for the block: a folder, or a file (created if
+    missing). wait=False raises BlockingIOError at once when another process holds it. The lock goes with the
+    process, so one killed inside the block holds nothing afterwards."""
+    path = Path(path)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)

@@ -267,3 +267,36 @@ def test_main_exits_non_zero_when_a_target_is_missed(monkeypatch, small_checkpoi
     data = json.loads(report.read_text())
     assert data["complete"] is True and data["failed"] == failed
     assert set(data["ratios"]) == {"location_head_overhead", "prompt_reuse_speedup"}
+
+
+# The bench with its two decoding measurements replaced by canned ratios, killed by the kernel part-way through the
+# JSON write after the second one: the process may write no file past 100 bytes from then on, and SIGXFSZ (which
+# Python ignores) is back to its default action, so the write past byte 100 ends the process, as a SIGKILL there.
+_KILLED_WRITING_THE_SECOND_REPORT = """import resource, signal, sys
+import pixelllm.bench.run as run
+from pixelllm.bench.core import Ratio
+def killed_in_the_next_write(bench):
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+    return Ratio("prompt_reuse_speedup", "reuse", 5.0, ">=", value=6.0)
+run.paper_preset = lambda: {}
+run.bench_location_head = lambda bench: Ratio("location_head_overhead", "overhead", 1.1, "<=", value=1.0)
+run.bench_prompt_reuse = killed_in_the_next_write
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_bench_killed_while_it_writes_its_json_keeps_the_measurements_written_before(small_checkpoint, tmp_path):
+    """The report is rewritten after every measurement so that a killed run keeps what it measured; it was written
+    in place, so a kill during a rewrite left the first 100 bytes of a JSON file and no measurement at all."""
+    report = tmp_path / "bench.json"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITING_THE_SECOND_REPORT, "--checkpoint", str(small_checkpoint), "--only",
+         "location_head_overhead,prompt_reuse_speedup", "--threads", "1", "--json", str(report)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-2000:]
+    data = json.loads(report.read_text())  # the report of the first measurement, whole
+    assert data["complete"] is False
+    assert list(data["ratios"]) == ["location_head_overhead"]
+    assert data["ratios"]["location_head_overhead"]["value"] == 1.0

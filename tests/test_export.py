@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from pixelllm.store import AnnotationStore
 from training import export
 from training.data.localized_narratives import LN_KEYS, read_localized_narratives, utterance_targets
 
+ROOT = Path(__file__).resolve().parents[1]
 W, H = 160, 120
 TOL = 1e-6
 
@@ -331,3 +335,92 @@ def test_an_empty_selection_writes_nothing_and_an_earlier_export_stays(store, tm
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not export.export_corrections(store, tmp_path / "new", ["accepted"])["ln_records"]
     assert not (tmp_path / "new").exists()  # not even created
+# ------------------------------------------------------------------------------------------ kills and two at once
+
+# `python -m training.export ARGS` in a child process, stopped at a known point: STOP=copy dies (os._exit: no
+# `finally`, as a SIGKILL) right after its second image copy; STOP=ln says "paused" when it is about to write the
+# LN file and waits for a line on stdin, then goes on. Without STOP it says "started" and runs.
+_EXPORT_STOPPED = """import os, shutil, sys
+import training.export as export
+stop = os.environ.get("STOP")
+copied = []
+real_copy, real_write = shutil.copyfile, export.write_atomically
+def copy_then_die(source, target):
+    real_copy(source, target)
+    copied.append(target)
+    if stop == "copy" and len(copied) == 2:
+        os._exit(9)
+def pause_before_ln(target, data):
+    if stop == "ln" and str(target).endswith(export.LN_FILE):
+        print("paused", flush=True)
+        sys.stdin.readline()
+    real_write(target, data)
+export.shutil.copyfile, export.write_atomically = copy_then_die, pause_before_ln
+print("started", flush=True)
+sys.exit(export.main(sys.argv[1:]))
+"""
+
+
+def _export_child(stop: str | None, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP=stop or "")
+    proc = subprocess.Popen([sys.executable, "-c", _EXPORT_STOPPED, *args], cwd=ROOT, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout.readline().strip() == "started"
+    return proc
+
+
+def _accepted_and_submitted(store, n: int = 4) -> tuple[set[str], set[str]]:
+    """n captions on n images, every other one accepted; the images' export names (accepted, submitted)."""
+    for seed in range(n):
+        correction = add_caption(store, 30 + seed, ["a", "b"], [[0, 0, 9, 9], [20, 20, 30, 30]])
+        if seed % 2 == 0:
+            store.review(correction, "bob", accept=True)
+    accepted, submitted = ({row["image_sha"] + ".png" for row in store.training_examples([status])}
+                           for status in ("accepted", "submitted"))
+    assert len(accepted) == len(submitted) == n // 2
+    return accepted, submitted
+
+
+def _check_whole(out: Path, images: set[str]) -> None:
+    """`out` is a whole export of exactly `images`: its LN file names them and they are there, its manifest claims
+    them, and images/ holds nothing else."""
+    named = {s.image_id + ".png" for s in read_back(out)[0]}
+    assert named == images
+    assert {p.name for p in (out / export.IMAGES_DIR).iterdir()} == images
+    assert set((out / export.IMAGE_MANIFEST).read_text().split()) == images
+
+
+def test_an_export_killed_while_it_copies_images_is_finished_by_the_rerun_and_cleaned_by_later_ones(store,
+                                                                                                     tmp_path):
+    """Killed after copying two of four images, the rerun found them already there and never claimed them in its
+    manifest, as if they were the folder's own: a later export that no longer selects their corrections left them
+    in images/ for good (the folder had to be cleaned by hand)."""
+    accepted, submitted = _accepted_and_submitted(store)
+    out = tmp_path / "out"
+    db = ["--db", str(store.path), "--out", str(out)]
+    killed = _export_child("copy", *db)
+    killed.communicate(timeout=120)
+    assert killed.returncode == 9
+    assert len(list((out / export.IMAGES_DIR).iterdir())) == 2
+    assert export.main(db) == 0  # the rerun
+    _check_whole(out, accepted | submitted)
+    assert export.main([*db, "--statuses", "accepted"]) == 0
+    _check_whole(out, accepted)
+
+
+def test_a_second_export_into_the_same_folder_waits_for_the_first(store, tmp_path):
+    """An export of every correction paused before its LN file while an export of the submitted ones into the same
+    folder ran: the second removed the accepted corrections' images (an earlier export's, no longer selected), then
+    the first wrote its LN file naming them, exit 0 for both: an export whose LN file names missing images."""
+    accepted, submitted = _accepted_and_submitted(store)
+    out = tmp_path / "out"
+    db = ["--db", str(store.path), "--out", str(out)]
+    assert export.main([*db, "--statuses", "accepted"]) == 0
+    first = _export_child("ln", *db)
+    assert first.stdout.readline().strip() == "paused"
+    second = _export_child(None, *db, "--statuses", "submitted")
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        second.wait(timeout=2)  # it ran to the end here before the fix; now it waits for the first
+    outputs = [proc.communicate("go\n" if proc is first else None, timeout=120)[0] for proc in (first, second)]
+    assert (first.returncode, second.returncode) == (0, 0), outputs
+    _check_whole(out, submitted)  # the last export, whole

@@ -37,6 +37,7 @@ utterance target (LN's own convention). This module never imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -50,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from pixelllm.files import write_atomically
+from pixelllm.files import exclusive_lock, write_atomically
 from pixelllm.store import STATUSES, AnnotationStore, StoreError
 from training.data.localized_narratives import LN_KEYS, NUM_TRACE_SAMPLES, utterance_targets
 
@@ -346,6 +347,22 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     if not statuses or unknown:
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # the lock is on the folder
+    try:
+        # one export into a folder at a time, a second one waits: two at once each removed images the other's files
+        # named, and the one that finished last wrote an LN file naming images no longer there, or a manifest
+        # without the images the other one wrote
+        with exclusive_lock(out, wait=True):
+            return _export(store, out, statuses)
+    finally:
+        if created:  # an export that wrote nothing leaves no folder behind (a folder holding files stays)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _export(store: AnnotationStore, out: Path, statuses: list[str]) -> dict[str, Any]:
+    """`export_corrections` into the folder `out`, whose lock the caller holds."""
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
     if (out / IMAGES_DIR).resolve() == store_root / "images":
@@ -418,14 +435,20 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         # nothing selected (another --statuses, a new or emptied store): an earlier export in the folder stays, the
         # only copy of its corrections if the store it came from is gone
         return summary
-    out.mkdir(parents=True, exist_ok=True)
+    copies: list[tuple[Path, Path]] = []  # (store file, images/ file) to write
     for name, source in sources.items():
         target = safe_join(out, IMAGES_DIR, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         target = safe_join(out, IMAGES_DIR, name)  # again, now that images/ exists (a symlink is caught here)
         if not (target.is_file() and target.stat().st_size == source.stat().st_size):
-            shutil.copyfile(source, target)
-            wrote.add(name)
+            copies.append((source, target))
+    if copies:  # claimed before they are written: after a kill part-way through the copies, the rerun found them
+        # already there and never claimed them, so no later export removed them when no correction needed them
+        before |= {target.name for _, target in copies}
+        write_atomically(out / IMAGE_MANIFEST, "".join(f"{name}\n" for name in sorted(before)))
+    for source, target in copies:
+        shutil.copyfile(source, target)
+        wrote.add(target.name)
     write_atomically(ln_path, "".join(line + "\n" for line in lines))
     if annotations:
         coco = {

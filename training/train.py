@@ -37,6 +37,7 @@ from pixelllm.tokenizer import train_tokenizer
 from training.data.datasets import TASKS, Collator, ShapesData, read_jsonl
 from training.data.localized_narratives import read_localized_narratives
 from training.data.sampling import MultiTaskSampler
+from training.data.shapes import unfinished_split
 
 
 # ---------------------------------------------------------------------------- config
@@ -169,7 +170,10 @@ def ensure_data(cfg: dict, rank: int, world: int) -> None:
                 from training.data.shapes import generate_split
 
                 print(f"generating Shapes split {split!r}: {spec}", flush=True)
-                generate_split(root, split, int(spec["num"]), int(spec["seed"]), **spec.get("options", {}))
+                try:
+                    generate_split(root, split, int(spec["num"]), int(spec["seed"]), **spec.get("options", {}))
+                except ValueError as err:  # another run generating the same split right now
+                    raise SystemExit(f"data.generate {split}: {err}") from None
     if world > 1:
         dist.barrier()
 
@@ -190,6 +194,9 @@ def tokenizer_corpus(root: Path, split: str) -> list[str]:
 
 def check_split(root: Path, split: str) -> None:
     """The training split exists: one of its files is in data.root (a typo'd root or split was a traceback)."""
+    problem = unfinished_split(root, split)
+    if problem:
+        raise SystemExit(f"data.root: {problem}")
     kinds = ("ln", "refer", "dense", "objects")
     if not any((root / f"{split}.{kind}.jsonl").is_file() for kind in kinds):
         raise SystemExit(f"data.root {root}: no split {split!r} there (none of "

@@ -22,6 +22,7 @@ from pixelllm.bench.decoding import bench_dense, bench_location_head, bench_per_
 from pixelllm.bench.training import bench_training
 from pixelllm.build import count_parameters
 from pixelllm.config import get_config
+from pixelllm.files import write_atomically
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.predictor import PixelLLMPredictor
 
@@ -111,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios: list[Ratio] = []
 
     def write_json(complete: bool) -> None:  # after every measurement: a killed run keeps what it measured
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({
+        if args.json:  # atomically: a kill while writing left part of a JSON file, and no measurement
+            write_atomically(args.json, json.dumps({
                 "machine": info, "quick": args.quick, "complete": complete, "settings": asdict(settings),
                 "ratios": {r.key: {"label": r.label, "value": r.value, "target": r.target, "op": r.op,
                                    "status": r.status, "reason": r.reason, "detail": r.detail} for r in ratios},

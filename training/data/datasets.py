@@ -36,7 +36,7 @@ from PIL import Image
 from pixelllm.image import to_model_input
 from pixelllm.tokenizer import encode_text
 from training.data.localized_narratives import LNReadStats, LNSample, read_localized_narratives
-from training.data.shapes import load_image, load_instance_map
+from training.data.shapes import load_image, load_instance_map, unfinished_split
 from training.data.shapes import load_jsonl as read_jsonl
 
 TASKS = ("narrative", "sentence", "prefix", "region_box", "region_points", "region_image", "refer", "refer_image")
@@ -81,6 +81,9 @@ class ShapesData:
         """lazy=False decodes every image once into memory at model size (Shapes scale); lazy=True reads image
         files when a batch needs them (real datasets at 1024 px do not fit in memory)."""
         self.root = Path(root)
+        problem = unfinished_split(self.root, split)
+        if problem:  # the narratives of an earlier run beside the new run's images were taken as a split
+            raise ValueError(problem)
         self.split = split
         self.image_size = image_size
         self.lazy = lazy

@@ -29,6 +29,7 @@ from training.data.shapes.splits import (
     load_split,
     main,
     parse_mentions,
+    unfinished_split,
 )
 from training.data.shapes.world import (
     ALL_SHAPES,
@@ -67,4 +68,5 @@ __all__ = [
     "main",
     "parse_mentions",
     "reading_order",
+    "unfinished_split",
 ]

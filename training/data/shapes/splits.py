@@ -7,8 +7,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from training.data.localized_narratives import is_text
+from pixelllm.files import exclusive_lock
 from training.data.shapes.scenes import _check_options, generate_scene
 from training.data.shapes.world import _PNG_LEVEL, ALL_SHAPES, COLORS, SIZES, WORLDS
 
@@ -53,11 +54,14 @@ def generate_split(
     """Write images 0..num-1 of a split into ``out_dir`` (see ``docs/data_formats.md``).
 
     Creates ``images/``, ``masks/`` and ``<split>.{ln,refer,dense,objects}.jsonl`` (overwriting them);
-    several splits may share ``out_dir``. The JSONL files are written as ``*.partial`` and renamed at the end,
-    ``objects`` last: a split whose ``objects`` file exists is complete (what `training.train` checks).
+    several splits may share ``out_dir``. The split's JSONL files are removed first (its images are about to be
+    overwritten: an earlier run's narratives would describe other pictures), written as ``*.partial`` and renamed
+    at the end, ``objects`` last: a split whose ``objects`` file exists is complete (what `training.train`
+    checks), and one with a ``.partial`` file was cut short (:func:`unfinished_split`, what the readers check).
+    One generator of a split at a time: a second one, while the first runs, is refused.
 
     Raises:
-        ValueError: on invalid options.
+        ValueError: on invalid options, or while another process writes the same split into ``out_dir``.
     """
     _check_options(split, size, world)
     if num < 1 or seed < 0:
@@ -70,8 +74,10 @@ def generate_split(
     kinds = ("ln", "refer", "dense", "objects")  # objects last: its file marks a complete split
     final = {kind: root / f"{split}.{kind}.jsonl" for kind in kinds}
     partial = {kind: path.with_name(path.name + ".partial") for kind, path in final.items()}
-    final["objects"].unlink(missing_ok=True)  # a kill from here on leaves no split that looks complete
     with ExitStack() as stack:
+        stack.enter_context(_only_writer(root, split))
+        for kind in ("objects", "ln", "refer", "dense"):  # objects first: a kill from here on leaves no split that
+            final[kind].unlink(missing_ok=True)            # looks complete, nor an old one beside new images
         files = {kind: stack.enter_context(open(partial[kind], "w", encoding="utf-8")) for kind in kinds}
         for index in range(num):
             scene = generate_scene(seed, index, split=split, size=size, world=world, holdout_only=holdout_only)
@@ -83,8 +89,10 @@ def generate_split(
             files["objects"].write(_jsonl_line(scene.objects_record))
             objects += len(scene.objects)
             expressions += len(scene.refer)
-    for kind in kinds:
-        partial[kind].replace(final[kind])
+        for handle in files.values():
+            handle.close()
+        for kind in kinds:
+            partial[kind].replace(final[kind])
     return SplitSummary(split, num, objects, expressions, time.perf_counter() - began)
 
 
@@ -141,6 +149,32 @@ def record_problem(kind: str, record: Any) -> str | None:
     return None
 
 
+@contextmanager
+def _only_writer(root: Path, split: str) -> Iterator[None]:
+    """Hold ``root/.<split>.lock`` for the block: two generators of one split at once wrote into the same
+    ``.partial`` files and images (the second truncating the first's), and the split renamed into place was a mix
+    of both runs that looked complete."""
+    try:
+        with exclusive_lock(root / f".{split}.lock", wait=False):
+            yield
+    except BlockingIOError:
+        raise ValueError(f"another process is writing split {split!r} in {root} right now (python -m "
+                         "training.shapes, or a training.train run generating its data); let it finish, then run "
+                         "the command again") from None
+
+
+def unfinished_split(root: str | Path, split: str) -> str | None:
+    """Why ``<split>`` in ``root`` must not be read, or None: a generator writing it is running or was killed
+    part-way (its ``.partial`` files are there; the images may be half the new run's)."""
+    left = [name for name in (f"{split}.{kind}.jsonl.partial" for kind in ("ln", "refer", "dense", "objects"))
+            if (Path(root) / name).is_file()]
+    if not left:
+        return None
+    return (f"split {split!r} in {root} was cut short while it was generated ({', '.join(left)} are left; the "
+            "generator was killed, or is still running): run the same python -m training.shapes command again, "
+            "or the training run whose data.generate lists it (it regenerates the split whole)")
+
+
 def load_jsonl(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """All records of a JSONL file (blank lines and a UTF-8 byte order mark ignored). A line that is not JSON is a
     ValueError naming the file and its line number (json's own message counts lines within the line: "line 1
@@ -179,9 +213,12 @@ def load_split(root: str | Path, split: str) -> ShapesSplit:
     """Read ``<split>.{ln,refer,dense,objects}.jsonl`` from ``root``.
 
     Raises:
-        ValueError: if one of the files is missing.
+        ValueError: if one of the files is missing, or the split was cut short while it was generated.
     """
     root = Path(root)
+    problem = unfinished_split(root, split)
+    if problem:
+        raise ValueError(problem)
     records = {}
     for kind in ("ln", "refer", "dense", "objects"):
         path = root / f"{split}.{kind}.jsonl"
