@@ -254,7 +254,7 @@ def test_a_checkpoint_left_over_from_a_kill_between_renames_does_not_stop_the_ne
     leaves `checkpoint.old` beside `checkpoint` (the kill-and-resume test hit this once). The resumed run reads the
     newer `checkpoint`, and its next save must replace both rather than fail on the non-empty `checkpoint.old`."""
     from tests.helpers import small_model
-    from training.train import find_resume, save_checkpoint
+    from training.run_folder import find_resume, save_checkpoint
 
     model = small_model()
     save_checkpoint(tmp_path, model, {"step": 4})

@@ -22,7 +22,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from pixelllm.modeling.pixel_llm import PixelLLM
-from training.train import save_swapped
+from training.run_folder import save_swapped
 
 
 def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
