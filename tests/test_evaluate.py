@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pixelllm.predictor import Caption, Referral, Region, Word
 from training.data.localized_narratives import read_localized_narratives
@@ -680,3 +681,16 @@ def test_cli_names_a_bad_box_of_a_split_in_one_line_before_the_model_loads(tmp_p
     err = capsys.readouterr().err
     assert re.search(rf"{re.escape(str(path))}, line 2: {match}", err), err
     assert "Traceback" not in err and "--checkpoint:" not in err  # refused before the model is loaded
+
+
+@pytest.mark.parametrize("device, match", [("cuda", "no CUDA device is available"), ("gpu", "--device gpu: ")])
+def test_cli_names_a_device_this_machine_lacks_before_the_model_loads(tmp_path, capsys, monkeypatch, device, match
+                                                                     ) -> None:
+    """`--device cuda` without a GPU was a RuntimeError traceback ("Found no NVIDIA driver") after the model and
+    every split had loaded; app.py and the bench already said so in one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without one, also on a GPU host
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), "--device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "--data/--split" not in err and "--checkpoint:" not in err  # before data and model

@@ -215,7 +215,7 @@ def _load_json(path: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.convert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     m = sub.add_parser("mdetr", help="RefCOCO(+/g) / GoldG in MDETR's annotation format -> <split>.refer.jsonl")
     m.add_argument("--ann", required=True, action="append", help="annotation JSON (repeat to merge several)")

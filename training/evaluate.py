@@ -345,6 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = json_target_problem(Path(args.json))
         if problem:
             parser.error(f"--json {args.json}: {problem}")
+    try:  # a device this machine lacks was a RuntimeError traceback once the model had loaded
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {args.device}: MPS is not available")
     truths = {}
     for split in splits:  # the user's mistakes as one line each, before the model loads
         try:
