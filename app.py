@@ -7,9 +7,13 @@ the Hugging Face Space (README front matter: sdk gradio, app_file app.py).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -61,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="checkpoint folder or hub id (default: $PIXELLLM_CHECKPOINT or the embedded model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto picks cuda > mps > cpu (bfloat16 on CUDA)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+    parser.add_argument("--port", type=port_number, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
+                        help="port to listen on, 1-65535 (default $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="interface to listen on (0.0.0.0 to serve the network; Spaces set it)")
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--db", default=default_db(),
@@ -84,6 +89,56 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number} (0 would queue every call forever)")
     return number
+
+
+def port_number(value: str) -> int:
+    """A TCP port, 1-65535 (argparse also runs it on the default, $GRADIO_SERVER_PORT)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value!r} "
+                                         "(from --port or $GRADIO_SERVER_PORT)")
+    return number
+
+
+def check_address(host: str, port: int) -> None:
+    """SystemExit naming the reason when the server could not listen on host:port (a port another process holds,
+    a host name that does not resolve or is not this machine's). Checked before the model loads: gradio found out
+    only after it, with a traceback that pointed at `launch()` arguments."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise SystemExit(f"cannot listen on {where}: the host {host!r} does not resolve "
+                         f"({getattr(err, 'strerror', None) or err}); pass --host 127.0.0.1 (this machine only) "
+                         "or --host 0.0.0.0 (the network), or set GRADIO_SERVER_NAME") from err
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
+        try:
+            sock.bind(address)
+        except OSError as err:
+            reason = {errno.EADDRINUSE: "the port is in use (another process is listening there)",
+                      errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+                      errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(err.errno)
+            raise SystemExit(f"cannot listen on {where}: {reason or err.strerror or err}; pass --port N (or set "
+                             "GRADIO_SERVER_PORT) or --host ADDRESS (GRADIO_SERVER_NAME)") from err
+
+
+def check_temp_dir(environ=os.environ) -> None:
+    """SystemExit naming the folder when gradio's temporary folder cannot be written: gradio keeps uploads and the
+    app its downloads there, and it failed with a traceback after the model had loaded."""
+    folder = Path(environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pixelllm-write-check-"):
+            pass
+    except OSError as err:
+        raise SystemExit(f"cannot write gradio's temporary folder {folder.absolute()} (uploads and downloads go "
+                         f"there): {err.strerror or err}; set GRADIO_TEMP_DIR to a folder this user can write") from err
 
 
 def parse_auth(value: str) -> list[tuple[str, str]]:
@@ -150,6 +205,8 @@ def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
     many visitors come."""
     from pixelllm import ui
 
+    if ":" in host and not host.startswith("["):  # a bare IPv6 address (`::`, `::1`): gradio builds its URL from it
+        host = f"[{host}]"
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=ui.MAX_FILE_SIZE, ssr_mode=False,
                 prevent_thread_lock=not block, quiet=not block, auth=auth or None,
                 state_session_capacity=ui.STATE_SESSION_CAPACITY)
@@ -157,7 +214,10 @@ def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # WARNING: at INFO every library's chatter reached the host's log (httpx's own requests, matplotlib's font cache)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    check_address(args.host, args.port)  # before the store, torch and the model: a host's mistake fails at once
+    check_temp_dir()
     if args.no_store:
         logging.warning("--no-store: outputs and corrections will not be saved")
         store = None
@@ -185,11 +245,32 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve the checkpoint {checkpoint}: it has no tokenizer (tokenizer.json or "
                          "spiece.model beside its weights)")
     predictor = PixelLLMPredictor(model, device=device, dtype=dtype)
+    print(f"* Model: {checkpoint} ({model.config.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters, {device}, {str(dtype or model.dtype).replace('torch.', '')})\n"
+          f"* Annotation store: {'none (--no-store)' if store is None else store.path}", flush=True)
     examples = sorted(str(p) for p in EXAMPLES.glob("*.png"))
     demo = build_demo(predictor, store, checkpoint=args.checkpoint, examples=examples,
                       concurrency=args.concurrency, store_notice=notice)
-    launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share, auth=args.auth)
+    except OSError as err:  # e.g. the port was taken between check_address and now
+        raise SystemExit(f"cannot serve on {args.host}:{args.port}: {err}") from err
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (docker stop, systemd, a Space restarting) closes the app as Ctrl+C does: the server stops and the
+    requests in progress finish, logging their outputs and saving their corrections. It used to end the process at
+    once: no message, exit status -15, requests cut. A second SIGTERM ends it at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print("SIGTERM received: stopping; requests in progress finish first (send it again to stop at once)",
+          file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM while the app starts (gradio handles them once it serves)
+        print("interrupted: the app stopped", file=sys.stderr)
+        sys.exit(130)

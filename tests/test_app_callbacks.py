@@ -762,6 +762,7 @@ def test_store_location_on_a_space_and_what_annotators_are_told(tmp_path, monkey
     # says nothing.
     demos = []
     monkeypatch.setattr(app, "launch", lambda demo, **kwargs: demos.append(demo))
+    monkeypatch.setattr(app, "check_address", lambda host, port: None)  # serves nothing
     argv = ["--db", str(tmp_path / "annotations.db"), "--checkpoint", str(small_checkpoint), "--device", "cpu"]
     app.main(argv)
     monkeypatch.delenv("SPACE_ID")
@@ -780,6 +781,7 @@ def test_app_main_serves_with_the_login_concurrency_and_address_asked_for(monkey
 
     launched = []
     monkeypatch.setattr(app, "launch", lambda demo, **kwargs: launched.append((demo, kwargs)))
+    monkeypatch.setattr(app, "check_address", lambda host, port: None)  # serves nothing
     monkeypatch.delenv("PIXELLLM_AUTH", raising=False)
     base = ["--no-store", "--checkpoint", str(small_checkpoint), "--device", "cpu"]
     app.main([*base, "--auth", "ann:pw,rev:x:y", "--concurrency", "3", "--host", "0.0.0.0", "--port", "7999",
@@ -813,6 +815,7 @@ def test_the_app_reads_the_checkpoints_evaluation_from_any_working_directory(tmp
     monkeypatch.chdir(tmp_path / "elsewhere")
     demos = []
     monkeypatch.setattr(app, "launch", lambda demo, **kwargs: demos.append(demo))
+    monkeypatch.setattr(app, "check_address", lambda host, port: None)  # serves nothing
     app.main(["--no-store", "--checkpoint", "ckpt", "--device", "cpu"])
     panel = [c["props"]["value"] for c in demos[0].config["components"]
              if c["props"].get("elem_id") == "model-panel"]

@@ -669,6 +669,7 @@ def test_app_refuses_to_start_on_a_bad_store_naming_the_file(kind, tmp_path, sma
     _corrupt(path, kind)
     launched = []
     monkeypatch.setattr(app_module, "launch", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(app_module, "check_address", lambda host, port: None)  # serves nothing
     with pytest.raises(SystemExit) as info:
         app_module.main(["--db", str(path), "--checkpoint", str(small_checkpoint), "--device", "cpu"])
     message = str(info.value.code)
@@ -706,6 +707,7 @@ def test_app_refuses_pickle_weights_with_a_message(tmp_path, small_checkpoint, m
     (ckpt / "model.safetensors").unlink()
     (ckpt / "pytorch_model.bin").write_bytes(b"not even unpickled")
     monkeypatch.setattr(app_module, "launch", lambda *a, **k: pytest.fail("must not launch"))
+    monkeypatch.setattr(app_module, "check_address", lambda host, port: None)  # serves nothing
     with pytest.raises(SystemExit, match=r"refusing to load pickle weights \['pytorch_model.bin'\]"):
         app_module.main(["--no-store", "--checkpoint", str(ckpt), "--device", "cpu"])
 
@@ -722,6 +724,7 @@ def test_app_refuses_an_unservable_checkpoint_or_flags_with_a_message(tmp_path, 
     from pixelllm import PixelLLM
 
     monkeypatch.setattr(app_module, "launch", lambda *a, **k: pytest.fail("must not launch"))
+    monkeypatch.setattr(app_module, "check_address", lambda host, port: None)  # serves nothing
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(small_checkpoint, no_tokenizer)
     for path in no_tokenizer.glob("tokenizer*"):
