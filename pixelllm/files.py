@@ -84,7 +84,12 @@ def exclusive_lock(path: str | os.PathLike, *, wait: bool) -> Iterator[None]:
         return
     fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise
+        except OSError:  # a file system that cannot lock it (NFS emulates flock with POSIX locks, which refuse a
+            pass  # folder opened read-only: EBADF): the work goes on unlocked rather than not at all
         yield
     finally:
         os.close(fd)

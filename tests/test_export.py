@@ -424,3 +424,29 @@ def test_a_second_export_into_the_same_folder_waits_for_the_first(store, tmp_pat
     outputs = [proc.communicate("go\n" if proc is first else None, timeout=120)[0] for proc in (first, second)]
     assert (first.returncode, second.returncode) == (0, 0), outputs
     _check_whole(out, submitted)  # the last export, whole
+
+
+def test_an_export_where_the_folder_cannot_be_locked_still_exports(store, tmp_path, monkeypatch):
+    """NFS emulates flock with POSIX locks, which refuse a folder opened read-only (EBADF): the export lock made
+    every export on such a folder (a lab's network home) fail. It goes on unlocked; a lock held elsewhere still
+    stops a non-waiting caller."""
+    import errno
+    import fcntl
+
+    from pixelllm.files import exclusive_lock
+
+    add_caption(store, 17, ["nfs"], [[0, 0, 1, 1]])
+
+    def no_locks(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert export.export_corrections(store, tmp_path / "out")["ln_records"] == 1
+    assert read_back(tmp_path / "out")[0][0].words == ["nfs"]
+
+    def held(fd, operation):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(BlockingIOError), exclusive_lock(tmp_path / "lockfile", wait=False):
+        pass
