@@ -78,6 +78,21 @@ def test_precision_at_iou() -> None:
         precision_at_iou(np.zeros((0, 4)), np.zeros((0, 4)))
 
 
+def test_iou_threshold_stays_inclusive_under_float_rounding() -> None:
+    # Each pred is the left half of its gt, so IoU = 1/2 exactly: pixels with two decimals (the predictor's
+    # precision), widths 20.3 and 40.6 -> (20.3 * 40) / (40.6 * 40); normalised, widths 0.2 and 0.4 -> 0.2 / 0.4.
+    # In floating point both come out a few ulp below 0.5; the threshold is inclusive, so both are hits.
+    pred = [[10.1, 20.0, 30.4, 60.0], [0.1, 0.0, 0.3, 1.0]]
+    gt = [[10.1, 20.0, 50.7, 60.0], [0.1, 0.0, 0.5, 1.0]]
+    assert precision_at_iou(pred, gt) == 1.0
+    # A pred one hundredth of a pixel narrower (IoU 20.29 / 40.6 = 0.49975...) is a real miss.
+    assert precision_at_iou([[10.1, 20.0, 30.39, 60.0]], [gt[0]]) == 0.0
+    # Dense AP uses the same inclusive test: each pred is a TP -> P = R = 1 -> AP 1 (0 with the lost hits).
+    predictions = [[(tuple(pred[0]), 0.9, "dog")], [(tuple(pred[1]), 0.8, "dog")]]
+    ground_truth = [[(tuple(gt[0]), "dog")], [(tuple(gt[1]), "dog")]]
+    assert dense_caption_ap(predictions, ground_truth) == pytest.approx(1.0)
+
+
 # ----------------------------------------------------------------------------------------------- masks
 
 

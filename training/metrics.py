@@ -54,6 +54,12 @@ __all__ = [
 
 Box = Sequence[float] | npt.NDArray[np.floating]
 
+#: Slack on every IoU threshold test. An IoU equal to the threshold in exact arithmetic can come out a few ulp below
+#: it in floating point (pred ``(10.1, 20, 30.4, 60)`` vs gt ``(10.1, 20, 50.7, 60)``: 20.3 / 40.6 = 0.5, computed
+#: 0.49999999999999994), which made the inclusive ``IoU ≥ threshold`` exclusive there; ``IoU ≥ threshold − IOU_EPS``
+#: keeps it inclusive. Far below any real IoU difference at the predictor's 0.01 px precision.
+IOU_EPS = 1e-12
+
 
 # --------------------------------------------------------------------------------------------------------
 # Boxes
@@ -127,7 +133,7 @@ def precision_at_iou(pred: npt.ArrayLike, gt: npt.ArrayLike, threshold: float = 
         raise ValueError(f"pred and gt must pair up: got {len(pred)} predictions and {len(gt)} ground truths")
     if len(pred) == 0:
         raise ValueError("precision_at_iou needs at least one (pred, gt) pair")
-    return float(np.mean(_paired_iou(pred, gt) >= threshold))
+    return float(np.mean(_paired_iou(pred, gt) >= threshold - IOU_EPS))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def dense_caption_ap(
         ious = box_iou(box[None], gt_boxes[image])[0]
         best_j, best_iou = -1, -1.0
         for j, (_, gt_caption) in enumerate(ground_truth[image]):
-            if matched[image][j] or ious[j] < iou_threshold or ious[j] <= best_iou:
+            if matched[image][j] or ious[j] < iou_threshold - IOU_EPS or ious[j] <= best_iou:
                 continue
             if caption_match(caption, gt_caption):
                 best_j, best_iou = j, float(ious[j])
