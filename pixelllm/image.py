@@ -66,10 +66,10 @@ def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max() if arr.size and arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit integer or float grayscale: as an array
+        img = Image.fromarray(_to_uint8(np.asarray(img)), mode="L")
+    if img.mode == "La":  # premultiplied alpha: PIL converts it to LA only
+        img = img.convert("LA")
     if img.mode == "P" or img.mode == "LA" or "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode == "RGBA":
@@ -79,23 +79,40 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
-    """Accept an HxWx3 / HxWx4 / HxW uint8 array or a PIL image; return HxWx3 uint8 at the image's own size (a
-    PIL image is converted as `load_image` does, EXIF orientation included, but never downscaled: the caller's
-    boxes and prompts are in its pixels, as they are for an array)."""
+    """Accept an HxWx3 / HxWx4 / HxW array or a PIL image; return HxWx3 uint8 at the image's own size (a PIL
+    image is converted as `load_image` does, EXIF orientation included, but never downscaled: the caller's
+    boxes and prompts are in its pixels, as they are for an array). Arrays that are not uint8 follow
+    `_to_uint8` (floats in [0, 1], 16-bit integers, bool masks)."""
     if isinstance(image, Image.Image):
         return load_image(image, max_side=max(image.size))
+    if image is None or isinstance(image, (str, bytes, Path)):  # np.asarray makes a 0-d array of them
+        raise ValueError(f"the image must be an HxWx3 array or a PIL image, got {type(image).__name__} (for a "
+                         "file, pass pixelllm.image.load_image(path))")
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 RGB image, got an array of shape {arr.shape}")
+        hint = " (channels first? give HxWxC)" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"expected an HxWx3 RGB image, got an array of shape {arr.shape}{hint}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError("the image is empty")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr[..., :3])
+    return np.ascontiguousarray(_to_uint8(arr)[..., :3])
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixel values as uint8, the same rules for arrays and PIL images: bool -> 0/255; floats with a maximum of
+    at most 1 are scaled by 255, other floats clipped to [0, 255]; integers above 255 (16-bit images) are scaled
+    so that their maximum becomes 255, as a 16-bit PNG is."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        top = int(arr.max()) if arr.size else 0
+        arr = arr.astype(np.float64) / top * 255.0 if top > 255 else arr
+    elif np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+        arr = arr * 255.0
+    return np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
 
 
 def image_key(image: np.ndarray) -> str:

@@ -10,9 +10,10 @@ same target, so they agree up to noise).
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -29,6 +30,29 @@ from pixelllm.tokenizer import encode_text, starts_word
 
 MAX_PROMPT_TOKENS = 64
 MAX_TRACE_TOKENS = 512  # the longest caption `trace` reads (max_new_tokens' limit too)
+
+
+def _whole_number(value, what: str, low: int, high: int) -> int:
+    """value as an int, or ValueError naming the argument (1.5, "abc", NaN and True are no counts)."""
+    number = None
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            number = operator.index(value)  # int, numpy integers: exact
+        except TypeError:
+            try:
+                as_float = float(value)  # 3.0, "3", a 0-d tensor
+            except (TypeError, ValueError):
+                as_float = float("nan")
+            number = int(as_float) if as_float.is_integer() else None
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{what} must be a whole number between {low} and {high}, got {value!r}")
+    return number
+
+
+def _max_new_tokens(value) -> int | None:
+    """None (the checkpoint's default) or 1..MAX_TRACE_TOKENS: 0 used to mean the default and a negative count
+    an empty caption."""
+    return None if value is None else _whole_number(value, "max_new_tokens", 1, MAX_TRACE_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -186,7 +210,7 @@ class PixelLLMPredictor:
         # The key (which encoder adapter is active) is read, and the image encoded, under one read lock: an adapter
         # switch in between stored one model's features under the other's key (and returned them to the caller)
         with self._model_lock.read():
-            cache_key = (self._encoder(), self._encoder_adapter(), key)
+            cache_key = (self._encoder(), self._encoder_adapter_id(), key)
             with self._cache_lock:
                 features = self._cache.get(cache_key)
                 if features is not None:
@@ -246,7 +270,7 @@ class PixelLLMPredictor:
         if box is not None:
             b = imaging.check_box(box, state.width, state.height) / self._norm(state)
             kwargs["boxes"] = torch.tensor(b[None], dtype=torch.float32, device=self.device)
-        if points is not None and len(np.asarray(points).reshape(-1)) > 0:
+        if points is not None and imaging._numbers(points, "the point prompt", "a list of [x, y] pixel pairs").size:
             pts, lab = imaging.check_points(points, point_labels, state.width, state.height)
             pts = pts / self._norm(state)[:2]
             kwargs["points"] = torch.tensor(pts[None], dtype=torch.float32, device=self.device)
@@ -255,19 +279,20 @@ class PixelLLMPredictor:
 
     def _check_state(self, state: ImageState) -> None:
         """Call it holding the model lock (an adapter switch may change which features are valid)."""
-        if state.encoded_by != self._encoded_by(self._encoder(), self._encoder_adapter()):
+        if state.encoded_by != self._encoded_by(self._encoder(), self._encoder_adapter_id()):
             raise ValueError("this image was encoded by another model version, dtype or device (or image-encoder "
                              "adapter): call set_image again")
 
     @staticmethod
     def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty) -> dict:
-        if max_new_tokens is not None and not 1 <= int(max_new_tokens) <= 512:
-            raise ValueError("max_new_tokens must be between 1 and 512")
+        max_new_tokens = _max_new_tokens(max_new_tokens)
         if do_sample and not (0.05 <= float(temperature) <= 5.0):
             raise ValueError("temperature must be between 0.05 and 5")
         if do_sample and not (0.0 < float(top_p) <= 1.0):
             raise ValueError("top_p must be in (0, 1]")
-        generator = torch.Generator().manual_seed(int(seed)) if do_sample and seed is not None else None
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator().manual_seed(_whole_number(seed, "seed", -2**63, 2**64 - 1))
         if not 1.0 <= float(repetition_penalty) <= 2.0:
             raise ValueError("repetition_penalty must be between 1 and 2")
         return {"max_new_tokens": max_new_tokens, "do_sample": bool(do_sample), "temperature": float(temperature),
@@ -280,7 +305,9 @@ class PixelLLMPredictor:
                        ) -> Iterator[Word]:
         """Yield words one by one as they are decoded, each with its box (pixels). Prompts: points (Nx2 pixels)
         with labels (1/0), or a box (x0, y0, x1, y1) pixels, or neither (global box); optional text prompt.
-        repetition_penalty: None = the checkpoint's default (`config.repetition_penalty`)."""
+        repetition_penalty: None = the checkpoint's default (`config.repetition_penalty`).
+        The stream holds the model's read lock until it ends: a stream left unfinished blocks `set_adapter` /
+        `load_adapter` (in the same thread, for ever), so `close()` one you stop reading."""
         if repetition_penalty is None:
             repetition_penalty = self.model.config.repetition_penalty
         options = self._decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty)
@@ -315,7 +342,11 @@ class PixelLLMPredictor:
     def caption_boxes(self, state: ImageState, boxes, *, text: str | None = None, max_new_tokens: int | None = None,
                       ) -> list[Caption]:
         """Location-conditioned captions for K boxes (Kx4 pixels) in one batched decoding pass (greedy)."""
-        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        max_new_tokens = _max_new_tokens(max_new_tokens)
+        arr = imaging._numbers(boxes, "boxes", "K boxes of 4 numbers (x0, y0, x1, y1)")
+        if arr.size % 4:
+            raise ValueError(f"boxes must be K boxes of 4 numbers (x0, y0, x1, y1), got {arr.size} numbers")
+        arr = arr.reshape(-1, 4)
         if len(arr) == 0:
             return []
         norm = np.stack([imaging.check_box(b, state.width, state.height) for b in arr]) / self._norm(state)
@@ -391,7 +422,16 @@ class PixelLLMPredictor:
         ``masks``: False, or one flag per expression, skips the mask of those expressions (their ``mask`` is None;
         box and score are the same as with it): an evaluation that only reads an expression's score saves SAM's
         decoder and the upsampling. Blank expressions are dropped, with their flags."""
-        wanted = [bool(masks)] * len(expressions) if isinstance(masks, bool) else [bool(m) for m in masks]
+        if isinstance(expressions, str) or not isinstance(expressions, Iterable):  # a str: one per character
+            raise ValueError(f"expressions must be a list of strings, got {type(expressions).__name__} (for one "
+                             "expression, pass [expression])")
+        expressions = list(expressions)
+        if isinstance(masks, (bool, np.bool_)):
+            wanted = [bool(masks)] * len(expressions)
+        elif isinstance(masks, Iterable) and not isinstance(masks, str):
+            wanted = [bool(m) for m in masks]
+        else:
+            raise ValueError(f"masks must be True, False or one flag per expression, got {masks!r}")
         if len(wanted) != len(expressions):
             raise ValueError(f"masks: {len(wanted)} flags for {len(expressions)} expressions")
         kept = [(t, m) for t, m in zip((imaging.check_text(e) for e in expressions), wanted) if t]
@@ -422,10 +462,12 @@ class PixelLLMPredictor:
     def dense_caption(self, state: ImageState, *, max_regions: int = 16, score_threshold: float = 0.3,
                       nms_iou: float = 0.5, max_new_tokens: int | None = 24) -> list[Region]:
         """Proposals -> NMS -> one batched location-conditioned captioning pass over all kept boxes."""
-        if not 1 <= int(max_regions) <= 100:
-            raise ValueError("max_regions must be between 1 and 100")
+        max_regions = _whole_number(max_regions, "max_regions", 1, 100)
+        max_new_tokens = _max_new_tokens(max_new_tokens)
         if not 0.0 <= float(score_threshold) <= 1.0:  # also refuses NaN, which would silently keep nothing
             raise ValueError("score_threshold must be between 0 and 1")
+        if not 0.0 <= float(nms_iou) <= 1.0:  # NaN suppressed nothing, a negative value all but one box
+            raise ValueError("nms_iou must be between 0 and 1")
         with self._model_lock.read(), torch.inference_mode():
             self._check_state(state)
             boxes, scores = self.model.propose(state.features, top_k=int(max_regions),
@@ -480,6 +522,14 @@ class PixelLLMPredictor:
             return None
         touches = any(name in layer.lora_A for layer in adapters.tuner_layers(self.model.image_encoder))
         return name if touches else None
+
+    def _encoder_adapter_id(self) -> str | None:
+        """`_encoder_adapter` with the fingerprint of its weights: an adapter loaded again under the same name
+        with other weights computes other features, so states encoded before are refused."""
+        name = self._encoder_adapter()
+        if name is None:
+            return None
+        return f"{name}@{getattr(self.model, 'adapter_versions', {}).get(name, 'in-memory')}"
 
     @property
     def adapter(self) -> str | None:
