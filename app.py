@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def stop_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM (docker stop, systemd, a Space restarting) closes the app as Ctrl+C does: the server stops and the
-    requests in progress finish, logging their outputs and saving their corrections. It used to end the process at
-    once: no message, exit status -15, requests cut. A second SIGTERM ends it at once."""
+    requests in progress get up to 5 s (gradio's server close timeout) to finish, logging their outputs and saving
+    their corrections; a longer one is cut. It used to end the process at once: no message, exit status -15, requests
+    cut. A second SIGTERM ends it at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print("SIGTERM received: stopping; requests in progress finish first (send it again to stop at once)",
+    print("SIGTERM received: stopping; requests in progress get up to 5 s to finish (send it again to stop at once)",
           file=sys.stderr, flush=True)
     raise KeyboardInterrupt
 

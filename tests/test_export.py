@@ -293,7 +293,7 @@ def test_a_symlinked_images_folder_pointing_outside_is_refused(store, tmp_path):
     assert list(outside.iterdir()) == []
 
 
-def test_a_tampered_image_path_in_the_store_is_skipped(store, tmp_path):
+def test_a_tampered_image_path_in_the_store_is_skipped(store, tmp_path, capsys):
     (tmp_path / "secret.png").write_bytes(png_bytes(99))
     cid = add_caption(store, 14, ["a"], [[0, 0, 1, 1]])
     sha = store.get_correction(cid)["image_sha"]
@@ -302,6 +302,8 @@ def test_a_tampered_image_path_in_the_store_is_skipped(store, tmp_path):
     summary = export.export_corrections(store, tmp_path / "out")
     assert summary["skipped"]["unsafe_image_path"] == 1 and summary["ln_records"] == 0
     assert not (tmp_path / "out" / "images").exists()
+    assert export.main(["--db", str(store.path), "--out", str(tmp_path / "out")]) == 1  # says why nothing came
+    assert "every selected correction was skipped (1 unsafe image path)" in capsys.readouterr().err
 
 
 def test_cli_writes_the_export_and_prints_the_summary(store, tmp_path, capsys):
@@ -450,3 +452,52 @@ def test_an_export_where_the_folder_cannot_be_locked_still_exports(store, tmp_pa
     monkeypatch.setattr(fcntl, "flock", held)
     with pytest.raises(BlockingIOError), exclusive_lock(tmp_path / "lockfile", wait=False):
         pass
+
+
+def test_an_export_selecting_nothing_never_removes_a_folder_another_export_waits_on(store, tmp_path, monkeypatch):
+    """An export selecting nothing into a new folder made it, locked it and removed it at the end: a second export
+    into that folder, waiting on the lock, then held a lock on a removed folder (and wrote into a new one no other
+    export could see locked), or, opening it just after the removal, created a file where the folder had been."""
+    import threading
+
+    from pixelllm.files import exclusive_lock
+
+    add_caption(store, 18, ["wanted"], [[0, 0, 1, 1]])  # submitted, none accepted
+    out = tmp_path / "new"
+    a_inside, release_a, b_inside, release_b = (threading.Event() for _ in range(4))
+    real_export = export._export
+
+    def paused(store_, out_, statuses):
+        inside, release = (a_inside, release_a) if statuses == ["accepted"] else (b_inside, release_b)
+        inside.set()
+        assert release.wait(60)
+        return real_export(store_, out_, statuses)
+
+    def waiting_on_a_lock() -> bool:  # a flock request blocked in this process (/proc/locks marks it "->")
+        return any("->" in line and "FLOCK" in line and f" {os.getpid()} " in line
+                   for line in Path("/proc/locks").read_text().splitlines())
+
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs /proc/locks to see an export waiting on the folder's lock")
+    monkeypatch.setattr(export, "_export", paused)
+    results = {}
+    a = threading.Thread(target=lambda: results.setdefault("a", export.export_corrections(store, out, ["accepted"])))
+    b = threading.Thread(target=lambda: results.setdefault("b", export.export_corrections(store, out, ["submitted"])))
+    a.start()
+    assert a_inside.wait(60)
+    b.start()
+    for _ in range(6000):  # b either runs at once, or waits on a's lock
+        if b_inside.is_set() or waiting_on_a_lock():
+            break
+        threading.Event().wait(0.01)
+    release_a.set()
+    a.join(60)
+    assert b_inside.wait(60) and results["a"]["ln_file"] is None
+    try:
+        assert out.is_dir()  # the folder b holds is the folder, and a third export waits for b
+        with pytest.raises(BlockingIOError), exclusive_lock(out, wait=False):
+            pass
+    finally:
+        release_b.set()
+        b.join(60)
+    assert results["b"]["ln_records"] == 1 and read_back(out)[0][0].words == ["wanted"]

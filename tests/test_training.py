@@ -495,6 +495,18 @@ def test_a_resumed_run_may_change_its_decoding_defaults(tmp_path, capsys):
         main(["--config", str(config)])
 
 
+def test_a_decoding_default_added_to_a_run_without_overrides_still_resumes(tmp_path):
+    """A run started without a `model.overrides` section, resumed with only a decoding default added, was refused:
+    the missing section differed from the new one as a whole ("model.overrides")."""
+    from training.run_folder import check_same_run
+
+    (tmp_path / "config.resolved.json").write_text(json.dumps({"model": {"preset": "tiny", "init": "scratch"}}))
+    check_same_run(tmp_path, {"model": {"preset": "tiny", "init": "scratch",
+                                        "overrides": {"repetition_penalty": 1.2, "max_new_tokens": 40}}})
+    with pytest.raises(SystemExit, match=r"model: section: model.overrides.roi_grid\)"):
+        check_same_run(tmp_path, {"model": {"preset": "tiny", "init": "scratch", "overrides": {"roi_grid": 2}}})
+
+
 def test_a_failed_final_save_keeps_the_previous_final_and_export(tmp_path, monkeypatch):
     """The end of a run replaced final/ in place and deleted the export before writing the new one: a full disk
     there lost the last good model. Now each is written beside and swapped in."""

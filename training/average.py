@@ -22,7 +22,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from pixelllm.modeling.pixel_llm import PixelLLM
-from training.run_folder import save_swapped
+from training.run_folder import replace_problem, save_swapped
 
 
 def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
@@ -44,17 +44,11 @@ def average_checkpoints(folders: list[str | Path]) -> PixelLLM:
 
 
 def check_out(out: Path, checkpoints: list[str]) -> None:
-    """Refuse an --out whose replacement would lose something: one of the inputs, a folder holding one, a file, or
-    a folder that is not a checkpoint (`--out runs` would have removed every run)."""
-    target = out.resolve()
-    for folder in map(Path, checkpoints):
-        if target == folder.resolve() or target in folder.resolve().parents:
-            raise SystemExit(f"error: --out {out} is or holds the checkpoint {folder}; it would be replaced")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a checkpoint folder: give a new folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise SystemExit(f"error: --out {out} holds files and is not a checkpoint folder (only a checkpoint is "
-                         "replaced): give a new folder")
+    """Refuse an --out whose replacement would lose something (`run_folder.replace_problem`): one of the inputs, a
+    folder holding one, a file, or a folder that is not a checkpoint (`--out runs` would have removed every run)."""
+    problem = replace_problem(out, {f"the checkpoint {folder}": Path(folder) for folder in checkpoints})
+    if problem:
+        raise SystemExit(f"error: --out {out}: {problem}, and the average replaces it; give a new folder")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,6 @@ utterance target (LN's own convention). This module never imports torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -347,18 +346,17 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     if not statuses or unknown:
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
-    created = not out.exists()
+    if not out.exists() and not store.training_examples(statuses):
+        # nothing to export into a new folder: none is made. (Made, locked and removed again, it was removed under
+        # a second export that had opened it to wait for the lock: that one then wrote into a folder no other
+        # export could lock, or locked a file it created where the folder had been.)
+        return _export(store, out, statuses)
     out.mkdir(parents=True, exist_ok=True)  # the lock is on the folder
-    try:
-        # one export into a folder at a time, a second one waits: two at once each removed images the other's files
-        # named, and the one that finished last wrote an LN file naming images no longer there, or a manifest
-        # without the images the other one wrote
-        with exclusive_lock(out, wait=True):
-            return _export(store, out, statuses)
-    finally:
-        if created:  # an export that wrote nothing leaves no folder behind (a folder holding files stays)
-            with contextlib.suppress(OSError):
-                out.rmdir()
+    # one export into a folder at a time, a second one waits: two at once each removed images the other's files
+    # named, and the one that finished last wrote an LN file naming images no longer there, or a manifest
+    # without the images the other one wrote
+    with exclusive_lock(out, wait=True):
+        return _export(store, out, statuses)
 
 
 def _export(store: AnnotationStore, out: Path, statuses: list[str]) -> dict[str, Any]:
@@ -497,8 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     if summary["ln_file"] is None:
-        print(f"nothing exported: no {' or '.join(statuses)} corrections to export; {args.out} was not touched",
-              file=sys.stderr)
+        skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in summary["skipped"].items() if n)
+        what = f"every selected correction was skipped ({skipped})" if skipped else \
+            f"no {' or '.join(statuses)} corrections to export"
+        print(f"nothing exported: {what}; {args.out} was not touched", file=sys.stderr)
         return 1
     return 0
 

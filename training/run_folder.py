@@ -28,6 +28,21 @@ def check_can_write(folder: Path, what: str) -> None:
         raise SystemExit(f"{what} {folder}: cannot write there ({err.strerror or err})") from None
 
 
+def replace_problem(folder: Path, keep: dict[str, Path]) -> str | None:
+    """Why writing a checkpoint in place of `folder` would lose something, or None: it is or holds one of `keep`
+    (what -> path: the run, the inputs), it is a file, or it holds files and is not a checkpoint (no config.json;
+    `--out runs` would have taken every run)."""
+    target = folder.resolve()
+    for what, path in keep.items():
+        if target == path.resolve() or target in path.resolve().parents:
+            return f"it is {what} or holds it"
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a checkpoint folder"
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        return "it holds files and is not a checkpoint folder (no config.json)"
+    return None
+
+
 def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
     """Where the run's `export:` writes (`export.dir`, default `<train.out>/export`), or None without one. The
     folder is replaced at the end, so it must be new, empty or a checkpoint (it has config.json), and its parent
@@ -36,12 +51,10 @@ def export_folder(cfg: dict[str, Any], out: Path) -> Path | None:
     if not export:
         return None
     folder = Path(export.get("dir") or out / "export")
-    if folder.resolve() == out.resolve() or folder.resolve() in out.resolve().parents:
-        raise SystemExit(f"export.dir {folder}: it is train.out or holds it, and the export replaces it (the run's "
-                         "checkpoint and logs with it); give a folder of its own, e.g. <train.out>/export")
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.json").is_file())):
-        raise SystemExit(f"export.dir {folder}: not a checkpoint folder (no config.json), and the export replaces "
-                         "it; give a new folder")
+    problem = replace_problem(folder, {"train.out": out})
+    if problem:
+        raise SystemExit(f"export.dir {folder}: {problem}, and the export replaces it; give a folder of its own, "
+                         "e.g. <train.out>/export")
     check_can_write(folder.parent, f"export.dir {folder}: its folder")  # the export is written there and swapped in
     return folder
 
@@ -69,7 +82,9 @@ def check_same_run(out: Path, cfg: dict[str, Any]) -> None:
 
 
 def _differences(before: Any, after: Any, prefix: str) -> list[str]:
-    """The dotted keys under which two nested configs differ."""
+    """The dotted keys under which two nested configs differ (a section one of them lacks counts as empty)."""
+    if isinstance(before, dict) and after is None or before is None and isinstance(after, dict):
+        before, after = before or {}, after or {}
     if isinstance(before, dict) and isinstance(after, dict):
         return [d for key in sorted(set(before) | set(after), key=str)
                 for d in _differences(before.get(key), after.get(key), f"{prefix}.{key}")]
