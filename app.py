@@ -14,6 +14,8 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -257,19 +259,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve on {args.host}:{args.port}: {err}") from err
 
 
-def stop_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM (docker stop, systemd, a Space restarting) closes the app as Ctrl+C does: the server stops and the
+EXIT_WITHIN_S = 20  # after Ctrl+C / SIGTERM: gradio's close waits 5 s for requests; longer is a hang
+
+
+def stop(signum: int, frame: object) -> None:
+    """Ctrl+C or SIGTERM (docker stop, systemd, a Space restarting) closes the app: the server stops and the
     requests in progress get up to 5 s (gradio's server close timeout) to finish, logging their outputs and saving
-    their corrections; a longer one is cut. It used to end the process at once: no message, exit status -15, requests
-    cut. A second SIGTERM ends it at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print("SIGTERM received: stopping; requests in progress get up to 5 s to finish (send it again to stop at once)",
-          file=sys.stderr, flush=True)
+    their corrections; a longer one is cut. SIGTERM used to end the process at once: no message, exit status -15,
+    requests cut. A second SIGTERM ends it at once; and whatever the shutdown waits on, the process is gone
+    EXIT_WITHIN_S seconds after the first signal (a host's stop once waited more than a minute, under load)."""
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("SIGTERM received: stopping; requests in progress get up to 5 s to finish (send it again to stop at "
+              "once)", file=sys.stderr, flush=True)
+    if not any(t.name == "exit-watchdog" for t in threading.enumerate()):
+        threading.Thread(target=_exit_after, args=(EXIT_WITHIN_S,), name="exit-watchdog", daemon=True).start()
     raise KeyboardInterrupt
 
 
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    print(f"still stopping after {seconds:g} s: exiting now", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl+C or SIGTERM while the app starts (gradio handles them once it serves)
