@@ -243,7 +243,9 @@ def test_a_stop_while_the_app_starts_is_one_line(tmp_path, small_checkpoint):
         stderr = "".join(app_proc.err)
         assert returncode == 130, (sig, returncode, stderr[-3000:])
         lines = stderr.strip().splitlines()
-        assert lines[-1] == "interrupted: the app stopped" and len(lines) <= 2, (sig, stderr[-3000:])
+        # the interrupt ends the start-up; or, if a library swallowed it, the watchdog it started ends the process
+        assert lines[-1] in ("interrupted: the app stopped", "still stopping after 20 s: exiting now") \
+            and len(lines) <= 2, (sig, stderr[-3000:])
         assert "Traceback" not in stderr
 
 
