@@ -542,3 +542,33 @@ def test_autosave_does_not_draft_over_a_rejection_accepted_meanwhile(studio, cap
     assert annotation_store.head(first)["status"] == "accepted", view["message"]
     assert "Not autosaved" in view["message"] and ana.dirty
     assert [r["id"] for r in annotation_store.training_examples()] == [rita.head_id]
+
+
+def test_a_document_the_server_lost_is_saved_from_the_page_unless_superseded(studio, captioned, annotation_store):
+    """The session's state expired (state None) while the page still shows its edits: a save (and autosave) stores
+    the page's document on the correction it had open; when someone else saved on that correction meanwhile the
+    restored save is refused as superseded, nothing overwritten. A page without a stored source is refused clearly."""
+    state = _opened(studio, captioned)
+    state, _ = an.save(studio, state, "draft", "ana")
+    first = state.head_id
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "restored"})
+    shown = an.editor_value(state)  # what the page holds
+    lost, view = an.save(studio, None, "draft", "ana", auto=True, view=shown)  # autosave after the state expired
+    assert "Autosaved draft" in view["message"] and "restored from the page" in view["message"]
+    assert not view["dirty"] and view["source"]["correction_id"] == lost.head_id
+    rows = annotation_store.history(first)
+    assert [r["id"] for r in rows] == [first, lost.head_id]
+    assert rows[1]["parent_id"] == first and rows[1]["annotator"] == "ana"
+    assert rows[1]["words"] == [w["text"] for w in shown["words"]] and rows[1]["words"][0] == "restored"
+    np.testing.assert_allclose(rows[1]["boxes"], [w["box"] for w in shown["words"]], atol=0.01)
+
+    # someone else saved on the correction the page had open: refused, their row stays the head
+    other = an.open_item(studio, None, {"kind": "correction", "id": rows[1]["id"]})[0]
+    other, _ = an.edit_event(other, {"op": "text", "i": 1, "text": "bob"})
+    other, _ = an.save(studio, other, "draft", "bob")
+    _, view = an.save(studio, None, "submitted", "ana", view=view)  # the page's view after its autosave
+    assert "superseded" in view["message"]
+    assert annotation_store.head(first)["id"] == other.head_id
+
+    _, view = an.save(studio, None, "draft", "ana", view={**shown, "source": {}})
+    assert "cannot be matched to a stored output" in view["message"]

@@ -350,3 +350,63 @@ def test_word_chips_are_selected_from_the_keyboard_and_keep_the_focus(app: Page,
     app.keyboard.press("n")  # an edit that arrives after anything Backspace sent
     expect(root).to_have_attribute("data-rev", str(rev + 3))
     expect(root).to_have_attribute("data-words", str(n - 1))
+
+
+def test_leaving_the_page_with_unsaved_edits_asks_first(page: Page, annotate_app):
+    """Reloading or closing the page (also gradio's own reload after the server came back) drops the editor's
+    document: with unsaved edits the browser asks first (it left at once, the edits lost); once saved, it leaves
+    without asking."""
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
+    page.set_viewport_size({"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(annotate_app.url)
+    _caption_then_annotate(page)
+    root = page.locator(f"{EDITOR} .pa-root")
+    page.locator(f"{EDITOR} .pa-word").first.click()
+    text = page.locator(f"{EDITOR} .pa-text")
+    text.fill("unsaved")
+    text.press("Enter")
+    expect(root).to_have_attribute("data-dirty", "1")
+    with page.expect_event("dialog") as asked:
+        page.close(run_before_unload=True)
+    assert asked.value.type == "beforeunload"
+    asked.value.dismiss()  # stay on the page
+    expect(page.locator(f"{EDITOR} .pa-word").first).to_have_text("unsaved")
+    page.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("leaver")
+    page.locator("#annotate-save").click()
+    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #")
+    expect(root).to_have_attribute("data-dirty", "0")
+    assert annotate_app.store.list_corrections(annotator="leaver", limit=1)[0]["words"][0] == "unsaved"
+    page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.type}"))
+    with page.expect_event("close"):
+        page.close(run_before_unload=True)
+    assert not errors, errors
+
+
+def test_edits_the_server_lost_are_saved_from_the_page(app: Page, annotate_app):
+    """The editor's document lives in the session's server-side state, which goes when the app restarts or the
+    session expires (an hour after the page lost its connection, or evicted by newer sessions) while the page still
+    shows it with "unsaved edits". Saving then answered "Open the current output first" (and autosave did nothing):
+    the edits were lost. Now the save stores what the page shows, on the correction it had open."""
+    _caption_then_annotate(app)
+    root = app.locator(f"{EDITOR} .pa-root")
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("expired")
+    app.locator("#annotate-save").click()
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #")
+    first = annotate_app.store.list_corrections(annotator="expired", limit=1)[0]
+    app.locator(f"{EDITOR} .pa-word").nth(1).click()
+    text = app.locator(f"{EDITOR} .pa-text")
+    text.fill("kept")
+    text.press("Enter")
+    expect(root).to_have_attribute("data-dirty", "1")
+    shown = [w.text_content() for w in app.locator(f"{EDITOR} .pa-word").all()]
+    holder = annotate_app.demo.state_holder  # the session's state expires (as gradio drops it)
+    for session_id in list(holder.session_data):
+        holder.delete_state(session_id)
+    app.locator("#annotate-save").click()
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("restored from the page")
+    expect(root).to_have_attribute("data-dirty", "0")
+    row = annotate_app.store.list_corrections(annotator="expired", limit=1)[0]
+    assert row["words"] == shown and row["words"][1] == "kept"
+    assert row["parent_id"] == first["id"]  # on the correction the page had open, not a new chain

@@ -367,16 +367,56 @@ def follow_reviews(store: Any, state: AnnotateState) -> str:
     return f" It had been reviewed meanwhile ({decisions}); this save supersedes the review."
 
 
+def restore_from_view(studio: ws.Studio, state: AnnotateState, view: Any) -> tuple[AnnotateState, str]:
+    """The editor's document rebuilt from what the page shows (`view`: the last editor value the server sent), when
+    the server no longer has it: the app restarted, or the session's state expired (an hour after the page lost
+    its connection, or evicted by STATE_SESSION_CAPACITY newer sessions). The page still shows the document and
+    says "unsaved edits"; without this, autosave did nothing and a save answered "Open the current output first",
+    losing the edits. The restored document is dirty and supersedes the correction the page had open (a save is
+    still refused if someone else superseded it meanwhile). Returns (state, note); state unchanged when there is
+    nothing to restore."""
+    if state.doc is not None or studio.store is None or not isinstance(view, Mapping) or not view.get("words"):
+        return state, ""
+    source = view.get("source") if isinstance(view.get("source"), Mapping) else {}
+    head_id, generation_id = source.get("correction_id"), source.get("generation_id")
+    sha = None
+    if isinstance(head_id, int) and not isinstance(head_id, bool):
+        row = studio.store.get_correction(head_id)
+        sha = row["image_sha"] if row else None
+    elif isinstance(generation_id, int) and not isinstance(generation_id, bool):
+        row = studio.store.get_generation(generation_id)
+        sha = row["image_sha"] if row else None
+        head_id = None
+    if sha is None:
+        raise ValueError("The server no longer has this editor's document (the app restarted or the session "
+                         "expired) and it cannot be matched to a stored output: copy your corrections, then open "
+                         "the output again.")
+    image = studio.store.get_image(sha)
+    if image is None:
+        raise ValueError(f"unknown image {sha}: it is not in the annotation store")
+    width, height = int(image["width"]), int(image["height"])
+    doc = normalise_doc({key: view.get(key) for key in ("words", "timed_caption", "traces", "task")}, width, height)
+    restored = AnnotateState(doc=doc, image={"sha": sha, "key": sha, "width": width, "height": height},
+                             generation_id=generation_id, head_id=head_id,
+                             head_status=source.get("status") if head_id is not None else None, uid=state.uid,
+                             rev=max(state.rev, int(view.get("rev") or 0)) + 1)
+    return restored, " (restored from the page: the server had lost this editor — the app restarted or the " \
+                     "session expired; undo history starts here)"
+
+
 def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator: Any, comment: Any = None, *,
-         auto: bool = False) -> tuple[AnnotateState, dict | None]:
+         auto: bool = False, view: Any = None) -> tuple[AnnotateState, dict | None]:
     """Save draft / Submit / autosave from the editor. A refused save (bad input) and a store failure are shown in
     the status line and as a toast; the document stays in the editor (dirty), so saving again (same client token)
     retries without duplicating.
     Autosave never stores a draft over a submitted or accepted correction (that would take it out of review and
-    out of the export): the edits wait for Save draft or Submit."""
+    out of the export): the edits wait for Save draft or Submit.
+    `view` is the editor's value as the page shows it: when the server lost the document (a restart, an expired
+    session) it is restored from there (`restore_from_view`) and saved."""
     state = as_state(state)
     followed = ""
     try:
+        state, restored_note = restore_from_view(studio, state, view)
         doc = require_doc(state)
         if auto:
             if not state.dirty:
@@ -409,7 +449,7 @@ def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator:
         return state, editor_value(state, "Not saved: the annotation store failed; your edits are kept — "
                                           "save again to retry.", level="error", store_ok=False)
     verb = {"draft": "Autosaved draft" if auto else "Saved draft", "submitted": "Submitted"}[status]
-    return state, editor_value(state, f"{verb} as correction #{result['correction_id']}.{followed}")
+    return state, editor_value(state, f"{verb} as correction #{result['correction_id']}{restored_note}.{followed}")
 
 
 def refused(state: AnnotateState, what: str, err: ValueError) -> dict:

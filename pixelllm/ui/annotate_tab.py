@@ -134,17 +134,18 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def named(name, request):  # behind --auth the login, else the typed name
         return an.signed_in_name(name, getattr(request, "username", None))
 
-    def on_key_save(st, name, note, evt: gr.EventData, request: gr.Request):
-        return an.save(studio, st, "draft", named(name, request), note)
+    # saves also get the editor's value (what the page shows): a document the server lost is restored from it
+    def on_key_save(st, name, note, shown, evt: gr.EventData, request: gr.Request):
+        return an.save(studio, st, "draft", named(name, request), note, view=shown)
 
-    def on_save(st, name, note, request: gr.Request):
-        return an.save(studio, st, "draft", named(name, request), note)
+    def on_save(st, name, note, shown, request: gr.Request):
+        return an.save(studio, st, "draft", named(name, request), note, view=shown)
 
-    def on_submit(st, name, note, request: gr.Request):
-        return an.save(studio, st, "submitted", named(name, request), note)
+    def on_submit(st, name, note, shown, request: gr.Request):
+        return an.save(studio, st, "submitted", named(name, request), note, view=shown)
 
-    def on_autosave(st, name, note, request: gr.Request):
-        st, view = an.save(studio, st, "draft", named(name, request), note, auto=True)
+    def on_autosave(st, name, note, shown, request: gr.Request):
+        st, view = an.save(studio, st, "draft", named(name, request), note, auto=True, view=shown)
         return st, (gr.skip() if view is None else view)
 
     def on_accept(st, name, note, request: gr.Request):
@@ -168,10 +169,12 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     items.open(on_open_item, [state], [state, editor], **edits)
     editor.edit(on_edit, [state], [state, editor], **edits)
     editor.history(on_history, [state], [state, editor], **edits)
-    saving = [state, annotator, comment]
-    for event, fn in ((editor.save, on_key_save), (save_btn.click, on_save), (submit_btn.click, on_submit),
-                      (accept_btn.click, on_accept), (reject_btn.click, on_reject)):
-        event(fn, saving, [state, editor], **edits).then(refresh, filters, items, **private,
+    reviewing = [state, annotator, comment]
+    saving = [*reviewing, editor]
+    for event, fn, inputs in ((editor.save, on_key_save, saving), (save_btn.click, on_save, saving),
+                              (submit_btn.click, on_submit, saving), (accept_btn.click, on_accept, reviewing),
+                              (reject_btn.click, on_reject, reviewing)):
+        event(fn, inputs, [state, editor], **edits).then(refresh, filters, items, **private,
                                                            show_progress="hidden")
     editor.autosave(on_autosave, saving, [state, editor], **edits)
     for trigger in (refresh_btn.click, show.change, status.change, sha_prefix.submit, who.submit, search.submit):

@@ -533,6 +533,17 @@
   document.addEventListener("keydown", onKey, true);
   document.addEventListener("keyup", onKey, true);
 
+  // ------------------------------------------------------------------ leaving the page
+  // Reloading or closing the page (or gradio reloading it after the server came back) drops the server-side
+  // document and its history: with unsaved edits or a recording in progress the browser asks first.
+  if (window.__pixelllmBeforeUnload) window.removeEventListener("beforeunload", window.__pixelllmBeforeUnload);
+  window.__pixelllmBeforeUnload = (evt) => {
+    if (!root.isConnected || !(view.dirty || rec)) return;
+    evt.preventDefault();
+    evt.returnValue = "";  // older browsers need it set to ask
+  };
+  window.addEventListener("beforeunload", window.__pixelllmBeforeUnload);
+
   // ------------------------------------------------------------------ autosave
   if (window.__pixelllmAutosave) clearInterval(window.__pixelllmAutosave);
   window.__pixelllmAutosave = setInterval(() => {
