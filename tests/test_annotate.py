@@ -572,3 +572,12 @@ def test_a_document_the_server_lost_is_saved_from_the_page_unless_superseded(stu
 
     _, view = an.save(studio, None, "draft", "ana", view={**shown, "source": {}})
     assert "cannot be matched to a stored output" in view["message"]
+
+    # the head's status comes from the store, not the page: autosave still never drafts over a submitted one
+    mine = an.open_item(studio, None, {"kind": "correction", "id": other.head_id})[0]
+    mine, _ = an.save(studio, mine, "submitted", "bob")
+    mine, _ = an.edit_event(mine, {"op": "text", "i": 0, "text": "later"})
+    page = an.editor_value(mine)
+    page = {**page, "source": {**page["source"], "status": "draft"}}  # a page claiming the head is a draft
+    _, view = an.save(studio, None, "draft", "bob", auto=True, view=page)
+    assert "Not autosaved" in view["message"] and annotation_store.head(first)["id"] == mine.head_id

@@ -379,10 +379,10 @@ def restore_from_view(studio: ws.Studio, state: AnnotateState, view: Any) -> tup
         return state, ""
     source = view.get("source") if isinstance(view.get("source"), Mapping) else {}
     head_id, generation_id = source.get("correction_id"), source.get("generation_id")
-    sha = None
+    sha, head_status = None, None
     if isinstance(head_id, int) and not isinstance(head_id, bool):
         row = studio.store.get_correction(head_id)
-        sha = row["image_sha"] if row else None
+        sha, head_status = (row["image_sha"], row["status"]) if row else (None, None)  # the store's, not the page's
     elif isinstance(generation_id, int) and not isinstance(generation_id, bool):
         row = studio.store.get_generation(generation_id)
         sha = row["image_sha"] if row else None
@@ -398,7 +398,7 @@ def restore_from_view(studio: ws.Studio, state: AnnotateState, view: Any) -> tup
     doc = normalise_doc({key: view.get(key) for key in ("words", "timed_caption", "traces", "task")}, width, height)
     restored = AnnotateState(doc=doc, image={"sha": sha, "key": sha, "width": width, "height": height},
                              generation_id=generation_id, head_id=head_id,
-                             head_status=source.get("status") if head_id is not None else None, uid=state.uid,
+                             head_status=head_status, uid=state.uid,
                              rev=max(state.rev, int(view.get("rev") or 0)) + 1)
     return restored, " (restored from the page: the server had lost this editor — the app restarted or the " \
                      "session expired; undo history starts here)"
