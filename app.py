@@ -133,11 +133,11 @@ def check_address(host: str, port: int) -> None:
 def check_temp_dir(environ=os.environ) -> None:
     """SystemExit naming the folder when gradio's temporary folder cannot be written: gradio keeps uploads and the
     app its downloads there, and it failed with a traceback after the model had loaded."""
+    from pixelllm.files import probe_writable
+
     folder = Path(environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pixelllm-write-check-"):
-            pass
+        probe_writable(folder)
     except OSError as err:
         raise SystemExit(f"cannot write gradio's temporary folder {folder.absolute()} (uploads and downloads go "
                          f"there): {err.strerror or err}; set GRADIO_TEMP_DIR to a folder this user can write") from err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,15 @@ def _create_temp(target: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary file name beside {target}")
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` and write a file there (removed at once): the OSError a later write would fail with, now,
+    before any work (a read-only folder, a file in the way, another user's folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

@@ -133,7 +133,7 @@ def to_model_input(image: np.ndarray, size: int) -> torch.Tensor:
     return tensor[0].clamp(0, 255)
 
 
-def _numbers(values: object, what: str, shape: str) -> np.ndarray:
+def numbers(values: object, what: str, shape: str) -> np.ndarray:
     """values as float64, or ValueError naming the expected shape (JSON from API clients can be anything)."""
     try:
         return np.asarray(values, dtype=np.float64)
@@ -150,7 +150,7 @@ def _finite(values: np.ndarray, what: str) -> np.ndarray:
 def check_points(points: object, labels: object, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Points Nx2 (x, y) pixels + labels N (1 positive, 0 negative). Points outside the image are clamped to its
     border (documented normalisation); at most MAX_POINTS; at least one positive point."""
-    raw = _numbers(points, "the point prompt", "a list of [x, y] pixel pairs")
+    raw = numbers(points, "the point prompt", "a list of [x, y] pixel pairs")
     if raw.size % 2:
         raise ValueError(f"the point prompt must be a list of [x, y] pixel pairs, got {raw.size} numbers")
     pts = _finite(raw.reshape(-1, 2), "point prompt")
@@ -158,7 +158,7 @@ def check_points(points: object, labels: object, width: int, height: int) -> tup
         raise ValueError("the point prompt is empty")
     if len(pts) > MAX_POINTS:
         raise ValueError(f"{len(pts)} points given; at most {MAX_POINTS} are allowed")
-    lab = np.ones(len(pts)) if labels is None else _numbers(labels, "point labels", "1 (positive) or 0 (negative)")
+    lab = np.ones(len(pts)) if labels is None else numbers(labels, "point labels", "1 (positive) or 0 (negative)")
     lab = lab.reshape(-1)
     if len(lab) != len(pts):
         raise ValueError(f"{len(pts)} points but {len(lab)} labels")
@@ -175,7 +175,7 @@ def check_points(points: object, labels: object, width: int, height: int) -> tup
 def check_box(box: object, width: int, height: int) -> np.ndarray:
     """A box (x0, y0, x1, y1) in pixels. Corners given in any order are sorted; the box is clipped to the image;
     a box with no area inside the image is refused."""
-    arr = _finite(_numbers(box, "a box", "4 numbers (x0, y0, x1, y1)").reshape(-1), "box prompt")
+    arr = _finite(numbers(box, "a box", "4 numbers (x0, y0, x1, y1)").reshape(-1), "box prompt")
     if arr.shape != (4,):
         raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got {arr.size}")
     x0, x1 = sorted((arr[0], arr[2]))

@@ -270,8 +270,9 @@ class PixelLLMPredictor:
         if box is not None:
             b = imaging.check_box(box, state.width, state.height) / self._norm(state)
             kwargs["boxes"] = torch.tensor(b[None], dtype=torch.float32, device=self.device)
-        if points is not None and imaging._numbers(points, "the point prompt", "a list of [x, y] pixel pairs").size:
-            pts, lab = imaging.check_points(points, point_labels, state.width, state.height)
+        raw = None if points is None else imaging.numbers(points, "the point prompt", "a list of [x, y] pixel pairs")
+        if raw is not None and raw.size:  # an empty list is no point prompt
+            pts, lab = imaging.check_points(raw, point_labels, state.width, state.height)
             pts = pts / self._norm(state)[:2]
             kwargs["points"] = torch.tensor(pts[None], dtype=torch.float32, device=self.device)
             kwargs["point_labels"] = torch.tensor(lab[None], device=self.device)
@@ -343,7 +344,7 @@ class PixelLLMPredictor:
                       ) -> list[Caption]:
         """Location-conditioned captions for K boxes (Kx4 pixels) in one batched decoding pass (greedy)."""
         max_new_tokens = _max_new_tokens(max_new_tokens)
-        arr = imaging._numbers(boxes, "boxes", "K boxes of 4 numbers (x0, y0, x1, y1)")
+        arr = imaging.numbers(boxes, "boxes", "K boxes of 4 numbers (x0, y0, x1, y1)")
         if arr.size % 4:
             raise ValueError(f"boxes must be K boxes of 4 numbers (x0, y0, x1, y1), got {arr.size} numbers")
         arr = arr.reshape(-1, 4)
@@ -510,8 +511,7 @@ class PixelLLMPredictor:
         user's `using_adapter` block may have switched it by then)."""
         with self._model_lock.read():
             name = self.model.active_adapter
-            version = None if name is None else getattr(self.model, "adapter_versions", {}).get(name, "in-memory")
-            yield ServedBy(name, version)
+            yield ServedBy(name, self._adapter_version(name))
 
     def _encoder_adapter(self) -> str | None:
         """The active adapter if it has LoRA layers in the image encoder (its features differ from the base
@@ -527,9 +527,11 @@ class PixelLLMPredictor:
         """`_encoder_adapter` with the fingerprint of its weights: an adapter loaded again under the same name
         with other weights computes other features, so states encoded before are refused."""
         name = self._encoder_adapter()
-        if name is None:
-            return None
-        return f"{name}@{getattr(self.model, 'adapter_versions', {}).get(name, 'in-memory')}"
+        return None if name is None else f"{name}@{self._adapter_version(name)}"
+
+    def _adapter_version(self, name: str | None) -> str | None:
+        """The fingerprint of adapter `name`'s weights file ("in-memory" for one never saved; None without one)."""
+        return None if name is None else getattr(self.model, "adapter_versions", {}).get(name, "in-memory")
 
     @property
     def adapter(self) -> str | None:

@@ -467,11 +467,11 @@ def test_an_export_selecting_nothing_never_removes_a_folder_another_export_waits
     a_inside, release_a, b_inside, release_b = (threading.Event() for _ in range(4))
     real_export = export._export
 
-    def paused(store_, out_, statuses):
+    def paused(store_, out_, statuses, rows):
         inside, release = (a_inside, release_a) if statuses == ["accepted"] else (b_inside, release_b)
         inside.set()
         assert release.wait(60)
-        return real_export(store_, out_, statuses)
+        return real_export(store_, out_, statuses, rows)
 
     def waiting_on_a_lock() -> bool:  # a flock request blocked in this process (/proc/locks marks it "->")
         return any("->" in line and "FLOCK" in line and f" {os.getpid()} " in line

@@ -346,28 +346,29 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     if not statuses or unknown:
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
-    if not out.exists() and not store.training_examples(statuses):
+    rows = None if out.exists() else store.training_examples(statuses)
+    if rows == []:
         # nothing to export into a new folder: none is made. (Made, locked and removed again, it was removed under
         # a second export that had opened it to wait for the lock: that one then wrote into a folder no other
         # export could lock, or locked a file it created where the folder had been.)
-        return _export(store, out, statuses)
+        return _export(store, out, statuses, rows)
     out.mkdir(parents=True, exist_ok=True)  # the lock is on the folder
     # one export into a folder at a time, a second one waits: two at once each removed images the other's files
     # named, and the one that finished last wrote an LN file naming images no longer there, or a manifest
     # without the images the other one wrote
     with exclusive_lock(out, wait=True):
-        return _export(store, out, statuses)
+        return _export(store, out, statuses, store.training_examples(statuses) if rows is None else rows)
 
 
-def _export(store: AnnotationStore, out: Path, statuses: list[str]) -> dict[str, Any]:
-    """`export_corrections` into the folder `out`, whose lock the caller holds."""
+def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[dict]) -> dict[str, Any]:
+    """`export_corrections` of `rows` (the store's training examples of `statuses`) into the folder `out`, whose
+    lock the caller holds."""
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
     if (out / IMAGES_DIR).resolve() == store_root / "images":
         raise ValueError(f"--out {out} is the annotation store's own folder: export somewhere else")
     before = _earlier_export_images(out)  # read before this export rewrites the files that name them
     wrote: set[str] = set()
-    rows = store.training_examples(statuses)
     generations: dict[int, dict | None] = {}
     images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
     sources: dict[str, Path] = {}  # exported file name -> the store's file, copied once the export is known

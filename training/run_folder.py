@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pixelllm.files import probe_writable
 from pixelllm.modeling.pixel_llm import PixelLLM
 
 
@@ -21,9 +21,7 @@ def check_can_write(folder: Path, what: str) -> None:
     """Create `folder` and write a file there, before any work: a read-only folder, or a file in the way, would
     otherwise fail with a traceback at the tokenizer, the first checkpoint or, for the export, after the whole run."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_writable(folder)
     except OSError as err:
         raise SystemExit(f"{what} {folder}: cannot write there ({err.strerror or err})") from None
 

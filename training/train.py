@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(cfg["data"]["root"])
     check_split(root, cfg["data"]["train_split"])
 
+    # the config's model settings: the decoding defaults a resumed run takes, and each stage's `config:` fallbacks
+    recipe_config = get_config(cfg["model"].get("preset", "tiny"), **cfg["model"].get("overrides", {}))
     if resume is not None:
         try:
             model = PixelLLM.from_pretrained(str(resume))
@@ -294,10 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: torch.load of a truncated file
             raise SystemExit(f"cannot resume from {resume}: {err}; move that folder away to start the run over"
                              ) from None
-        recipe = get_config(cfg["model"].get("preset", "tiny"), **cfg["model"].get("overrides", {}))
         for key in DECODING_ONLY:  # the config's decoding defaults, which check_same_run let differ from the run's
             name = key.rsplit(".", 1)[1]
-            setattr(model.config, name, getattr(recipe, name))
+            setattr(model.config, name, getattr(recipe_config, name))
     else:
         mcfg = cfg["model"]
         init = mcfg.get("init", "scratch")
@@ -348,7 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     # A stage's `config:` (per-stage loss weights, e.g. loc_loss_weight) holds for that stage only: a field another
     # stage sets is back at the recipe's value in a stage that does not set it (also after a resume, whose
     # checkpoint saved the stage's values)
-    recipe_config = get_config(cfg["model"].get("preset", "tiny"), **cfg["model"].get("overrides", {}))
     staged = {}
     for stage in stages:
         for key in stage.get("config") or {}:
