@@ -306,6 +306,30 @@ def test_a_tampered_image_path_in_the_store_is_skipped(store, tmp_path, capsys):
     assert "every selected correction was skipped (1 unsafe image path)" in capsys.readouterr().err
 
 
+def test_an_export_where_every_correction_is_skipped_leaves_no_folder_it_made(store, tmp_path, capsys):
+    """Every selected correction skipped (a tampered image path, an image file gone): nothing was written and the
+    CLI said "... was not touched", but the new export folder (and its parents) it had made stayed behind, empty.
+    A folder that was there before stays."""
+    unsafe, missing = (add_caption(store, seed, ["a"], [[0, 0, 1, 1]]) for seed in (19, 20))
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("UPDATE images SET path = '../../secret.png' WHERE sha256 = ?",
+                     [store.get_correction(unsafe)["image_sha"]])
+    [gone] = [row["image_path"] for row in store.training_examples(["submitted"]) if row["id"] == missing]
+    Path(gone).unlink()
+    new = tmp_path / "exports" / "new"
+    summary = export.export_corrections(store, new)
+    assert summary["ln_file"] is None
+    assert summary["skipped"] == {"no_words": 0, "missing_image": 1, "unsafe_image_path": 1}
+    assert not (tmp_path / "exports").exists()
+    assert export.main(["--db", str(store.path), "--out", str(new)]) == 1
+    assert "every selected correction was skipped (1 missing image, 1 unsafe image path)" in capsys.readouterr().err
+    assert not (tmp_path / "exports").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert export.export_corrections(store, existing)["ln_file"] is None
+    assert existing.is_dir() and not any(existing.iterdir())
+
+
 def test_cli_writes_the_export_and_prints_the_summary(store, tmp_path, capsys):
     add_caption(store, 15, ["a", "b"], [[0, 0, 1, 1], [2, 2, 3, 3]])
     out = tmp_path / "cli"
@@ -357,7 +381,7 @@ def pause_before_ln(target, data):
         print("paused", flush=True)
         sys.stdin.readline()
     real_write(target, data)
-export.shutil.copyfile, export.write_atomically = copy_then_die, pause_before_ln
+shutil.copyfile, export.write_atomically = copy_then_die, pause_before_ln
 print("started", flush=True)
 sys.exit(export.main(sys.argv[1:]))
 """

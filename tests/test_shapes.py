@@ -468,3 +468,5 @@ def test_a_second_generator_of_the_same_split_is_refused_while_the_first_runs(tm
     assert first.returncode == 0, out
     main(["--out", str(fresh), "--split", "t", "--num", "5", "--seed", "1", "--size", "64"])
     assert _split_files(data, "t") == _split_files(fresh, "t")
+    # the lock files stay (removing one lets two generators in at once: see splits._only_writer), and only they
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == [".t.lock", ".u.lock"]

@@ -40,8 +40,6 @@ import argparse
 import datetime
 import json
 import os
-import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,11 +50,14 @@ import numpy as np
 
 from pixelllm.files import exclusive_lock, write_atomically
 from pixelllm.store import STATUSES, AnnotationStore, StoreError
+from training import export_folder
 from training.data.localized_narratives import LN_KEYS, NUM_TRACE_SAMPLES, utterance_targets
+from training.export_folder import COCO_FILE, IMAGE_MANIFEST, IMAGES_DIR, LN_FILE, safe_id, safe_join
 
-__all__ = [
+__all__ = [  # the folder's names and path checks live in training.export_folder, re-exported here
     "COCO_FILE",
     "IMAGES_DIR",
+    "IMAGE_MANIFEST",
     "LN_FILE",
     "CorrectionTrace",
     "correction_trace",
@@ -64,70 +65,16 @@ __all__ = [
     "ln_record",
     "safe_id",
     "safe_join",
+    "skip_reason",
     "synthesise_trace",
 ]
 
-LN_FILE = "corrections.ln.jsonl"
-COCO_FILE = "regions.coco.json"
-EXPORTED_IMAGE = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")  # images/<sha256>.<ext>
-IMAGE_MANIFEST = "corrections.images.txt"  # the images/ files this export wrote, one name a line
-IMAGES_DIR = "images"
 DATASET_ID = "pixelllm_corrections"
 #: Synthetic timing (a calm speaking rate, 2 words/s): each word lasts WORD_SECONDS, then a GAP_SECONDS pause.
 WORD_SECONDS = 0.4
 GAP_SECONDS = 0.1
 #: Shortest word slot of stored timing reused for a synthesised trace (the reader's centre needs >= 1e-5 s).
 MIN_SLOT_SECONDS = 1e-3
-_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
-_EXT = re.compile(r"^[a-z0-9]{1,8}$")
-_PIL_EXT = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
-
-
-# --------------------------------------------------------------------------------------------------------
-# Paths: nothing is ever written outside the export folder
-
-
-def safe_id(text: str) -> str:
-    """``text`` if it is usable as a file name stem: 1-128 of ``[A-Za-z0-9_.-]``, not starting with a dot (so
-    never ``.``/``..``, never a path). ``ValueError`` otherwise — ids are refused, not silently rewritten, so two
-    ids can never collide into one file."""
-    if not isinstance(text, str) or not _ID.match(text):
-        raise ValueError(f"{text!r} is not a safe id: use 1-128 letters, digits, '_', '-' or '.' "
-                         "(not starting with '.'); no path separators")
-    return text
-
-
-def safe_join(root: str | os.PathLike, *parts: str) -> Path:
-    """``root/part/...`` guaranteed to stay inside ``root``.
-
-    Refuses (``ValueError``) absolute parts, ``..`` components, empty or NUL-containing names, and anything that
-    resolves outside ``root`` once symbolic links are followed (a symlinked ``images/`` pointing elsewhere)."""
-    base = Path(root).resolve()
-    relative = Path()
-    for part in parts:
-        if not isinstance(part, str) or not part or "\x00" in part:
-            raise ValueError(f"refusing export name {part!r}: empty or not a string")
-        path = Path(part)
-        if path.is_absolute() or part.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", part):
-            raise ValueError(f"refusing absolute export name {part!r}")
-        if any(p in ("..", "") for p in re.split(r"[\\/]", part)) or ".." in path.parts:
-            raise ValueError(f"refusing export name {part!r}: '..' and empty path components are not allowed")
-        relative = relative / path
-    target = (base / relative).resolve()
-    if target != base and base not in target.parents:
-        raise ValueError(f"refusing to write {target}: it is outside the export folder {base}")
-    return target
-
-
-def _image_ext(source: Path) -> str:
-    """The stored file's extension if plain (png, jpg, ...), else the format PIL detects."""
-    ext = source.suffix[1:].lower()
-    if _EXT.match(ext):
-        return ext
-    from PIL import Image
-
-    with Image.open(source) as img:
-        return _PIL_EXT.get(img.format or "", "png")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -312,24 +259,17 @@ def _coco_annotation(ann_id: int, image_num: int, box: Sequence[float], row: dic
 # Export
 
 
-def _earlier_export_images(out: Path) -> set[str]:
-    """The images/ files an earlier export into `out` wrote: its manifest, or for an export made before there was
-    one, the images its LN file and COCO file name."""
-    manifest = out / IMAGE_MANIFEST
-    if manifest.is_file():
-        return set(manifest.read_text().split())
-    names: set[str] = set()
-    ln_file, coco_file = out / LN_FILE, out / COCO_FILE
-    try:
-        if ln_file.is_file():
-            ids = {json.loads(line).get("image_id") for line in ln_file.read_text().splitlines() if line.strip()}
-            folder = out / IMAGES_DIR
-            names |= {p.name for p in folder.iterdir() if p.stem in ids} if folder.is_dir() else set()
-        if coco_file.is_file():
-            names |= {Path(image["file_name"]).name for image in json.loads(coco_file.read_text())["images"]}
-    except (ValueError, KeyError, TypeError, AttributeError):  # not files an export wrote: claim nothing
-        return set()
-    return {name for name in names if EXPORTED_IMAGE.fullmatch(name)}
+def skip_reason(row: dict[str, Any], store_root: Path) -> str | None:
+    """Why the correction ``row`` is not exported (a key of the summary's ``skipped``), or None: it has no words,
+    its image's stored path leads out of the store's folder ``store_root`` (resolved), or the image is missing."""
+    if not row["words"]:
+        return "no_words"
+    source = Path(row["image_path"]).resolve()
+    if store_root not in source.parents:
+        return "unsafe_image_path"
+    if not source.is_file():
+        return "missing_image"
+    return None
 
 
 def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
@@ -339,7 +279,8 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     Caption corrections become LN records (+ their images); referring / dense corrections and caption corrections
     made under a box prompt become COCO-style regions. Returns a JSON-friendly summary: file paths, counts of
     records (recorded / synthesised traces), regions and images, and what was skipped and why. When nothing is
-    selected nothing is written (``ln_file`` is None): an earlier export in ``out_dir`` stays as it was.
+    exported nothing is written (``ln_file`` is None): an earlier export in ``out_dir`` stays as it was, and a
+    folder that did not exist is not made.
     """
     statuses = [statuses] if isinstance(statuses, str) else list(statuses)
     unknown = [s for s in statuses if s not in STATUSES]
@@ -347,10 +288,11 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
     rows = None if out.exists() else store.training_examples(statuses)
-    if rows == []:
-        # nothing to export into a new folder: none is made. (Made, locked and removed again, it was removed under
-        # a second export that had opened it to wait for the lock: that one then wrote into a folder no other
-        # export could lock, or locked a file it created where the folder had been.)
+    if rows is not None and all(skip_reason(row, Path(store.root).resolve()) for row in rows):
+        # nothing to export into a new folder (nothing selected, or all skipped): none is made, so none is left.
+        # Decided before making it, as removing it after is unsafe: removed under a second export that had opened it
+        # to wait for the lock, that one wrote into a folder no other export could lock. If the store's images vanish
+        # after this check (deleted mid-export), the folder made below stays, empty, for that reason.
         return _export(store, out, statuses, rows)
     out.mkdir(parents=True, exist_ok=True)  # the lock is on the folder
     # one export into a folder at a time, a second one waits: two at once each removed images the other's files
@@ -362,13 +304,12 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
 
 def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[dict]) -> dict[str, Any]:
     """`export_corrections` of `rows` (the store's training examples of `statuses`) into the folder `out`, whose
-    lock the caller holds."""
+    lock the caller holds (or which does not exist, when nothing in `rows` can be exported)."""
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
     if (out / IMAGES_DIR).resolve() == store_root / "images":
         raise ValueError(f"--out {out} is the annotation store's own folder: export somewhere else")
-    before = _earlier_export_images(out)  # read before this export rewrites the files that name them
-    wrote: set[str] = set()
+    before = export_folder.earlier_export_images(out)  # read before this export rewrites the files that name them
     generations: dict[int, dict | None] = {}
     images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
     sources: dict[str, Path] = {}  # exported file name -> the store's file, copied once the export is known
@@ -377,33 +318,25 @@ def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[d
     counts = {"recorded": 0, "synthesised": 0}
     skipped = {"no_words": 0, "missing_image": 0, "unsafe_image_path": 0}
 
-    def add_image(row: dict) -> str | None:
+    def add_image(row: dict) -> int:  # the COCO id of the row's image, registered for copying on first sight
         sha = row["image_sha"]
-        if sha in images:
-            return images[sha][0]
-        source = Path(row["image_path"]).resolve()
-        if store_root not in source.parents:
-            skipped["unsafe_image_path"] += 1
-            return None
-        if not source.is_file():
-            skipped["missing_image"] += 1
-            return None
-        name = f"{safe_id(sha)}.{_image_ext(source)}"
-        safe_join(out, IMAGES_DIR, name)  # a name or a symlinked images/ leading outside is refused before any write
-        sources[name] = source
-        relative = f"{IMAGES_DIR}/{name}"
-        images[sha] = (relative, {"id": len(images) + 1, "file_name": relative, "width": int(row["image_width"]),
-                                  "height": int(row["image_height"]), "sha256": sha})
-        return relative
+        if sha not in images:
+            source = Path(row["image_path"]).resolve()
+            name = f"{safe_id(sha)}.{export_folder.image_ext(source)}"
+            safe_join(out, IMAGES_DIR, name)  # a name or a symlinked images/ leading out is refused before any write
+            sources[name] = source
+            relative = f"{IMAGES_DIR}/{name}"
+            images[sha] = (relative, {"id": len(images) + 1, "file_name": relative, "width": int(row["image_width"]),
+                                      "height": int(row["image_height"]), "sha256": sha})
+        return images[sha][1]["id"]
 
     for row in rows:
-        if not row["words"]:
-            skipped["no_words"] += 1
+        why = skip_reason(row, store_root)
+        if why:
+            skipped[why] += 1
             continue
         task, generation = _task(store, row, generations)
-        if add_image(row) is None:
-            continue
-        image_num = images[row["image_sha"]][1]["id"]
+        image_num = add_image(row)
         if task in ("refer", "dense"):
             text_key = "expression" if task == "refer" else "caption"
             for text, box in zip(row["words"], row["boxes"]):
@@ -434,20 +367,7 @@ def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[d
         # nothing selected (another --statuses, a new or emptied store): an earlier export in the folder stays, the
         # only copy of its corrections if the store it came from is gone
         return summary
-    copies: list[tuple[Path, Path]] = []  # (store file, images/ file) to write
-    for name, source in sources.items():
-        target = safe_join(out, IMAGES_DIR, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target = safe_join(out, IMAGES_DIR, name)  # again, now that images/ exists (a symlink is caught here)
-        if not (target.is_file() and target.stat().st_size == source.stat().st_size):
-            copies.append((source, target))
-    if copies:  # claimed before they are written: after a kill part-way through the copies, the rerun found them
-        # already there and never claimed them, so no later export removed them when no correction needed them
-        before |= {target.name for _, target in copies}
-        write_atomically(out / IMAGE_MANIFEST, "".join(f"{name}\n" for name in sorted(before)))
-    for source, target in copies:
-        shutil.copyfile(source, target)
-        wrote.add(target.name)
+    wrote = export_folder.copy_images(out, sources, before)
     write_atomically(ln_path, "".join(line + "\n" for line in lines))
     if annotations:
         coco = {
@@ -461,15 +381,7 @@ def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[d
         write_atomically(coco_path, json.dumps(coco, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     elif coco_path.is_file():
         coco_path.unlink()  # a stale file from an earlier export would describe corrections no longer selected
-    # the images an earlier export into this folder wrote that no selected correction needs now go; nothing else in
-    # images/ is touched (the folder may also be a training data folder with images of its own, some of which an
-    # export found already there and did not write: those are not claimed in the manifest)
-    exported = {Path(relative).name for relative, _ in images.values()}
-    for name in sorted(before - exported):
-        stale = out / IMAGES_DIR / name
-        if EXPORTED_IMAGE.fullmatch(name) and stale.is_file() and not stale.is_symlink():
-            stale.unlink()
-    write_atomically(out / IMAGE_MANIFEST, "".join(f"{name}\n" for name in sorted(exported & (wrote | before))))
+    export_folder.prune_images(out, {Path(relative).name for relative, _ in images.values()}, before, wrote)
     return summary
 
 

@@ -53,11 +53,12 @@ def generate_split(
 ) -> SplitSummary:
     """Write images 0..num-1 of a split into ``out_dir`` (see ``docs/data_formats.md``).
 
-    Creates ``images/``, ``masks/`` and ``<split>.{ln,refer,dense,objects}.jsonl`` (overwriting them);
-    several splits may share ``out_dir``. The split's JSONL files are removed first (its images are about to be
-    overwritten: an earlier run's narratives would describe other pictures), written as ``*.partial`` and renamed
-    at the end, ``objects`` last: a split whose ``objects`` file exists is complete (what `training.train`
-    checks), and one with a ``.partial`` file was cut short (:func:`unfinished_split`, what the readers check).
+    Creates ``images/``, ``masks/``, ``<split>.{ln,refer,dense,objects}.jsonl`` (overwriting them) and the empty
+    lock file ``.<split>.lock`` (kept: see :func:`_only_writer`); several splits may share ``out_dir``. The
+    split's JSONL files are removed first (its images are about to be overwritten: an earlier run's narratives
+    would describe other pictures), written as ``*.partial`` and renamed at the end, ``objects`` last: a split
+    whose ``objects`` file exists is complete (what `training.train` checks), and one with a ``.partial`` file
+    was cut short (:func:`unfinished_split`, what the readers check).
     One generator of a split at a time: a second one, while the first runs, is refused.
 
     Raises:
@@ -153,7 +154,13 @@ def record_problem(kind: str, record: Any) -> str | None:
 def _only_writer(root: Path, split: str) -> Iterator[None]:
     """Hold ``root/.<split>.lock`` for the block: two generators of one split at once wrote into the same
     ``.partial`` files and images (the second truncating the first's), and the split renamed into place was a mix
-    of both runs that looked complete."""
+    of both runs that looked complete.
+
+    The empty lock file stays afterwards, on purpose: removing a flock'ed file is racy. A generator that opened it
+    just before it was removed locks the removed file while a third one creates a new file and locks that, and both
+    write the split at once (safe only if every generator, older versions included, checked after locking that the
+    name still leads to the file it locked). Kept, it harms nothing: no reader lists the data folder (each opens a
+    split's files by name), and the name is hidden and ends in ``.lock``, not ``.jsonl``."""
     try:
         with exclusive_lock(root / f".{split}.lock", wait=False):
             yield
