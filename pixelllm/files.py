@@ -56,9 +56,9 @@ def _create_temp(target: Path) -> tuple[int, str]:
     """A new empty file beside ``target``, created with mode 0o666 less the umask, as ``open(target, "wb")`` would
     make it (``tempfile.mkstemp`` makes it 0o600: the store's images and an export's files were unreadable to the
     team's other accounts while the database beside them was not). Named ``.<name>.<pid>-<namespace>.<random>.tmp``
-    where the writer's pid can be checked later (:func:`_pid_namespace`), else ``.<name>.<random>.tmp``."""
-    namespace = _pid_namespace(os.getpid())  # (a name so long the tag would pass 255 bytes goes without it)
-    writer = f"{os.getpid()}-{namespace}." if namespace and len(os.fsencode(target.name)) <= 200 else ""
+    where the writer's pid can be checked later (:func:`writer_tag`), else ``.<name>.<random>.tmp``."""
+    tag = writer_tag()  # (a name so long the tag would pass 255 bytes goes without it)
+    writer = f"{tag}." if tag and len(os.fsencode(target.name)) <= 200 else ""
     for _ in range(100):
         tmp = target.parent / f".{target.name}.{writer}{secrets.token_hex(6)}.tmp"
         try:
@@ -68,12 +68,31 @@ def _create_temp(target: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary file name beside {target}")
 
 
+def writer_tag(pid: int | None = None) -> str | None:
+    """``<pid>-<namespace>``, for the names of what a writer leaves behind if it is killed (a temporary file, a
+    staging folder), so that a later writer can tell whether it is still running (:func:`left_by_dead_writer`):
+    ``pid`` (default: this process) and 12 hex digits naming this boot of this machine and this pid namespace.
+    None where that cannot be known (not Linux): what such a writer leaves is then never taken for a dead one's."""
+    namespace = _pid_namespace(os.getpid())
+    return None if namespace is None else f"{os.getpid() if pid is None else pid}-{namespace}"
+
+
+def left_by_dead_writer(tag: str) -> bool:
+    """Whether ``tag`` (:func:`writer_tag`) names a writer that has died: its namespace is this process's and its
+    pid has no process. Never true for a live writer, so removing what it left is race-free (a new process that
+    reuses the pid keeps the dead one's leftovers: a leak, never a loss; an unreaped zombie counts as alive). A pid
+    alone is not enough: the folder may be shared with another machine (NFS) or another container, where a live
+    writer's pid is unused here; a tag without a namespace (an older name, or not Linux) is never dead."""
+    pid, _, namespace = tag.partition("-")
+    ours = _pid_namespace(os.getpid())
+    return (ours is not None and namespace == ours and pid.isdigit() and not pid.startswith("0") and len(pid) <= 10
+            and not _pid_alive(int(pid)))
+
+
 @functools.cache
 def _pid_namespace(pid: int) -> str | None:
-    """12 hex digits naming the processes whose pids this one can check: this boot of this machine and this pid
-    namespace. None where that cannot be known (not Linux): no temporary file is then ever taken for a dead
-    writer's. A pid alone is not enough: the folder may be shared with another machine (NFS) or another container,
-    where a live writer's pid is unused here. Keyed on the pid so that a forked child looks again."""
+    """This boot of this machine and this pid namespace, as 12 hex digits; None off Linux. Keyed on the pid so
+    that a forked child looks again."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         space = os.stat("/proc/self/ns/pid")
@@ -83,23 +102,19 @@ def _pid_namespace(pid: int) -> str | None:
 
 
 def _remove_dead_writers_temps(target: Path) -> None:
-    """Remove the temporary files of ``target`` that writers in this pid namespace left when they died mid-write.
-
-    Race-free: a file is removed only when the pid in its name has no process, and a pid in use is never dead, so no
-    live writer loses its file (a new process that reuses the pid keeps the dead one's file: a leak, never a loss).
-    A writer not yet reaped by its parent (a zombie) counts as alive until it is."""
-    namespace = _pid_namespace(os.getpid())
-    if namespace is None:
+    """Remove the temporary files of ``target`` that writers left when they died mid-write
+    (:func:`left_by_dead_writer`)."""
+    if writer_tag() is None:
         return
     prefix = f".{target.name}."
-    ours = re.compile(re.escape(prefix) + r"([1-9][0-9]{0,9})-" + namespace + r"\.[0-9a-f]{12}\.tmp")
+    ours = re.compile(re.escape(prefix) + r"([0-9]+-[0-9a-f]{12})\.[0-9a-f]{12}\.tmp")
     try:  # one listing per write: ~10-15 ms for a folder of 10 000 files (a big store's images/), ~0 for a few
         names = os.listdir(target.parent)
     except OSError:
         return
     for name in names:
         match = name.startswith(prefix) and ours.fullmatch(name)
-        if match and not _pid_alive(int(match[1])):
+        if match and left_by_dead_writer(match[1]):
             with contextlib.suppress(OSError):  # another writer of the target removed it first
                 os.unlink(target.parent / name)
 

@@ -325,23 +325,30 @@ def test_every_cli_flag_reaches_the_settings():
 
 
 def test_what_a_killed_run_left_beside_out_is_cleared_or_put_back(base_dir, store, tmp_path):
-    """A run killed (SIGKILL) mid-way leaves `.out.partial-PID` (its staging) or, killed between the two renames of
-    the swap, `.out.old-PID` (the previous output) with no `out`: the next run removes the first and puts the
-    second back, so the previous output is not lost. A live process's folders are left alone."""
+    """A run killed (SIGKILL) mid-way leaves `.out.partial-TAG` (its staging) or, killed between the two renames of
+    the swap, `.out.old-TAG` (the previous output) with no `out`: the next run removes the first and puts the
+    second back, so the previous output is not lost. A live process's folders are left alone, and so are those
+    whose tag is not of this machine's pid namespace (a folder shared with another machine, where that pid may be
+    a live run) or that carry a bare pid."""
     import subprocess
+
+    from pixelllm.files import writer_tag
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer runs
     runs = tmp_path / "runs"
-    (runs / f".ft.old-{dead.pid}").mkdir(parents=True)
-    (runs / f".ft.old-{dead.pid}" / "finetune.json").write_text("{}")
-    (runs / f".ft.partial-{dead.pid}").mkdir()
-    (runs / f".ft.partial-{os.getpid()}-x").mkdir()  # not a name a run writes: left
-    (runs / f".ft.partial-{os.getppid()}").mkdir()  # a live process: left
+    (runs / f".ft.old-{writer_tag(dead.pid)}").mkdir(parents=True)
+    (runs / f".ft.old-{writer_tag(dead.pid)}" / "finetune.json").write_text("{}")
+    (runs / f".ft.partial-{writer_tag(dead.pid)}").mkdir()
+    kept = [f".ft.partial-{os.getpid()}-x",  # not a name a run writes
+            f".ft.partial-{writer_tag(os.getppid())}",  # a live process
+            f".ft.partial-{dead.pid}-{'0' * 12}",  # the dead pid, but another machine's or container's
+            f".ft.partial-{dead.pid}"]  # a bare pid: an older version's name, or a machine without pid namespaces
+    for name in kept:
+        (runs / name).mkdir()
     ft.check_out((runs / "ft").resolve())
     assert (runs / "ft" / "finetune.json").is_file()  # the previous output, back in place
-    assert sorted(p.name for p in runs.iterdir()) == sorted(
-        ["ft", f".ft.partial-{os.getpid()}-x", f".ft.partial-{os.getppid()}"])
+    assert sorted(p.name for p in runs.iterdir()) == sorted(["ft", *kept])
 
 
 def test_settings_take_paths(base_dir, store, tmp_path):

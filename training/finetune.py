@@ -51,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from pixelllm.adapters import check_adapter_name
+from pixelllm.files import left_by_dead_writer, writer_tag
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.store import AnnotationStore, StoreError
 from training.corrections import (
@@ -146,8 +147,8 @@ def check_out(out: Path) -> None:
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out {out}: cannot write in {out.parent}")
     for left in sorted(out.parent.glob(f".{out.name}.*-*")):  # what a run killed before its end left beside out
-        kind, _, pid = left.name[len(out.name) + 2:].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+        kind, _, tag = left.name[len(out.name) + 2:].partition("-")
+        if kind not in ("partial", "old") or not left_by_dead_writer(tag):
             continue
         if kind == "old" and not out.exists():  # killed between moving the previous output away and the new in
             os.replace(left, out)
@@ -155,14 +156,11 @@ def check_out(out: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def _left_name(out: Path, kind: str) -> Path:
+    """Where this run keeps `kind` ("partial": its output being written; "old": the previous output during the
+    swap) beside `out`, under a name that tells a later run whether this one is still running
+    (`pixelllm.files.writer_tag`; off Linux the bare pid, which a later run leaves alone)."""
+    return out.with_name(f".{out.name}.{kind}-{writer_tag() or os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -170,7 +168,7 @@ def swapped_in(staging: Path, out: Path) -> Iterator[None]:
     """Put the finished output folder in place of `out` (a previous run's output, or nothing) for the block;
     if the block fails (the run could not be recorded as finished) the previous output comes back. The previous
     run stays whole until the new one is complete beside it and recorded."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+    old = _left_name(out, "old") if out.exists() else None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
@@ -269,7 +267,7 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
                    "examples": len(examples)})
     run_id = store.start_finetune_run(name, str(settings.base), num_corrections=counts["corrections"], params=params)
     target = out.resolve()  # `ft1` or `runs/ft1`: the run is staged beside it, under the folder's own name
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")  # written whole, then swapped in
+    staging = _left_name(target, "partial")  # written whole, then swapped in
     try:
         shutil.rmtree(staging, ignore_errors=True)
         summary = _train(settings, store, run_id, model, trainable, examples, pixels, staging, name, progress)
