@@ -30,9 +30,10 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErr
 def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_SIDE) -> np.ndarray:
     """Decode an image file (bytes or path) to an HxWx3 uint8 RGB array as the user sees it: EXIF orientation
     applied, first frame of animations, alpha composited on white, 16-bit/CMYK/palette/grayscale converted.
-    Images with a side above `max_side` are downscaled (aspect kept)."""
+    A PIL image gives the frame it currently shows (an animation or multi-page TIFF the caller has `seek()`'d)
+    and is left on that frame. Images with a side above `max_side` are downscaled (aspect kept)."""
     if isinstance(source, Image.Image):
-        img = source
+        img = source  # never seek()'d here: that would change the caller's frame (a file opens on frame 0)
     else:
         data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
         if not data:
@@ -48,13 +49,10 @@ def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_
         except _DECODE_ERRORS as err:  # a recognised format with a broken header
             raise ValueError(f"the image could not be decoded (truncated or corrupt file?): {err}") from err
     width, height = img.size
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"image is {width}x{height} = {width * height / 1e6:.0f} MP; the limit is "
-                         f"{MAX_PIXELS / 1e6:.0f} MP")
+    check_pixel_count(width, height)
     if width < 1 or height < 1:
         raise ValueError(f"the image is empty ({width}x{height} pixels)")
     try:
-        img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
@@ -63,6 +61,14 @@ def load_image(source: bytes | str | Path | Image.Image, *, max_side: int = MAX_
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def check_pixel_count(width: int, height: int) -> None:
+    """ValueError for an image above MAX_PIXELS, the same message for files, PIL images and arrays; call it on
+    the size alone, before anything of that size is decoded, copied or converted."""
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image is {width}x{height} = {width * height / 1e6:.0f} MP; the limit is "
+                         f"{MAX_PIXELS / 1e6:.0f} MP")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -82,20 +88,22 @@ def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
     """Accept an HxWx3 / HxWx4 / HxW array or a PIL image; return HxWx3 uint8 at the image's own size (a PIL
     image is converted as `load_image` does, EXIF orientation included, but never downscaled: the caller's
     boxes and prompts are in its pixels, as they are for an array). Arrays that are not uint8 follow
-    `_to_uint8` (floats in [0, 1], 16-bit integers, bool masks)."""
+    `_to_uint8` (floats in [0, 1], 16-bit integers, bool masks); above MAX_PIXELS they are refused as PIL images
+    are, from their shape."""
     if isinstance(image, Image.Image):
         return load_image(image, max_side=max(image.size))
     if image is None or isinstance(image, (str, bytes, Path)):  # np.asarray makes a 0-d array of them
         raise ValueError(f"the image must be an HxWx3 array or a PIL image, got {type(image).__name__} (for a "
                          "file, pass pixelllm.image.load_image(path))")
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+    arr = np.asarray(image)  # no copy of an array (nor of a tensor on the CPU)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         hint = " (channels first? give HxWxC)" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
         raise ValueError(f"expected an HxWx3 RGB image, got an array of shape {arr.shape}{hint}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError("the image is empty")
+    check_pixel_count(arr.shape[1], arr.shape[0])  # before the grey -> RGB stack and the uint8 conversion
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
     return np.ascontiguousarray(_to_uint8(arr)[..., :3])
 
 
@@ -170,6 +178,15 @@ def check_points(points: object, labels: object, width: int, height: int) -> tup
     pts[:, 0] = pts[:, 0].clip(0, width)
     pts[:, 1] = pts[:, 1].clip(0, height)
     return pts, lab
+
+
+def check_no_labels(labels: object) -> None:
+    """Without a point prompt (points None or empty) there is nothing to label: point labels other than None or
+    an empty list are refused (they were ignored, and the caption came from the whole image)."""
+    count = 0 if labels is None else np.asarray(labels, dtype=object).size  # object: ragged / text still count
+    if count:
+        raise ValueError(f"point_labels given without points: {count} labels but 0 points (pass the [x, y] points "
+                         "they label, or leave point_labels out)")
 
 
 def check_box(box: object, width: int, height: int) -> np.ndarray:

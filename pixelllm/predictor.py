@@ -5,12 +5,12 @@ version) and returns an immutable `ImageState`; every other call takes that stat
 predictor. Inputs and outputs are pixels of the original image, boxes (x0, y0, x1, y1).
 
 A word may be several tokens; its box is the mean of its tokens' boxes (training gives every token of a word the
-same target, so they agree up to noise).
+same target, so they agree up to noise). The result types (`Word`, `Caption`, `Referral`, `Region`) live in
+`pixelllm.results` and are importable from here too; argument checks in `pixelllm.arguments`.
 """
 
 from __future__ import annotations
 
-import operator
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,35 +24,14 @@ import torch.nn.functional as F
 
 from pixelllm import adapters
 from pixelllm import image as imaging
+from pixelllm.arguments import MAX_TRACE_TOKENS, check_max_new_tokens, decode_options, whole_number
 from pixelllm.modeling.image_encoder import ImageFeatures
 from pixelllm.modeling.pixel_llm import PixelLLM
-from pixelllm.tokenizer import encode_text, starts_word
+from pixelllm.results import Caption, Referral, Region, Word, WordAssembler
+from pixelllm.rwlock import ReadWriteLock
+from pixelllm.tokenizer import encode_text
 
 MAX_PROMPT_TOKENS = 64
-MAX_TRACE_TOKENS = 512  # the longest caption `trace` reads (max_new_tokens' limit too)
-
-
-def _whole_number(value, what: str, low: int, high: int) -> int:
-    """value as an int, or ValueError naming the argument (1.5, "abc", NaN and True are no counts)."""
-    number = None
-    if not isinstance(value, (bool, np.bool_)):
-        try:
-            number = operator.index(value)  # int, numpy integers: exact
-        except TypeError:
-            try:
-                as_float = float(value)  # 3.0, "3", a 0-d tensor
-            except (TypeError, ValueError):
-                as_float = float("nan")
-            number = int(as_float) if as_float.is_integer() else None
-    if number is None or not low <= number <= high:
-        raise ValueError(f"{what} must be a whole number between {low} and {high}, got {value!r}")
-    return number
-
-
-def _max_new_tokens(value) -> int | None:
-    """None (the checkpoint's default) or 1..MAX_TRACE_TOKENS: 0 used to mean the default and a negative count
-    an empty caption."""
-    return None if value is None else _whole_number(value, "max_new_tokens", 1, MAX_TRACE_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -75,118 +54,6 @@ class ServedBy(NamedTuple):
     adapter_version: str | None
 
 
-@dataclass
-class Word:
-    text: str
-    box: list[float]  # (x0, y0, x1, y1) pixels of the original image
-    index: int
-    token_ids: list[int]
-    token_boxes: list[list[float]]  # per token, pixels
-    eos: bool = False  # the caption's final word, and the model's EOS ended it (not the token limit)
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "text": self.text, "box": self.box}
-
-
-@dataclass
-class Caption:
-    text: str
-    words: list[Word]
-    score: float  # geometric-mean token probability
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "score": self.score, "words": [w.to_dict() for w in self.words]}
-
-
-@dataclass
-class Referral:
-    expression: str
-    box: list[float]
-    score: float
-    mask: np.ndarray | None = field(repr=False)  # HxW bool, original image; None if not asked for
-    mask_score: float | None = None  # SAM's predicted IoU of the mask; None without a mask
-
-    def to_dict(self) -> dict:
-        return {"expression": self.expression, "box": self.box, "score": self.score, "mask_score": self.mask_score,
-                "mask_area": None if self.mask is None else int(self.mask.sum())}
-
-
-@dataclass
-class Region:
-    box: list[float]
-    score: float
-    caption: Caption
-
-    def to_dict(self) -> dict:
-        return {"box": self.box, "score": self.score, "caption": self.caption.text,
-                "words": [w.to_dict() for w in self.caption.words]}
-
-
-class _ReadWriteLock:
-    """Many readers (requests) or one writer (an adapter switch). The writer's own thread may read (a request run
-    while it holds the model, as `PixelLLMPredictor.using_adapter` does)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer: int | None = None  # the writing thread's ident
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            self._cond.wait_for(lambda: self._writer in (None, me))
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._writer is None and self._readers == 0)
-            self._writer = threading.get_ident()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = None
-                self._cond.notify_all()
-
-
-class _WordAssembler:
-    """Turns a stream of (token, box) into completed words."""
-
-    def __init__(self, tokenizer, width: int, height: int) -> None:
-        self.tokenizer = tokenizer
-        self.scale = np.array([width, height, width, height], dtype=np.float64)
-        self.tokens: list[int] = []
-        self.boxes: list[np.ndarray] = []
-        self.count = 0
-
-    def push(self, token: int, box: np.ndarray) -> Word | None:
-        done = self.flush() if self.tokens and starts_word(self.tokenizer, token) else None
-        self.tokens.append(token)
-        self.boxes.append(box)
-        return done
-
-    def flush(self) -> Word | None:
-        if not self.tokens:
-            return None
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        px = [(b * self.scale).round(2).tolist() for b in self.boxes]
-        mean = (np.mean(self.boxes, axis=0) * self.scale).round(2).tolist()
-        tokens, self.tokens, self.boxes = self.tokens, [], []
-        if not text:
-            return None
-        word = Word(text=text, box=mean, index=self.count, token_ids=tokens, token_boxes=px)
-        self.count += 1
-        return word
-
-
 class PixelLLMPredictor:
     def __init__(self, model: PixelLLM, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cache_size: int = 16) -> None:
@@ -198,7 +65,7 @@ class PixelLLMPredictor:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str | None, str], ImageFeatures] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._model_lock = _ReadWriteLock()
+        self._model_lock = ReadWriteLock()
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -276,6 +143,8 @@ class PixelLLMPredictor:
             pts = pts / self._norm(state)[:2]
             kwargs["points"] = torch.tensor(pts[None], dtype=torch.float32, device=self.device)
             kwargs["point_labels"] = torch.tensor(lab[None], device=self.device)
+        else:
+            imaging.check_no_labels(point_labels)
         return self.model.encode_prefix(state.features, text_ids=self._text_ids(text, 1), **kwargs)
 
     def _check_state(self, state: ImageState) -> None:
@@ -283,21 +152,6 @@ class PixelLLMPredictor:
         if state.encoded_by != self._encoded_by(self._encoder(), self._encoder_adapter_id()):
             raise ValueError("this image was encoded by another model version, dtype or device (or image-encoder "
                              "adapter): call set_image again")
-
-    @staticmethod
-    def _decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty) -> dict:
-        max_new_tokens = _max_new_tokens(max_new_tokens)
-        if do_sample and not (0.05 <= float(temperature) <= 5.0):
-            raise ValueError("temperature must be between 0.05 and 5")
-        if do_sample and not (0.0 < float(top_p) <= 1.0):
-            raise ValueError("top_p must be in (0, 1]")
-        generator = None
-        if do_sample and seed is not None:
-            generator = torch.Generator().manual_seed(_whole_number(seed, "seed", -2**63, 2**64 - 1))
-        if not 1.0 <= float(repetition_penalty) <= 2.0:
-            raise ValueError("repetition_penalty must be between 1 and 2")
-        return {"max_new_tokens": max_new_tokens, "do_sample": bool(do_sample), "temperature": float(temperature),
-                "top_p": float(top_p), "repetition_penalty": float(repetition_penalty), "generator": generator}
 
     # ------------------------------------------------------------------ captioning
     def stream_caption(self, state: ImageState, *, points=None, point_labels=None, box=None, text: str | None = None,
@@ -311,12 +165,12 @@ class PixelLLMPredictor:
         `load_adapter` (in the same thread, for ever), so `close()` one you stop reading."""
         if repetition_penalty is None:
             repetition_penalty = self.model.config.repetition_penalty
-        options = self._decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty)
+        options = decode_options(max_new_tokens, do_sample, temperature, top_p, seed, repetition_penalty)
         with self._model_lock.read():
             with torch.inference_mode():
                 prefix = self._prefix(state, points=points, point_labels=point_labels, box=box, text=text)
                 steps = self.model.stream(prefix, **options)
-            words = _WordAssembler(self.tokenizer, state.width, state.height)
+            words = WordAssembler(self.tokenizer, state.width, state.height)
             saw_eos = False
             while True:
                 with torch.inference_mode():  # per step: the generator may resume on another thread
@@ -343,7 +197,7 @@ class PixelLLMPredictor:
     def caption_boxes(self, state: ImageState, boxes, *, text: str | None = None, max_new_tokens: int | None = None,
                       ) -> list[Caption]:
         """Location-conditioned captions for K boxes (Kx4 pixels) in one batched decoding pass (greedy)."""
-        max_new_tokens = _max_new_tokens(max_new_tokens)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         arr = imaging.numbers(boxes, "boxes", "K boxes of 4 numbers (x0, y0, x1, y1)")
         if arr.size % 4:
             raise ValueError(f"boxes must be K boxes of 4 numbers (x0, y0, x1, y1), got {arr.size} numbers")
@@ -359,7 +213,7 @@ class PixelLLMPredictor:
             return self._decode_batch(prefix, len(norm), state, max_new_tokens)
 
     def _decode_batch(self, prefix, k: int, state: ImageState, max_new_tokens: int | None) -> list[Caption]:
-        assemblers = [_WordAssembler(self.tokenizer, state.width, state.height) for _ in range(k)]
+        assemblers = [WordAssembler(self.tokenizer, state.width, state.height) for _ in range(k)]
         words: list[list[Word]] = [[] for _ in range(k)]
         logp = np.zeros(k)
         count = np.zeros(k)
@@ -463,8 +317,8 @@ class PixelLLMPredictor:
     def dense_caption(self, state: ImageState, *, max_regions: int = 16, score_threshold: float = 0.3,
                       nms_iou: float = 0.5, max_new_tokens: int | None = 24) -> list[Region]:
         """Proposals -> NMS -> one batched location-conditioned captioning pass over all kept boxes."""
-        max_regions = _whole_number(max_regions, "max_regions", 1, 100)
-        max_new_tokens = _max_new_tokens(max_new_tokens)
+        max_regions = whole_number(max_regions, "max_regions", 1, 100)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         if not 0.0 <= float(score_threshold) <= 1.0:  # also refuses NaN, which would silently keep nothing
             raise ValueError("score_threshold must be between 0 and 1")
         if not 0.0 <= float(nms_iou) <= 1.0:  # NaN suppressed nothing, a negative value all but one box

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,17 @@ def run_with_file_size_limit(module: str, limit: int, *args: str) -> subprocess.
     return subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, module, str(limit), *args], capture_output=True,
                           text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A ~100-byte PNG whose IHDR claims width x height (8-bit RGB): a decompression bomb that costs nothing to
+    make. Decoding it for real would need width * height * 3 bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
 
 
 def small_tokenizer(vocab_size: int = 400):

@@ -18,8 +18,6 @@ import logging
 import os
 import re
 import sqlite3
-import struct
-import zlib
 from pathlib import Path
 
 import gradio as gr
@@ -33,6 +31,7 @@ from PIL import Image
 from pixelllm import image as imaging
 from pixelllm.store import AnnotationStore
 from pixelllm.ui import workspace as ws
+from tests.helpers import png_claiming
 
 torch.set_num_threads(1)
 
@@ -49,17 +48,6 @@ def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def _noise(width: int = 100, height: int = 60, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A ~100-byte PNG whose IHDR claims width x height (8-bit RGB): a decompression bomb that costs nothing to
-    make. Decoding it for real would need width * height * 3 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 def truncated_jpeg() -> bytes:

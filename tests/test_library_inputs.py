@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from PIL import Image
 from pixelllm import PixelLLMPredictor
 from pixelllm import image as imaging
 from tests.conftest import _talkative
-from tests.helpers import random_image, small_model
+from tests.helpers import png_claiming, random_image, small_model
 
 # ------------------------------------------------------------------------------------------ images
 
@@ -59,6 +62,65 @@ def test_set_image_names_what_it_takes(image, message, small_predictor):
     assert message in str(info.value)
 
 
+# (format, the three frames' sizes): TIFF pages may each have their own size; GIF / WebP / APNG frames share one
+FRAME_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+MULTI_FRAME = [("GIF", [(40, 30)] * 3), ("TIFF", [(40, 30), (24, 20), (36, 12)]), ("WEBP", [(40, 30)] * 3),
+               ("PNG", [(40, 30)] * 3)]
+
+
+@pytest.mark.parametrize("fmt, sizes", MULTI_FRAME, ids=[f for f, _ in MULTI_FRAME])
+def test_a_pil_image_seeked_to_a_frame_is_converted_as_that_frame(fmt, sizes, small_predictor):
+    """set_image(img) of an animation (or multi-page TIFF) the caller had seek()'d to frame k gave frame 0 — and
+    seek(0)'d the caller's image as a side effect; a TIFF page of another size even came out at frame 0's pixels
+    downscaled to page k's longest side."""
+    frames = [Image.new("RGB", size, colour) for size, colour in zip(sizes, FRAME_COLOURS)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], **({"lossless": True} if fmt == "WEBP"
+                                                                                  else {}))
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    assert getattr(img, "n_frames", 1) == 3
+    for k in (2, 1, 0):
+        img.seek(k)
+        (width, height), colour = sizes[k], FRAME_COLOURS[k]
+        state = small_predictor.set_image(img)
+        assert (state.width, state.height) == (width, height)
+        assert state.key == small_predictor.set_image(np.full((height, width, 3), colour, np.uint8)).key
+        assert img.tell() == k  # the caller's image still shows its frame
+        pixels = imaging.load_image(img)
+        assert img.tell() == k and pixels.shape == (height, width, 3)
+        assert (pixels == colour).all(), (k, np.unique(pixels.reshape(-1, 3), axis=0))
+    assert (imaging.load_image(buf.getvalue()) == FRAME_COLOURS[0]).all()  # a file still opens on its first frame
+
+
+def test_an_array_above_the_pixel_limit_is_refused_like_a_pil_image_before_any_copy(small_predictor):
+    """Arrays escaped the 40 MP limit PIL images get: a 7000x6000 array was copied, stacked to RGB and converted
+    (hundreds of MB) and then encoded. Now the same message as the PIL image of that size, from the shape alone."""
+    width, height = 7000, 6000  # 42 MP
+    with pytest.raises(ValueError) as from_pil:
+        small_predictor.set_image(Image.open(io.BytesIO(png_claiming(width, height))))  # a header: nothing decoded
+    assert "the limit is 40 MP" in str(from_pil.value)
+    arrays = {  # read-only views of one value: they cost no memory until something copies them
+        "rgb": np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (height, width, 3)),
+        "rgba": np.broadcast_to(np.zeros((1, 1, 4), np.uint8), (height, width, 4)),
+        "grey": np.broadcast_to(np.zeros((1, 1), np.uint8), (height, width)),
+        "bool": np.broadcast_to(np.zeros((1, 1), bool), (height, width)),
+    }
+    for name, array in arrays.items():
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError) as from_array:
+                imaging.as_rgb_array(array)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(from_array.value) == str(from_pil.value), name
+        assert peak < 5_000_000, (name, peak)
+    with pytest.raises(ValueError) as through_set_image:
+        small_predictor.set_image(arrays["rgb"])
+    assert str(through_set_image.value) == str(from_pil.value)
+    assert imaging.as_rgb_array(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (1000, 800, 3))).shape == (1000, 800, 3)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 
@@ -76,6 +138,39 @@ def test_malformed_points_and_boxes_are_refused_naming_the_prompt(small_predicto
         small_predictor.caption_boxes(state, [[1, 2, 30, 40], [5, 6]])
     assert small_predictor.caption_boxes(state, []) == []
     assert len(small_predictor.caption_boxes(state, (1, 2, 30, 40), max_new_tokens=2)) == 1  # one flat box
+
+
+def test_point_labels_without_points_are_refused_naming_the_argument(small_predictor):
+    """point_labels given without points (None or an empty list) were ignored: the caption / trace came from the
+    whole image (or the box) as if no labels had been given."""
+    state = small_predictor.set_image(random_image(6))
+    calls = {
+        "caption": lambda **kw: small_predictor.caption(state, max_new_tokens=2, **kw),
+        "stream_caption": lambda **kw: next(small_predictor.stream_caption(state, max_new_tokens=2, **kw), None),
+        "trace": lambda **kw: small_predictor.trace(state, "a red circle", **kw),
+    }
+    for call in calls.values():  # each lambda is its own line in a failure's traceback
+        for kwargs, count in [(dict(point_labels=[1]), 1), (dict(points=[], point_labels=[1, 0]), 2),
+                              (dict(point_labels=np.array([0, 1, 1]), box=[5, 5, 40, 30]), 3),
+                              (dict(point_labels=1), 1)]:
+            with pytest.raises(ValueError, match=rf"point_labels given without points: {count} labels but 0 points"):
+                call(**kwargs)
+    # no labels for no points is no point prompt (what a logged prompt replays: points [] and point_labels [])
+    plain = small_predictor.caption(state, max_new_tokens=4)
+    assert small_predictor.caption(state, points=[], point_labels=[], max_new_tokens=4).words == plain.words
+    assert small_predictor.caption(state, point_labels=None, max_new_tokens=4).words == plain.words
+
+
+def test_point_labels_that_do_not_match_the_points_are_refused(small_predictor):
+    state = small_predictor.set_image(random_image(7))
+    for call in (lambda **kw: small_predictor.caption(state, max_new_tokens=2, **kw),
+                 lambda **kw: small_predictor.trace(state, "a red circle", **kw)):
+        with pytest.raises(ValueError, match="2 points but 1 labels"):
+            call(points=[[10, 10], [20, 20]], point_labels=[1])
+        with pytest.raises(ValueError, match="1 points but 3 labels"):
+            call(points=[[10, 10]], point_labels=[1, 0, 1])
+        with pytest.raises(ValueError, match="1 points but 0 labels"):
+            call(points=[[10, 10]], point_labels=[])
 
 
 def test_refer_refuses_a_single_string_instead_of_reading_each_letter(small_predictor):
