@@ -386,6 +386,9 @@ BOX_CASES = [  # (id, prompts, message) on the 256x256 example
     ("box-3-numbers", {"box": [1, 2, 3]}, "box must be [x0, y0, x1, y1]"),
     ("not-json", "{box: [1, 2", "prompts must be JSON"),
     ("unknown-key", {"boxes": [1, 2, 3, 4]}, "unknown prompt keys ['boxes']"),
+    ("labels-without-points", {"point_labels": [1]}, "point_labels given without points"),
+    ("labels-for-no-points", {"points": [], "labels": [1, 0], "box": [10, 10, 50, 50]},
+     "point_labels given without points"),
 ]
 
 

@@ -50,6 +50,8 @@ def parse_prompts(text: str | dict | None, scale: tuple[float, float], width: in
         if labels is None and raw.shape[1] == 3:
             labels = raw[:, 2]
         points, labels = imaging.check_points(points, labels, width, height)
+    else:  # labels for no points were dropped: the caption came from the whole image with no error
+        imaging.check_no_labels(data.get("point_labels", data.get("labels")))
     if data.get("box") is not None:
         try:
             raw_box = np.asarray(data["box"], dtype=np.float64).reshape(-1)
