@@ -410,3 +410,23 @@ def test_edits_the_server_lost_are_saved_from_the_page(app: Page, annotate_app):
     row = annotate_app.store.list_corrections(annotator="expired", limit=1)[0]
     assert row["words"] == shown and row["words"][1] == "kept"
     assert row["parent_id"] == first["id"]  # on the correction the page had open, not a new chain
+
+
+def test_arrow_keys_on_the_tab_bar_move_along_the_tabs_not_the_editors_word(app: Page):
+    """The editor's ← → select words from anywhere on the page but a text field; on the tab bar they move the focus
+    along the tabs (static/page.js) and leave the selected word alone."""
+    _caption_then_annotate(app, 0)
+    app.locator(f"{EDITOR} .pa-record").focus()
+    app.keyboard.press("ArrowRight")
+    sel = app.locator(f"{EDITOR} rect.pa-box.pa-sel")
+    expect(sel).to_have_attribute("data-i", "0")
+    annotate, model = app.get_by_role("tab", name="Annotate"), app.get_by_role("tab", name="Model")
+    annotate.focus()
+    app.keyboard.press("ArrowRight")
+    expect(model).to_be_focused()
+    expect(annotate).to_have_attribute("aria-selected", "true")
+    expect(sel).to_have_attribute("data-i", "0")  # the editor's selection stayed
+    expect(app.locator(f"{EDITOR} .pa-word").first).to_have_attribute("aria-pressed", "true")
+    app.keyboard.press("ArrowRight")  # wraps to the first tab
+    expect(app.get_by_role("tab", name="Caption & trace")).to_be_focused()
+    expect(sel).to_have_attribute("data-i", "0")

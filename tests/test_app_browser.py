@@ -366,6 +366,8 @@ def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifa
     assert traced["prompts"]["box"] == row["boxes"][0]
     expect(app.locator("#dense-viewer .px-seg")).to_have_count(len(traced["words"]))
     expect(app.locator("#region-text textarea")).to_have_value(" ".join(traced["words"]))
+    # a screen reader hears the region's caption once it is done (the dense viewer's live region)
+    expect(app.locator("#dense-viewer .px-announce")).to_have_text("Region caption: " + " ".join(traced["words"]))
     app.screenshot(path=str(artifacts_dir / "app-dense.png"))
 
     # from the keyboard: Enter on a focused row captions that region, and the focus stays on it as the caption
@@ -469,3 +471,109 @@ def test_the_status_line_is_announced_once_a_caption_is_done_not_for_every_word(
     expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     expect(status).to_have_attribute("aria-busy", "false")
     expect(status).not_to_have_text("")
+
+
+def test_example_buttons_are_named_after_their_images_and_keep_their_thumbnails(app: Page, example_images):
+    """Each example was a button holding only an <img alt="">: a screen reader said "button" six times. Each is
+    now named after its file (static/page.js), and still shows its thumbnail (gr.Examples(example_labels=) would
+    have replaced the pictures by the label text)."""
+    buttons = app.locator("#examples button")
+    expect(buttons).to_have_count(len(example_images))
+    for i, image in enumerate(example_images):
+        expect(buttons.nth(i)).to_have_accessible_name(f"Load example image {image.name}")
+        thumbnail = buttons.nth(i).locator("img")
+        expect(thumbnail).to_be_visible()
+        assert thumbnail.evaluate("img => img.complete && img.naturalWidth") > 0
+    # the name is what a screen reader user picks by
+    app.get_by_role("button", name=f"Load example image {example_images[2].name}").click()
+    expect(app.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+
+
+def test_a_caption_is_announced_when_done_and_every_few_seconds_while_it_streams(app: Page, studio_app, monkeypatch):
+    """The words stream into a visually hidden polite live region: nothing per word, the words so far at most every
+    5 s, then the whole caption once it is done; a traced caption is announced too. Sighted users do not see it."""
+    _slow_words(monkeypatch, studio_app.predictor, 0.6)  # a caption of >= 9 words streams for > 5 s
+    _load_example(app, 0)
+    region = app.locator("#caption-viewer .px-announce")
+    expect(region).to_have_attribute("aria-live", "polite")
+    expect(region).to_have_attribute("aria-atomic", "true")
+    box = region.bounding_box()
+    assert box is not None and box["width"] <= 1 and box["height"] <= 1, box  # in the page, out of sight
+    assert region.evaluate("el => getComputedStyle(el).overflow") == "hidden"
+    app.evaluate(
+        """() => { const region = document.querySelector('#caption-viewer .px-announce'); window.__said = [];
+             new MutationObserver(() => { if (region.textContent) window.__said.push(
+                 [performance.now(), region.textContent]); })
+               .observe(region, {childList: true, characterData: true, subtree: true}); }""")
+    app.get_by_text("Decoding").click()
+    app.locator("#max-words input[type=number]").fill("12")  # a caption of at most 12 words: ~8 s
+    app.locator("#max-words input[type=number]").press("Enter")
+    root = app.locator("#caption-viewer .px-root")
+    _watch_word_counts(app, "#caption-viewer")
+    app.locator("#generate").click()
+    app.wait_for_function("Number(document.querySelector('#caption-viewer .px-root').dataset.words) >= 3")
+    assert app.evaluate("window.__said") == []  # not a word at a time
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    caption = app.locator("#caption-text textarea").input_value()
+    expect(region).to_have_text(f"Caption: {caption}")
+    said = app.evaluate("window.__said")
+    n = len(caption.split())
+    assert said[-1][1] == f"Caption: {caption}"
+    # 12 words 0.6 s apart stream for over 5 s: the words so far were said on the way, in order, not one by one
+    assert n >= 9, f"this test needs a longer caption: {caption!r}"
+    progress = [text for _, text in said[:-1]]
+    assert progress, said
+    assert " ".join(progress).split() == caption.split()[:len(" ".join(progress).split())], said
+    assert len(progress) < n // 2, said
+    times = [t for t, _ in said[:-1]]
+    assert all(b - a >= 4900 for a, b in zip(times, times[1:])), said
+    # the words still streamed into the viewer over several updates; the visible status is not the announcement
+    counts = app.evaluate("window.__wordCounts")
+    assert len({c for c in counts if 0 < c < n}) >= 2 and counts[-1] == n, counts
+    expect(app.locator("#caption-viewer .px-word")).to_have_count(n)
+    expect(app.locator("#caption-viewer .px-status")).not_to_have_text(re.compile("^Caption:"))
+
+    monkeypatch.undo()
+    app.get_by_text("Trace your own caption").click()
+    app.locator("#trace-text textarea").fill("a small blue square")
+    app.locator("#trace-run").click()
+    expect(region).to_have_text("Caption: a small blue square", timeout=TIMEOUT)
+
+
+def test_the_tab_bar_follows_the_arrow_keys(app: Page):
+    """WAI-ARIA tabs (manual activation): Left/Right move the focus along the tab bar (wrapping), Home/End to its
+    ends, Enter opens the focused tab; only the selected tab is a Tab stop. Gradio 6 had no keys on its tabs."""
+    names = ["Caption & trace", "Referring", "Dense captions", "Annotate", "Model"]
+    tabs = [app.get_by_role("tab", name=name, exact=True) for name in names]
+    expect(tabs[0]).to_have_attribute("aria-selected", "true")
+    tabs[0].focus()
+    app.keyboard.press("ArrowRight")
+    expect(tabs[1]).to_be_focused()
+    expect(tabs[0]).to_have_attribute("aria-selected", "true")  # the focus moved; the selection did not
+    app.keyboard.press("ArrowLeft")
+    app.keyboard.press("ArrowLeft")  # wraps round to the last tab
+    expect(tabs[4]).to_be_focused()
+    app.keyboard.press("Home")
+    expect(tabs[0]).to_be_focused()
+    app.keyboard.press("End")
+    expect(tabs[4]).to_be_focused()
+    expect(tabs[0]).to_have_attribute("tabindex", "0")  # the selected tab is the bar's one Tab stop
+    for tab in tabs[1:]:
+        expect(tab).to_have_attribute("tabindex", "-1")
+    app.keyboard.press("ArrowRight")
+    app.keyboard.press("ArrowRight")
+    expect(tabs[1]).to_be_focused()
+    app.keyboard.press("Enter")  # opens Referring
+    expect(tabs[1]).to_have_attribute("aria-selected", "true")
+    expect(app.locator("#refer-viewer")).to_be_visible()
+    expect(tabs[1]).to_have_attribute("tabindex", "0")
+    expect(tabs[0]).to_have_attribute("tabindex", "-1")
+    tabs[1].focus()
+    app.keyboard.press("Tab")  # into the panel, not along the tab bar
+    assert app.evaluate("document.activeElement.getAttribute('role')") != "tab"
+    # the mouse still works, and the Tab stop follows it
+    tabs[2].click()
+    expect(tabs[2]).to_have_attribute("aria-selected", "true")
+    expect(app.locator("#dense-viewer")).to_be_visible()
+    expect(tabs[2]).to_have_attribute("tabindex", "0")
+    expect(tabs[1]).to_have_attribute("tabindex", "-1")

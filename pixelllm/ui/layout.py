@@ -42,6 +42,14 @@ def viewer(value: dict, elem_id: str) -> gr.HTML:
                    elem_classes=["px-viewer"])
 
 
+def page_script() -> gr.HTML:
+    """A hidden component whose only job is to run static/page.js on the page: names for the example-image
+    buttons and arrow keys in the tab bar (gradio 6 has neither). Part of the Blocks, so every launch gets it
+    (launch(js=) would depend on the caller)."""
+    return gr.HTML("", js_on_load=(STATIC / "page.js").read_text(), visible="hidden", apply_default_css=False,
+                   elem_id="page-script")
+
+
 def _visitor(request: gr.Request | None) -> records.Visitor:
     return records.Visitor(getattr(request, "session_hash", None), getattr(request, "username", None) or None)
 
@@ -62,6 +70,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         session = gr.State(None)
+        page_script()
         gr.Markdown(f"## {TITLE}\nPixel-aligned captions: every word the model writes gets a box on the image. "
                     "Upload, paste or pick an image, then caption it (optionally prompted by points, a box or "
                     "text), locate referring expressions, or caption every region.")

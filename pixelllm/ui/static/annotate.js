@@ -504,6 +504,9 @@
     if (typing) return;
     const k = evt.key;
     const ctrl = evt.ctrlKey || evt.metaKey;
+    // on a tab of the tab bar, plain ← → Home End move along the tabs (static/page.js), not the word selection
+    const onTab = evt.target && evt.target.closest && evt.target.closest('[role="tablist"] [role="tab"]');
+    if (onTab && !evt.shiftKey && !ctrl && !evt.altKey && ["ArrowLeft", "ArrowRight", "Home", "End"].includes(k)) return;
     let handled = true;
     if ((k === "z" || k === "Z") && !evt.shiftKey) trigger("history", { op: "undo" });
     else if (k === "y" || k === "Y" || (ctrl && evt.shiftKey && (k === "z" || k === "Z"))) trigger("history", { op: "redo" });

@@ -21,6 +21,7 @@
   const statusEl = root.querySelector(".px-status");
   const replayBtn = root.querySelector(".px-replay");
   const kbdPos = root.querySelector(".px-kbd-pos");
+  const announceEl = root.querySelector(".px-announce");
 
   let view = {};
   let shown = 0;        // words already drawn: newer ones get the arrival animation
@@ -30,6 +31,15 @@
   let drag = null;
   let base = null;      // the <image> element holding the picture
   let kbd = null;       // the keyboard cursor [x, y] (image pixels): arrow keys move it, Enter / Space click there
+  // The caption's live region: the status line is busy while words stream, and a region saying every word would
+  // talk over itself. It says the new words at most every ANNOUNCE_EVERY_MS while a caption streams, then the
+  // whole caption once it is done.
+  const ANNOUNCE_EVERY_MS = 5000;
+  let lastStatus = null;  // null until the first render: a viewer mounted on a finished caption stays quiet
+  let lastDone = "";      // what the last finished caption's announcement was for (its message and words)
+  let said = 0;           // words of the streaming caption already said
+  let saidAt = 0;         // when they were (performance.now())
+  let sayTimer = null;
 
   function el(name, attrs, parent) {
     const node = document.createElementNS(NS, name);
@@ -105,10 +115,43 @@
     drawWords(words);
     drawRegionList(view.regions || [], view.selected);
     drawCursor();
+    announce(words);
     shown = words.length;
     if (pinned !== null) highlight(pinned);
     const again = refocus ? root.querySelector(refocus) : null;
     if (again) again.focus({ preventScroll: true });
+  }
+
+  function say(text) {
+    // emptied first, filled a moment later: the same caption twice (greedy decoding) is said again
+    clearTimeout(sayTimer);
+    announceEl.textContent = "";
+    if (text) sayTimer = setTimeout(() => { announceEl.textContent = text; }, 100);
+  }
+
+  function announce(words) {
+    const status = view.status || "idle";
+    const first = lastStatus === null;
+    const now = performance.now();
+    if (status === "streaming") {
+      if (lastStatus !== "streaming" || words.length < said) {  // a new caption: nothing said of it yet
+        said = 0;
+        saidAt = now;
+        say("");
+      } else if (words.length > said && now - saidAt >= ANNOUNCE_EVERY_MS) {
+        say(words.slice(said).map((w) => w.text).join(" "));
+        said = words.length;
+        saidAt = now;
+      }
+    } else if (status === "done" && words.length) {
+      const text = words.map((w) => w.text).join(" ");
+      const key = (view.message || "") + "\n" + text;
+      if (!first && (lastStatus !== "done" || key !== lastDone)) {
+        say((view.mode === "dense" ? "Region caption: " : "Caption: ") + text);
+      }
+      lastDone = key;
+    }
+    lastStatus = status;
   }
 
   function drawTrace(parent, words) {

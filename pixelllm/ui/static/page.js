@@ -1,0 +1,76 @@
+// PixelLLM Studio page script (gr.HTML js_on_load on a hidden host: layout.py `page_script`): accessibility for
+// gradio's own widgets, which gradio 6 leaves out. Runs once per page; a MutationObserver keeps it applied as
+// gradio renders (the examples' next page, a tab selected by a click or by the server).
+// - Example images: gradio renders each as a <button> holding only an <img alt="">, which a screen reader reads
+//   as "button". Each gets a name from its file (gr.Examples(example_labels=) would name them, but it replaces
+//   the thumbnails with the label text).
+// - Tabs: gradio's tab bar has role=tablist/tab but no keys of its own. WAI-ARIA tabs pattern, manual activation:
+//   Left/Right move the focus between tabs (wrapping), Home/End to the first/last; Enter or Space opens the
+//   focused tab (its native <button> click). Selecting a tab makes the server work (the Annotate tab loads its
+//   list) and mounts its viewer, so arrows only move the focus. Only the selected tab is a Tab stop: Tab goes
+//   from it into the panel.
+(function () {
+  if (window.__pixelllmPage) return;
+  window.__pixelllmPage = true;
+
+  function nameExamples() {
+    document.querySelectorAll("button.gallery-item").forEach((button) => {
+      const img = button.querySelector("img");
+      if (!img || button.textContent.trim()) return;  // a text example names itself
+      const path = (img.getAttribute("src") || "").split(/[?#]/)[0];
+      let file = path.slice(path.lastIndexOf("/") + 1);
+      try { file = decodeURIComponent(file); } catch (e) { /* keep it as it is */ }
+      const name = "Load example image" + (file ? " " + file : "");
+      if (button.getAttribute("aria-label") !== name) button.setAttribute("aria-label", name);
+    });
+  }
+
+  function tabsOf(list) {  // the tabs a key can reach: shown (not in the More tabs menu), enabled
+    return Array.from(list.querySelectorAll('[role="tab"]')).filter((t) => !t.disabled && t.getClientRects().length);
+  }
+
+  function roveTabs() {
+    document.querySelectorAll('[role="tablist"]').forEach((list) => {
+      const reachable = tabsOf(list);
+      // the selected tab; the first one when the selected tab sits in the More tabs menu (a narrow screen)
+      const stop = reachable.find((t) => t.getAttribute("aria-selected") === "true") || reachable[0];
+      list.querySelectorAll('[role="tab"]').forEach((t) => {
+        const index = t === stop ? "0" : "-1";
+        if (t.getAttribute("tabindex") !== index) t.setAttribute("tabindex", index);
+      });
+    });
+  }
+
+  document.addEventListener("keydown", (evt) => {
+    if (evt.altKey || evt.ctrlKey || evt.metaKey || evt.shiftKey || !evt.target.closest) return;
+    const tab = evt.target.closest('[role="tab"]');
+    const list = tab && tab.closest('[role="tablist"]');
+    if (!list) return;
+    const tabs = tabsOf(list);
+    const i = tabs.indexOf(tab);
+    if (i < 0 || !tabs.length) return;
+    const forward = getComputedStyle(list).direction === "rtl" ? -1 : 1;
+    const step = { ArrowRight: forward, ArrowLeft: -forward }[evt.key];
+    let to = null;
+    if (step) to = tabs[(i + step + tabs.length) % tabs.length];
+    else if (evt.key === "Home") to = tabs[0];
+    else if (evt.key === "End") to = tabs[tabs.length - 1];
+    if (!to) return;
+    evt.preventDefault();
+    to.focus();
+  });
+
+  let queued = false;
+  function apply() {
+    queued = false;
+    nameExamples();
+    roveTabs();
+  }
+  // attribute filter: a tab selected (aria-selected) or an example's picture changed (src); the names and tab
+  // stops this sets are not watched, so it does not wake itself
+  new MutationObserver(() => {
+    if (!queued) { queued = true; requestAnimationFrame(apply); }
+  }).observe(document.body, { childList: true, subtree: true, attributes: true,
+                              attributeFilter: ["aria-selected", "src"] });
+  apply();
+})();
