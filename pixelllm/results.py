@@ -16,6 +16,9 @@ from pixelllm.tokenizer import starts_word
 
 @dataclass
 class Word:
+    """One generated word and where the model points for it: `box` is the mean of its tokens' boxes, `index` its
+    position in the caption (0-based), `token_ids` / `token_boxes` (Tx4) the tokens it was decoded from."""
+
     text: str
     box: list[float]  # (x0, y0, x1, y1) pixels of the original image
     index: int
@@ -29,6 +32,10 @@ class Word:
 
 @dataclass
 class Caption:
+    """A caption: `text` is its words joined by spaces, `words` in order. `score`: the geometric-mean probability
+    of its tokens and EOS (`caption_boxes`, dense regions, `trace`); NaN from `caption`, which streams and keeps
+    none."""
+
     text: str
     words: list[Word]
     score: float  # geometric-mean token probability
@@ -39,6 +46,10 @@ class Caption:
 
 @dataclass
 class Referral:
+    """Where a referring expression is: `box` (x0, y0, x1, y1) pixels of the original image, the location head's
+    output at EOS; `score` the geometric-mean probability of the expression's tokens and EOS under the refer
+    prompt (how readily the model says it of this image)."""
+
     expression: str
     box: list[float]
     score: float
@@ -52,6 +63,9 @@ class Referral:
 
 @dataclass
 class Region:
+    """A dense-captioning region: `box` (x0, y0, x1, y1) pixels of the original image, `score` its proposal score
+    in [0, 1] (after NMS), `caption` the caption generated for that box."""
+
     box: list[float]
     score: float
     caption: Caption
