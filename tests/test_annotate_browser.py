@@ -172,7 +172,7 @@ def test_a_recording_that_strays_beside_the_image_keeps_only_the_points_on_it(ap
     expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation", timeout=TIMEOUT)
     root = app.locator(f"{EDITOR} .pa-root")
     app.locator(f"{EDITOR} .pa-advance").select_option("key")
-    app.mouse.move(*_to_screen(app, 20, 60))
+    app.mouse.click(*_to_screen(app, 20, 60))  # the focus was on Open current output: a click takes it to the editor
     app.keyboard.press("r")
     expect(root).to_have_attribute("data-recording", "1")
     svg = app.locator(f"{EDITOR} svg.pa-svg").bounding_box()
@@ -191,6 +191,7 @@ def test_a_recording_that_strays_beside_the_image_keeps_only_the_points_on_it(ap
     assert all(0 <= q["x"] <= 1 and 0 <= q["y"] <= 1 for segment in row["traces"] for q in segment)
 
     app.locator(f"{EDITOR} .pa-advance").select_option("pace")
+    app.mouse.click(*_to_screen(app, 20, 60))  # from the Save draft button back into the editor
     app.keyboard.press("r")
     expect(root).to_have_attribute("data-recording", "1")
     app.get_by_role("tab", name="Caption & trace").click()
@@ -290,7 +291,7 @@ def test_move_and_resize_a_box_from_the_keyboard(app: Page, annotate_app):
     when Shift is released), then `s` saves: the stored box is the one set from the keyboard."""
     _caption_then_annotate(app, 1)
     root = app.locator(f"{EDITOR} .pa-root")
-    app.locator(f"{EDITOR} .pa-record").focus()  # any control but a text field: the shortcuts apply
+    app.locator(f"{EDITOR} .pa-record").focus()  # a button of the editor (not a text field): the shortcuts apply
     app.keyboard.press("ArrowRight")
     sel = app.locator(f"{EDITOR} rect.pa-box.pa-sel")
     expect(sel).to_have_attribute("data-i", "0")
@@ -345,9 +346,11 @@ def test_word_chips_are_selected_from_the_keyboard_and_keep_the_focus(app: Page,
     expect(chips.nth(1)).to_be_focused()
     app.keyboard.press("Backspace")  # in the editor: deletes the selected word
     expect(root).to_have_attribute("data-words", str(n - 1))
-    app.locator("#annotate-open-current").focus()  # a button outside the editor: Backspace deletes nothing
+    app.locator("#annotate-open-current").focus()  # a button outside the editor: no shortcut acts there
     app.keyboard.press("Backspace")
-    app.keyboard.press("n")  # an edit that arrives after anything Backspace sent
+    app.keyboard.press("n")
+    chips.first.focus()
+    app.keyboard.press("n")  # an edit that arrives after anything Backspace or n sent
     expect(root).to_have_attribute("data-rev", str(rev + 3))
     expect(root).to_have_attribute("data-words", str(n - 1))
 
@@ -413,7 +416,7 @@ def test_edits_the_server_lost_are_saved_from_the_page(app: Page, annotate_app):
 
 
 def test_arrow_keys_on_the_tab_bar_move_along_the_tabs_not_the_editors_word(app: Page):
-    """The editor's ← → select words from anywhere on the page but a text field; on the tab bar they move the focus
+    """The editor's ← → select words with the focus in the editor (or on nothing); on the tab bar they move the focus
     along the tabs (static/page.js) and leave the selected word alone."""
     _caption_then_annotate(app, 0)
     app.locator(f"{EDITOR} .pa-record").focus()
@@ -430,3 +433,100 @@ def test_arrow_keys_on_the_tab_bar_move_along_the_tabs_not_the_editors_word(app:
     app.keyboard.press("ArrowRight")  # wraps to the first tab
     expect(app.get_by_role("tab", name="Caption & trace")).to_be_focused()
     expect(sel).to_have_attribute("data-i", "0")
+
+
+def test_shortcuts_leave_the_other_controls_of_the_page_alone(app: Page, annotate_app):
+    """The editor's shortcuts act with the focus on the page body or in the editor, never from another control of
+    the page: a letter, an arrow or Del on a tab, an example image or a button of the side panel undid, deleted,
+    merged, moved a box, started a recording or saved a draft (only text fields were spared). After a click on the
+    image (which takes the focus into the editor) they act again."""
+    n = _caption_then_annotate(app, 0)
+    root = app.locator(f"{EDITOR} .pa-root")
+    chips = app.locator(f"{EDITOR} .pa-word")
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("scoped")
+    chips.nth(1).click()
+    expect(chips.nth(1)).to_have_attribute("aria-pressed", "true")
+    rev = int(root.get_attribute("data-rev"))
+    app.keyboard.press("n")  # in the editor (the chip): an edit, so that there is one to undo
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))
+    rubber = app.locator(f"{EDITOR} .pa-rubber")
+
+    outside = [app.get_by_role("tab", name="Annotate"), app.locator("#examples button").first,
+               app.locator("#annotate-open-current"), app.locator("#annotate-save"),
+               app.locator("#annotate-review button").first]
+    for control in outside:
+        control.focus()
+        expect(control).to_be_focused()
+        arrows = [] if control == outside[0] else ["ArrowRight", "ArrowLeft"]  # on a tab they move along the bar
+        for key in ["z", "n", "m", "Delete", "Backspace", "y", "s", "r", *arrows, "Shift+ArrowDown",
+                    "Control+Shift+ArrowDown", "Escape"]:
+            app.keyboard.press(key)
+            expect(root).to_have_attribute("data-recording", "0")
+            expect(rubber).to_have_count(0)  # no box moved from the keyboard (sent when Shift is released)
+        expect(control).to_be_focused()
+        expect(chips.nth(1)).to_have_attribute("aria-pressed", "true")  # the selection stayed (← → Esc)
+        for i in range(n):
+            if i != 1:
+                expect(chips.nth(i)).to_have_attribute("aria-pressed", "false")
+
+    # a text edit in the editor: once it is drawn every key above has been answered (one queue, in order)
+    text = app.locator(f"{EDITOR} .pa-text")
+    text.fill("barrier")
+    text.press("Enter")
+    expect(chips.nth(1)).to_have_text("barrier")
+    assert root.get_attribute("data-rev") == str(rev + 2)  # the n and the text edit: nothing in between
+    assert root.get_attribute("data-words") == str(n)
+    expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))
+    assert annotate_app.store.list_corrections(annotator="scoped") == []  # no `s` saved from a button
+
+    # a click on the image takes the focus into the editor: the shortcuts act again
+    app.locator("#annotate-open-current").focus()
+    app.mouse.click(*_to_screen(app, 1, 1))
+    expect(root).to_be_focused()
+    app.keyboard.press("s")
+    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+    (row,) = annotate_app.store.list_corrections(annotator="scoped")
+    assert row["words"][1] == "barrier" and 1 in row["non_visual"]
+
+
+def test_shortcuts_do_nothing_while_another_tab_is_shown(app: Page, annotate_app):
+    """With another tab selected the editor is hidden: no key reaches it, from the page body or from that tab's
+    controls (and none is taken from them: the caption viewer still gets its arrows)."""
+    n = _caption_then_annotate(app, 0)
+    root = app.locator(f"{EDITOR} .pa-root")
+    chips = app.locator(f"{EDITOR} .pa-word")
+    app.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("hidden tab")
+    chips.nth(1).click()
+    rev = int(root.get_attribute("data-rev"))
+    app.keyboard.press("n")
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+
+    app.get_by_role("tab", name="Caption & trace").click()
+    expect(root).to_be_hidden()
+    keys = ["z", "n", "m", "Delete", "y", "s", "r", "ArrowRight", "Shift+ArrowDown", "Escape"]
+    app.evaluate("document.activeElement.blur()")  # the page body
+    for key in keys:
+        app.keyboard.press(key)
+    app.locator("#generate").focus()  # a button of the shown tab
+    for key in keys:
+        app.keyboard.press(key)
+    svg = app.locator("#caption-viewer svg.px-svg")
+    svg.focus()  # the caption viewer: its arrows move its keyboard cursor
+    position = app.locator("#caption-viewer .px-kbd-pos")
+    expect(position).to_have_text("cursor at 128, 128")
+    app.keyboard.press("ArrowRight")
+    expect(position).to_have_text("cursor at 136, 128")  # a step: 1/32 of the image
+
+    app.get_by_role("tab", name="Annotate").click()
+    expect(root).to_be_visible()
+    expect(root).to_have_attribute("data-recording", "0")
+    expect(chips.nth(1)).to_have_attribute("aria-pressed", "true")
+    text = app.locator(f"{EDITOR} .pa-text")
+    text.fill("barrier")
+    text.press("Enter")
+    expect(chips.nth(1)).to_have_text("barrier")
+    assert root.get_attribute("data-rev") == str(rev + 2)
+    assert root.get_attribute("data-words") == str(n)
+    expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))
+    assert annotate_app.store.list_corrections(annotator="hidden tab") == []

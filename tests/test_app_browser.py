@@ -577,3 +577,25 @@ def test_the_tab_bar_follows_the_arrow_keys(app: Page):
     expect(app.locator("#dense-viewer")).to_be_visible()
     expect(tabs[2]).to_have_attribute("tabindex", "0")
     expect(tabs[1]).to_have_attribute("tabindex", "-1")
+
+
+def test_each_tab_panel_is_named_by_its_tab(app: Page):
+    """Gradio 6's tab panels (role=tabpanel) had no accessible name: a screen reader entering one said "tab panel"
+    and nothing of which. static/page.js labels each panel with its tab (aria-labelledby = the tab's id, paired
+    through the tab's aria-controls), as each is mounted (a panel is mounted when its tab is first opened)."""
+    names = ["Caption & trace", "Referring", "Dense captions", "Annotate", "Model"]
+    for name in names:
+        tab = app.get_by_role("tab", name=name, exact=True)
+        tab.click()
+        expect(tab).to_have_attribute("aria-selected", "true")
+        panel = app.get_by_role("tabpanel", name=name, exact=True)
+        expect(panel).to_be_visible()
+        expect(panel).to_have_accessible_name(name)
+        expect(panel).to_have_attribute("aria-labelledby", tab.get_attribute("id"))
+        expect(panel).to_have_attribute("id", tab.get_attribute("aria-controls"))
+    # the hidden panels keep their names: each points at the one tab controlling it
+    pairs = app.evaluate("""() => Array.from(document.querySelectorAll('[role="tabpanel"]')).map((p) => {
+        const tab = document.getElementById(p.getAttribute('aria-labelledby'));
+        return [p.id, tab && tab.getAttribute('role'), tab && tab.getAttribute('aria-controls')]; })""")
+    assert sorted(pairs) == sorted([[f"tab-{key}", "tab", f"tab-{key}"]
+                                    for key in ("caption", "refer", "dense", "annotate", "model")])

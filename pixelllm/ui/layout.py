@@ -44,8 +44,8 @@ def viewer(value: dict, elem_id: str) -> gr.HTML:
 
 def page_script() -> gr.HTML:
     """A hidden component whose only job is to run static/page.js on the page: names for the example-image
-    buttons and arrow keys in the tab bar (gradio 6 has neither). Part of the Blocks, so every launch gets it
-    (launch(js=) would depend on the caller)."""
+    buttons and the tab panels, and arrow keys in the tab bar (gradio 6 has none of them). Part of the Blocks, so
+    every launch gets it (launch(js=) would depend on the caller)."""
     return gr.HTML("", js_on_load=(STATIC / "page.js").read_text(), visible="hidden", apply_default_css=False,
                    elem_id="page-script")
 

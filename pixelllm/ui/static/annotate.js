@@ -299,6 +299,10 @@
 
   function dropDrag() { drag = null; const g = live(); if (g) g.replaceChildren(); }
   svg.addEventListener("pointerdown", (evt) => {
+    // A press on the image takes the keyboard focus into the editor, as a click elsewhere on the page would (the
+    // preventDefault below stops the browser doing it). The shortcuts ignore keys while another control of the page
+    // has the focus (inScope): after a click on "Open current output", a click on the image and `r` records.
+    if (!root.contains(document.activeElement)) root.focus({ preventScroll: true });
     if (drag && evt.pointerId !== drag.id) { dropDrag(); return; }  // a second finger (a pinch): no edit
     if (rec || !view.image || evt.button !== 0) return;
     const p = toImage(evt);
@@ -490,7 +494,18 @@
     kbox = null;
     if (k.i === sel) send({ op: "box", i: k.i, box: k.box.map((v) => Math.round(v * 10) / 10) });
   }
-  function inEditor(target) { return !target || target === document.body || root.contains(target); }
+  // Where the shortcuts act (docs/annotate.md): only while the editor is shown (the Annotate tab is selected; a
+  // hidden tab's editor has no layout box), and only with the focus on nothing (the page body) or inside the editor
+  // itself, out of its text box, selects, slider and checkbox. Every other control of the page keeps its keys to
+  // itself: a tab of the tab bar, an example image, the side panel's buttons, fields, radios and dropdowns, a row of
+  // the browse list, the comparison viewers. (They acted from all of these but text fields, so a letter, an arrow or
+  // Del on a focused button undid, deleted, moved or saved without the editor being where the user was.) Space and
+  // Esc while recording are the exception: the recording takes them from anywhere.
+  function inScope(target) {
+    if (!target || target === document.body || target === document.documentElement) return true;
+    if (!root.contains(target)) return false;
+    return !(target.closest && target.closest("input, textarea, select, [contenteditable]"));
+  }
   function onKey(evt) {
     if (!visible()) return;
     if (rec) {
@@ -499,14 +514,9 @@
       return;
     }
     if (evt.type === "keyup" && evt.key === "Shift") commitBox();
-    if (evt.type !== "keydown") return;
-    const typing = evt.target && evt.target.closest && evt.target.closest("input, textarea, select, [contenteditable]");
-    if (typing) return;
+    if (evt.type !== "keydown" || !inScope(evt.target)) return;
     const k = evt.key;
     const ctrl = evt.ctrlKey || evt.metaKey;
-    // on a tab of the tab bar, plain ← → Home End move along the tabs (static/page.js), not the word selection
-    const onTab = evt.target && evt.target.closest && evt.target.closest('[role="tablist"] [role="tab"]');
-    if (onTab && !evt.shiftKey && !ctrl && !evt.altKey && ["ArrowLeft", "ArrowRight", "Home", "End"].includes(k)) return;
     let handled = true;
     if ((k === "z" || k === "Z") && !evt.shiftKey) trigger("history", { op: "undo" });
     else if (k === "y" || k === "Y" || (ctrl && evt.shiftKey && (k === "z" || k === "Z"))) trigger("history", { op: "redo" });
@@ -516,11 +526,7 @@
     else if (k === "r") startRecording();
     else if (k === "ArrowRight" && words().length) select(sel === null ? 0 : Math.min(sel + 1, words().length - 1));
     else if (k === "ArrowLeft" && words().length) select(sel === null ? words().length - 1 : Math.max(sel - 1, 0));
-    // Backspace (not listed, a habit) deletes only with the focus in the editor: on another control of the page (a
-    // button of the store panel) it deleted the selected word
-    else if ((k === "Delete" || (k === "Backspace" && inEditor(evt.target))) && sel !== null) {
-      send({ op: "delete", i: sel });
-    }
+    else if ((k === "Delete" || k === "Backspace") && sel !== null) send({ op: "delete", i: sel });  // Backspace: a habit
     else if (k === "m" && sel !== null) send({ op: "merge", i: sel });
     else if (k === "n" && sel !== null) send({ op: "non_visual", i: sel, value: !words()[sel].non_visual });
     else if (k === "Escape") { kbox = null; select(null); const g = live(); if (g) g.replaceChildren(); }

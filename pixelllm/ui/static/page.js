@@ -9,6 +9,12 @@
 //   focused tab (its native <button> click). Selecting a tab makes the server work (the Annotate tab loads its
 //   list) and mounts its viewer, so arrows only move the focus. Only the selected tab is a Tab stop: Tab goes
 //   from it into the panel.
+// - Tab panels: gradio gives each panel (role=tabpanel) no name. Each is labelled by its tab (aria-labelledby = the
+//   tab's id), paired only where gradio itself pairs them: the tab's aria-controls names the panel's id (both come
+//   from the Tab's elem_id; the tab's id is "<elem_id>-button"). A Tab without elem_id gets neither, and panels are
+//   mounted only when first opened, so the n-th panel of the page is not the n-th tab: such a panel stays unnamed.
+//   So does the panel of a tab sitting in the More tabs menu (a narrow screen): the menu holds plain buttons
+//   without role, id or aria-controls, and the label set earlier is taken off rather than left pointing at nothing.
 (function () {
   if (window.__pixelllmPage) return;
   window.__pixelllmPage = true;
@@ -22,6 +28,35 @@
       try { file = decodeURIComponent(file); } catch (e) { /* keep it as it is */ }
       const name = "Load example image" + (file ? " " + file : "");
       if (button.getAttribute("aria-label") !== name) button.setAttribute("aria-label", name);
+    });
+  }
+
+  function labelPanels() {
+    const claims = new Map();  // panel id -> the tabs whose aria-controls name it
+    document.querySelectorAll('[role="tab"][aria-controls]').forEach((tab) => {
+      const id = tab.getAttribute("aria-controls");
+      if (id) claims.set(id, (claims.get(id) || []).concat(tab));
+    });
+    claims.forEach((tabs, id) => {
+      const panels = document.querySelectorAll('[id="' + CSS.escape(id) + '"]');
+      // certain only for one tab and one element with that id, a tab panel
+      if (tabs.length !== 1 || panels.length !== 1 || panels[0].getAttribute("role") !== "tabpanel") return;
+      const tab = tabs[0], panel = panels[0];
+      if (!tab.id) {  // gradio names it "<elem_id>-button"; a tab it left without one gets a free id of that form
+        let name = id + "-tab", n = 1;
+        while (document.getElementById(name)) name = id + "-tab-" + ++n;
+        tab.id = name;
+      }
+      if (panel.getAttribute("aria-labelledby") !== tab.id) panel.setAttribute("aria-labelledby", tab.id);
+      panel.dataset.pixelllmLabelled = "1";
+    });
+    // a label this script set whose tab has left the page (moved into the More tabs menu) is taken off
+    document.querySelectorAll('[role="tabpanel"][data-pixelllm-labelled]').forEach((panel) => {
+      const tab = document.getElementById(panel.getAttribute("aria-labelledby") || "");
+      if (!tab || tab.getAttribute("aria-controls") !== panel.id) {
+        panel.removeAttribute("aria-labelledby");
+        delete panel.dataset.pixelllmLabelled;
+      }
     });
   }
 
@@ -65,9 +100,10 @@
     queued = false;
     nameExamples();
     roveTabs();
+    labelPanels();
   }
-  // attribute filter: a tab selected (aria-selected) or an example's picture changed (src); the names and tab
-  // stops this sets are not watched, so it does not wake itself
+  // attribute filter: a tab selected (aria-selected) or an example's picture changed (src); panels and tabs come
+  // and go as child nodes. The names, tab stops and labels this sets are not watched, so it does not wake itself
   new MutationObserver(() => {
     if (!queued) { queued = true; requestAnimationFrame(apply); }
   }).observe(document.body, { childList: true, subtree: true, attributes: true,
