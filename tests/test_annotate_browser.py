@@ -484,6 +484,7 @@ def test_shortcuts_leave_the_other_controls_of_the_page_alone(app: Page, annotat
     app.locator("#annotate-open-current").focus()
     app.mouse.click(*_to_screen(app, 1, 1))
     expect(root).to_be_focused()
+    expect(root).to_have_accessible_name(re.compile("trace editor"))  # what a screen reader says on landing there
     app.keyboard.press("s")
     expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
     (row,) = annotate_app.store.list_corrections(annotator="scoped")
