@@ -180,9 +180,10 @@ def served_app(small_checkpoint, tmp_path_factory):
     store.close()
 
 
-def start_studio(checkpoint, example_images, store_path, auth=None):
-    """Launch the real app (build_demo) in this process on a free port; returns url/store/demo. Close with
-    `stop_studio`. auth: (user, password) pairs to put it behind a login, as `app.py --auth`."""
+def start_studio(checkpoint, example_images, store_path, auth=None, port=None):
+    """Launch the real app (build_demo) in this process on a free port (or `port`: a restart on the same address);
+    returns url/store/demo. Close with `stop_studio`. auth: (user, password) pairs to put it behind a login, as
+    `app.py --auth`."""
     from types import SimpleNamespace
 
     import torch
@@ -195,7 +196,7 @@ def start_studio(checkpoint, example_images, store_path, auth=None):
     predictor = PixelLLMPredictor(PixelLLM.from_pretrained(checkpoint), device="cpu")
     store = AnnotationStore(store_path)
     demo = build_demo(predictor, store, checkpoint=str(checkpoint), examples=[str(p) for p in example_images])
-    port = free_port()
+    port = port or free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, ssr_mode=False,
                 max_file_size=MAX_FILE_SIZE, auth=auth)
     return SimpleNamespace(url=f"http://127.0.0.1:{port}/", store=store, demo=demo, predictor=predictor)

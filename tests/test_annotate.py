@@ -4,6 +4,7 @@ review; idempotent saves; errors; browse; export; adapter comparison."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import hashlib
 import json
 import re
@@ -581,3 +582,89 @@ def test_a_document_the_server_lost_is_saved_from_the_page_unless_superseded(stu
     page = {**page, "source": {**page["source"], "status": "draft"}}  # a page claiming the head is a draft
     _, view = an.save(studio, None, "draft", "bob", auto=True, view=page)
     assert "Not autosaved" in view["message"] and annotation_store.head(first)["id"] == mine.head_id
+
+
+def _kept_copy(view: dict) -> dict:
+    """What static/annotate.js keeps in localStorage for a page showing `view` (and sends back on Restore)."""
+    src = view["source"]
+    return {"opened": view["opened"], "task": view["task"], "timed_caption": view["timed_caption"],
+            "traces": view["traces"],
+            "source": {"image_sha": src["image_sha"], "generation_id": src["generation_id"],
+                       "correction_id": src["correction_id"]},
+            "words": [{"text": w["text"], "box": w["box"], "non_visual": w["non_visual"]} for w in view["words"]]}
+
+
+def test_unsaved_edits_kept_by_the_page_are_restored_only_onto_their_output_and_base(studio, captioned,
+                                                                                       annotation_store):
+    """A reload drops the server-side document; the page keeps a copy of its unsaved edits and sends it back when the
+    output is opened again (restore_kept). It is restored onto that same output only, as unsaved edits (undo goes back
+    to the stored version), on the correction it was made on: a save is refused as superseded when someone else saved
+    on that correction meanwhile, and the head's status comes from the store, not from the copy."""
+    state = _opened(studio, captioned)
+    assert len(state.opened) >= 8 and an.editor_value(state)["opened"] == state.opened
+    state, _ = an.save(studio, state, "draft", "ana")
+    first = state.head_id
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "kept"})
+    state, _ = an.edit_event(state, {"op": "non_visual", "i": 1, "value": True})
+    copy_ = _kept_copy(an.editor_value(state))
+    assert copy_["source"]["correction_id"] == first
+
+    # the page reloaded: a new session opens the same correction and restores the copy
+    fresh, view = an.open_item(studio, None, {"kind": "correction", "id": first})
+    assert view["opened"] and view["opened"] != copy_["opened"] and not view["dirty"]
+    fresh, view = an.restore_kept(studio, fresh, copy_)
+    assert view["dirty"] and view["restored"] == copy_["opened"] and view["words"][0]["text"] == "kept"
+    assert view["source"]["correction_id"] == first and "Restored the unsaved edits" in view["message"]
+    undone, _ = an.history_event(copy_module.deepcopy(fresh), {"op": "undo"})
+    assert not undone.dirty  # undo goes back to the version just opened
+    fresh, view = an.save(studio, fresh, "draft", "ana")
+    head = annotation_store.head(first)
+    assert head["parent_id"] == first and head["words"][0] == "kept" and head["non_visual"] == [1]
+
+    # another output (another generation of the same image): refused, never restored onto it
+    gen = annotation_store.get_generation(captioned.last["generation_id"])
+    other_id = annotation_store.log_generation(gen["image_sha"], gen["task"], gen["words"], gen["boxes"],
+                                               model_id="test", model_version="0")
+    other, _ = an.open_item(studio, None, {"kind": "generation", "id": other_id})
+    with pytest.raises(gr.Error, match="another output"):
+        an.restore_kept(studio, other, copy_)
+    wrong = {**copy_, "source": {**copy_["source"], "image_sha": "0" * 64}}
+    with pytest.raises(gr.Error, match="another output"):
+        an.restore_kept(studio, an.open_item(studio, None, {"kind": "correction", "id": first})[0], wrong)
+
+    # a copy made on `first`, restored after the chain moved on (someone else saved on it): the restore says so,
+    # and the save is refused as superseded — the other row stays the head
+    late, view = an.open_item(studio, None, {"kind": "correction", "id": first})
+    assert view["source"]["correction_id"] == fresh.head_id != first
+    late_copy = {**copy_, "words": [{**copy_["words"][0], "text": "late"}, *copy_["words"][1:]]}
+    late, view = an.restore_kept(studio, late, late_copy)
+    assert f"made on correction #{first}" in view["message"] and view["source"]["correction_id"] == first
+    late, view = an.save(studio, late, "draft", "ana")
+    assert "superseded" in view["message"] and late.dirty
+    assert annotation_store.head(first)["id"] == fresh.head_id
+
+    # opening another output over the restored edits: refused once, then discarded — the answer names the opening
+    # whose kept copy the page drops
+    with pytest.raises(gr.Error, match="unsaved edits"):
+        an.open_item(studio, late, {"kind": "generation", "id": other_id})
+    dropped = late.opened
+    late, view = an.open_item(studio, late, {"kind": "generation", "id": other_id})
+    assert view["discarded"] == dropped and view["opened"] != dropped
+
+    # a copy equal to the version opened restores nothing (and does not move the editor onto its base)
+    same, _ = an.open_item(studio, None, {"kind": "correction", "id": first})
+    same, view = an.restore_kept(studio, same, copy_)
+    assert not view["dirty"] and "nothing to restore" in view["message"]
+    assert view["source"]["correction_id"] == fresh.head_id and view["restored"] == copy_["opened"]
+
+    # the head's status comes from the store: a copy made on a submitted correction is not autosaved over it
+    sub, _ = an.open_item(studio, None, {"kind": "correction", "id": fresh.head_id})
+    sub, _ = an.save(studio, sub, "submitted", "ana")
+    sub, _ = an.edit_event(sub, {"op": "text", "i": 0, "text": "after"})
+    page = _kept_copy(an.editor_value(sub))
+    page["source"]["status"] = "draft"  # a copy claiming otherwise is not believed
+    again, _ = an.open_item(studio, None, {"kind": "correction", "id": sub.head_id})
+    again, view = an.restore_kept(studio, again, page)
+    assert view["source"]["status"] == "submitted"
+    again, view = an.save(studio, again, "draft", "ana", auto=True)
+    assert "Not autosaved" in view["message"] and annotation_store.head(first)["id"] == sub.head_id

@@ -531,3 +531,210 @@ def test_shortcuts_do_nothing_while_another_tab_is_shown(app: Page, annotate_app
     assert root.get_attribute("data-words") == str(n)
     expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))
     assert annotate_app.store.list_corrections(annotator="hidden tab") == []
+
+
+KEPT_PREFIX = "pixelllm-annotate-unsaved:"
+
+
+def _watched(page: Page, url: str) -> list[str]:
+    """Open the app on `page`; returns the list its page errors, console errors and dialogs other than the
+    "leave the page?" prompt (accepted: the tests reload over unsaved edits) are appended to."""
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(f"pageerror: {err}"))
+    # a reload cuts gradio's open connections: it logs their abort (not an error of the page)
+    leaving = ("AbortError: signal is aborted", "Connection errored out")
+    page.on("console", lambda msg: errors.append(f"console.error: {msg.text}")
+            if msg.type == "error" and not any(text in msg.text for text in leaving) else None)
+
+    def on_dialog(dialog):
+        if dialog.type == "beforeunload":
+            dialog.accept()  # leave: the edits are kept in this browser
+        else:
+            errors.append(f"dialog: {dialog.message}")
+            dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.set_viewport_size({"width": 1400, "height": 1100})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(url)
+    return errors
+
+
+def _kept_count(page: Page) -> int:
+    return page.evaluate("(p) => Object.keys(localStorage).filter((k) => k.startsWith(p)).length", KEPT_PREFIX)
+
+
+def _browse_open(page: Page, kind: str, item_id: int) -> None:
+    """Annotate tab → Browse → Corrections / Model outputs → the row of `item_id`."""
+    page.get_by_role("tab", name="Annotate").click()
+    page.locator("#annotate-show label", has_text="Model outputs" if kind == "generation" else "Corrections").click()
+    row = page.locator(f'#annotate-list tr.pl-row[data-kind="{kind}"][data-id="{item_id}"]')
+    row.click()
+    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text(f"Opened {kind} #{item_id}", timeout=TIMEOUT)
+
+
+def test_unsaved_edits_survive_a_reload_and_are_restored_onto_their_output(page: Page, annotate_app):
+    """A reload (the only way on after a server restart: gradio sends nothing more from the old page) dropped the
+    editor's server-side document with its unsaved edits. Now the page keeps them in the browser: after the reload,
+    opening that output again offers them back (another output of the same image is not offered them), Restore puts
+    them in the editor as unsaved edits and Save draft stores them; nothing is left kept afterwards."""
+    errors = _watched(page, annotate_app.url)
+    page.locator("#examples button").first.click()  # an earlier output of the same image: another generation
+    expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
+    page.locator("#generate").click()
+    expect(page.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    other = annotate_app.store.list_generations(limit=1)[0]
+    n = _caption_then_annotate(page, 0)
+    mine = annotate_app.store.list_generations(limit=1)[0]
+    assert mine["id"] != other["id"] and mine["image_sha"] == other["image_sha"]
+    root = page.locator(f"{EDITOR} .pa-root")
+    chips = page.locator(f"{EDITOR} .pa-word")
+    chips.nth(1).click()
+    text = page.locator(f"{EDITOR} .pa-text")
+    text.fill("survivor")
+    text.press("Enter")
+    expect(chips.nth(1)).to_have_text("survivor")
+    chips.first.click()
+    chips.first.press("n")  # non-visual
+    expect(chips.first).to_have_class(re.compile(r"\bpa-nv\b"))
+    expect(root).to_have_attribute("data-dirty", "1")
+    expect(root).to_have_attribute("data-kept", "1")
+    expect(page.locator(f"{EDITOR} .pa-source")).to_contain_text("unsaved edits (kept in this browser)")
+    shown = [c.text_content() for c in chips.all()]
+
+    page.reload()  # the server-side document is gone with the old session
+    page.get_by_role("tab", name="Annotate").click()
+    status = page.locator(f"{EDITOR} .pa-status")
+    expect(status).to_contain_text(f"Unsaved edits are kept in this browser for generation #{mine['id']}")
+    kept = page.locator(f"{EDITOR} .pa-kept")
+    _browse_open(page, "generation", other["id"])  # the same image, another output: nothing offered
+    expect(kept).to_be_hidden()
+    expect(root).to_have_attribute("data-dirty", "0")
+    assert _kept_count(page) == 1
+    _browse_open(page, "generation", mine["id"])
+    expect(kept).to_be_visible()
+    restore = page.locator(f"{EDITOR} .pa-kept-restore")
+    expect(restore).to_have_text(re.compile(r"^Restore unsaved edits from \d\d:\d\d$"))
+    expect(chips.nth(1)).not_to_have_text("survivor")  # offered, not restored by itself
+    restore.click()
+    expect(chips.nth(1)).to_have_text("survivor")
+    expect(kept).to_be_hidden()
+    expect(root).to_have_attribute("data-dirty", "1")
+    expect(status).to_contain_text("Restored the unsaved edits")
+    assert [c.text_content() for c in chips.all()] == shown
+    expect(chips.first).to_have_class(re.compile(r"\bpa-nv\b"))
+    assert _kept_count(page) == 1  # the copy now belongs to this opening
+
+    page.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("reloader")
+    page.locator("#annotate-save").click()
+    expect(status).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-dirty", "0")
+    (row,) = annotate_app.store.list_corrections(annotator="reloader")
+    assert row["generation_id"] == mine["id"] and row["parent_id"] is None
+    assert row["words"] == shown and len(row["words"]) == n and 0 in row["non_visual"]
+    assert _kept_count(page) == 0  # saved: nothing is kept any more
+    page.reload()
+    page.get_by_role("tab", name="Annotate").click()
+    expect(root).to_have_attribute("data-status", "empty")
+    expect(status).not_to_contain_text("kept in this browser")
+    assert not errors, errors
+
+
+def test_unsaved_edits_survive_a_server_restart(page: Page, app_checkpoint, example_images, tmp_path):
+    """The app restarts (same address, same store) while an annotator has unsaved edits on a saved draft: the old
+    page cannot save any more (gradio sends nothing from it), so the edits were lost with the reload it needs. Now
+    they are kept in the browser: after the reload, opening the correction offers them, and Submit stores them on
+    top of that draft."""
+    from urllib.parse import urlparse
+
+    store_path = tmp_path / "annotations.db"
+    studio = start_studio(app_checkpoint, example_images, store_path)
+    try:
+        errors = _watched(page, studio.url)
+        _caption_then_annotate(page, 1)
+        root = page.locator(f"{EDITOR} .pa-root")
+        status = page.locator(f"{EDITOR} .pa-status")
+        page.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("restarter")
+        page.locator("#annotate-save").click()
+        expect(status).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+        (draft,) = studio.store.list_corrections(annotator="restarter")
+        chips = page.locator(f"{EDITOR} .pa-word")
+        chips.nth(1).click()
+        text = page.locator(f"{EDITOR} .pa-text")
+        text.fill("after restart")  # a space: split into two words
+        text.press("Enter")
+        expect(root).to_have_attribute("data-words", str(len(draft["words"]) + 1))
+        expect(root).to_have_attribute("data-kept", "1")
+        shown = [c.text_content() for c in chips.all()]
+
+        stop_studio(studio)  # the server goes away with the session's document
+        studio = start_studio(app_checkpoint, example_images, store_path, port=urlparse(studio.url).port)
+        page.reload()
+        page.get_by_role("tab", name="Annotate").click()
+        expect(status).to_contain_text(f"Unsaved edits are kept in this browser for correction #{draft['id']}")
+        _browse_open(page, "correction", draft["id"])
+        page.locator(f"{EDITOR} .pa-kept-restore").click()
+        expect(root).to_have_attribute("data-words", str(len(shown)))
+        expect(root).to_have_attribute("data-dirty", "1")
+        assert [c.text_content() for c in chips.all()] == shown
+        page.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("restarter")
+        page.locator("#annotate-submit").click()
+        expect(status).to_contain_text("Submitted as correction #", timeout=TIMEOUT)
+        head = studio.store.head(draft["id"])
+        assert head["parent_id"] == draft["id"] and head["status"] == "submitted" and head["words"] == shown
+        assert _kept_count(page) == 0
+        assert not errors, errors
+    finally:
+        stop_studio(studio)
+
+
+def test_a_keyboard_box_move_is_applied_when_the_window_loses_the_focus(app: Page, annotate_app):
+    """Shift+arrows move a box, applied when Shift is released. When the window loses the focus first (another
+    window, a dialog) the release never reaches the page: the move waited and was applied on some later, unrelated
+    Shift release. It is now applied when the focus goes, once."""
+    _caption_then_annotate(app, 0)
+    root = app.locator(f"{EDITOR} .pa-root")
+    app.locator(f"{EDITOR} .pa-record").focus()
+    app.keyboard.press("ArrowRight")
+    sel = app.locator(f"{EDITOR} rect.pa-box.pa-sel")
+    expect(sel).to_have_attribute("data-i", "0")
+    x = float(sel.get_attribute("x"))
+    size = float(app.locator(f"{EDITOR} svg.pa-svg").evaluate("el => el.viewBox.baseVal.width"))
+    step = max(1, round(size / 64))
+    rev = int(root.get_attribute("data-rev"))
+    key, dx = ("Shift+ArrowLeft", -step) if x >= step else ("Shift+ArrowRight", step)
+    app.keyboard.down("Shift")
+    app.keyboard.press(key.split("+")[1])
+    expect(app.locator(f"{EDITOR} .pa-rubber")).to_have_count(1)
+    assert root.get_attribute("data-rev") == str(rev)  # pending until Shift is released
+    app.evaluate("window.dispatchEvent(new Event('blur'))")  # the window loses the focus, Shift still down here
+    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    assert float(sel.get_attribute("x")) == pytest.approx(x + dx, abs=0.2)
+    expect(app.locator(f"{EDITOR} .pa-rubber")).to_have_count(0)
+    app.keyboard.up("Shift")  # the release comes later: nothing more is applied
+    app.keyboard.press("n")  # an edit after anything the release might have sent
+    expect(root).to_have_attribute("data-rev", str(rev + 2))
+    expect(app.locator(f"{EDITOR} .pa-word").first).to_have_class(re.compile(r"\bpa-nv\b"))
+    assert float(sel.get_attribute("x")) == pytest.approx(x + dx, abs=0.2)
+
+
+def test_without_browser_storage_the_editor_works_and_says_edits_are_not_kept(page: Page, annotate_app):
+    """localStorage full or unavailable (private mode): no page error, saving works as before, and the source line
+    says the unsaved edits are not kept in this browser."""
+    page.add_init_script("""Storage.prototype.setItem = function () {
+        throw new DOMException("The quota has been exceeded.", "QuotaExceededError"); };""")
+    errors = _watched(page, annotate_app.url)
+    _caption_then_annotate(page, 2)
+    root = page.locator(f"{EDITOR} .pa-root")
+    chips = page.locator(f"{EDITOR} .pa-word")
+    chips.first.click()
+    chips.first.press("n")
+    expect(root).to_have_attribute("data-dirty", "1")
+    expect(root).to_have_attribute("data-kept", "0")
+    expect(page.locator(f"{EDITOR} .pa-source")).to_contain_text("NOT kept in this browser")
+    page.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("no storage")
+    page.locator("#annotate-save").click()
+    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Saved draft as correction #", timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-kept", "")
+    assert annotate_app.store.list_corrections(annotator="no storage")[0]["non_visual"] == [0]
+    assert not errors, errors

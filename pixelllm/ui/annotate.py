@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from pixelllm.ui.annotate_doc import (
     doc_caption,
     normalise_doc,
     redo,
+    replace_doc,
     require_doc,
     trace_point_count,
     undo,
@@ -175,9 +177,11 @@ def history_event(state: AnnotateState | None, data: Any) -> tuple[AnnotateState
 # ------------------------------------------------------------------------------------------ the editor's value
 
 def editor_value(state: AnnotateState | None, message: str = "", *, level: str = "info", src: str | None = None,
-                 store_ok: bool = True) -> dict:
+                 store_ok: bool = True, discarded: str = "", restored: str = "") -> dict:
     """The JSON the editor (static/annotate.js) draws. Boxes are pixels of the image, traces normalised;
-    all text reaches the page through textContent."""
+    all text reaches the page through textContent. `opened` identifies this opening of the document (the page keeps
+    its unsaved edits in the browser under it); `discarded` names the opening whose unsaved edits an open just
+    discarded (the page drops their copy), `restored` the copy a restore just took over."""
     state = as_state(state)
     doc = state.doc
     image = None
@@ -197,7 +201,8 @@ def editor_value(state: AnnotateState | None, message: str = "", *, level: str =
         "recordable": bool(doc and doc["task"] == "caption"),
         "rev": state.rev, "dirty": state.dirty, "can_undo": bool(state.history), "can_redo": bool(state.future),
         "source": {"generation_id": state.generation_id, "correction_id": state.head_id,
-                   "status": state.head_status, "image": sha[:12] if sha else None},
+                   "status": state.head_status, "image": sha[:12] if sha else None, "image_sha": sha},
+        "opened": state.opened, "discarded": discarded, "restored": restored,
         "store": store_ok, "message": message, "level": level,
     }
 
@@ -220,8 +225,14 @@ def _image_from_store(store: Any, sha: str) -> tuple[dict, str]:
 def _open(state: AnnotateState, doc: dict, image: dict, *, generation_id: int | None, head_id: int | None,
           head_status: str | None) -> AnnotateState:
     fresh = AnnotateState(doc=doc, image=image, generation_id=generation_id, head_id=head_id,
-                          head_status=head_status, saved_doc=copy.deepcopy(doc), uid=state.uid, rev=state.rev + 1)
+                          head_status=head_status, saved_doc=copy.deepcopy(doc), uid=state.uid, rev=state.rev + 1,
+                          opened=secrets.token_hex(8))
     return fresh
+
+
+def _discarding(state: AnnotateState) -> str:
+    """The opening whose unsaved edits an open replaces (the user opened again to discard them), else ""."""
+    return state.opened if state.dirty else ""
 
 
 def _guard_unsaved(state: AnnotateState, target: tuple) -> None:
@@ -276,11 +287,12 @@ def open_current(studio: ws.Studio, session: ws.Session | None, state: AnnotateS
             note = " (store unavailable: saving will retry)"
     image = {"sha": sha, "key": session.image["key"], "width": session.image["width"],
              "height": session.image["height"], "png": pending}
+    discarded = _discarding(state)
     state = _open(state, doc, image, generation_id=last.get("generation_id"), head_id=None, head_status=None)
     gen = f"generation #{last['generation_id']}" if last.get("generation_id") else "the last output (not logged)"
     note += _chains_note(studio.store, sha, last.get("generation_id"))
     return state, editor_value(state, f"Opened {gen}: {len(doc['words'])} {_unit(doc)}{note}.",
-                               src=session.image.get("src") or None)
+                               src=session.image.get("src") or None, discarded=discarded)
 
 
 def _unit(doc: dict) -> str:
@@ -314,6 +326,7 @@ def open_item(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tupl
     if kind not in ("generation", "correction") or isinstance(item_id, bool) or not isinstance(item_id, int):
         raise ValueError("pick a row of the list")
     _guard_unsaved(state, (kind, item_id))
+    discarded = _discarding(state)
     if kind == "generation":
         gen = store.get_generation(item_id)
         if gen is None:
@@ -326,7 +339,8 @@ def open_item(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tupl
         image, src = _image_from_store(store, gen["image_sha"])
         state = _open(state, doc, image, generation_id=item_id, head_id=None, head_status=None)
         note = _chains_note(store, gen["image_sha"], item_id)
-        return state, editor_value(state, f"Opened generation #{item_id} ({gen['task']}){note}.", src=src)
+        return state, editor_value(state, f"Opened generation #{item_id} ({gen['task']}){note}.", src=src,
+                                   discarded=discarded)
     head = store.head(item_id)
     task = "caption"
     if head["generation_id"] is not None:
@@ -342,7 +356,8 @@ def open_item(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tupl
     state = _open(state, doc, image, generation_id=head["generation_id"], head_id=head["id"],
                   head_status=head["status"])
     who = f" by {head['annotator']}" + (f", reviewed by {head['reviewer']}" if head.get("reviewer") else "")
-    return state, editor_value(state, f"Opened correction #{head['id']} ({head['status']}{who}).", src=src)
+    return state, editor_value(state, f"Opened correction #{head['id']} ({head['status']}{who}).", src=src,
+                               discarded=discarded)
 
 
 # ------------------------------------------------------------------------------------------ saving (UI)
@@ -396,12 +411,83 @@ def restore_from_view(studio: ws.Studio, state: AnnotateState, view: Any) -> tup
         raise ValueError(f"unknown image {sha}: it is not in the annotation store")
     width, height = int(image["width"]), int(image["height"])
     doc = normalise_doc({key: view.get(key) for key in ("words", "timed_caption", "traces", "task")}, width, height)
+    opened = view.get("opened")  # the page's copy of these edits (kept in the browser) stays under its key
     restored = AnnotateState(doc=doc, image={"sha": sha, "key": sha, "width": width, "height": height},
                              generation_id=generation_id, head_id=head_id,
                              head_status=head_status, uid=state.uid,
-                             rev=max(state.rev, int(view.get("rev") or 0)) + 1)
+                             rev=max(state.rev, int(view.get("rev") or 0)) + 1,
+                             opened=opened if isinstance(opened, str) and 0 < len(opened) <= 64
+                             else secrets.token_hex(8))
     return restored, " (restored from the page: the server had lost this editor — the app restarted or the " \
                      "session expired; undo history starts here)"
+
+
+def _positive_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+@ws.user_errors
+def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
+    """The editor's "restore" event: unsaved edits the page kept in the browser (localStorage) before a reload or
+    a server restart, offered when their output is opened again, become this editor's unsaved edits (one undoable
+    step: undo goes back to the version just opened); Save draft / Submit then store them as usual.
+
+    `data` is the kept copy: {source: {image_sha, generation_id, correction_id}, opened, task, words,
+    timed_caption, traces}. It must belong to the output that is open (same image and generation; without a
+    generation, the same correction), else it is refused: never restored onto another output. Its base is kept:
+    the next save supersedes the correction the edits were made on (`correction_id`, its status read from the
+    store), as it would have before the reload — a review made since is followed and an edit saved by someone
+    else since makes the save fail as superseded, as for any save; when that base differs from the open head the
+    message says so."""
+    state = as_state(state)
+    doc = require_doc(state)
+    if studio.store is None:
+        raise ValueError("No annotation store is configured.")
+    if not isinstance(data, Mapping) or not isinstance(data.get("source"), Mapping):
+        raise ValueError("nothing to restore")
+    rev = data.get("rev")
+    if rev is not None and rev != state.rev:
+        raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
+    source = data["source"]
+    sha = (state.image or {}).get("sha")
+    generation_id = _positive_id(source.get("generation_id"))
+    base = _positive_id(source.get("correction_id"))
+    if source.get("correction_id") is not None and base is None:
+        raise ValueError("the kept edits name no valid correction")
+    same_output = (sha is not None and source.get("image_sha") == sha and generation_id == state.generation_id
+                   and (generation_id is not None or (base is not None and base == state.head_id)))
+    if not same_output:
+        raise ValueError("These unsaved edits were made on another output: open that output to restore them.")
+    head_status = None
+    if base is not None:
+        row = studio.store.get_correction(base)
+        if row is None or row["image_sha"] != sha or row["generation_id"] != state.generation_id:
+            raise ValueError(f"These unsaved edits were made on correction #{base}, which is not a correction of "
+                             "this output.")
+        head_status = row["status"]  # the store's, not the page's
+    restored = normalise_doc({key: data.get(key) for key in ("words", "timed_caption", "traces", "task")},
+                             int(state.image["width"]), int(state.image["height"]))
+    if restored["task"] != doc["task"]:
+        raise ValueError(f"These unsaved edits are a {restored['task']} correction; the open output is a "
+                         f"{doc['task']} one.")
+    kept = data.get("opened")
+    kept = kept if isinstance(kept, str) and len(kept) <= 64 else ""
+    if restored == doc:  # the kept edits are what is open (e.g. saved from another tab since): nothing to restore
+        return state, editor_value(state, "The unsaved edits kept in this browser are the same as the version "
+                                   "open: nothing to restore.", restored=kept)
+    opened_head = state.head_id
+    replace_doc(state, restored)
+    state.head_id, state.head_status = base, head_status
+    state.last_save = state.pending_open = None
+    where = f"correction #{base}" if base is not None else f"generation #{generation_id} (a new chain)"
+    note = ""
+    if base != opened_head:
+        opened_label = f"correction #{opened_head}" if opened_head is not None else "the generation (a new chain)"
+        note = (f" They were made on {where}, not on the open {opened_label}: saving them goes on {where}, as it "
+                "would have before (a review made since is followed; an edit saved by someone else since makes "
+                "the save fail as superseded).")
+    message = f"Restored the unsaved edits kept in this browser: save a draft (s) or submit them.{note}"
+    return state, editor_value(state, message, level="warn" if note else "info", restored=kept)
 
 
 def save(studio: ws.Studio, state: AnnotateState | None, status: str, annotator: Any, comment: Any = None, *,

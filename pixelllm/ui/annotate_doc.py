@@ -37,7 +37,9 @@ class AnnotateState:
     bytes, for the next save to add it);
     head_id: the correction the next save supersedes (None: the next save starts a new chain);
     saved_doc: the document as last opened or saved (dirty = doc differs from it);
-    history / future: undo and redo stacks of documents; rev: bumped by every change (client tokens, stale edits).
+    history / future: undo and redo stacks of documents; rev: bumped by every change (client tokens, stale edits);
+    opened: the id of this opening of a document (new at every open; the page keys its browser copy of unsaved
+    edits by it, static/annotate.js).
     """
 
     doc: dict | None = None
@@ -53,6 +55,7 @@ class AnnotateState:
     pending_open: tuple | None = None  # an open request refused once because of unsaved edits
     last_save: tuple[str, int | None] | None = None  # (client token, parent id) of the last save, for retries
     last_review: tuple[bool, int] | None = None  # (accepted, review row id) of this editor's last review
+    opened: str = ""
 
     @property
     def dirty(self) -> bool:
@@ -298,6 +301,11 @@ def _set_doc(state: AnnotateState, doc: dict) -> None:
     state.future.clear()
     state.doc = doc
     state.rev += 1
+
+
+def replace_doc(state: AnnotateState, doc: dict) -> None:
+    """Put a whole document in the editor as one undoable step (a restore of unsaved edits kept by the page)."""
+    _set_doc(state, doc)
 
 
 def _rederive(doc: dict, width: int, height: int) -> None:

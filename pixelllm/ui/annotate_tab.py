@@ -131,6 +131,9 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def on_history(st, evt: gr.EventData):
         return an.history_event(st, evt._data)
 
+    def on_restore(st, evt: gr.EventData):  # unsaved edits the page kept in the browser (a reload, a restart)
+        return an.restore_kept(studio, st, evt._data)
+
     def named(name, request):  # behind --auth the login, else the typed name
         return an.signed_in_name(name, getattr(request, "username", None))
 
@@ -169,6 +172,7 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     items.open(on_open_item, [state], [state, editor], **edits)
     editor.edit(on_edit, [state], [state, editor], **edits)
     editor.history(on_history, [state], [state, editor], **edits)
+    editor.restore(on_restore, [state], [state, editor], **edits)
     reviewing = [state, annotator, comment]
     saving = [*reviewing, editor]
     for event, fn, inputs in ((editor.save, on_key_save, saving), (save_btn.click, on_save, saving),

@@ -8,6 +8,8 @@
 // captured as LN points {x, y, t} (x, y normalised to the image, t = seconds since the start, performance.now),
 // a new segment each time the pointer re-enters the image; at the end the trace and each word's start/end time
 // go to the server, which derives the boxes with the LN reader's rule. Text only reaches the DOM via textContent.
+// Unsaved edits are also kept in the browser (localStorage) and offered back when their output is opened again after
+// a reload or a server restart (trigger("restore", copy)); see "unsaved edits kept in this browser" below.
 (function () {
   const NS = "http://www.w3.org/2000/svg";
   if (!document.getElementById("pixelllm-annotate-css")) {
@@ -31,6 +33,8 @@
   const paceOut = $(".pa-pace-value");
   const advanceIn = $(".pa-advance");
   const boxModeIn = $(".pa-boxmode");
+  const keptBar = $(".pa-kept");
+  const keptText = $(".pa-kept-text");
   const btn = (name) => $(".pa-" + name);
 
   let view = {};
@@ -76,13 +80,16 @@
     root.dataset.dirty = view.dirty ? "1" : "0";
     root.dataset.status = img ? "ready" : "empty";
     root.dataset.points = String((view.traces || []).reduce((n, s) => n + s.length, 0));
+    syncKept();
     if (view.message) say(view.message, view.level);
+    else if (!img) hintKept();
     const src = view.source || {};
     const parts = [];
     if (src.image) parts.push("image " + src.image);
     if (src.generation_id) parts.push("generation #" + src.generation_id);
     if (src.correction_id) parts.push("correction #" + src.correction_id + (src.status ? " (" + src.status + ")" : ""));
-    if (view.dirty) parts.push("unsaved edits");
+    if (view.dirty) parts.push("unsaved edits" + (kept === "1" ? " (kept in this browser)" : kept === "0"
+      ? " (NOT kept in this browser: its storage is unavailable or full)" : ""));
     sourceEl.textContent = parts.join(" · ");
     btn("undo").disabled = !view.can_undo;
     btn("redo").disabled = !view.can_redo;
@@ -492,8 +499,20 @@
     if (!kbox) return;
     const k = kbox;
     kbox = null;
-    if (k.i === sel) send({ op: "box", i: k.i, box: k.box.map((v) => Math.round(v * 10) / 10) });
+    if (k.i === sel && view.words) send({ op: "box", i: k.i, box: k.box.map((v) => Math.round(v * 10) / 10) });
+    else { const g = live(); if (g) g.replaceChildren(); }
   }
+  // The Shift release that applies a keyboard move may never reach the editor: the window loses the focus (another
+  // window, a dialog), the page is hidden, another tab of the page is shown. The move is then applied at once, as the
+  // release would have (undo takes it back); it waited and was applied on some later, unrelated Shift release.
+  if (window.__pixelllmAnnotateBlur) {
+    window.removeEventListener("blur", window.__pixelllmAnnotateBlur);
+    document.removeEventListener("visibilitychange", window.__pixelllmAnnotateBlur);
+  }
+  window.__pixelllmAnnotateBlur = (evt) => { if (evt.type === "blur" || document.hidden) commitBox(); };
+  window.addEventListener("blur", window.__pixelllmAnnotateBlur);
+  document.addEventListener("visibilitychange", window.__pixelllmAnnotateBlur);
+  if (typeof ResizeObserver === "function") new ResizeObserver(() => { if (kbox && !visible()) commitBox(); }).observe(root);
   // Where the shortcuts act (docs/annotate.md): only while the editor is shown (the Annotate tab is selected; a
   // hidden tab's editor has no layout box), and only with the focus on nothing (the page body) or inside the editor
   // itself, out of its text box, selects, slider and checkbox. Every other control of the page keeps its keys to
@@ -507,13 +526,14 @@
     return !(target.closest && target.closest("input, textarea, select, [contenteditable]"));
   }
   function onKey(evt) {
+    // a key event without Shift held while a move waits for the release: Shift was released unseen (elsewhere)
+    if (kbox && ((evt.type === "keyup" && evt.key === "Shift") || !evt.shiftKey || !visible())) commitBox();
     if (!visible()) return;
     if (rec) {
       if (evt.key === " " || evt.code === "Space") { evt.preventDefault(); evt.stopPropagation(); if (evt.type === "keydown" && !evt.repeat) advance(); return; }
       if (evt.key === "Escape" && evt.type === "keydown") { evt.preventDefault(); cancelRecording("Recording cancelled."); }
       return;
     }
-    if (evt.type === "keyup" && evt.key === "Shift") commitBox();
     if (evt.type !== "keydown" || !inScope(evt.target)) return;
     const k = evt.key;
     const ctrl = evt.ctrlKey || evt.metaKey;
@@ -541,6 +561,139 @@
   window.__pixelllmAnnotateKeys = onKey;
   document.addEventListener("keydown", onKey, true);
   document.addEventListener("keyup", onKey, true);
+
+  // ------------------------------------------------------------------ unsaved edits kept in this browser
+  // The document and its history live on the server, so a reload (also gradio's own after a server restart, or the
+  // one needed because gradio sends nothing more from a page whose server went away) used to lose unsaved edits. The
+  // page therefore keeps a copy of its unsaved document in localStorage: one entry per opening of a document
+  // (view.opened), rewritten at each render while there are unsaved edits, removed once they are saved, undone or
+  // discarded; at most KEEP_MAX entries (the oldest go first, also when the storage is full). A copy holds what the
+  // page shows (words, boxes, non-visual flags, timing, trace), the output and base correction it was made on
+  // (view.source) and the time. When an output is opened again, the newest copy made on it (same image and
+  // generation) is offered: Restore sends it to the server (trigger "restore"), which checks that it belongs to the
+  // open output and makes it this editor's unsaved edits on the correction they were made on; the usual save stores
+  // them. Discard removes the copies of this output. Without a usable localStorage (private mode, full, disabled)
+  // the editor works as before and the source line says the edits are not kept.
+  const KEEP_PREFIX = "pixelllm-annotate-unsaved:";
+  const KEEP_MAX = 5;
+  let kept = "";          // "1": the unsaved edits shown are kept in this browser, "0": they could not be kept
+  let lastOpened = null;  // view.opened last rendered
+  let offered = null;     // {copy, all}: the copy the bar offers, and every copy of this output
+  let restoring = null;   // the copies a restore replaces, dropped once the server has taken it
+  function storage() {
+    try { return window.localStorage || null; } catch (e) { return null; }  // disabled: a SecurityError
+  }
+  function keptKeys(s) {
+    const keys = [];
+    try { for (let k = 0; k < s.length; k++) { const key = s.key(k); if (key && key.indexOf(KEEP_PREFIX) === 0) keys.push(key); } }
+    catch (e) { /* unreadable storage: nothing kept */ }
+    return keys;
+  }
+  function keptCopies() {  // newest first; an unreadable entry counts as the oldest (the first to go)
+    const s = storage();
+    if (!s) return [];
+    return keptKeys(s).map((key) => {
+      let c = null;
+      try { c = JSON.parse(s.getItem(key)); } catch (e) { c = null; }
+      const ok = c && typeof c === "object" && c.source && typeof c.source === "object" && Array.isArray(c.words)
+        && typeof c.saved_at === "number" && c.opened === key.slice(KEEP_PREFIX.length);
+      return ok ? c : { opened: key.slice(KEEP_PREFIX.length), saved_at: -1, broken: true };
+    }).sort((a, b) => b.saved_at - a.saved_at);
+  }
+  function forget(opened) {
+    const s = storage();
+    if (s && opened) { try { s.removeItem(KEEP_PREFIX + opened); } catch (e) { /* nothing to do */ } }
+  }
+  const idOrNull = (v) => (typeof v === "number" ? v : null);
+  function keep() {  // this document's unsaved edits into the storage: "1" kept, "0" not, "" nothing to keep
+    const src = view.source || {};
+    if (!view.opened || !src.image_sha || !words().length) return "";
+    const s = storage();
+    if (!s) return "0";
+    const copy = JSON.stringify({ v: 1, opened: view.opened, saved_at: Date.now(), task: view.task,
+      source: { image_sha: src.image_sha, generation_id: idOrNull(src.generation_id), correction_id: idOrNull(src.correction_id) },
+      words: words().map((w) => ({ text: w.text, box: w.box, non_visual: !!w.non_visual })),
+      timed_caption: view.timed_caption || [], traces: view.traces || [] });
+    const key = KEEP_PREFIX + view.opened;
+    let others = null;
+    for (;;) {
+      try { s.setItem(key, copy); break; } catch (e) {
+        const full = e && (e.name === "QuotaExceededError" || e.name === "NS_ERROR_DOM_QUOTA_REACHED" || e.code === 22);
+        if (!full) return "0";
+        if (others === null) others = keptCopies().filter((c) => c.opened !== view.opened);
+        if (!others.length) { forget(view.opened); return "0"; }  // too big even alone: no stale copy is left
+        forget(others.pop().opened);  // full: the oldest other copy goes
+      }
+    }
+    const keys = keptKeys(s);
+    if (keys.length > KEEP_MAX) keptCopies().filter((c) => c.opened !== view.opened).slice(KEEP_MAX - 1).forEach((c) => forget(c.opened));
+    return "1";
+  }
+  function when(ms) {
+    const d = new Date(ms);
+    const hm = String(d.getHours()).padStart(2, "0") + ":" + String(d.getMinutes()).padStart(2, "0");
+    return d.toDateString() === new Date().toDateString() ? hm : d.toLocaleDateString() + " " + hm;
+  }
+  function label(source) {
+    if (typeof source.correction_id === "number") return "correction #" + source.correction_id;
+    return typeof source.generation_id === "number" ? "generation #" + source.generation_id + " (a new chain)" : "this output";
+  }
+  function hideOffer() { offered = null; keptBar.hidden = true; }
+  function offerKept() {  // a document was just opened: offer the newest copy kept for this same output
+    hideOffer();
+    const src = view.source || {};
+    if (!view.opened || !src.image_sha || !words().length) return;
+    const gen = idOrNull(src.generation_id), head = idOrNull(src.correction_id);
+    // the same output: the same image and generation (a correction without a generation: the same correction)
+    const mine = keptCopies().filter((c) => !c.broken && c.opened !== view.opened && c.source.image_sha === src.image_sha
+      && idOrNull(c.source.generation_id) === gen && (gen !== null || (head !== null && idOrNull(c.source.correction_id) === head)));
+    if (!mine.length) return;
+    const c = mine[0];
+    offered = { copy: c, all: mine.map((m) => m.opened) };
+    let text = "Unsaved edits from " + when(c.saved_at) + " (" + c.words.length + " words) are kept in this browser for this output.";
+    if (idOrNull(c.source.correction_id) !== head) {
+      text += " They were made on " + label(c.source) + ", not on the open " + label(src) + ": restored, they are saved on "
+        + label(c.source) + " as before (refused if someone else has saved on it since).";
+    }
+    keptText.textContent = text;
+    btn("kept-restore").textContent = "Restore unsaved edits from " + when(c.saved_at);
+    keptBar.hidden = false;
+  }
+  function hintKept() {  // an empty editor: say which outputs have unsaved edits waiting in this browser
+    const copies = keptCopies().filter((c) => !c.broken);
+    if (!copies.length) return;
+    say("Unsaved edits are kept in this browser for " + copies.map((c) => label(c.source) + " (" + when(c.saved_at) + ")").join(", ")
+      + ": open it again (Browse) to restore them.", "warn");
+  }
+  function syncKept() {  // each render: keep or drop this document's copy; offer a kept one after an open
+    if ((view.opened || null) !== lastOpened) {
+      if (view.discarded && view.discarded === lastOpened) forget(view.discarded);  // opened again to discard them
+      lastOpened = view.opened || null;
+      offerKept();
+    }
+    if (view.opened && view.dirty) kept = keep();
+    else { forget(view.opened); kept = ""; }
+    // the server took the restored copy (it now lives under view.opened), or found it equal to the open version
+    if (view.restored && restoring && (kept === "1" || !view.dirty)) {
+      restoring.forEach((o) => { if (o !== view.opened) forget(o); });
+      restoring = null;
+    }
+    root.dataset.kept = kept;
+  }
+  btn("kept-restore").addEventListener("click", () => {
+    if (!offered || rec || !view.words) return;
+    const c = offered.copy;
+    restoring = offered.all;
+    hideOffer();
+    trigger("restore", { source: c.source, opened: c.opened, task: c.task, words: c.words,
+      timed_caption: c.timed_caption || [], traces: c.traces || [], rev: view.rev });
+  });
+  btn("kept-discard").addEventListener("click", () => {
+    if (!offered) return;
+    offered.all.forEach(forget);
+    hideOffer();
+    say("Discarded the unsaved edits kept in this browser for this output.");
+  });
 
   // ------------------------------------------------------------------ leaving the page
   // Reloading or closing the page (or gradio reloading it after the server came back) drops the server-side
