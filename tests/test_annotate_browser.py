@@ -738,3 +738,23 @@ def test_without_browser_storage_the_editor_works_and_says_edits_are_not_kept(pa
     expect(root).to_have_attribute("data-kept", "")
     assert annotate_app.store.list_corrections(annotator="no storage")[0]["non_visual"] == [0]
     assert not errors, errors
+
+
+def test_a_click_on_the_image_takes_the_focus_out_of_the_editors_own_fields(app: Page):
+    """Picking the advance mode or the box mode with the mouse leaves the focus on that <select> (select_option
+    does not: it sets the value without focusing), and the pace slider and the word's text box keep it too. A press
+    on the image moved the focus into the editor only from outside it, so from one of its own fields the next `r`
+    (or Del, ← →) still did nothing, against the page's own hint "click the image"."""
+    _caption_then_annotate(app, 0)
+    root = app.locator(f"{EDITOR} .pa-root")
+    for field in (".pa-advance", ".pa-pace", ".pa-text", ".pa-boxmode"):
+        app.locator(f"{EDITOR} {field}").focus()  # where a mouse pick in it leaves the focus
+        app.mouse.click(*_to_screen(app, 1, 1))
+        expect(root).to_be_focused()
+    app.locator(f"{EDITOR} .pa-advance").select_option("key")
+    app.locator(f"{EDITOR} .pa-advance").focus()
+    app.mouse.click(*_to_screen(app, 20, 60))
+    app.keyboard.press("r")
+    expect(root).to_have_attribute("data-recording", "1")
+    app.keyboard.press("Escape")
+    expect(root).to_have_attribute("data-recording", "0")

@@ -308,8 +308,11 @@
   svg.addEventListener("pointerdown", (evt) => {
     // A press on the image takes the keyboard focus into the editor, as a click elsewhere on the page would (the
     // preventDefault below stops the browser doing it). The shortcuts ignore keys while another control of the page
-    // has the focus (inScope): after a click on "Open current output", a click on the image and `r` records.
-    if (!root.contains(document.activeElement)) root.focus({ preventScroll: true });
+    // has the focus (inScope): after a click on "Open current output", a click on the image and `r` records. The
+    // editor's own fields (its text box, selects, slider, checkbox) are left too: a mouse pick in the advance or box
+    // mode select keeps the focus there, and the keys with it.
+    const focused = document.activeElement;
+    if (!(root.contains(focused) && inScope(focused))) root.focus({ preventScroll: true });
     if (drag && evt.pointerId !== drag.id) { dropDrag(); return; }  // a second finger (a pinch): no edit
     if (rec || !view.image || evt.button !== 0) return;
     const p = toImage(evt);
