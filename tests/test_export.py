@@ -330,6 +330,23 @@ def test_an_export_where_every_correction_is_skipped_leaves_no_folder_it_made(st
     assert existing.is_dir() and not any(existing.iterdir())
 
 
+def test_an_image_stored_after_the_skip_check_does_not_get_an_unlocked_export(store, tmp_path, monkeypatch):
+    """The decision that every row is skipped (so no new folder is made, and no lock taken) must be the one the
+    export acts on: asked again per row, an image stored in between made the unlocked export write its files."""
+    add_caption(store, 21, ["a"], [[0, 0, 1, 1]])
+    asked = []
+
+    def missing_only_the_first_time(row, store_root):  # the image file appears right after the first look
+        asked.append(row["id"])
+        return "missing_image" if len(asked) == 1 else None
+
+    monkeypatch.setattr(export, "skip_reason", missing_only_the_first_time)
+    new = tmp_path / "exports" / "new"
+    summary = export.export_corrections(store, new)
+    assert summary["ln_file"] is None and summary["skipped"]["missing_image"] == 1
+    assert not (tmp_path / "exports").exists()
+
+
 def test_cli_writes_the_export_and_prints_the_summary(store, tmp_path, capsys):
     add_caption(store, 15, ["a", "b"], [[0, 0, 1, 1], [2, 2, 3, 3]])
     out = tmp_path / "cli"
@@ -491,11 +508,11 @@ def test_an_export_selecting_nothing_never_removes_a_folder_another_export_waits
     a_inside, release_a, b_inside, release_b = (threading.Event() for _ in range(4))
     real_export = export._export
 
-    def paused(store_, out_, statuses, rows):
+    def paused(store_, out_, statuses, rows, reasons=None):
         inside, release = (a_inside, release_a) if statuses == ["accepted"] else (b_inside, release_b)
         inside.set()
         assert release.wait(60)
-        return real_export(store_, out_, statuses, rows)
+        return real_export(store_, out_, statuses, rows, reasons)
 
     def waiting_on_a_lock() -> bool:  # a flock request blocked in this process (/proc/locks marks it "->")
         return any("->" in line and "FLOCK" in line and f" {os.getpid()} " in line

@@ -288,12 +288,14 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
     rows = None if out.exists() else store.training_examples(statuses)
-    if rows is not None and all(skip_reason(row, Path(store.root).resolve()) for row in rows):
+    reasons = None if rows is None else [skip_reason(row, Path(store.root).resolve()) for row in rows]
+    if reasons is not None and all(reasons):
         # nothing to export into a new folder (nothing selected, or all skipped): none is made, so none is left.
         # Decided before making it, as removing it after is unsafe: removed under a second export that had opened it
         # to wait for the lock, that one wrote into a folder no other export could lock. If the store's images vanish
-        # after this check (deleted mid-export), the folder made below stays, empty, for that reason.
-        return _export(store, out, statuses, rows)
+        # after this check (deleted mid-export), the folder made below stays, empty, for that reason. The reasons go
+        # along, not asked again: an image stored meanwhile would have the export write here without the lock.
+        return _export(store, out, statuses, rows, reasons)
     out.mkdir(parents=True, exist_ok=True)  # the lock is on the folder
     # one export into a folder at a time, a second one waits: two at once each removed images the other's files
     # named, and the one that finished last wrote an LN file naming images no longer there, or a manifest
@@ -302,9 +304,11 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
         return _export(store, out, statuses, store.training_examples(statuses) if rows is None else rows)
 
 
-def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[dict]) -> dict[str, Any]:
+def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[dict],
+            reasons: list[str | None] | None = None) -> dict[str, Any]:
     """`export_corrections` of `rows` (the store's training examples of `statuses`) into the folder `out`, whose
-    lock the caller holds (or which does not exist, when nothing in `rows` can be exported)."""
+    lock the caller holds (or which does not exist, when every row has a skip reason in `reasons`; without
+    `reasons` each row's `skip_reason` is taken here)."""
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
     if (out / IMAGES_DIR).resolve() == store_root / "images":
@@ -330,8 +334,8 @@ def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[d
                                       "height": int(row["image_height"]), "sha256": sha})
         return images[sha][1]["id"]
 
-    for row in rows:
-        why = skip_reason(row, store_root)
+    for index, row in enumerate(rows):
+        why = skip_reason(row, store_root) if reasons is None else reasons[index]
         if why:
             skipped[why] += 1
             continue
