@@ -1,6 +1,7 @@
 """The Annotate tab's document: one browser tab's editor state (`AnnotateState`), the checks that turn what the
 browser sent into a canonical document (`normalise_doc`, `boxes_from_trace`) and the edit operations with exact
-undo/redo (`apply_edit`, `undo`, `redo`). Plain data, no Gradio; `annotate.py` holds the callbacks around it.
+undo/redo (`apply_edit`, `undo`, `redo`), and the JSON the editor draws from it (`editor_value`). Plain data, no
+Gradio; `annotate.py` and `annotate_open.py` hold the callbacks around it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pixelllm import image as imaging
+from pixelllm.ui import render
 
 MAX_WORDS = 512
 MAX_WORD_CHARS = 200
@@ -482,3 +484,34 @@ def redo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
     return _travel(state, back=False)
 
 
+# ------------------------------------------------------------------------------------------ the editor's value
+
+def editor_value(state: AnnotateState | None, message: str = "", *, level: str = "info", src: str | None = None,
+                 store_ok: bool = True, discarded: str = "", restored: str = "") -> dict:
+    """The JSON the editor (static/annotate.js) draws. Boxes are pixels of the image, traces normalised;
+    all text reaches the page through textContent. `opened` identifies this opening of the document (the page keeps
+    its unsaved edits in the browser under it); `discarded` names the opening whose unsaved edits an open just
+    discarded (the page drops their copy), `restored` the copy a restore just took over."""
+    state = as_state(state)
+    doc = state.doc
+    image = None
+    if state.image is not None:
+        image = {"key": state.image["key"], "width": state.image["width"], "height": state.image["height"],
+                 "src": src}
+    words = []
+    if doc is not None:
+        colours = render.gradient_colors(len(doc["words"]))
+        words = [{"i": i, "text": w["text"], "box": [round(float(c), 2) for c in w["box"]],
+                  "non_visual": bool(w["non_visual"]), "color": colours[i], "ink": render.ink_for(colours[i])}
+                 for i, w in enumerate(doc["words"])]
+    sha = (state.image or {}).get("sha")
+    return {
+        "image": image, "words": words, "task": doc["task"] if doc else None,
+        "timed_caption": doc["timed_caption"] if doc else [], "traces": doc["traces"] if doc else [],
+        "recordable": bool(doc and doc["task"] == "caption"),
+        "rev": state.rev, "dirty": state.dirty, "can_undo": bool(state.history), "can_redo": bool(state.future),
+        "source": {"generation_id": state.generation_id, "correction_id": state.head_id,
+                   "status": state.head_status, "image": sha[:12] if sha else None, "image_sha": sha},
+        "opened": state.opened, "discarded": discarded, "restored": restored,
+        "store": store_ok, "message": message, "level": level,
+    }
