@@ -68,6 +68,12 @@ def as_state(state: AnnotateState | None) -> AnnotateState:
     return state if isinstance(state, AnnotateState) else AnnotateState()
 
 
+def check_rev(state: AnnotateState, rev: Any) -> None:
+    """`rev`, when the browser sends one, must be the revision it saw: a stale request is refused, never misapplied."""
+    if rev is not None and rev != state.rev:
+        raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
+
+
 def require_doc(state: AnnotateState) -> dict:
     if state.doc is None:
         raise ValueError("Open the current output (or one from the list) first.")
@@ -361,9 +367,7 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
     doc = require_doc(state)
     if not isinstance(op, Mapping) or not isinstance(op.get("op"), str):
         raise ValueError("unknown edit")
-    rev = op.get("rev")
-    if rev is not None and rev != state.rev:
-        raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
+    check_rev(state, op.get("rev"))
     kind = op["op"]
     width, height = state.image["width"], state.image["height"]
     # the trace (up to MAX_TRACE_POINTS points) is shared with the previous version, not copied

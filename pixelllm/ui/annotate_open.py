@@ -22,6 +22,7 @@ from pixelllm.ui.annotate_doc import (
     MAX_WORDS,
     AnnotateState,
     as_state,
+    check_rev,
     editor_value,
     normalise_doc,
     replace_doc,
@@ -249,9 +250,7 @@ def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> t
         raise ValueError("No annotation store is configured.")
     if not isinstance(data, Mapping) or not isinstance(data.get("source"), Mapping):
         raise ValueError("nothing to restore")
-    rev = data.get("rev")
-    if rev is not None and rev != state.rev:
-        raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
+    check_rev(state, data.get("rev"))
     source = data["source"]
     sha = (state.image or {}).get("sha")
     generation_id = _positive_id(source.get("generation_id"))
