@@ -23,12 +23,14 @@ if TYPE_CHECKING:
     import torch
 
 
-def write_atomically(target: str | os.PathLike, data: bytes | str) -> None:
+def write_atomically(target: str | os.PathLike, data: bytes | str, *, sweep: bool = True) -> None:
     """Write ``data`` (str as UTF-8) to ``target``: a temporary file in the same folder, fsync, ``os.replace``,
     then an fsync of the folder so the rename itself survives a power cut (where the file system allows it).
     Creates the folder; on any error the temporary file is removed and ``target`` is untouched. A process killed
     mid-write (SIGKILL, a power cut) cannot remove its temporary file: a later successful write of ``target``
-    removes those of writers that are no longer alive (:func:`_remove_dead_writers_temps`)."""
+    removes those of writers that are no longer alive (:func:`remove_dead_writers_temps`), which lists the folder.
+    ``sweep=False`` skips that, for a writer of many files into one big folder that sweeps it once itself (the
+    annotation store's images, each written once under its own name, at every write a listing of them all)."""
     target = Path(target)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,8 @@ def write_atomically(target: str | os.PathLike, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _remove_dead_writers_temps(target)
+    if sweep:
+        remove_dead_writers_temps(target.parent, target.name)
     with contextlib.suppress(OSError):  # not every file system can fsync a directory
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
@@ -101,22 +104,22 @@ def _pid_namespace(pid: int) -> str | None:
     return hashlib.sha256(f"{boot} {space.st_dev} {space.st_ino}".encode()).hexdigest()[:12]
 
 
-def _remove_dead_writers_temps(target: Path) -> None:
-    """Remove the temporary files of ``target`` that writers left when they died mid-write
-    (:func:`left_by_dead_writer`)."""
+def remove_dead_writers_temps(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Remove the temporary files in ``folder`` that writers of ``name`` (None: of any file) left when they died
+    mid-write (:func:`left_by_dead_writer`). One listing of the folder: ~6 ms for 10 000 files, ~30 ms for 50 000."""
     if writer_tag() is None:
         return
-    prefix = f".{target.name}."
-    ours = re.compile(re.escape(prefix) + r"([0-9]+-[0-9a-f]{12})\.[0-9a-f]{12}\.tmp")
-    try:  # one listing per write: ~10-15 ms for a folder of 10 000 files (a big store's images/), ~0 for a few
-        names = os.listdir(target.parent)
+    target = re.escape(f".{name}.") if name is not None else r"\..+\."
+    ours = re.compile(target + r"([0-9]+-[0-9a-f]{12})\.[0-9a-f]{12}\.tmp")
+    try:
+        names = os.listdir(folder)
     except OSError:
         return
-    for name in names:
-        match = name.startswith(prefix) and ours.fullmatch(name)
+    for entry in names:
+        match = entry.startswith(".") and entry.endswith(".tmp") and ours.fullmatch(entry)
         if match and left_by_dead_writer(match[1]):
             with contextlib.suppress(OSError):  # another writer of the target removed it first
-                os.unlink(target.parent / name)
+                os.unlink(Path(folder) / entry)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -121,6 +121,33 @@ def test_add_image_stores_file_once(store: AnnotationStore, db_path: Path):
     assert store.get_image("0" * 64) is None
 
 
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="needs Linux's /proc to tell a dead writer")
+def test_storing_an_image_does_not_list_the_images_and_the_start_up_check_sweeps_them(store, db_path, monkeypatch):
+    """Each new image was written with a sweep of its folder for dead writers' temporary files: a listing of every
+    stored image at every new one (quadratic over a bulk import). Image writes skip it; `check_writable`, which the
+    app runs at start, sweeps the folder once: a dead writer's temporary file goes, a live writer's stays."""
+    from pixelllm.files import writer_tag
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    images = db_path.parent / "images"
+    store.add_image(IMAGE, 64, 48)
+    left = {name: images / name for name in (f".{'a' * 64}.png.{writer_tag(dead.pid)}.{'0' * 12}.tmp",
+                                             f".{'b' * 64}.png.{writer_tag(os.getpid())}.{'1' * 12}.tmp")}
+    for path in left.values():
+        path.write_bytes(b"half an image")
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda folder=".": listed.append(Path(folder)) or real_listdir(folder))
+    for n in range(3):
+        store.add_image(IMAGE + bytes([n]), 64, 48)
+    assert images not in listed
+    assert all(path.exists() for path in left.values())
+    store.check_writable()
+    assert images in listed
+    assert [path.exists() for path in left.values()] == [False, True]  # the dead writer's went, the live one's stayed
+
+
 def test_generation_round_trip_and_filters(store: AnnotationStore, image: str):
     gid = store.log_generation(image, "caption", WORDS, BOXES, model_id="pixelllm-tiny", model_version="3",
                                prompts={"box": [0, 0, 64, 48]}, extra={"caption": "a red circle left"},

@@ -19,7 +19,7 @@ from typing import Any, Self
 
 import sqlite_utils
 
-from pixelllm.files import write_atomically
+from pixelllm.files import remove_dead_writers_temps, write_atomically
 from pixelllm.store.fields import _choice, _now, _number
 from pixelllm.store.schema import Migration
 
@@ -272,12 +272,16 @@ class StoreDatabase:
         folder = images if images.is_dir() else self.root
         if not os.access(folder, os.W_OK):
             raise StoreError(f"{self.path}: the folder {folder} is read-only: images cannot be stored", self.path)
+        if images.is_dir():  # what image writes killed mid-write left (they do not sweep: see below)
+            remove_dead_writers_temps(images)
 
     # ---- files ---------------------------------------------------------------------------------------------
 
     def _write_file_atomically(self, target: Path, data: bytes) -> None:
-        """Readers see the whole file or none (``pixelllm.files.write_atomically``)."""
-        write_atomically(target, data)
+        """Readers see the whole file or none (``pixelllm.files.write_atomically``). Without its sweep: each image
+        is written once under its own name, so a sweep per write would list every stored image at every new one
+        for nothing; ``check_writable`` (the app, at start) sweeps the folder once instead."""
+        write_atomically(target, data, sweep=False)
 
     # ---- maintenance -------------------------------------------------------------------------------------
 
