@@ -668,3 +668,31 @@ def test_unsaved_edits_kept_by_the_page_are_restored_only_onto_their_output_and_
     assert view["source"]["status"] == "submitted"
     again, view = an.save(studio, again, "draft", "ana", auto=True)
     assert "Not autosaved" in view["message"] and annotation_store.head(first)["id"] == sub.head_id
+
+
+def test_undo_after_restoring_kept_edits_made_on_another_base_goes_back_to_the_open_head(studio, captioned,
+                                                                                           annotation_store):
+    """Restore is one undoable step back to the version just opened; the base must follow. A copy made on the
+    generation (a new chain), restored over an open correction of it, then undone: the editor shows that correction
+    again, and an edit saved from there supersedes it (it started a second chain of the generation); redo takes the
+    copy's base back."""
+    state = _opened(studio, captioned)
+    state, _ = an.edit_event(state, {"op": "text", "i": 0, "text": "kept"})
+    copy_ = _kept_copy(an.editor_value(state))
+    assert copy_["source"]["correction_id"] is None  # made on the generation: a new chain
+    other = _opened(studio, captioned)  # meanwhile a chain of the generation is saved (another tab)
+    other, _ = an.save(studio, other, "draft", "bob")
+    head = other.head_id
+
+    fresh, _ = an.open_item(studio, None, {"kind": "correction", "id": head})
+    fresh, view = an.restore_kept(studio, fresh, copy_)
+    assert view["source"]["correction_id"] is None and view["dirty"]
+    fresh, view = an.history_event(fresh, {"op": "undo"})
+    assert not view["dirty"] and view["source"]["correction_id"] == head  # back on the open head
+    fresh, view = an.history_event(fresh, {"op": "redo"})
+    assert view["dirty"] and view["source"]["correction_id"] is None  # the copy's base again
+    fresh, _ = an.history_event(fresh, {"op": "undo"})
+    fresh, _ = an.edit_event(fresh, {"op": "text", "i": 0, "text": "undone"})
+    fresh, view = an.save(studio, fresh, "draft", "ana")
+    saved = annotation_store.head(head)
+    assert saved["parent_id"] == head and saved["words"][0] == "undone"

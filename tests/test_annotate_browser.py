@@ -640,6 +640,34 @@ def test_unsaved_edits_survive_a_reload_and_are_restored_onto_their_output(page:
     assert not errors, errors
 
 
+def test_a_copy_removed_by_another_tab_is_kept_again_while_its_edits_are_unsaved(page: Page, annotate_app):
+    """Two tabs of one browser on the same output: the second is offered the first's copy (it cannot tell a live tab
+    from a closed one) and discards it. The first tab's edits are still unsaved and its source line still says
+    "kept in this browser", so leaving it would have lost them: its copy is written back."""
+    errors = _watched(page, annotate_app.url)
+    _caption_then_annotate(page, 1)
+    mine = annotate_app.store.list_generations(limit=1)[0]
+    root = page.locator(f"{EDITOR} .pa-root")
+    chips = page.locator(f"{EDITOR} .pa-word")
+    chips.first.click()
+    chips.first.press("n")
+    expect(root).to_have_attribute("data-kept", "1")
+    assert _kept_count(page) == 1
+
+    other = page.context.new_page()
+    other_errors = _watched(other, annotate_app.url)
+    _browse_open(other, "generation", mine["id"])
+    expect(other.locator(f"{EDITOR} .pa-kept")).to_be_visible()
+    other.locator(f"{EDITOR} .pa-kept-discard").click()
+    expect(other.locator(f"{EDITOR} .pa-kept")).to_be_hidden()
+    page.wait_for_function("(p) => Object.keys(localStorage).some((k) => k.startsWith(p))", arg=KEPT_PREFIX,
+                           timeout=5000)
+    expect(root).to_have_attribute("data-kept", "1")
+    expect(page.locator(f"{EDITOR} .pa-source")).to_contain_text("unsaved edits (kept in this browser)")
+    other.close()
+    assert not errors and not other_errors, (errors, other_errors)
+
+
 def test_unsaved_edits_survive_a_server_restart(page: Page, app_checkpoint, example_images, tmp_path):
     """The app restarts (same address, same store) while an annotator has unsaved edits on a saved draft: the old
     page cannot save any more (gradio sends nothing from it), so the edits were lost with the reload it needs. Now

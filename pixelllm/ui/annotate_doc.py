@@ -58,6 +58,10 @@ class AnnotateState:
     last_save: tuple[str, int | None] | None = None  # (client token, parent id) of the last save, for retries
     last_review: tuple[bool, int] | None = None  # (accepted, review row id) of this editor's last review
     opened: str = ""
+    # a restore of kept edits made on another base (restore_kept): (the restored document, the (head_id,
+    # head_status) it replaced, the (head_id, head_status) it set). Undo past that document goes back to the head
+    # that was open, redo onto it takes the copy's base again (only while the head is still the one expected there).
+    restored_base: tuple | None = None
 
     @property
     def dirty(self) -> bool:
@@ -474,9 +478,18 @@ def _travel(state: AnnotateState | None, back: bool) -> tuple[AnnotateState, str
     source, target = (state.history, state.future) if back else (state.future, state.history)
     if not source:
         return state, "nothing to undo" if back else "nothing to redo"
+    leaving = state.doc
     target.append(state.doc)
     state.doc = source.pop()
     state.rev += 1
+    mark = state.restored_base
+    if mark is not None:
+        restored, opened_head, restored_head = mark
+        current = (state.head_id, state.head_status)
+        if back and leaving is restored and current[0] == restored_head[0]:
+            state.head_id, state.head_status = opened_head
+        elif not back and state.doc is restored and current[0] == opened_head[0]:
+            state.head_id, state.head_status = restored_head
     return state, "undone" if back else "redone"
 
 

@@ -280,6 +280,9 @@ def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> t
                                    "open: nothing to restore.", restored=kept)
     opened_head = state.head_id
     replace_doc(state, restored)
+    # undo past the restore goes back to the open head too (not only to its document), redo to the copy's base
+    state.restored_base = ((state.doc, (state.head_id, state.head_status), (base, head_status))
+                           if base != opened_head else None)
     state.head_id, state.head_status = base, head_status
     state.last_save = state.pending_open = None
     where = f"correction #{base}" if base is not None else f"generation #{generation_id} (a new chain)"

@@ -71,6 +71,16 @@
   }
 
   // ------------------------------------------------------------------ drawing
+  function sourceLine() {
+    const src = view.source || {};
+    const parts = [];
+    if (src.image) parts.push("image " + src.image);
+    if (src.generation_id) parts.push("generation #" + src.generation_id);
+    if (src.correction_id) parts.push("correction #" + src.correction_id + (src.status ? " (" + src.status + ")" : ""));
+    if (view.dirty) parts.push("unsaved edits" + (kept === "1" ? " (kept in this browser)" : kept === "0"
+      ? " (NOT kept in this browser: its storage is unavailable or full)" : ""));
+    sourceEl.textContent = parts.join(" · ");
+  }
   function render() {
     view = props.value && typeof props.value === "object" ? props.value : {};
     const img = view.image;
@@ -83,14 +93,7 @@
     syncKept();
     if (view.message) say(view.message, view.level);
     else if (!img) hintKept();
-    const src = view.source || {};
-    const parts = [];
-    if (src.image) parts.push("image " + src.image);
-    if (src.generation_id) parts.push("generation #" + src.generation_id);
-    if (src.correction_id) parts.push("correction #" + src.correction_id + (src.status ? " (" + src.status + ")" : ""));
-    if (view.dirty) parts.push("unsaved edits" + (kept === "1" ? " (kept in this browser)" : kept === "0"
-      ? " (NOT kept in this browser: its storage is unavailable or full)" : ""));
-    sourceEl.textContent = parts.join(" · ");
+    sourceLine();
     btn("undo").disabled = !view.can_undo;
     btn("redo").disabled = !view.can_redo;
     btn("record").disabled = !!rec || !view.recordable || !ws.length;
@@ -608,7 +611,9 @@
     if (s && opened) { try { s.removeItem(KEEP_PREFIX + opened); } catch (e) { /* nothing to do */ } }
   }
   const idOrNull = (v) => (typeof v === "number" ? v : null);
-  function keep() {  // this document's unsaved edits into the storage: "1" kept, "0" not, "" nothing to keep
+  // again: our copy was just removed by another tab of this browser (its Discard, its restore of it, its pruning):
+  // written back without dropping other copies (theirs may be live too: no tab evicts another in a loop)
+  function keep(again) {  // this document's unsaved edits into the storage: "1" kept, "0" not, "" nothing to keep
     const src = view.source || {};
     if (!view.opened || !src.image_sha || !words().length) return "";
     const s = storage();
@@ -622,14 +627,14 @@
     for (;;) {
       try { s.setItem(key, copy); break; } catch (e) {
         const full = e && (e.name === "QuotaExceededError" || e.name === "NS_ERROR_DOM_QUOTA_REACHED" || e.code === 22);
-        if (!full) return "0";
+        if (!full || again) return "0";
         if (others === null) others = keptCopies().filter((c) => c.opened !== view.opened);
         if (!others.length) { forget(view.opened); return "0"; }  // too big even alone: no stale copy is left
         forget(others.pop().opened);  // full: the oldest other copy goes
       }
     }
     const keys = keptKeys(s);
-    if (keys.length > KEEP_MAX) keptCopies().filter((c) => c.opened !== view.opened).slice(KEEP_MAX - 1).forEach((c) => forget(c.opened));
+    if (keys.length > KEEP_MAX && !again) keptCopies().filter((c) => c.opened !== view.opened).slice(KEEP_MAX - 1).forEach((c) => forget(c.opened));
     return "1";
   }
   function when(ms) {
@@ -683,6 +688,18 @@
     }
     root.dataset.kept = kept;
   }
+  // Another tab of this browser removed this page's copy while its edits are still unsaved here (a Discard or a
+  // restore of it there, its pruning of the oldest copies): the source line would say "kept in this browser" and a
+  // reload would lose them. The copy is written back (or the line says it is not kept).
+  if (window.__pixelllmAnnotateStorage) window.removeEventListener("storage", window.__pixelllmAnnotateStorage);
+  window.__pixelllmAnnotateStorage = (evt) => {
+    if (!root.isConnected || !view.opened || !view.dirty || evt.newValue !== null || evt.storageArea !== storage()) return;
+    if (evt.key !== null && evt.key !== KEEP_PREFIX + view.opened) return;  // key null: the storage was cleared
+    kept = keep(true);
+    root.dataset.kept = kept;
+    sourceLine();
+  };
+  window.addEventListener("storage", window.__pixelllmAnnotateStorage);
   btn("kept-restore").addEventListener("click", () => {
     if (!offered || rec || !view.words) return;
     const c = offered.copy;
