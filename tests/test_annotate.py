@@ -617,6 +617,14 @@ def test_unsaved_edits_kept_by_the_page_are_restored_only_onto_their_output_and_
     assert view["source"]["correction_id"] == first and "Restored the unsaved edits" in view["message"]
     undone, _ = an.history_event(copy_module.deepcopy(fresh), {"op": "undo"})
     assert not undone.dirty  # undo goes back to the version just opened
+    # edits made after the offer appeared are not overwritten by a restore (the page's copy of them neither)
+    edited, _ = an.edit_event(copy_module.deepcopy(undone), {"op": "text", "i": 0, "text": "mine"})
+    with pytest.raises(gr.Error, match="unsaved edits of its own"):
+        an.restore_kept(studio, edited, copy_)
+    assert edited.doc["words"][0]["text"] == "mine"
+    undone.rev = 1
+    with pytest.raises(gr.Error, match="changed meanwhile"):  # a bool is not a revision (True == 1)
+        an.restore_kept(studio, undone, {**copy_, "rev": True})
     fresh, view = an.save(studio, fresh, "draft", "ana")
     head = annotation_store.head(first)
     assert head["parent_id"] == first and head["words"][0] == "kept" and head["non_visual"] == [1]

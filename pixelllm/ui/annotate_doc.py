@@ -74,7 +74,7 @@ def as_state(state: AnnotateState | None) -> AnnotateState:
 
 def check_rev(state: AnnotateState, rev: Any) -> None:
     """`rev`, when the browser sends one, must be the revision it saw: a stale request is refused, never misapplied."""
-    if rev is not None and rev != state.rev:
+    if rev is not None and (isinstance(rev, bool) or rev != state.rev):  # true == 1
         raise ValueError("The editor changed meanwhile (another edit was still being applied): try again.")
 
 

@@ -251,6 +251,9 @@ def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> t
     if not isinstance(data, Mapping) or not isinstance(data.get("source"), Mapping):
         raise ValueError("nothing to restore")
     check_rev(state, data.get("rev"))
+    if state.dirty:  # the offer stays on the page while the user edits: restoring would overwrite those edits
+        raise ValueError("This editor has unsaved edits of its own: save or undo them before restoring the kept "
+                         "ones (restoring would replace them).")
     source = data["source"]
     sha = (state.image or {}).get("sha")
     generation_id = _positive_id(source.get("generation_id"))
