@@ -704,3 +704,21 @@ def test_undo_after_restoring_kept_edits_made_on_another_base_goes_back_to_the_o
     fresh, view = an.save(studio, fresh, "draft", "ana")
     saved = annotation_store.head(head)
     assert saved["parent_id"] == head and saved["words"][0] == "undone"
+
+
+def test_a_non_visual_flag_that_is_not_a_boolean_is_refused(studio, captioned):
+    """The editor's word objects and its non_visual edit took any truthy value: the string "false" (or 0.5, "no")
+    marked a word non-visual. true/false/absent only, as the API's index list already was strict."""
+    words = [{"text": "a", "box": [0, 0, 4, 4], "non_visual": True}, {"text": "b", "box": [1, 1, 5, 5]}]
+    doc = annotate_doc.normalise_doc({"words": words}, 8, 8)
+    assert [w["non_visual"] for w in doc["words"]] == [True, False]
+    for bad in ("false", 1, "no"):
+        with pytest.raises(ValueError, match=r"words\[1\].non_visual must be true or false"):
+            annotate_doc.normalise_doc({"words": [words[0], {**words[1], "non_visual": bad}]}, 8, 8)
+    state = _opened(studio, captioned)
+    with pytest.raises(ValueError, match="non_visual value must be true or false"):
+        annotate_doc.apply_edit(state, {"op": "non_visual", "i": 0, "value": "false"})
+    state, _ = annotate_doc.apply_edit(state, {"op": "non_visual", "i": 0, "value": False})
+    assert state.doc["words"][0]["non_visual"] is False
+    state, _ = annotate_doc.apply_edit(state, {"op": "non_visual", "i": 0})  # no value: a toggle
+    assert state.doc["words"][0]["non_visual"] is True

@@ -227,6 +227,16 @@ def hold_trace_ends(traces: list[list[dict]], timed_caption: Sequence[Mapping]) 
     return out
 
 
+def _flag(value: Any, what: str) -> bool:
+    """A yes/no from JSON: true, false or absent (null). Anything else is refused: the string "false" is truthy, and
+    it marked a word non-visual."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 def normalise_doc(data: Mapping[str, Any], width: int, height: int) -> dict:
     """Editor / API JSON -> the canonical document. `words` is either [{text, box, non_visual}] (the editor) or
     a list of strings with parallel `boxes` and `non_visual` word indices (the API). Boxes may be omitted when a
@@ -241,7 +251,7 @@ def normalise_doc(data: Mapping[str, Any], width: int, height: int) -> dict:
     if all(isinstance(w, Mapping) for w in words):
         texts = [_word_text(w.get("text"), f"words[{i}].text") for i, w in enumerate(words)]
         raw_boxes = [w.get("box") for w in words]
-        non_visual = [i for i, w in enumerate(words) if w.get("non_visual")]
+        non_visual = [i for i, w in enumerate(words) if _flag(w.get("non_visual"), f"words[{i}].non_visual")]
     elif all(isinstance(w, str) for w in words):
         texts = [_word_text(w, f"words[{i}]") for i, w in enumerate(words)]
         raw_boxes = data.get("boxes")
@@ -440,7 +450,8 @@ def apply_edit(state: AnnotateState | None, op: Mapping[str, Any]) -> tuple[Anno
             message = f"moved the box of “{words[i]['text']}”"
     elif kind == "non_visual":
         i = _index(op, new)
-        words[i]["non_visual"] = bool(op.get("value", not words[i]["non_visual"]))
+        value = _flag(op.get("value"), "the non_visual value") if op.get("value") is not None else None
+        words[i]["non_visual"] = (not words[i]["non_visual"]) if value is None else value
         message = f"“{words[i]['text']}” is {'non-visual' if words[i]['non_visual'] else 'visual'}"
     elif kind == "trace":
         if new["task"] != "caption":
