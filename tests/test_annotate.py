@@ -587,7 +587,8 @@ def test_a_document_the_server_lost_is_saved_from_the_page_unless_superseded(stu
 def _kept_copy(view: dict) -> dict:
     """What static/annotate.js keeps in localStorage for a page showing `view` (and sends back on Restore)."""
     src = view["source"]
-    return {"opened": view["opened"], "task": view["task"], "timed_caption": view["timed_caption"],
+    return {"opened": view["opened"], "login": view["login"], "task": view["task"],
+            "timed_caption": view["timed_caption"],
             "traces": view["traces"],
             "source": {"image_sha": src["image_sha"], "generation_id": src["generation_id"],
                        "correction_id": src["correction_id"]},
@@ -704,6 +705,29 @@ def test_undo_after_restoring_kept_edits_made_on_another_base_goes_back_to_the_o
     fresh, view = an.save(studio, fresh, "draft", "ana")
     saved = annotation_store.head(head)
     assert saved["parent_id"] == head and saved["words"][0] == "undone"
+
+
+def test_a_copy_kept_under_another_login_is_not_restored(studio, captioned):
+    """Behind --auth the page keeps its unsaved edits under the signed-in login (the editor value names it,
+    `with_login`) and offers only that login's copies; the server also refuses a copy kept under another login
+    (or made without one), and without --auth one made under a login."""
+    state = _opened(studio, captioned)
+    assert an.editor_value(state)["login"] == ""
+    state, view = an.with_login(an.edit_event(state, {"op": "text", "i": 0, "text": "ritas"}), "rita")
+    assert view["login"] == "rita"
+    copy_ = _kept_copy(view)
+    assert copy_["login"] == "rita"
+    for login, kept in (("sam", "rita"), ("sam", ""), (None, "rita"), ("rita", None)):
+        fresh, _ = an.open_item(studio, None, {"kind": "generation", "id": captioned.last["generation_id"]})
+        with pytest.raises(gr.Error, match="another login"):
+            an.restore_kept(studio, fresh, {**copy_, "login": kept}, login)
+        assert not fresh.dirty
+    fresh, _ = an.open_item(studio, None, {"kind": "generation", "id": captioned.last["generation_id"]})
+    fresh, view = an.restore_kept(studio, fresh, copy_, "rita")
+    assert view["dirty"] and view["words"][0]["text"] == "ritas"
+    fresh, _ = an.open_item(studio, None, {"kind": "generation", "id": captioned.last["generation_id"]})
+    fresh, view = an.restore_kept(studio, fresh, {**copy_, "login": ""}, None)  # no --auth, no login: restored
+    assert view["dirty"]
 
 
 def test_a_non_visual_flag_that_is_not_a_boolean_is_refused(studio, captioned):

@@ -641,12 +641,11 @@ def test_unsaved_edits_survive_a_reload_and_are_restored_onto_their_output(page:
 
 
 def test_a_copy_removed_by_another_tab_is_kept_again_while_its_edits_are_unsaved(page: Page, annotate_app):
-    """Two tabs of one browser on the same output: the second is offered the first's copy (it cannot tell a live tab
-    from a closed one) and discards it. The first tab's edits are still unsaved and its source line still says
-    "kept in this browser", so leaving it would have lost them: its copy is written back."""
+    """Two tabs of one browser: the second one removes the first one's copy (its pruning of the oldest copies, a
+    cleared storage). The first tab's edits are still unsaved and its source line still says "kept in this
+    browser", so leaving it would have lost them: its copy is written back."""
     errors = _watched(page, annotate_app.url)
     _caption_then_annotate(page, 1)
-    mine = annotate_app.store.list_generations(limit=1)[0]
     root = page.locator(f"{EDITOR} .pa-root")
     chips = page.locator(f"{EDITOR} .pa-word")
     chips.first.click()
@@ -656,16 +655,110 @@ def test_a_copy_removed_by_another_tab_is_kept_again_while_its_edits_are_unsaved
 
     other = page.context.new_page()
     other_errors = _watched(other, annotate_app.url)
-    _browse_open(other, "generation", mine["id"])
-    expect(other.locator(f"{EDITOR} .pa-kept")).to_be_visible()
-    other.locator(f"{EDITOR} .pa-kept-discard").click()
-    expect(other.locator(f"{EDITOR} .pa-kept")).to_be_hidden()
+    other.evaluate("(p) => Object.keys(localStorage).filter((k) => k.startsWith(p)).forEach((k) => "
+                   "localStorage.removeItem(k))", KEPT_PREFIX)
     page.wait_for_function("(p) => Object.keys(localStorage).some((k) => k.startsWith(p))", arg=KEPT_PREFIX,
                            timeout=5000)
     expect(root).to_have_attribute("data-kept", "1")
     expect(page.locator(f"{EDITOR} .pa-source")).to_contain_text("unsaved edits (kept in this browser)")
     other.close()
     assert not errors and not other_errors, (errors, other_errors)
+
+
+def test_a_tab_still_editing_is_not_offered_its_copy_in_another_tab(page: Page, annotate_app):
+    """Two tabs of one browser on the same output: the second one was offered (and could restore or discard) the
+    copy of the first one, still open and editing. The editing tab now refreshes a heartbeat on its copy: the other
+    tab is not offered it (its empty editor hints it as being edited in another tab); once the editing tab is left,
+    its copy is offered there."""
+    errors = _watched(page, annotate_app.url)
+    _caption_then_annotate(page, 1)
+    mine = annotate_app.store.list_generations(limit=1)[0]
+    root = page.locator(f"{EDITOR} .pa-root")
+    chips = page.locator(f"{EDITOR} .pa-word")
+    chips.first.click()
+    chips.first.press("n")
+    expect(root).to_have_attribute("data-kept", "1")
+
+    other = page.context.new_page()
+    other_errors = _watched(other, annotate_app.url)
+    _browse_open(other, "generation", mine["id"])
+    kept = other.locator(f"{EDITOR} .pa-kept")
+    expect(kept).to_be_hidden()
+    assert _kept_count(other) == 1
+    beat = page.evaluate("(p) => JSON.parse(localStorage.getItem(Object.keys(localStorage).find((k) => "
+                         "k.startsWith(p)))).beat", KEPT_PREFIX)
+    assert isinstance(beat, (int, float)) and beat > 0
+    other.reload()  # an empty editor hints the copy, as being edited in another tab
+    other.get_by_role("tab", name="Annotate").click()
+    expect(other.locator(f"{EDITOR} .pa-status")).to_contain_text(
+        f"generation #{mine['id']} (a new chain) (", timeout=TIMEOUT)
+    expect(other.locator(f"{EDITOR} .pa-status")).to_contain_text("being edited in another tab")
+    _browse_open(other, "generation", mine["id"])
+    expect(kept).to_be_hidden()
+
+    page.close(run_before_unload=True)  # the leave-page prompt is accepted: the copy is no longer being edited
+    expect(kept).to_be_visible()
+    other.locator(f"{EDITOR} .pa-kept-restore").click()
+    expect(other.locator(f"{EDITOR} .pa-word").first).to_have_class(re.compile(r"\bpa-nv\b"))
+    expect(other.locator(f"{EDITOR} .pa-root")).to_have_attribute("data-dirty", "1")
+    assert not errors and not other_errors, (errors, other_errors)
+
+
+def _login(page: Page, user: str, password: str) -> None:
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+def test_unsaved_edits_kept_under_a_login_are_offered_to_that_login_only(page: Page, app_checkpoint,
+                                                                         example_images, tmp_path):
+    """`--auth`, two logins in one browser profile: the copy of unsaved edits kept by one was hinted and offered to
+    the other (whose restore and save stored them under its own name). A copy now records its login and is hinted and
+    offered to that login only."""
+    studio = start_studio(app_checkpoint, example_images, tmp_path / "annotations.db",
+                          auth=[("rita", "pw-1"), ("sam", "pw-2")])
+    try:
+        errors = _watched(page, studio.url)
+        logout = studio.url.rstrip("/") + "/logout"
+        _login(page, "rita", "pw-1")
+        _caption_then_annotate(page)
+        mine = studio.store.list_generations(limit=1)[0]
+        root = page.locator(f"{EDITOR} .pa-root")
+        chips = page.locator(f"{EDITOR} .pa-word")
+        chips.first.click()
+        chips.first.press("n")
+        expect(root).to_have_attribute("data-kept", "1")
+
+        page.goto(logout)  # the leave-page prompt is accepted
+        _login(page, "sam", "pw-2")
+        page.get_by_role("tab", name="Annotate").click()
+        expect(page.locator("#annotate-annotator input, #annotate-annotator textarea").first).to_have_value("sam")
+        status = page.locator(f"{EDITOR} .pa-status")
+        _browse_open(page, "generation", mine["id"])
+        kept = page.locator(f"{EDITOR} .pa-kept")
+        expect(kept).to_be_hidden()
+        assert _kept_count(page) == 1  # rita's copy stays hers
+        page.reload()
+        page.get_by_role("tab", name="Annotate").click()
+        expect(page.locator("#annotate-annotator input, #annotate-annotator textarea").first).to_have_value("sam")
+        expect(status).not_to_contain_text("kept in this browser")
+
+        page.goto(logout)
+        _login(page, "rita", "pw-1")
+        page.get_by_role("tab", name="Annotate").click()
+        expect(status).to_contain_text(f"Unsaved edits are kept in this browser for generation #{mine['id']}")
+        _browse_open(page, "generation", mine["id"])
+        expect(kept).to_be_visible()
+        page.locator(f"{EDITOR} .pa-kept-restore").click()
+        expect(chips.first).to_have_class(re.compile(r"\bpa-nv\b"))
+        expect(root).to_have_attribute("data-dirty", "1")
+        expect(root).to_have_attribute("data-kept", "1")
+        logins = page.evaluate("(p) => Object.keys(localStorage).filter((k) => k.startsWith(p)).map((k) => "
+                               "JSON.parse(localStorage.getItem(k)).login)", KEPT_PREFIX)
+        assert logins == ["rita"]  # the restored edits are kept under rita again
+        assert not errors, errors
+    finally:
+        stop_studio(studio)
 
 
 def test_unsaved_edits_survive_a_server_restart(page: Page, app_checkpoint, example_images, tmp_path):

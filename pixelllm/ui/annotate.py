@@ -46,6 +46,7 @@ from pixelllm.ui.annotate_doc import (
     require_doc,
     trace_point_count,
     undo,
+    with_login,
 )
 from pixelllm.ui.annotate_open import open_current, open_item, restore_from_view, restore_kept
 
@@ -53,7 +54,7 @@ __all__ = [
     "API_KEYS", "EDIT_STATUSES", "MAX_COMMENT_CHARS", "api_save_correction", "client_token_for", "edit_event",
     "editor_value", "follow_reviews", "history_event", "open_current", "open_item", "redo", "refused",
     "restore_from_view", "restore_kept", "review", "save", "save_correction_from_editor", "signed_in_name",
-    "static_dir", "undo",
+    "static_dir", "undo", "with_login",
 ]
 
 log = logging.getLogger(__name__)

@@ -519,7 +519,9 @@ def editor_value(state: AnnotateState | None, message: str = "", *, level: str =
     """The JSON the editor (static/annotate.js) draws. Boxes are pixels of the image, traces normalised;
     all text reaches the page through textContent. `opened` identifies this opening of the document (the page keeps
     its unsaved edits in the browser under it); `discarded` names the opening whose unsaved edits an open just
-    discarded (the page drops their copy), `restored` the copy a restore just took over."""
+    discarded (the page drops their copy), `restored` the copy a restore just took over. `login` is who is signed in
+    ("" without --auth; the Annotate tab's handlers fill it in, `with_login`): the page offers only copies kept
+    under it."""
     state = as_state(state)
     doc = state.doc
     image = None
@@ -540,6 +542,14 @@ def editor_value(state: AnnotateState | None, message: str = "", *, level: str =
         "rev": state.rev, "dirty": state.dirty, "can_undo": bool(state.history), "can_redo": bool(state.future),
         "source": {"generation_id": state.generation_id, "correction_id": state.head_id,
                    "status": state.head_status, "image": sha[:12] if sha else None, "image_sha": sha},
-        "opened": state.opened, "discarded": discarded, "restored": restored,
+        "opened": state.opened, "discarded": discarded, "restored": restored, "login": "",
         "store": store_ok, "message": message, "level": level,
     }
+
+
+def with_login(out: Any, login: str | None) -> Any:
+    """A handler's (state, editor value) with the signed-in login ("" without --auth) put in the editor value: the
+    page keeps its unsaved edits under it and offers only that login's copies (static/annotate.js)."""
+    if isinstance(out, tuple) and len(out) >= 2 and isinstance(out[1], dict) and "opened" in out[1]:
+        out[1]["login"] = login or ""
+    return out

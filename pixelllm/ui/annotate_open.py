@@ -232,7 +232,8 @@ def _positive_id(value: Any) -> int | None:
 
 
 @ws.user_errors
-def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> tuple[AnnotateState, dict]:
+def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any, login: str | None = None
+                 ) -> tuple[AnnotateState, dict]:
     """The editor's "restore" event: unsaved edits the page kept in the browser (localStorage) before a reload or
     a server restart, offered when their output is opened again, become this editor's unsaved edits (one undoable
     step: undo goes back to the version just opened); Save draft / Submit then store them as usual.
@@ -243,7 +244,10 @@ def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> t
     the next save supersedes the correction the edits were made on (`correction_id`, its status read from the
     store), as it would have before the reload — a review made since is followed and an edit saved by someone
     else since makes the save fail as superseded, as for any save; when that base differs from the open head the
-    message says so."""
+    message says so.
+
+    `login` is who is signed in (None without --auth): a copy the page kept under another login (its `login`, ""
+    when made without one) is refused. The page offers none (the copy is the browser's, the login the server's)."""
     state = as_state(state)
     doc = require_doc(state)
     if studio.store is None:
@@ -251,6 +255,8 @@ def restore_kept(studio: ws.Studio, state: AnnotateState | None, data: Any) -> t
     if not isinstance(data, Mapping) or not isinstance(data.get("source"), Mapping):
         raise ValueError("nothing to restore")
     check_rev(state, data.get("rev"))
+    if (data.get("login") or "") != (login or ""):
+        raise ValueError("These unsaved edits were kept in this browser under another login: they are not restored.")
     if state.dirty:  # the offer stays on the page while the user edits: restoring would overwrite those edits
         raise ValueError("This editor has unsaved edits of its own: save or undo them before restoring the kept "
                          "ones (restoring would replace them).")

@@ -113,49 +113,56 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
                                "under your login") if login else gr.skip()
         if (st is None or st.doc is None) and isinstance(sess, ws.Session) and sess.last and sess.image:
             try:
-                st, view = an.open_current(studio, sess, st)
+                st, view = an.with_login(an.open_current(studio, sess, st), login)
                 return st, view, listing, name_field
             except gr.Error:
                 pass
+        if login and (st is None or st.doc is None):  # an empty editor hints the unsaved edits kept for this login
+            return gr.skip(), an.with_login((st, an.editor_value(st)), login)[1], listing, name_field
         return gr.skip(), gr.skip(), listing, name_field
 
-    def on_open_current(sess, st):
-        return an.open_current(studio, sess, st)
+    # every editor value carries the login (the page keeps its unsaved edits under it, offers only its copies)
+    def signed(out, request):
+        return an.with_login(out, getattr(request, "username", None))
 
-    def on_open_item(st, evt: gr.EventData):
-        return an.open_item(studio, st, evt._data)
+    def on_open_current(sess, st, request: gr.Request):
+        return signed(an.open_current(studio, sess, st), request)
 
-    def on_edit(st, evt: gr.EventData):
-        return an.edit_event(st, evt._data)
+    def on_open_item(st, evt: gr.EventData, request: gr.Request):
+        return signed(an.open_item(studio, st, evt._data), request)
 
-    def on_history(st, evt: gr.EventData):
-        return an.history_event(st, evt._data)
+    def on_edit(st, evt: gr.EventData, request: gr.Request):
+        return signed(an.edit_event(st, evt._data), request)
 
-    def on_restore(st, evt: gr.EventData):  # unsaved edits the page kept in the browser (a reload, a restart)
-        return an.restore_kept(studio, st, evt._data)
+    def on_history(st, evt: gr.EventData, request: gr.Request):
+        return signed(an.history_event(st, evt._data), request)
+
+    def on_restore(st, evt: gr.EventData, request: gr.Request):  # unsaved edits the page kept (a reload, a restart)
+        login = getattr(request, "username", None)
+        return signed(an.restore_kept(studio, st, evt._data, login), request)
 
     def named(name, request):  # behind --auth the login, else the typed name
         return an.signed_in_name(name, getattr(request, "username", None))
 
     # saves also get the editor's value (what the page shows): a document the server lost is restored from it
     def on_key_save(st, name, note, shown, evt: gr.EventData, request: gr.Request):
-        return an.save(studio, st, "draft", named(name, request), note, view=shown)
+        return signed(an.save(studio, st, "draft", named(name, request), note, view=shown), request)
 
     def on_save(st, name, note, shown, request: gr.Request):
-        return an.save(studio, st, "draft", named(name, request), note, view=shown)
+        return signed(an.save(studio, st, "draft", named(name, request), note, view=shown), request)
 
     def on_submit(st, name, note, shown, request: gr.Request):
-        return an.save(studio, st, "submitted", named(name, request), note, view=shown)
+        return signed(an.save(studio, st, "submitted", named(name, request), note, view=shown), request)
 
     def on_autosave(st, name, note, shown, request: gr.Request):
-        st, view = an.save(studio, st, "draft", named(name, request), note, auto=True, view=shown)
+        st, view = signed(an.save(studio, st, "draft", named(name, request), note, auto=True, view=shown), request)
         return st, (gr.skip() if view is None else view)
 
     def on_accept(st, name, note, request: gr.Request):
-        return an.review(studio, st, named(name, request), True, note)
+        return signed(an.review(studio, st, named(name, request), True, note), request)
 
     def on_reject(st, name, note, request: gr.Request):
-        return an.review(studio, st, named(name, request), False, note)
+        return signed(an.review(studio, st, named(name, request), False, note), request)
 
     def on_export(chosen):
         return panels.export_for_page(studio, chosen)

@@ -580,8 +580,16 @@
   // open output and makes it this editor's unsaved edits on the correction they were made on; the usual save stores
   // them. Discard removes the copies of this output. Without a usable localStorage (private mode, full, disabled)
   // the editor works as before and the source line says the edits are not kept.
+  // A copy records the login it was made under (view.login: "" without --auth): only copies of the signed-in login
+  // are offered or hinted, never another login's edits in the same browser profile. A tab with unsaved edits also
+  // refreshes the `beat` of its copy (each render, every BEAT_MS, and 0 when the page is left): a copy with a beat
+  // younger than LIVE_MS is being edited in another tab, so it is not offered there (only hinted), until that tab
+  // saves, leaves or stops beating (closed, crashed).
   const KEEP_PREFIX = "pixelllm-annotate-unsaved:";
   const KEEP_MAX = 5;
+  const BEAT_MS = 10000;
+  // Chrome throttles the timers of a tab hidden for 5 minutes to once a minute: a live copy must outlast that
+  const LIVE_MS = 90000;
   let kept = "";          // "1": the unsaved edits shown are kept in this browser, "0": they could not be kept
   let lastOpened = null;  // view.opened last rendered
   let offered = null;     // {copy, all}: the copy the bar offers, and every copy of this output
@@ -618,7 +626,8 @@
     if (!view.opened || !src.image_sha || !words().length) return "";
     const s = storage();
     if (!s) return "0";
-    const copy = JSON.stringify({ v: 1, opened: view.opened, saved_at: Date.now(), task: view.task,
+    const now = Date.now();
+    const copy = JSON.stringify({ v: 1, opened: view.opened, saved_at: now, beat: now, login: view.login || "", task: view.task,
       source: { image_sha: src.image_sha, generation_id: idOrNull(src.generation_id), correction_id: idOrNull(src.correction_id) },
       words: words().map((w) => ({ text: w.text, box: w.box, non_visual: !!w.non_visual })),
       timed_caption: view.timed_caption || [], traces: view.traces || [] });
@@ -646,6 +655,17 @@
     if (typeof source.correction_id === "number") return "correction #" + source.correction_id;
     return typeof source.generation_id === "number" ? "generation #" + source.generation_id + " (a new chain)" : "this output";
   }
+  function beat(at) {  // refresh (or, at 0, clear) the beat of this page's copy: it is being edited here
+    const s = storage();
+    if (!s || !view.opened) return;
+    const key = KEEP_PREFIX + view.opened;
+    try {
+      const c = JSON.parse(s.getItem(key));
+      if (c && typeof c === "object" && Array.isArray(c.words)) { c.beat = at; s.setItem(key, JSON.stringify(c)); }
+    } catch (e) { /* unreadable or full storage: the copy keeps its beat */ }
+  }
+  const ownLogin = (c) => (typeof c.login === "string" ? c.login : "") === (view.login || "");
+  const beingEdited = (c) => c.opened !== view.opened && typeof c.beat === "number" && Math.abs(Date.now() - c.beat) < LIVE_MS;
   function hideOffer() { offered = null; keptBar.hidden = true; }
   function offerKept() {  // a document was just opened: offer the newest copy kept for this same output
     hideOffer();
@@ -653,7 +673,7 @@
     if (!view.opened || !src.image_sha || !words().length) return;
     const gen = idOrNull(src.generation_id), head = idOrNull(src.correction_id);
     // the same output: the same image and generation (a correction without a generation: the same correction)
-    const mine = keptCopies().filter((c) => !c.broken && c.opened !== view.opened && c.source.image_sha === src.image_sha
+    const mine = keptCopies().filter((c) => !c.broken && c.opened !== view.opened && ownLogin(c) && !beingEdited(c) && c.source.image_sha === src.image_sha
       && idOrNull(c.source.generation_id) === gen && (gen !== null || (head !== null && idOrNull(c.source.correction_id) === head)));
     if (!mine.length) return;
     const c = mine[0];
@@ -668,9 +688,10 @@
     keptBar.hidden = false;
   }
   function hintKept() {  // an empty editor: say which outputs have unsaved edits waiting in this browser
-    const copies = keptCopies().filter((c) => !c.broken);
+    const copies = keptCopies().filter((c) => !c.broken && ownLogin(c));
     if (!copies.length) return;
-    say("Unsaved edits are kept in this browser for " + copies.map((c) => label(c.source) + " (" + when(c.saved_at) + ")").join(", ")
+    say("Unsaved edits are kept in this browser for " + copies.map((c) => label(c.source) + " (" + when(c.saved_at)
+      + (beingEdited(c) ? ", being edited in another tab" : "") + ")").join(", ")
       + ": open it again (Browse) to restore them.", "warn");
   }
   function syncKept() {  // each render: keep or drop this document's copy; offer a kept one after an open
@@ -693,19 +714,35 @@
   // reload would lose them. The copy is written back (or the line says it is not kept).
   if (window.__pixelllmAnnotateStorage) window.removeEventListener("storage", window.__pixelllmAnnotateStorage);
   window.__pixelllmAnnotateStorage = (evt) => {
-    if (!root.isConnected || !view.opened || !view.dirty || evt.newValue !== null || evt.storageArea !== storage()) return;
+    if (!root.isConnected || !view.opened || evt.storageArea !== storage()) return;
+    // another tab's copy changed (its beat stopped: it left): an open document with nothing offered may be offered it
+    if (evt.key && evt.key.indexOf(KEEP_PREFIX) === 0 && evt.key !== KEEP_PREFIX + view.opened && !offered && !view.dirty
+      && !restoring) {
+      offerKept();
+      return;
+    }
+    if (!view.dirty || evt.newValue !== null) return;
     if (evt.key !== null && evt.key !== KEEP_PREFIX + view.opened) return;  // key null: the storage was cleared
     kept = keep(true);
     root.dataset.kept = kept;
     sourceLine();
   };
   window.addEventListener("storage", window.__pixelllmAnnotateStorage);
+  // the heartbeat of this tab's copy, and its end when the page is left (after the leave-page prompt): a reload
+  // offers it at once
+  if (window.__pixelllmAnnotateBeat) clearInterval(window.__pixelllmAnnotateBeat);
+  window.__pixelllmAnnotateBeat = setInterval(() => {
+    if (root.isConnected && view.opened && view.dirty && kept === "1") beat(Date.now());
+  }, BEAT_MS);
+  if (window.__pixelllmAnnotateLeave) window.removeEventListener("pagehide", window.__pixelllmAnnotateLeave);
+  window.__pixelllmAnnotateLeave = () => { if (root.isConnected && view.opened && view.dirty && kept === "1") beat(0); };
+  window.addEventListener("pagehide", window.__pixelllmAnnotateLeave);
   btn("kept-restore").addEventListener("click", () => {
     if (!offered || rec || !view.words) return;
     const c = offered.copy;
     restoring = offered.all;
     hideOffer();
-    trigger("restore", { source: c.source, opened: c.opened, task: c.task, words: c.words,
+    trigger("restore", { source: c.source, opened: c.opened, login: typeof c.login === "string" ? c.login : "", task: c.task, words: c.words,
       timed_caption: c.timed_caption || [], traces: c.traces || [], rev: view.rev });
   });
   btn("kept-discard").addEventListener("click", () => {
