@@ -49,6 +49,15 @@ def app(page: Page, annotate_app):
     assert not errors, errors
 
 
+def _first_word_marked_non_visual(page: Page):
+    """An unsaved edit in the open editor (its first word marked non-visual with `n`); returns (root, word chips)."""
+    root = page.locator(f"{EDITOR} .pa-root")
+    chips = page.locator(f"{EDITOR} .pa-word")
+    chips.first.click()
+    chips.first.press("n")
+    return root, chips
+
+
 def _caption_then_annotate(page: Page, example: int = 0) -> int:
     """Caption an example in the first tab, switch to Annotate (which opens that output); returns the word count."""
     page.locator("#examples button").nth(example).click()
@@ -646,10 +655,7 @@ def test_a_copy_removed_by_another_tab_is_kept_again_while_its_edits_are_unsaved
     browser", so leaving it would have lost them: its copy is written back."""
     errors = _watched(page, annotate_app.url)
     _caption_then_annotate(page, 1)
-    root = page.locator(f"{EDITOR} .pa-root")
-    chips = page.locator(f"{EDITOR} .pa-word")
-    chips.first.click()
-    chips.first.press("n")
+    root, chips = _first_word_marked_non_visual(page)  # an unsaved edit
     expect(root).to_have_attribute("data-kept", "1")
     assert _kept_count(page) == 1
 
@@ -673,10 +679,7 @@ def test_a_tab_still_editing_is_not_offered_its_copy_in_another_tab(page: Page, 
     errors = _watched(page, annotate_app.url)
     _caption_then_annotate(page, 1)
     mine = annotate_app.store.list_generations(limit=1)[0]
-    root = page.locator(f"{EDITOR} .pa-root")
-    chips = page.locator(f"{EDITOR} .pa-word")
-    chips.first.click()
-    chips.first.press("n")
+    root, chips = _first_word_marked_non_visual(page)  # an unsaved edit
     expect(root).to_have_attribute("data-kept", "1")
 
     other = page.context.new_page()
@@ -723,10 +726,7 @@ def test_unsaved_edits_kept_under_a_login_are_offered_to_that_login_only(page: P
         _login(page, "rita", "pw-1")
         _caption_then_annotate(page)
         mine = studio.store.list_generations(limit=1)[0]
-        root = page.locator(f"{EDITOR} .pa-root")
-        chips = page.locator(f"{EDITOR} .pa-word")
-        chips.first.click()
-        chips.first.press("n")
+        root, chips = _first_word_marked_non_visual(page)  # an unsaved edit
         expect(root).to_have_attribute("data-kept", "1")
 
         page.goto(logout)  # the leave-page prompt is accepted
@@ -846,10 +846,7 @@ def test_without_browser_storage_the_editor_works_and_says_edits_are_not_kept(pa
         throw new DOMException("The quota has been exceeded.", "QuotaExceededError"); };""")
     errors = _watched(page, annotate_app.url)
     _caption_then_annotate(page, 2)
-    root = page.locator(f"{EDITOR} .pa-root")
-    chips = page.locator(f"{EDITOR} .pa-word")
-    chips.first.click()
-    chips.first.press("n")
+    root, chips = _first_word_marked_non_visual(page)  # an unsaved edit
     expect(root).to_have_attribute("data-dirty", "1")
     expect(root).to_have_attribute("data-kept", "0")
     expect(page.locator(f"{EDITOR} .pa-source")).to_contain_text("NOT kept in this browser")
