@@ -62,8 +62,12 @@ def _caption_then_annotate(page: Page, example: int = 0) -> int:
     """Caption an example in the first tab, switch to Annotate (which opens that output); returns the word count."""
     page.locator("#examples button").nth(example).click()
     expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
-    page.locator("#generate").click()
     root = page.locator("#caption-viewer .px-root")
+    # the example's own (reset) view has arrived: after an earlier caption of the same image the picture is already
+    # shown and "done" still stands, so without this a Generate racing the image load could be read as finished
+    expect(root).to_have_attribute("data-status", "idle", timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-words", "0")
+    page.locator("#generate").click()
     expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     n = int(root.get_attribute("data-words"))
     assert n >= 2
@@ -705,6 +709,86 @@ def test_a_tab_still_editing_is_not_offered_its_copy_in_another_tab(page: Page, 
     expect(other.locator(f"{EDITOR} .pa-word").first).to_have_class(re.compile(r"\bpa-nv\b"))
     expect(other.locator(f"{EDITOR} .pa-root")).to_have_attribute("data-dirty", "1")
     assert not errors and not other_errors, (errors, other_errors)
+
+
+@pytest.mark.parametrize("then", ["submit", "discard"])
+def test_a_restored_copy_is_not_offered_again_when_it_could_not_be_kept_again(page: Page, annotate_app, then):
+    """A restore makes a kept copy this opening's unsaved edits, kept again under this opening; the copy restored
+    went once that keep succeeded. When it failed for another reason than a full storage (setItem throwing some
+    other error), the copy was never dropped: submitted (or discarded by opening the output again), its edits were
+    offered again on the next open. It now stays only while its edits are unsaved here and goes with them."""
+    errors = _watched(page, annotate_app.url)
+    _caption_then_annotate(page, 2)
+    mine = annotate_app.store.list_generations(limit=1)[0]
+    root, chips = _first_word_marked_non_visual(page)  # an unsaved edit
+    expect(root).to_have_attribute("data-kept", "1")
+    page.reload()
+    page.evaluate("""() => { Storage.prototype.setItem = function () {
+        throw new DOMException("The operation is insecure.", "SecurityError"); }; }""")
+    kept = page.locator(f"{EDITOR} .pa-kept")
+    status = page.locator(f"{EDITOR} .pa-status")
+    _browse_open(page, "generation", mine["id"])
+    expect(kept).to_be_visible()
+    page.locator(f"{EDITOR} .pa-kept-restore").click()
+    expect(chips.first).to_have_class(re.compile(r"\bpa-nv\b"))
+    expect(root).to_have_attribute("data-dirty", "1")
+    expect(root).to_have_attribute("data-kept", "0")  # not kept again under this opening
+    assert _kept_count(page) == 1  # the copy restored stays while its edits are unsaved here
+    if then == "submit":
+        page.locator("#annotate-annotator input, #annotate-annotator textarea").first.fill("restorer")
+        page.locator("#annotate-submit").click()
+        expect(status).to_contain_text("Submitted as correction #", timeout=TIMEOUT)
+        assert annotate_app.store.list_corrections(annotator="restorer")[0]["non_visual"] == [0]
+    else:  # open the output again, twice: its unsaved edits are discarded
+        row = page.locator(f'#annotate-list tr.pl-row[data-kind="generation"][data-id="{mine["id"]}"]')
+        row.click()
+        expect(page.get_by_text("open again to discard them")).to_be_visible()
+        row.click()
+        expect(status).to_contain_text(f"Opened generation #{mine['id']}", timeout=TIMEOUT)
+        expect(kept).to_be_hidden()
+    expect(root).to_have_attribute("data-dirty", "0")
+    assert _kept_count(page) == 0
+
+    page.reload()
+    page.get_by_role("tab", name="Annotate").click()
+    expect(root).to_have_attribute("data-status", "empty")
+    expect(status).not_to_contain_text("kept in this browser")
+    _browse_open(page, "generation", mine["id"])
+    expect(kept).to_be_hidden()
+    assert not errors, errors
+
+
+def test_a_copy_older_than_the_age_limit_is_dropped_not_offered(page: Page, annotate_app):
+    """Kept copies had no expiry but the 5-copy cap: edits left unsaved months ago were offered forever. A copy
+    whose edits are older than KEEP_MAX_AGE (14 days) is dropped; a younger one is still hinted and offered."""
+    errors = _watched(page, annotate_app.url)
+    _caption_then_annotate(page, 1)
+    mine = annotate_app.store.list_generations(limit=1)[0]
+    root, chips = _first_word_marked_non_visual(page)  # an unsaved edit
+    expect(root).to_have_attribute("data-kept", "1")
+    page.reload()
+    age = """([p, days]) => { const key = Object.keys(localStorage).find((k) => k.startsWith(p));
+        const c = JSON.parse(localStorage.getItem(key));
+        c.saved_at = Date.now() - days * 24 * 3600 * 1000; c.beat = 0;
+        localStorage.setItem(key, JSON.stringify(c)); }"""
+    status = page.locator(f"{EDITOR} .pa-status")
+    kept = page.locator(f"{EDITOR} .pa-kept")
+    for days, offered in ((13, True), (15, False)):
+        page.evaluate(age, [KEPT_PREFIX, days])
+        page.reload()  # nothing unsaved: no prompt
+        page.get_by_role("tab", name="Annotate").click()
+        expect(root).to_have_attribute("data-status", "empty")
+        if offered:
+            expect(status).to_contain_text(f"Unsaved edits are kept in this browser for generation #{mine['id']}")
+        else:
+            expect(status).not_to_contain_text("kept in this browser")
+        _browse_open(page, "generation", mine["id"])
+        if offered:
+            expect(kept).to_be_visible()
+        else:
+            expect(kept).to_be_hidden()
+        assert _kept_count(page) == (1 if offered else 0)
+    assert not errors, errors
 
 
 def _login(page: Page, user: str, password: str) -> None:

@@ -590,10 +590,16 @@
   const BEAT_MS = 10000;
   // Chrome throttles the timers of a tab hidden for 5 minutes to once a minute: a live copy must outlast that
   const LIVE_MS = 90000;
+  // a copy left untouched this long (no edit, no beat of a tab editing it) is dropped, not offered: the 5-copy cap
+  // alone kept edits abandoned months ago and offered them on a base long since moved on, in clear text in a
+  // possibly shared browser. Two weeks still cover a weekend, a holiday week or a server down for days.
+  const KEEP_MAX_AGE_MS = 14 * 24 * 3600 * 1000;
   let kept = "";          // "1": the unsaved edits shown are kept in this browser, "0": they could not be kept
   let lastOpened = null;  // view.opened last rendered
   let offered = null;     // {copy, all}: the copy the bar offers, and every copy of this output
-  let restoring = null;   // the copies a restore replaces, dropped once the server has taken it
+  let restoring = null;   // the copies a restore replaces, until the server has taken it
+  let taken = null;       // {opened, all}: the copies a restore took over, dropped once kept again under view.opened
+                          // or once their edits are no longer unsaved here (till then they stand in for a failed keep)
   function storage() {
     try { return window.localStorage || null; } catch (e) { return null; }  // disabled: a SecurityError
   }
@@ -603,15 +609,22 @@
     catch (e) { /* unreadable storage: nothing kept */ }
     return keys;
   }
-  function keptCopies() {  // newest first; an unreadable entry counts as the oldest (the first to go)
+  function keptCopies() {  // newest first; an unreadable entry counts as the oldest (the first to go); expired dropped
     const s = storage();
     if (!s) return [];
+    const now = Date.now();
+    const expired = (c) => !c.broken && c.opened !== view.opened
+      && now - Math.max(c.saved_at, typeof c.beat === "number" ? c.beat : 0) > KEEP_MAX_AGE_MS;
     return keptKeys(s).map((key) => {
       let c = null;
       try { c = JSON.parse(s.getItem(key)); } catch (e) { c = null; }
       const ok = c && typeof c === "object" && c.source && typeof c.source === "object" && Array.isArray(c.words)
         && typeof c.saved_at === "number" && c.opened === key.slice(KEEP_PREFIX.length);
       return ok ? c : { opened: key.slice(KEEP_PREFIX.length), saved_at: -1, broken: true };
+    }).filter((c) => {
+      if (!expired(c)) return true;
+      forget(c.opened);
+      return false;
     }).sort((a, b) => b.saved_at - a.saved_at);
   }
   function forget(opened) {
@@ -694,7 +707,15 @@
       + (beingEdited(c) ? ", being edited in another tab" : "") + ")").join(", ")
       + ": open it again (Browse) to restore them.", "warn");
   }
+  function dropTaken() {
+    if (taken) taken.all.forEach((o) => { if (o !== taken.opened) forget(o); });
+    taken = null;
+  }
   function syncKept() {  // each render: keep or drop this document's copy; offer a kept one after an open
+    // the server took the restored copy (it now lives under view.opened), or found it equal to the open version
+    if (view.restored && restoring) { taken = { opened: view.opened, all: restoring }; restoring = null; }
+    // whatever keep() does, the copies restored go with their edits: saved, undone or discarded (before any offer)
+    if (taken && (taken.opened !== view.opened || !view.dirty)) dropTaken();
     if ((view.opened || null) !== lastOpened) {
       if (view.discarded && view.discarded === lastOpened) forget(view.discarded);  // opened again to discard them
       lastOpened = view.opened || null;
@@ -702,11 +723,7 @@
     }
     if (view.opened && view.dirty) kept = keep();
     else { forget(view.opened); kept = ""; }
-    // the server took the restored copy (it now lives under view.opened), or found it equal to the open version
-    if (view.restored && restoring && (kept === "1" || !view.dirty)) {
-      restoring.forEach((o) => { if (o !== view.opened) forget(o); });
-      restoring = null;
-    }
+    if (kept === "1") dropTaken();  // kept again under view.opened
     root.dataset.kept = kept;
   }
   // Another tab of this browser removed this page's copy while its edits are still unsaved here (a Discard or a
