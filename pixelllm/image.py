@@ -85,16 +85,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
-    """Accept an HxWx3 / HxWx4 / HxW array or a PIL image; return HxWx3 uint8 at the image's own size (a PIL
-    image is converted as `load_image` does, EXIF orientation included, but never downscaled: the caller's
-    boxes and prompts are in its pixels, as they are for an array). Arrays that are not uint8 follow
-    `_to_uint8` (floats in [0, 1], 16-bit integers, bool masks); above MAX_PIXELS they are refused as PIL images
-    are, from their shape."""
+    """Accept an HxWx3 / HxWx4 / HxW array (or nested lists of one) or a PIL image; return HxWx3 uint8 at the
+    image's own size (a PIL image is converted as `load_image` does, EXIF orientation included, but never
+    downscaled: the caller's boxes and prompts are in its pixels, as they are for an array). Arrays that are not
+    uint8 follow `_to_uint8` (floats in [0, 1], 16-bit integers, bool masks); above MAX_PIXELS they are refused as
+    PIL images are, from their shape (a nested list's from its first row, before numpy converts it)."""
     if isinstance(image, Image.Image):
         return load_image(image, max_side=max(image.size))
     if image is None or isinstance(image, (str, bytes, Path)):  # np.asarray makes a 0-d array of them
         raise ValueError(f"the image must be an HxWx3 array or a PIL image, got {type(image).__name__} (for a "
                          "file, pass pixelllm.image.load_image(path))")
+    if isinstance(image, (list, tuple)):
+        _check_nested_pixel_count(image)
     arr = np.asarray(image)  # no copy of an array (nor of a tensor on the CPU)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         hint = " (channels first? give HxWxC)" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
@@ -105,6 +107,20 @@ def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     return np.ascontiguousarray(_to_uint8(arr)[..., :3])
+
+
+def _check_nested_pixel_count(rows: list | tuple) -> None:
+    """check_pixel_count for nested lists from their lengths (rows, then the first row's length or shape):
+    np.asarray converts every element of a list, so a 42 MP list took minutes and gigabytes before it was refused.
+    A ragged list is not measured further: numpy refuses it."""
+    first = rows[0] if len(rows) else None
+    if isinstance(first, (list, tuple)):
+        width = len(first)
+    elif isinstance(getattr(first, "shape", None), tuple) and len(first.shape) >= 1:  # rows given as arrays
+        width = first.shape[0]
+    else:
+        return  # empty, or one row of values: refused as not HxWx3 after np.asarray
+    check_pixel_count(width, len(rows))
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from pixelllm.store import StoreError
 from pixelllm.ui import api, records, render
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
+from pixelllm.ui.decoding import decoding_options
 
 torch.set_num_threads(1)
 
@@ -347,6 +348,41 @@ def test_sampling_without_seed_records_the_drawn_seed(studio, example_images):
     assert [x["text"] for x in again["words"]] == [x["text"] for x in view["words"]]
     _, drawn, _, files, _ = _run(studio, session, max_words=5, sampling=True, seed=-1)  # the API's "random"
     assert json.loads(Path(files[0]).read_text())["decoding"]["seed"] >= 0
+
+
+@pytest.mark.parametrize("max_words, seed", [
+    (3.5, None), (True, None), (float("inf"), None), (float("nan"), None),  # 3.5 was 3, True 1, inf an OverflowError
+    (5, 1.5), (5, True), (5, float("inf")), (5, "abc"), (5, -2), (5, 2**63),  # True was seed 1
+], ids=["words-3.5", "words-true", "words-inf", "words-nan", "seed-1.5", "seed-true", "seed-inf", "seed-abc",
+        "seed--2", "seed-2^63"])
+def test_decoding_options_read_whole_numbers_as_the_library_does(max_words, seed):
+    """The form's max words and seed are read by the library's `whole_number`: max words 3.5 was cut to 3, True
+    taken as 1 word and infinity an OverflowError (a server error, not a message); seed True was 1."""
+    what = "seed" if seed is not None else "max words"
+    with pytest.raises(ValueError, match=f"^(the )?{what} must be"):
+        decoding_options(max_words, True, 1.0, 1.0, seed, default_words=8)
+
+
+@pytest.mark.parametrize("max_regions", [5.9, True, float("inf"), "abc", None])
+def test_dense_max_regions_is_read_as_a_whole_number(max_regions):
+    """Max regions went through int(): 5.9 became 5, True 1 region, and infinity an OverflowError (a server error,
+    not a message)."""
+    with pytest.raises(ValueError, match="^max regions must be a whole number"):
+        cb.dense_options(0.3, max_regions)
+    assert cb.dense_options("0.3", "7") == (0.3, 7) and cb.dense_options(0.3, 7.0) == (0.3, 7)
+
+
+def test_decoding_options_keep_big_seeds_exactly_and_draw_one_for_a_blank():
+    """Seeds went through float: 2^53 + 1 became 2^53 and 2^63 - 1 (in range) was refused as 2^63; a blank seed
+    ('' from an API caller) was passed on as '' and the predictor refused it instead of drawing one."""
+    for seed, kept in ((2**53 + 1, 2**53 + 1), (2**63 - 1, 2**63 - 1), (7.0, 7), ("7", 7), (0, 0)):
+        assert decoding_options(5, True, 1.0, 1.0, seed, default_words=8)["seed"] == kept, seed
+    for blank in ("", "  ", None, -1, "-1"):
+        drawn = decoding_options(5, True, 1.0, 1.0, blank, default_words=8)["seed"]
+        assert isinstance(drawn, int) and drawn >= 0, blank
+    assert decoding_options("3.0", False, 1.0, 1.0, None, default_words=8)["max_words"] == 3  # "3.0" was refused
+    with pytest.raises(ValueError, match="max words must be between 1 and 128"):  # the UI's own messages stay
+        decoding_options(0, False, 1.0, 1.0, None, default_words=8)
 
 
 

@@ -121,6 +121,52 @@ def test_an_array_above_the_pixel_limit_is_refused_like_a_pil_image_before_any_c
     assert imaging.as_rgb_array(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (1000, 800, 3))).shape == (1000, 800, 3)
 
 
+def _nested_lists(width: int, height: int) -> dict[str, list | tuple]:
+    """Nested lists (and tuples) of an image's shape that cost a few kB: every row is the same object."""
+    return {
+        "rgb-lists": [[[0, 0, 0]] * width] * height,
+        "grey-lists": [[0] * width] * height,
+        "rgb-tuples": ((((0, 0, 0),) * width),) * height,
+        "rows-as-arrays": [np.zeros((width, 3), np.uint8)] * height,
+    }
+
+
+@pytest.mark.parametrize("name", list(_nested_lists(1, 1)))
+def test_a_nested_list_above_the_pixel_limit_is_refused_from_its_shape_before_numpy_converts_it(name,
+                                                                                               small_predictor):
+    """A nested Python list reached np.asarray before the 40 MP check: a 7000x6000 RGB list of ints became a
+    1 GB int64 array (15 s) before it was refused. Now the PIL image's message, from the lengths alone."""
+    width, height = 7000, 6000  # 42 MP
+    with pytest.raises(ValueError) as from_pil:
+        imaging.as_rgb_array(Image.open(io.BytesIO(png_claiming(width, height))))
+    nested = _nested_lists(width, height)[name]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as from_list:
+            imaging.as_rgb_array(nested)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(from_list.value) == str(from_pil.value) == "image is 7000x6000 = 42 MP; the limit is 40 MP"
+    assert peak < 5_000_000, peak
+    with pytest.raises(ValueError) as through_set_image:
+        small_predictor.set_image(nested)
+    assert str(through_set_image.value) == str(from_pil.value)
+
+
+def test_small_nested_lists_are_still_images(small_predictor):
+    array = random_image(3, height=12, width=20)
+    for nested in (array.tolist(), tuple(map(tuple, array.tolist())), list(array)):  # list(array): rows as arrays
+        np.testing.assert_array_equal(imaging.as_rgb_array(nested), array)
+        assert small_predictor.set_image(nested).key == small_predictor.set_image(array).key
+    np.testing.assert_array_equal(imaging.as_rgb_array(array[..., 0].tolist()), np.stack([array[..., 0]] * 3, -1))
+    for bad, message in (([], "got an array of shape (0,)"), ([1, 2, 3], "got an array of shape (3,)"),
+                         ([[[1, 2]]] * 2, "got an array of shape (2, 1, 2)")):
+        with pytest.raises(ValueError) as info:
+            imaging.as_rgb_array(bad)
+        assert message in str(info.value), bad
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

@@ -43,16 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from pixelllm.files import write_atomically
+from training.data.localized_narratives import float_or_inf
 
 
 def xywh_to_box(bbox: list[float], width: float | None, height: float | None) -> list[float] | None:
     """[x, y, w, h] -> [x0, y0, x1, y1], clipped to the image if its size is given; None when under one pixel
     wide or high, or when a value is NaN or infinite (json reads `NaN`, `Infinity` and integers of any size; a NaN
     box passed every comparison and was written out)."""
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except OverflowError:  # an integer beyond float's range
-        return None
+    x, y, w, h = (float_or_inf(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         return None
     x0, y0, x1, y1 = x, y, x + w, y + h

@@ -22,7 +22,7 @@ import numpy as np
 from pixelllm import image as imaging
 from pixelllm.predictor import ServedBy
 from pixelllm.ui import records, render
-from pixelllm.ui.decoding import WordStream, cut_note, decoding_options
+from pixelllm.ui.decoding import WordStream, cut_note, decoding_options, form_whole_number
 from pixelllm.ui.workspace import (
     Session,
     Studio,
@@ -264,11 +264,13 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
 
 def dense_options(score_threshold: Any, max_regions: Any) -> tuple[float, int]:
     try:
-        threshold, regions = float(score_threshold), int(max_regions)
+        threshold = float(score_threshold)
     except (TypeError, ValueError) as err:
-        raise ValueError("the score threshold and max regions must be numbers") from err
+        raise ValueError("the score threshold must be a number") from err
     if not 0.0 <= threshold <= 1.0:
         raise ValueError("the score threshold must be between 0 and 1")
+    # read as the library reads counts: 5.9 regions were cut to 5, True taken as 1, infinity a server error
+    regions = form_whole_number(max_regions, "max regions must be a whole number")
     if not 1 <= regions <= 100:
         raise ValueError("max regions must be between 1 and 100")
     return threshold, regions

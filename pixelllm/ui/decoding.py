@@ -11,8 +11,20 @@ from typing import Any
 
 import numpy as np
 
+from pixelllm.arguments import whole_number
 from pixelllm.predictor import ServedBy
 from pixelllm.ui.workspace import Studio
+
+_ANY_FLOAT = 2**1024  # above every float: whole_number's own range check never fires, the caller's does
+
+
+def form_whole_number(value: Any, message: str) -> int:
+    """A form field's whole number read as the library reads one (`whole_number`: ints exactly, "3", 3.0; never
+    3.5, True, NaN or "abc"), or ValueError(message); the caller checks the range with its own message."""
+    try:
+        return whole_number(value, "", -_ANY_FLOAT, _ANY_FLOAT)
+    except ValueError:
+        raise ValueError(message) from None
 
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
@@ -20,21 +32,19 @@ def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any
     """Validate the decoding controls. Sampling without a seed (None, blank or -1) draws one and reports it, so
     every result is reproducible; the repetition penalty is reported too. max_words None: `default_words`
     (`Studio.default_max_words`)."""
-    try:
-        max_words = int(max_words if max_words is not None else default_words)
-    except (TypeError, ValueError) as err:
-        raise ValueError("max words must be a whole number") from err
+    max_words = form_whole_number(max_words if max_words is not None else default_words,
+                                  "max words must be a whole number")
     if not 1 <= max_words <= limit:
         raise ValueError(f"max words must be between 1 and {limit}")
     sampling = bool(sampling)
-    if not (seed is None or (isinstance(seed, str) and not seed.strip())):
-        try:
-            seed_f = float(seed)
-        except (TypeError, ValueError) as err:
-            raise ValueError("the seed must be a whole number") from err
-        if not seed_f.is_integer() or not -1 <= seed_f < 2**63:
-            raise ValueError("the seed must be a whole number between 0 and 2^63 (or -1 / blank for random)")
-        seed = None if seed_f == -1 else int(seed_f)
+    if isinstance(seed, str) and not seed.strip():
+        seed = None  # blank: drawn below, as for None (it was passed on, and the predictor refused '' as no number)
+    if seed is not None:
+        seed_message = "the seed must be a whole number between 0 and 2^63 (or -1 / blank for random)"
+        seed = form_whole_number(seed, seed_message)
+        if not -1 <= seed < 2**63:
+            raise ValueError(seed_message)
+        seed = None if seed == -1 else seed
     if seed is None and sampling:
         seed = secrets.randbelow(2**31)
     try:

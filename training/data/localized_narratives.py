@@ -97,16 +97,23 @@ class LNReadStats:
     skipped_malformed: int = 0
 
 
+def float_or_inf(value: Any) -> float:
+    """``float(value)``, but an integer beyond float's range (JSON integers have no size limit) is +-inf instead of
+    an OverflowError, so that callers refuse it with their other non-finite values."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _number(value: Any, what: str) -> float:
     """``value`` as a finite float; ``ValueError`` naming ``what`` otherwise (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{what} must be a number, got {value!r}")
-    try:
-        result = float(value)
-    except OverflowError:  # an integer beyond float's range (JSON integers have no size limit)
-        raise ValueError(f"{what} must be finite, got an integer of {len(str(value))} digits") from None
-    if not math.isfinite(result):
-        raise ValueError(f"{what} must be finite, got {value!r}")
+    result = float_or_inf(value)
+    if not math.isfinite(result):  # an int is non-finite only beyond float's range: its digits, not all of them
+        got = f"an integer of {len(str(value))} digits" if isinstance(value, int) else repr(value)
+        raise ValueError(f"{what} must be finite, got {got}")
     return result
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.data.localized_narratives import is_text
+from training.data.localized_narratives import float_or_inf, is_text
 from pixelllm.files import exclusive_lock
 from training.data.shapes.scenes import _check_options, generate_scene
 from training.data.shapes.world import _PNG_LEVEL, ALL_SHAPES, COLORS, SIZES, WORLDS
@@ -102,10 +102,7 @@ def _box_problem(box: Any) -> str | None:
     if not isinstance(box, list) or len(box) != 4 \
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
         return f"box must be [x0, y0, x1, y1] (4 numbers, pixels), got {box!r}"[:200]
-    try:
-        values = [float(v) for v in box]
-    except OverflowError:  # an integer beyond float's range
-        values = [math.inf]
+    values = [float_or_inf(v) for v in box]
     if not all(math.isfinite(v) for v in values):
         return f"box has a NaN or infinite value: {box!r}"[:200]
     if values[2] < values[0] or values[3] < values[1]:
