@@ -1,5 +1,5 @@
 """The Annotate tab's callbacks: open a model output (or a stored correction), edit it, re-record its trace
-Localized-Narratives style, save and review. Plain data in and out, tested directly (tests/test_annotate_*.py); the
+Localized-Narratives style, save and review. Plain data in and out, tested directly (tests/annotate/); the
 document, its edits and the editor's value are in `annotate_doc.py`, opening an output (and restoring edits the page
 kept) in `annotate_open.py`, the browse list, export and adapter comparison in `annotate_panels.py`, the Gradio
 wiring is `annotate_tab.build_annotate_tab`. This module re-exports the tab's callbacks from `annotate_open.py`

@@ -21,19 +21,7 @@ from pixelllm.ui import annotate_panels as panels
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
 from pixelllm.ui.decoding import token_budget
-from tests.annotate_support import captioned_session, opened, recording
-
-
-@pytest.fixture
-def studio(small_predictor, annotation_store):
-    torch.set_num_threads(1)
-    return ws.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
-
-
-@pytest.fixture
-def captioned(studio, example_images):
-    """A session whose last output is a real streamed caption (logged as a generation)."""
-    return captioned_session(studio, example_images[0])
+from tests.annotate.conftest import opened, recording
 
 
 def test_opening_the_current_output_again_says_its_corrections_exist(studio, captioned):

@@ -12,25 +12,11 @@ import re
 import gradio as gr
 import numpy as np
 import pytest
-import torch
 
 from pixelllm.store import StoreError
 from pixelllm.ui import annotate as an
 from pixelllm.ui import render
-from pixelllm.ui import workspace as ws
-from tests.annotate_support import captioned_session, opened
-
-
-@pytest.fixture
-def studio(small_predictor, annotation_store):
-    torch.set_num_threads(1)
-    return ws.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
-
-
-@pytest.fixture
-def captioned(studio, example_images):
-    """A session whose last output is a real streamed caption (logged as a generation)."""
-    return captioned_session(studio, example_images[0])
+from tests.annotate.conftest import opened
 
 
 def test_missing_annotator_is_an_error_and_autosave_waits(studio, captioned, annotation_store):

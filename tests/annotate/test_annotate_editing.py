@@ -10,25 +10,11 @@ import json
 import gradio as gr
 import numpy as np
 import pytest
-import torch
 
 from pixelllm.ui import annotate as an
 from pixelllm.ui import annotate_doc, render
-from pixelllm.ui import workspace as ws
-from tests.annotate_support import captioned_session, opened, recording
+from tests.annotate.conftest import opened, recording
 from training.data.localized_narratives import utterance_targets
-
-
-@pytest.fixture
-def studio(small_predictor, annotation_store):
-    torch.set_num_threads(1)
-    return ws.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
-
-
-@pytest.fixture
-def captioned(studio, example_images):
-    """A session whose last output is a real streamed caption (logged as a generation)."""
-    return captioned_session(studio, example_images[0])
 
 
 def test_editor_edits_then_save_and_submit_reach_the_store(studio, captioned, annotation_store):

@@ -1,10 +1,12 @@
-"""Plain helpers shared by the Annotate tab's test modules (test_annotate_editing.py, test_annotate_saving.py,
-test_annotate_opening.py). Functions, not fixtures: each module defines its own small `studio` / `captioned`
-fixtures on top of these (a fixture imported from another module trips ruff's F401/F811)."""
+"""Fixtures and helpers of the Annotate tab's Python tests (this folder only): `studio` (a Studio on the small random
+checkpoint and a fresh annotation store) and `captioned` (a session whose last output is a real streamed caption);
+`opened` and `recording` are plain helpers the test modules import from here."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from pixelllm.ui import annotate as an
 from pixelllm.ui import callbacks as cb
@@ -12,9 +14,16 @@ from pixelllm.ui import records
 from pixelllm.ui import workspace as ws
 
 
-def captioned_session(studio, image_path):
+@pytest.fixture
+def studio(small_predictor, annotation_store):
+    torch.set_num_threads(1)
+    return ws.Studio(predictor=small_predictor, store=annotation_store, min_word_interval=0.0)
+
+
+@pytest.fixture
+def captioned(studio, example_images):
     """A session whose last output is a real streamed caption (logged as a generation)."""
-    session, *_ = ws.load_image(studio, str(image_path), None)
+    session, *_ = ws.load_image(studio, str(example_images[0]), None)
     *_, (view, text, files, session) = list(cb.generate(studio, session, "", 6, False, 1.0, 1.0, None,
                                                         records.Visitor("s1")))
     assert session.last["generation_id"] is not None and len(session.last["words"]) >= 2
