@@ -1,6 +1,6 @@
 """The Annotate tab's side panels: the browse list (corrections or model outputs), the export of corrections as
 a zip, and the same image captioned by the base model and the active LoRA adapter side by side. Plain data in and
-out, tested directly (tests/test_annotate_opening.py); the editor's callbacks are in `annotate.py`.
+out, tested directly (tests/annotate/test_annotate_opening.py); the editor's callbacks are in `annotate.py`.
 """
 
 from __future__ import annotations
