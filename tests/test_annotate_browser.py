@@ -63,12 +63,15 @@ def _caption_then_annotate(page: Page, example: int = 0) -> int:
     page.locator("#examples button").nth(example).click()
     expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
     root = page.locator("#caption-viewer .px-root")
-    # the example's own (reset) view has arrived: after an earlier caption of the same image the picture is already
-    # shown and "done" still stands, so without this a Generate racing the image load could be read as finished
-    expect(root).to_have_attribute("data-status", "idle", timeout=TIMEOUT)
-    expect(root).to_have_attribute("data-words", "0")
+    # After an earlier caption of the same image (kept: the same file keeps its session) "done" still stands: wait
+    # for this Generate's own stream to have run, seen by an observer set before the click
+    root.evaluate("""(r) => { window.__pxStreamed = false;
+        new MutationObserver((records) => { if (records.some((m) => m.oldValue === "streaming"))
+            window.__pxStreamed = true; }).observe(r, {attributes: true, attributeOldValue: true,
+                                                     attributeFilter: ["data-status"]}); }""")
     page.locator("#generate").click()
-    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    page.wait_for_function("""() => window.__pxStreamed
+        && document.querySelector("#caption-viewer .px-root").dataset.status === "done" """, timeout=TIMEOUT)
     n = int(root.get_attribute("data-words"))
     assert n >= 2
     page.get_by_role("tab", name="Annotate").click()

@@ -386,6 +386,23 @@ def test_dense_regions_and_a_traced_region_caption(app: Page, studio_app, artifa
     app.screenshot(path=str(artifacts_dir / "app-model.png"))
 
 
+def test_detecting_regions_again_clears_the_last_region_caption(app: Page):
+    """A region's traced caption stayed in "Selected region's caption" after Detect drew new regions, none
+    of them selected (the caption named a region no longer shown)."""
+    _load_example(app, 0)
+    _open_tab(app, "Dense captions", "#dense-viewer")
+    app.locator("#dense-run").click()
+    expect(app.locator("#dense-viewer .px-region-row").first).to_be_visible(timeout=TIMEOUT)
+    app.locator("#dense-viewer .px-region-row").first.click()
+    root = app.locator("#dense-viewer .px-root")
+    expect(app.locator("#region-text textarea")).not_to_have_value("", timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    app.locator("#dense-run").click()
+    expect(app.locator("#dense-viewer .px-status")).to_contain_text("Click a region", timeout=TIMEOUT)
+    expect(app.locator("#dense-viewer .px-region.px-selected")).to_have_count(0)
+    expect(app.locator("#region-text textarea")).to_have_value("")
+
+
 def test_generate_without_an_image_explains_itself_then_an_upload_works(app: Page, example_images):
     app.locator("#generate").click()
     expect(app.get_by_text(ws.NO_IMAGE).first).to_be_visible()

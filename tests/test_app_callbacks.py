@@ -213,6 +213,29 @@ def test_a_caption_abandoned_for_another_image_logs_the_words_shown(studio, exam
     assert row["extra"]["abandoned"] and row["extra"]["cut"] is True
 
 
+def test_the_change_events_of_one_upload_keep_one_session(studio, example_images):
+    """Gradio 6 fires the image's change two or three times for one upload over another image: two at once (both
+    carrying the page's old session), one after the first answer (carrying the new one). They used to make a new
+    Session each, so a point clicked as soon as the new image showed vanished again. The same file keeps the
+    session it made; another file still replaces it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    old = _loaded(studio, example_images[0])
+    upload = str(example_images[1])
+    with ThreadPoolExecutor(2) as pool:  # the two events fired at once
+        answers = list(pool.map(lambda _: ws.load_image(studio, upload, old), range(2)))
+    first, second = answers[0][0], answers[1][0]
+    assert first is second and old.replaced and not first.replaced
+    assert sum(isinstance(a[1], dict) and "image" in a[1] for a in answers) == 1  # one set of views, one skipped
+    session, view = ws.click(first, "positive", {"x": 40, "y": 50})  # the user's click on the new image
+    again = ws.load_image(studio, upload, old)  # the late event, still with the old session ...
+    late = ws.load_image(studio, upload, session)  # ... or with the new one
+    assert again[0] is late[0] is session and late[1:] == (gr.skip(),) * 3
+    assert session.prompts == [{"kind": "point", "xy": [40.0, 50.0], "label": 1}] and not session.replaced
+    other = ws.load_image(studio, str(example_images[2]), session)[0]  # another image replaces it as before
+    assert other is not session and session.replaced and other.prompts == []
+
+
 def test_a_caption_stream_closed_midway_logs_the_words_shown(studio, example_images):
     """The page went away mid-caption (gradio closes or drops the generator): the words shown are logged too."""
     session = _loaded(studio, example_images[0])

@@ -189,7 +189,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
 
         # ---------------------------------------------------------------------------- handlers
         def on_image(path, state):
-            return ws.load_image(studio, path, state)
+            session, *views = ws.load_image(studio, path, state)
+            # the image already shown (gradio fires change again for one upload): its caption and files stay too
+            cleared = (gr.skip(),) * 5 if views[0] == gr.skip() else ("", None, None, "", None)
+            return (session, *views, *cleared)
 
         @ws.for_the_shown_image
         def on_pick(state, mode, evt: gr.EventData):
@@ -212,8 +215,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             return cb.refer(studio, state, text, _visitor(request))
 
         @ws.for_the_shown_image
-        def on_dense(state, thr, k, request: gr.Request):
-            return cb.dense(studio, state, thr, k, _visitor(request))
+        def on_dense(state, thr, k, request: gr.Request):  # new regions, none selected: no region caption
+            return (*cb.dense(studio, state, thr, k, _visitor(request)), "")
 
         @ws.for_the_shown_image
         def on_dense_select(state, evt: gr.EventData, request: gr.Request):
@@ -237,10 +240,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         # Prompt edits are cheap and must apply in click order: one at a time, every click counted.
         prompt_edit = {**private, "concurrency_id": "prompts", "concurrency_limit": 1, "trigger_mode": "multiple",
                        "show_progress": "hidden"}
-        image_in.change(on_image, [image_in, session], [session, cap_view, ref_view, dense_view], **private,
+        image_in.change(on_image, [image_in, session], [session, cap_view, ref_view, dense_view, cap_text, cap_files,
+                                                        ref_files, region_text, dense_files], **private,
                         show_progress="minimal")
-        image_in.change(lambda: ("", None, None, "", None), None,
-                        [cap_text, cap_files, ref_files, region_text, dense_files], **private, queue=False)
         cap_view.pick(on_pick, [session, click_mode], [session, cap_view], **prompt_edit)
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
         undo_btn.click(ws.for_the_shown_image(ws.undo_prompt), [session], [session, cap_view], **prompt_edit)
@@ -253,8 +255,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
         ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private,
                       show_progress="minimal")
-        dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files], **private,
-                        show_progress="minimal")
+        dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files, region_text],
+                        **private, show_progress="minimal")
         for event in (dense_view.pick, dense_view.drag, dense_view.region):
             event(on_dense_select, [session], [session, dense_view, region_text], **private,
                   show_progress="hidden")

@@ -23,6 +23,7 @@ import inspect
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -209,6 +210,9 @@ class Session:
     last: dict | None = None           # the last output shown, any task: what an Annotate tab would correct
     replaced: bool = False             # a new image made a new Session: a caption still streaming stops
     streams: int = 0                   # captions streaming on this session (load_image waits for them to stop)
+    source: str | None = None          # the file this session's image was loaded from (gradio's upload path)
+    successor: Session | None = None   # the session a new image replaced this one with (load_image)
+    loading: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def ensure_session(session: Session | None) -> Session:
@@ -279,7 +283,27 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
     """A new image (upload, paste, example) or none (cleared): reset the session, encode the image once
     (warms the predictor's embedding cache) and send it to the three viewers.
     Returns (session, caption view, refer view, dense view). The previous session is marked `replaced`, so a
-    caption still streaming on it stops instead of writing the old image back into the page's state."""
+    caption still streaming on it stops instead of writing the old image back into the page's state.
+
+    The image the session already holds (the same file) keeps it: (session, gr.skip() x 3). Gradio 6 fires the
+    image's `change` two or three times for one upload over another image, two of them at once and one after the
+    first load's answer; each made a fresh Session, so the prompts clicked, or the caption started, as soon as
+    the new image showed were dropped again (a photo: every time within half a second)."""
+    if not isinstance(session, Session):
+        return _open_image(studio, source, None)
+    with session.loading:  # the calls fired at once carry the same session: the second one waits for the first
+        current = session
+        while current.successor is not None:
+            current = current.successor
+        if source and current.source == source:
+            return current, gr.skip(), gr.skip(), gr.skip()
+        opened = _open_image(studio, source, current)
+        current.successor = opened[0]
+        return opened
+
+
+def _open_image(studio: Studio, source: str | None, session: Session | None) -> tuple:
+    """`load_image` for a new file (or none): the new session and the three views."""
     if isinstance(session, Session):
         session.replaced = True
         # A caption streaming on the old session stops at its next word: let it finish first (at most a second),
@@ -292,7 +316,7 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
     loaded = load_user_image(source)
     studio.predictor.set_image(loaded.array)
     h, w = loaded.array.shape[:2]
-    session = Session(array=loaded.array)
+    session = Session(array=loaded.array, source=source if isinstance(source, str) else None)
     session.image = {"key": imaging.image_key(loaded.array), "width": w, "height": h,
                      "src": render.display_data_url(loaded.array), "orig_width": loaded.orig_width,
                      "orig_height": loaded.orig_height}
