@@ -156,6 +156,21 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         if "I/O error" not in str(err):
             raise
         raise OSError(f"cannot write {path}: {err}") from err
+    # save_file writes a temporary file (0o600) and renames it: the weights were the one file of a checkpoint
+    # another account could not read (the app serving a teammate's finetune run: "Permission denied"). They get
+    # the mode of any file this process makes, 0o666 less the umask, like the config.json beside them.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read from /proc where it can be (setting it to read it races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

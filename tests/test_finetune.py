@@ -495,3 +495,86 @@ def test_an_adapter_that_does_not_fit_on_the_disk_is_one_line_and_recorded_faile
     [run] = store.list_finetune_runs()
     assert run["status"] == "failed" and "File too large" in run["metrics"]["error"]
     assert not out.exists() and list(out.parent.iterdir()) == []  # no staging folder left behind
+
+
+def test_an_extra_target_that_matches_no_module_is_refused_before_a_run_is_recorded(base_dir, store, tmp_path,
+                                                                                     capsys):
+    """peft skips a target pattern that matches nothing: `--extra-targets 'loc_head\\.layerz'` (a typo) trained the
+    LM's q/v only, exit 0, and the corrected boxes were never learnt; a pattern that is no regex was a `re.error`
+    traceback. Both are one line now, before any run is recorded or anything is written."""
+    out = tmp_path / "runs" / "typo"
+    for targets, match in ((r"loc_head\.layerz", "matches no module"), (r"loc_head\.layers\.(\d+",
+                                                                          "is not a regular expression")):
+        code = ft.main(["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "1",
+                        "--batch-size", "2", "--extra-targets", targets])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err and "Traceback" not in err, err
+    assert store.list_finetune_runs() == [] and not out.exists()
+
+
+def test_ctrl_c_ends_a_cli_run_in_one_line_and_keeps_the_previous_output(base_dir, store, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Ctrl+C (KeyboardInterrupt) in the middle of a run: one line and exit 130, like SIGTERM's one line (it was a
+    60-line traceback from wherever the loop was); the run is recorded failed, the previous output stays whole
+    and nothing is left beside it, so the rerun starts clean."""
+    out = tmp_path / "runs" / "ctrl-c"
+    args = ["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    assert ft.main(args) == 0
+    first = json.loads((out / "finetune.json").read_text())["run_id"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corrections.FinetuneCollator, "corrections", interrupted)
+    capsys.readouterr()
+    try:
+        code = ft.main(args)
+    except KeyboardInterrupt:
+        code = "KeyboardInterrupt escaped main (a traceback)"
+    err = capsys.readouterr().err
+    assert code == 130 and "finetune: interrupted" in err and "run the command again" in err, err
+    assert [r["status"] for r in store.list_finetune_runs()] == ["failed", "finished"]  # newest first
+    assert json.loads((out / "finetune.json").read_text())["run_id"] == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ctrl-c"]  # no staging folder left behind
+    monkeypatch.undo()
+    assert ft.main(args) == 0 and json.loads((out / "finetune.json").read_text())["run_id"] != first
+
+
+def test_simulate_annotators_refuses_bad_flags_and_an_unwritable_json_before_any_work(base_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A typo in a finetuning flag (`--replay-tasks region_bx=1`, `--steps 0`) failed with a traceback after the
+    data had been generated and the corrections collected; an unwritable `--json` after the whole run (minutes),
+    losing its results. Each is one line, exit 2, before anything is made."""
+    from training import simulate_annotators as sim
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(sim, "make_splits", no_work)
+    (tmp_path / "a-file").write_text("x")
+    work = tmp_path / "simulate"
+    for flags, match in ((["--replay-tasks", "region_bx=1"], "unknown replay tasks"),
+                         (["--steps", "0"], "steps and batch size must be at least 1"),
+                         (["--corrections", "0"], "--corrections 0: must be at least 1"),
+                         (["--json", str(tmp_path)], "is a folder"),
+                         (["--json", str(tmp_path / "a-file" / "simulate.json")], "cannot write in")):
+        code = sim.main(["--base", str(base_dir), "--work", str(work), "--no-progress", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err and "Traceback" not in err, (flags, err)
+        assert not work.exists()
+
+
+def test_a_finetune_runs_weights_are_readable_by_whoever_can_read_its_folder(base_dir, store, tmp_path):
+    """safetensors writes its file as a 0o600 temporary renamed into place: `model.safetensors` and the adapter's
+    weights were the only files of `--out` another account could not read (the app serving the run as another user:
+    "Permission denied"), while config.json beside them was 0o644. They get the mode of any file the process makes."""
+    import stat
+
+    out = tmp_path / "runs" / "shared"
+    ft.finetune(settings(base_dir, store, out), store=store, progress=False)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out / "config.json") == mode(plain)
+    assert mode(out / "model.safetensors") == mode(plain)
+    assert mode(out / "adapters" / "shared" / "adapter_model.safetensors") == mode(plain)

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -205,6 +206,15 @@ def load_base_with_adapter(settings: FinetuneSettings, name: str) -> tuple[Pixel
     model.config.scheduled_sampling = 0.0
     if name in model.adapters:
         raise ValueError(f"the base checkpoint already has an adapter named {name!r}: choose another --name")
+    modules = [module_name for module_name, _ in model.named_modules()]
+    for pattern in settings.extra_targets:  # peft skips a pattern that matches nothing: a typo trained without it
+        try:
+            matched = any(re.fullmatch(pattern, module_name) for module_name in modules)
+        except re.error as err:
+            raise ValueError(f"--extra-targets {pattern} is not a regular expression: {err}") from None
+        if not matched:
+            raise ValueError(f"--extra-targets {pattern} matches no module of {settings.base} (it must match a "
+                             f"module's whole name, e.g. {LOC_HEAD_TARGETS[0]} for the location head's layers)")
     original = model.config.lora
     if settings.rank is not None:
         alpha = settings.alpha if settings.alpha is not None else 2 * settings.rank
@@ -454,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StoreError, OSError) as err:
         print(f"finetune: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: one line like SIGTERM's, not a traceback from wherever the loop was
+        print(f"finetune: interrupted; {args.out} is as it was before the run (a run already recorded in the store "
+              "is marked failed): run the command again to start over", file=sys.stderr)
+        return 130
     print(f"adapter {summary['adapter']} ({summary['examples']} samples from "
           f"{summary['corrections']['corrections']} corrections, {summary['steps']} steps, "
           f"{summary['train_seconds']:.0f} s) -> {summary['adapter_dir']}")

@@ -40,14 +40,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pixelllm.files import write_atomically
 from training.data.shapes import SHIFT_SHAPE, generate_split, load_image, load_split
-from training.evaluate import ImagePrediction, load_truth
+from training.evaluate import ImagePrediction, json_target_problem, load_truth
 from training.scoring import caption_is_triple, location_caption_metrics, referring_metrics
 from training.tables import format_table
+
+if TYPE_CHECKING:
+    from training.finetune import FinetuneSettings
 
 ANNOTATOR = "simulated_annotator"
 SHIFT_GAIN_POINTS = 30.0
@@ -228,13 +232,14 @@ def run(s: SimulateSettings) -> dict[str, Any]:
 
     from pixelllm import PixelLLM, PixelLLMPredictor
     from pixelllm.store import AnnotationStore
-    from training.finetune import FinetuneSettings, finetune
+    from training.finetune import finetune
 
     if s.threads:
         torch.set_num_threads(s.threads)
     began = time.perf_counter()
     work = Path(s.work)
     check_work(work)
+    check_settings(s)
     data, run_dir, db = work / "data", work / "run", work / "annotations.db"
     for stale in (data, run_dir, work / "images"):  # scratch space: recreated on every run
         shutil.rmtree(stale, ignore_errors=True)
@@ -256,14 +261,7 @@ def run(s: SimulateSettings) -> dict[str, Any]:
         _say(s, f"collected {collected['corrections']} corrections (base model right on "
                 f"{collected['base_model_correct']}) in {timings['collect_corrections']:.0f} s; finetuning")
         t = time.perf_counter()
-        replay_data, replay_split = (s.replay_data, s.replay_split) if s.replay_data else (str(data), "replay")
-        ft = finetune(FinetuneSettings(
-            db=str(db), base=s.base, out=str(run_dir), name="simulated-cross", steps=s.steps,
-            batch_size=s.batch_size, lr=s.lr, rank=s.rank, replay_data=replay_data if s.replay_ratio > 0 else None,
-            replay_split=replay_split, replay_ratio=s.replay_ratio, replay_mode=s.replay_mode,
-            replay_limit=s.replay_images, seed=s.seed,
-            max_minutes=s.max_minutes, **({"replay_tasks": s.replay_tasks} if s.replay_tasks else {})),
-            store=store, progress=s.progress)
+        ft = finetune(finetune_settings(s), store=store, progress=s.progress)
         timings["finetune"] = time.perf_counter() - t
         _say(s, f"finetuned {ft['steps']} steps in {ft['train_seconds']:.0f} s; evaluating before/after")
         run_row = store.get_finetune_run(ft["run_id"])
@@ -278,6 +276,31 @@ def run(s: SimulateSettings) -> dict[str, Any]:
             "finetune": {k: v for k, v in ft.items() if k != "params"}, "finetune_run": run_row,
             "adapter_active_after_load": after_model.active_adapter, "before": before, "after": after,
             "table": table, "acceptance": verdict, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def finetune_settings(s: SimulateSettings) -> FinetuneSettings:
+    """The `training.finetune` settings of the run's finetuning step (its store, data and run folder in --work)."""
+    from training.finetune import FinetuneSettings  # torch: not imported until a run needs it
+
+    work = Path(s.work)
+    replay_data, replay_split = (s.replay_data, s.replay_split) if s.replay_data else (str(work / "data"), "replay")
+    return FinetuneSettings(
+        db=str(work / "annotations.db"), base=s.base, out=str(work / "run"), name="simulated-cross", steps=s.steps,
+        batch_size=s.batch_size, lr=s.lr, rank=s.rank, replay_data=replay_data if s.replay_ratio > 0 else None,
+        replay_split=replay_split, replay_ratio=s.replay_ratio, replay_mode=s.replay_mode,
+        replay_limit=s.replay_images, seed=s.seed,
+        max_minutes=s.max_minutes, **({"replay_tasks": s.replay_tasks} if s.replay_tasks else {}))
+
+
+def check_settings(s: SimulateSettings) -> None:
+    """Refuse, before any data is made, what the run would fail on only after generating its data and collecting
+    its corrections (a typo in --replay-tasks, --steps 0, --corrections 0: a traceback minutes in)."""
+    sizes = {"--corrections": s.corrections, "--replay-images": s.replay_images,
+             "--shift-eval-images": s.shift_eval_images, "--base-eval-images": s.base_eval_images}
+    small = [f"{flag} {n}" for flag, n in sizes.items() if n < 1]
+    if small:
+        raise ValueError(f"{', '.join(small)}: must be at least 1")
+    finetune_settings(s).check()
 
 
 def check_work(work: Path) -> None:
@@ -341,13 +364,24 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(s.base).is_dir():
         print(f"no checkpoint folder at {s.base}", file=sys.stderr)
         return 2
+    out = Path(args.json) if args.json else Path(s.work) / "simulate.json"
     try:
         check_work(Path(s.work))
+        check_settings(s)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with sigterm_as_exit():
-        result = run(s)
+    problem = json_target_problem(out)  # found after the whole run, the results were lost with a traceback
+    if problem:
+        print(f"error: --json {out}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with sigterm_as_exit():
+            result = run(s)
+    except KeyboardInterrupt:  # Ctrl+C: one line, not a traceback from wherever the run was
+        print(f"simulate_annotators: interrupted; {s.work} holds a partial run, which the next run with this --work "
+              "recreates", file=sys.stderr)
+        return 130
     c, ft = result["collected"], result["finetune"]
     print(f"\n{c['corrections']} corrections of cross captions (base model right on {c['base_model_correct']}); "
           f"finetuned {ft['steps']} steps in {ft['train_seconds']:.0f} s"
@@ -357,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"acceptance: shift gain {v['shift_gain_points']} points (need >= {SHIFT_GAIN_POINTS:g}): "
           f"{'PASS' if v['shift_pass'] else 'FAIL'}; base change {v['base_change_points']} points "
           f"(may drop <= {BASE_DROP_POINTS:g}): {'PASS' if v['base_pass'] else 'FAIL'}")
-    out = Path(args.json) if args.json else Path(s.work) / "simulate.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_atomically(out, json.dumps(result, indent=2, default=str) + "\n")
     print(f"results: {out}  ({result['seconds']['total']:.0f} s total)")
     return 1 if args.require_acceptance and not v["pass"] else 0
 
