@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "if it cannot be opened")
     parser.add_argument("--no-store", action="store_true",
                         help="run without the annotation store: nothing is logged, corrections cannot be saved")
-    parser.add_argument("--concurrency", type=positive_int, default=2, help="model calls running at once (>= 1)")
+    parser.add_argument("--concurrency", type=positive_int, default=2,
+                        help="model calls running at once, every tab and API endpoint together (>= 1)")
     parser.add_argument("--auth", default=os.environ.get("PIXELLLM_AUTH") or None, type=parse_auth,
                         metavar="USER:PASSWORD[,USER:PASSWORD...]",
                         help="require a login (default $PIXELLLM_AUTH): every visitor sees every logged output "

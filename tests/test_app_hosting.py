@@ -130,6 +130,55 @@ def test_a_bare_ipv6_host_is_served(small_predictor):
         demo.close()
 
 
+def test_concurrency_bounds_the_model_calls_of_every_endpoint_together(small_checkpoint, monkeypatch):
+    """`--concurrency 1` (a GPU host keeping one paper-size call in memory) still ran /caption, /trace, /refer and
+    /dense at once, 4 model calls, and each tab's buttons besides: gradio gives every event listener its own group
+    of `default_concurrency_limit`. Now every model call is in one group of N."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from gradio_client import Client, handle_file
+
+    import app
+    from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.ui import build_demo
+
+    torch.set_num_threads(1)
+    predictor = PixelLLMPredictor(PixelLLM.from_pretrained(small_checkpoint), device="cpu")
+    encode, running, peak, lock = predictor.set_image, [0], [0], threading.Lock()
+
+    def counted(image):  # every model call encodes (or looks up) its image first; held long enough to overlap
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.5)
+            return encode(image)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(predictor, "set_image", counted)
+    demo = build_demo(predictor, None, checkpoint="small", concurrency=1, min_word_interval=0.0)
+    port = free_port()
+    app.launch(demo, host="127.0.0.1", port=port, block=False)
+    try:
+        image = handle_file(str(EXAMPLES_DIR / "example_000000.png"))
+        calls = [{"api_name": "/caption", "max_words": 2}, {"api_name": "/trace", "caption": "a shape"},
+                 {"api_name": "/refer", "expressions": "the shape"}, {"api_name": "/dense", "max_regions": 1}]
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in calls]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            answers = list(pool.map(lambda c, kw: c.predict(image=image, **kw), clients, calls))
+    finally:
+        demo.close()
+    assert [a["task"] for a in answers] == ["caption", "trace", "refer", "dense"]
+    assert peak[0] == 1, f"{peak[0]} model calls ran at once with --concurrency 1"
+    # the tabs' model calls are in the same group
+    fns = [fn for fn in demo.fns.values() if fn.name in ("caption", "trace", "refer", "dense", "on_generate",
+                                                         "on_trace", "on_refer", "on_dense", "on_dense_select",
+                                                         "on_compare")]
+    assert len({fn.concurrency_id for fn in fns}) == 1, {fn.name: fn.concurrency_id for fn in fns}
+
 def test_an_unwritable_gradio_temp_dir_is_refused_in_one_line(tmp_path, small_checkpoint):
     """GRADIO_TEMP_DIR (or the default /tmp/gradio of another user) that cannot be written: a NotADirectoryError /
     PermissionError traceback from gradio's app creation after the model had loaded."""

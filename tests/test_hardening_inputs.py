@@ -397,6 +397,29 @@ def test_bad_prompt_through_the_api(case_id, prompts, message, served_app, clien
     assert_refused(served_app, lambda: caption(client, NORMAL_IMAGE, prompts), message)
 
 
+def test_a_refused_call_leaves_no_traceback_in_the_hosts_log(served_app, client, monkeypatch, capfd):
+    """Every refused call (a bad prompt, an empty expression, a bad correction) printed two chained tracebacks,
+    ~40 lines, to the server's stderr: a client looping on its mistake filled the host's log, and a real fault
+    was hard to find in it. A real fault still prints its traceback."""
+    capfd.readouterr()
+    mistakes = [lambda: caption(client, NORMAL_IMAGE, {"box": [1, 2, 3]}),
+                lambda: client.predict(image=handle_file(NORMAL_IMAGE), expressions="", api_name="/refer"),
+                lambda: client.predict(correction={"generation_id": 1}, api_name="/save_correction")]
+    for call in mistakes:
+        with pytest.raises(AppError):
+            call()
+    log = capfd.readouterr().err
+    assert "Traceback" not in log, f"{log.count('Traceback')} tracebacks in the server's log:\n{log[-3000:]}"
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("a real fault")
+
+    monkeypatch.setattr(served_app.studio.predictor, "refer", fault)
+    with pytest.raises(AppError):
+        client.predict(image=handle_file(NORMAL_IMAGE), expressions="the shape", api_name="/refer")
+    log = capfd.readouterr().err
+    assert "Traceback" in log and "RuntimeError: a real fault" in log, log[-3000:]
+
 NORMALISED_PROMPTS = [  # (id, prompts sent, prompts the answer reports): documented normalisations
     ("corners-swapped", {"box": [200, 220, 100, 135]}, {"box": [100, 135, 200, 220]}),
     ("box-partly-outside-is-clipped", {"box": [-50, -20, 100, 400]}, {"box": [0, 0, 100, 256]}),

@@ -192,7 +192,7 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         trigger(refresh, filters, items, **private, show_progress="hidden")
     export_btn.click(on_export, [statuses], [export_file, export_note], **private, show_progress="minimal")
     compare_btn.click(on_compare, [session], [base_view, tuned_view, compare_note], **private,
-                      show_progress="minimal")
+                      concurrency_id=ws.MODEL_CALLS, show_progress="minimal")
     api_btn.click(save_correction, [api_in], [api_out], api_name="save_correction",
                   concurrency_id="annotate-api", concurrency_limit=4)
     return tab

@@ -61,7 +61,8 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
 
     checkpoint: the path / hub id shown in the Model tab; examples: image paths for the Examples row;
     store_notice: Markdown shown atop the Annotate tab (``app.store_notice``: no store, or an ephemeral one);
-    concurrency: model calls running at once (the queue's default_concurrency_limit);
+    concurrency: model calls running at once, all endpoints and tabs together (the queue's default_concurrency_limit
+    for the shared group workspace.MODEL_CALLS);
     min_word_interval: seconds between streamed words at least (0 = as fast as decoding).
     """
     studio = ws.Studio(predictor=predictor, store=store, checkpoint=checkpoint, examples=list(examples or []),
@@ -237,6 +238,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             return api.dense(studio, image, score_threshold, max_regions, _visitor(request))
 
         private = {"api_visibility": "private"}
+        model = {"concurrency_id": ws.MODEL_CALLS}  # one --concurrency bound for every model call
         # Prompt edits are cheap and must apply in click order: one at a time, every click counted.
         prompt_edit = {**private, "concurrency_id": "prompts", "concurrency_limit": 1, "trigger_mode": "multiple",
                        "show_progress": "hidden"}
@@ -249,25 +251,27 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         clear_btn.click(ws.for_the_shown_image(ws.clear_prompts), [session], [session, cap_view], **prompt_edit)
         gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
-        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
-        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, show_progress="hidden")
-        trace_btn.click(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
-        trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, show_progress="minimal")
-        ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private,
+        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, **model, show_progress="hidden")
+        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, **model, show_progress="hidden")
+        trace_btn.click(on_trace, [session, trace_text], gen_outputs, **private, **model, show_progress="minimal")
+        trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, **model, show_progress="minimal")
+        ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private, **model,
                       show_progress="minimal")
         dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files, region_text],
-                        **private, show_progress="minimal")
+                        **private, **model, show_progress="minimal")
         for event in (dense_view.pick, dense_view.drag, dense_view.region):
-            event(on_dense_select, [session], [session, dense_view, region_text], **private,
+            event(on_dense_select, [session], [session, dense_view, region_text], **private, **model,
                   show_progress="hidden")
         demo.load(lambda: cb.model_panel(studio), None, model_html, **private, queue=False)
 
         api_caption_btn.click(caption, [api_image, api_prompts, api_text, api_max_words, api_sample,
                                         api_temperature, api_top_p, api_seed, api_repetition], api_caption_out,
-                              api_name="caption")
-        api_trace_btn.click(trace, [api_image, api_prompts, api_caption_text], api_trace_out, api_name="trace")
-        api_refer_btn.click(refer, [api_image, api_expressions], api_refer_out, api_name="refer")
-        api_dense_btn.click(dense, [api_image, api_threshold, api_max_regions], api_dense_out, api_name="dense")
+                              api_name="caption", **model)
+        api_trace_btn.click(trace, [api_image, api_prompts, api_caption_text], api_trace_out, api_name="trace",
+                            **model)
+        api_refer_btn.click(refer, [api_image, api_expressions], api_refer_out, api_name="refer", **model)
+        api_dense_btn.click(dense, [api_image, api_threshold, api_max_regions], api_dense_out, api_name="dense",
+                            **model)
 
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     demo.studio = studio  # for tests and tools: the shared context behind the callbacks

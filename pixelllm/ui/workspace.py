@@ -42,7 +42,8 @@ CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box 
 
 def user_errors(fn: Callable) -> Callable:
     """Turn ValueError (a user mistake: no image, bad box, empty expression...) into gr.Error, its message
-    escaped (the page renders it as HTML, and it may quote what the user sent)."""
+    escaped (the page renders it as HTML, and it may quote what the user sent). The user gets the message; the
+    host's log gets no traceback (gradio printed two, ~40 lines, for every refused call; real faults still print)."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args: Any, **kwargs: Any) -> Iterator:
@@ -51,7 +52,7 @@ def user_errors(fn: Callable) -> Callable:
             except gr.Error:
                 raise
             except ValueError as err:
-                raise gr.Error(render.notice(err)) from err
+                raise gr.Error(render.notice(err), print_exception=False) from err
         return generator
 
     @functools.wraps(fn)
@@ -61,11 +62,18 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except ValueError as err:
-            raise gr.Error(render.notice(err)) from err
+            raise gr.Error(render.notice(err), print_exception=False) from err
     return wrapper
 
 
 STREAM_STOP_WAIT_S = 1.0
+
+#: The queue's concurrency group of every event that runs the model (captions, traces, referring, dense captions,
+#: region captions, the API endpoints, the adapter comparison): `--concurrency N` bounds them all together. Without
+#: a shared id gradio gives each event listener its own group of N, so N = 1 still ran /caption, /trace, /refer and
+#: /dense (and each tab's buttons) at once. Loading an image (it encodes it) keeps its own group: it stops a caption
+#: streaming on the old image, which it could not do queued behind that caption.
+MODEL_CALLS = "model"
 
 
 def streams_on_session(fn: Callable) -> Callable:
