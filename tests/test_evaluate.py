@@ -570,6 +570,54 @@ def test_several_splits_keep_the_finished_ones_when_a_later_one_fails(tmp_path, 
 
 
 
+# `python -m training.evaluate ARGS` in a child process that says "paused" before its second split and waits for a
+# line on stdin (or a Ctrl+C: SIGINT, handled as at a terminal: a background job of a script ignores it)
+_EVALUATE_PAUSED = """import signal, sys
+import training.evaluate as ev
+signal.signal(signal.SIGINT, signal.default_int_handler)
+real, calls = ev.evaluate, []
+def pause_before_the_second(*args, **kwargs):
+    calls.append(args[2])
+    if len(calls) == 2:
+        print("paused", flush=True)
+        sys.stdin.readline()
+    return real(*args, **kwargs)
+ev.evaluate = pause_before_the_second
+sys.exit(ev.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_ends_an_evaluation_in_one_line_saying_what_the_json_holds(tmp_path) -> None:
+    """Ctrl+C (a real SIGINT) in the middle of an evaluation was a KeyboardInterrupt traceback. One line now, exit
+    130, saying what --json holds: the splits finished before, without the summary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    data = tmp_path / "data"
+    generate_split(data, "test", 2, seed=11)
+    generate_split(data, "other", 2, seed=12)
+    _random_tiny_checkpoint(tmp_path, data)
+    out = tmp_path / "both.json"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EVALUATE_PAUSED, "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data),
+         "--threads", "1", "--max-regions", "2", "--max-new-tokens", "8", "--split", "test", "--split", "other",
+         "--json", str(out)], cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"))
+    for line in child.stdout:  # the first split's table, then "paused"
+        if line.strip() == "paused":
+            break
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=120)[1]
+    assert child.returncode == 130 and err.splitlines() == [
+        f"evaluate: interrupted; {out} holds the splits finished before (test), without the summary"], err
+    kept = json.loads(out.read_text())
+    assert list(kept["splits"]) == ["test"] and kept["summary"] is None
+
+
 # ------------------------------------------------------------------------------------------- the referring score
 
 

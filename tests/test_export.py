@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelllm.store import AnnotationStore
+from pixelllm.store import AnnotationStore, StoreError
 from training import export
 from training.data.localized_narratives import LN_KEYS, read_localized_narratives, utterance_targets
 
@@ -347,6 +347,46 @@ def test_an_image_stored_after_the_skip_check_does_not_get_an_unlocked_export(st
     assert not (tmp_path / "exports").exists()
 
 
+def test_a_db_that_is_no_store_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """`--db` an empty file (a `touch`ed name, a failed copy) or a SQLite database without tables: export only
+    reads, yet it made the file a new empty store (73 KB of tables) and said "nothing exported". One line now,
+    exit 2, the file byte for byte as it was and nothing beside it; a missing file is still "no annotation store
+    at …" and is not made."""
+    empty, blank = tmp_path / "zero.db", tmp_path / "blank.db"
+    empty.write_bytes(b"")
+    with contextlib.closing(sqlite3.connect(blank)) as conn:
+        conn.execute("PRAGMA user_version = 7")  # written into the file's header: a SQLite file with no table
+    for db, what in ((empty, "an empty file"), (blank, "a SQLite database without tables")):
+        before = db.read_bytes()
+        assert export.main(["--db", str(db), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"export failed: {db} is not an annotation store ({what}); it was left as it was\n"
+        assert db.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.db", "zero.db"]  # no -wal, no out folder
+    with pytest.raises(StoreError, match="no annotation store at"):
+        AnnotationStore(tmp_path / "missing.db", create=False)
+    assert export.main(["--db", str(tmp_path / "missing.db"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"no annotation store at {tmp_path / 'missing.db'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.db", "zero.db"]
+
+
+def test_an_out_in_the_stores_images_folder_is_refused_before_anything_is_written(store, tmp_path, capsys):
+    """`--out <store folder>/images` wrote the LN file, the manifest, the COCO file and an images/ folder among the
+    store's images (only the store's folder itself was refused). That folder, or one inside it, is refused in one
+    line and nothing is made there."""
+    add_caption(store, 23, ["a"], [[0, 0, 1, 1]])
+    images = store.root / "images"
+    before = sorted(p.name for p in images.iterdir())
+    for out, said in ((images, "is inside the annotation store's images folder"),
+                      (images / "export", "is inside the annotation store's images folder"),
+                      (store.root, "is the annotation store's own folder")):
+        assert export.main(["--db", str(store.path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"export failed: --out {out} {said}") and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in images.iterdir()) == before
+    assert export.main(["--db", str(store.path), "--out", str(tmp_path / "elsewhere")]) == 0
+
+
 def test_cli_writes_the_export_and_prints_the_summary(store, tmp_path, capsys):
     add_caption(store, 15, ["a", "b"], [[0, 0, 1, 1], [2, 2, 3, 3]])
     out = tmp_path / "cli"
@@ -382,9 +422,10 @@ def test_an_empty_selection_writes_nothing_and_an_earlier_export_stays(store, tm
 
 # `python -m training.export ARGS` in a child process, stopped at a known point: STOP=copy dies (os._exit: no
 # `finally`, as a SIGKILL) right after its second image copy; STOP=ln says "paused" when it is about to write the
-# LN file and waits for a line on stdin, then goes on. Without STOP it says "started" and runs.
-_EXPORT_STOPPED = """import os, shutil, sys
+# LN file and waits for a line on stdin (or a Ctrl+C: SIGINT), then goes on. Without STOP it says "started" and runs.
+_EXPORT_STOPPED = """import os, shutil, signal, sys
 import training.export as export
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a background job of a script ignores it
 stop = os.environ.get("STOP")
 copied = []
 real_copy, real_write = shutil.copyfile, export.write_atomically
@@ -467,6 +508,29 @@ def test_a_second_export_into_the_same_folder_waits_for_the_first(store, tmp_pat
     outputs = [proc.communicate("go\n" if proc is first else None, timeout=120)[0] for proc in (first, second)]
     assert (first.returncode, second.returncode) == (0, 0), outputs
     _check_whole(out, submitted)  # the last export, whole
+
+
+def test_ctrl_c_ends_an_export_in_one_line_and_the_rerun_finishes_it(store, tmp_path):
+    """Ctrl+C (a real SIGINT) while an export wrote its folder was a KeyboardInterrupt traceback. One line now, exit
+    130, saying the folder may be part-way (here: this export's images copied, the LN file still the earlier
+    export's); the rerun makes it whole."""
+    import signal
+
+    accepted, submitted = _accepted_and_submitted(store)
+    out = tmp_path / "out"
+    db = ["--db", str(store.path), "--out", str(out)]
+    assert export.main([*db, "--statuses", "accepted"]) == 0
+    child = _export_child("ln", *db)
+    assert child.stdout.readline().strip() == "paused"
+    child.send_signal(signal.SIGINT)
+    said = child.communicate(timeout=120)[0]
+    assert child.returncode == 130 and said.splitlines() == [
+        f"export: interrupted; {out} may be part-way through this export (some images copied, one perhaps cut "
+        "short; the LN and COCO files not both of this export yet): run the command again to finish it"], said
+    assert {s.image_id + ".png" for s in read_back(out)[0]} == accepted  # the earlier export's LN file
+    assert {p.name for p in (out / export.IMAGES_DIR).iterdir()} == accepted | submitted
+    assert export.main(db) == 0
+    _check_whole(out, accepted | submitted)
 
 
 def test_an_export_where_the_folder_cannot_be_locked_still_exports(store, tmp_path, monkeypatch):

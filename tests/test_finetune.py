@@ -267,7 +267,7 @@ def test_a_run_failing_to_save_keeps_the_previous_output_and_a_bad_out_is_refuse
     assert json.loads((out / "finetune.json").read_text())["run_id"] == first["run_id"]
     assert PixelLLM.from_pretrained(out).adapters == ["keep"]
     assert [r["status"] for r in store.list_finetune_runs()] == ["failed", "finished"]  # newest first
-    assert sorted(p.name for p in out.parent.iterdir()) == ["keep"]  # no staging folder left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == [".keep.lock", "keep"]  # no staging folder left behind
     monkeypatch.undo()
     # the output is in place but the run cannot be recorded as finished (the store is locked): the previous output
     # comes back, so the finished run's row still points at its own adapter
@@ -282,7 +282,7 @@ def test_a_run_failing_to_save_keeps_the_previous_output_and_a_bad_out_is_refuse
     with pytest.raises(RuntimeError, match="locked"):
         ft.finetune(settings(base_dir, store, out, seed=2), store=store, progress=False)
     assert json.loads((out / "finetune.json").read_text())["run_id"] == first["run_id"]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["keep"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".keep.lock", "keep"]
     monkeypatch.undo()
     second = ft.finetune(settings(base_dir, store, out, seed=1), store=store, progress=False)
     assert json.loads((out / "finetune.json").read_text())["run_id"] == second["run_id"] != first["run_id"]
@@ -494,7 +494,7 @@ def test_an_adapter_that_does_not_fit_on_the_disk_is_one_line_and_recorded_faile
     assert re.search(r"finetune: cannot write .*model.safetensors.*File too large", proc.stderr), proc.stderr
     [run] = store.list_finetune_runs()
     assert run["status"] == "failed" and "File too large" in run["metrics"]["error"]
-    assert not out.exists() and list(out.parent.iterdir()) == []  # no staging folder left behind
+    assert not out.exists() and [p.name for p in out.parent.iterdir()] == [".full.lock"]  # no staging folder left
 
 
 def test_an_extra_target_that_matches_no_module_is_refused_before_a_run_is_recorded(base_dir, store, tmp_path,
@@ -535,7 +535,7 @@ def test_ctrl_c_ends_a_cli_run_in_one_line_and_keeps_the_previous_output(base_di
     assert code == 130 and "finetune: interrupted" in err and "run the command again" in err, err
     assert [r["status"] for r in store.list_finetune_runs()] == ["failed", "finished"]  # newest first
     assert json.loads((out / "finetune.json").read_text())["run_id"] == first
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ctrl-c"]  # no staging folder left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == [".ctrl-c.lock", "ctrl-c"]  # no staging folder left
     monkeypatch.undo()
     assert ft.main(args) == 0 and json.loads((out / "finetune.json").read_text())["run_id"] != first
 
@@ -578,3 +578,53 @@ def test_a_finetune_runs_weights_are_readable_by_whoever_can_read_its_folder(bas
     assert mode(out / "config.json") == mode(plain)
     assert mode(out / "model.safetensors") == mode(plain)
     assert mode(out / "adapters" / "shared" / "adapter_model.safetensors") == mode(plain)
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(base_dir, store, tmp_path, monkeypatch):
+    """Two runs into one --out at once both ended "finished" in the store with the same adapter_path, and the folder
+    held the weights of whichever swapped in last. A run started while another writes its --out is refused in one
+    line, exit 2, before it records a run; the lock file left beside --out stops no later run."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = tmp_path / "runs" / "twice"
+    args = ["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--threads", "1", "--replay-ratio", "0"]
+    second = []
+    real = corrections.FinetuneCollator.corrections
+
+    def start_another_run(*a, **kw):  # the first run is training: a second one into its --out starts meanwhile
+        if not second:
+            second.append(subprocess.run([sys.executable, "-m", "training.finetune", *args], capture_output=True,
+                                         text=True, timeout=300, cwd=ROOT,
+                                         env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(corrections.FinetuneCollator, "corrections", start_another_run)
+    assert ft.main(args) == 0
+    [proc] = second
+    refusal = [line for line in proc.stderr.splitlines() if "no --replay-data" not in line]
+    assert proc.returncode == 2 and refusal == [f"finetune: --out {out.resolve()}: another finetune run is writing "
+                                                "it right now; let it finish, then run the command again (or give "
+                                                "another --out)"], proc.stderr
+    [run] = store.list_finetune_runs()  # the refused run recorded nothing
+    assert run["status"] == "finished" and json.loads((out / "finetune.json").read_text())["run_id"] == run["id"]
+    monkeypatch.undo()
+    assert ft.main(args) == 0  # the lock file the first run left is no obstacle
+    assert sorted(p.name for p in out.parent.iterdir()) == [".twice.lock", "twice"]
+
+
+def test_a_replay_task_weight_that_is_not_a_number_names_the_flag_and_the_item(base_dir, store, tmp_path, capsys):
+    """`--replay-tasks region_box=x` said only "could not convert string to float: 'x'" (finetune) or was a
+    ValueError traceback (simulate_annotators); both name the flag and the item now, exit 2, before any work."""
+    from training import simulate_annotators as sim
+
+    bad = ["--replay-tasks", "refer=2,region_box=x"]
+    said = "--replay-tasks 'region_box=x': the weight is not a number (give task=weight, e.g. region_box=2)"
+    assert ft.main(["--db", str(store.path), "--base", str(base_dir), "--out", str(tmp_path / "ft"), *bad]) == 2
+    assert f"finetune: {said}" in capsys.readouterr().err
+    assert sim.main(["--base", str(base_dir), "--work", str(tmp_path / "simulate"), *bad]) == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+    assert store.list_finetune_runs() == [] and not (tmp_path / "ft").exists() and not (tmp_path / "simulate").exists()

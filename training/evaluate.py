@@ -324,6 +324,19 @@ def json_target_problem(target: Path) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    finished: list[str] = []  # of several splits, those evaluated (and written to --json)
+    try:
+        return _evaluate_cli(parser, args, finished)
+    except KeyboardInterrupt:  # Ctrl+C: one line, not a traceback from wherever the evaluation was
+        kept = (f"{args.json} holds the splits finished before ({', '.join(finished)}), without the summary"
+                if args.json and finished else
+                "no results were written" + (f"; {args.json} is as it was" if args.json else ""))
+        print(f"evaluate: interrupted; {kept}", file=sys.stderr)
+        return 130
+
+
+def _evaluate_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, finished: list[str]) -> int:
+    """`main` after parsing; `finished` gains each of several splits once evaluated and written to --json."""
     import torch
 
     from pixelllm import PixelLLM, PixelLLMPredictor
@@ -383,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(splits) > 1:  # after every split: a failure later keeps the splits done (summary at the end)
             write_json({"checkpoint": str(args.checkpoint), "data": str(args.data), "splits": results,
                         "summary": None})
+            finished.append(split)
     if len(splits) > 1:
         summary = split_summary(results)
         print(f"\nOver {len(splits)} splits (mean and standard error of the mean):")

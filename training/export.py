@@ -287,6 +287,12 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     if not statuses or unknown:
         raise ValueError(f"statuses must be some of {', '.join(STATUSES)}; got {statuses}")
     out = Path(out_dir)
+    store_images = Path(store.root).resolve() / "images"
+    if (out / IMAGES_DIR).resolve() == store_images:
+        raise ValueError(f"--out {out} is the annotation store's own folder: export somewhere else")
+    if store_images == out.resolve() or store_images in out.resolve().parents:  # checked before it is made
+        raise ValueError(f"--out {out} is inside the annotation store's images folder {store_images}: export "
+                         "somewhere else")
     rows = None if out.exists() else store.training_examples(statuses)
     reasons = None if rows is None else [skip_reason(row, Path(store.root).resolve()) for row in rows]
     if reasons is not None and all(reasons):
@@ -311,8 +317,6 @@ def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[d
     `reasons` each row's `skip_reason` is taken here)."""
     ln_path, coco_path = safe_join(out, LN_FILE), safe_join(out, COCO_FILE)
     store_root = Path(store.root).resolve()
-    if (out / IMAGES_DIR).resolve() == store_root / "images":
-        raise ValueError(f"--out {out} is the annotation store's own folder: export somewhere else")
     before = export_folder.earlier_export_images(out)  # read before this export rewrites the files that name them
     generations: dict[int, dict | None] = {}
     images: dict[str, tuple[str, dict]] = {}  # sha -> (relative file name, COCO image entry)
@@ -405,11 +409,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     statuses = [s.strip() for s in args.statuses.split(",") if s.strip()]
     try:
-        with AnnotationStore(args.db) as store:
+        with AnnotationStore(args.db, create=False) as store:  # a reader: an empty file is refused, not made a store
             summary = export_corrections(store, args.out, statuses)
     except (ValueError, StoreError, OSError) as err:  # OSError: the output folder cannot be written
         print(f"export failed: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: one line, not a traceback from wherever the export was
+        print(f"export: interrupted; {args.out} may be part-way through this export (some images copied, one "
+              "perhaps cut short; the LN and COCO files not both of this export yet): run the command again to "
+              "finish it", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     if summary["ln_file"] is None:
         skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in summary["skipped"].items() if n)

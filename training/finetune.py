@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from pixelllm.adapters import check_adapter_name
-from pixelllm.files import left_by_dead_writer, writer_tag
+from pixelllm.files import exclusive_lock, left_by_dead_writer, writer_tag
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.store import AnnotationStore, StoreError
 from training.corrections import (
@@ -244,20 +244,27 @@ def finetune(settings: FinetuneSettings, *, store: AnnotationStore | None = None
     """Run one fine-tuning job (see the module docstring); returns its summary (also written to finetune.json).
 
     ``store`` defaults to ``AnnotationStore(settings.db)`` (closed afterwards). Raises ``ValueError`` when there
-    is nothing to train on; any failure after the run was recorded marks it ``failed`` and re-raises."""
+    is nothing to train on or another run is writing into the same --out; any failure after the run was recorded
+    marks it ``failed`` and re-raises."""
     settings.check()
     out = Path(settings.out)
     name = check_adapter_name(settings.name or Path(os.path.abspath(out)).name)  # the name typed, not a link target
-    check_out(out.resolve())
+    target = out.resolve()
+    check_out(target)
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
-    own_store = store is None
-    store = AnnotationStore(settings.db) if own_store else store
-    try:
+    with contextlib.ExitStack() as held:
+        try:  # one run into an --out at a time: two at once were both recorded finished with the same adapter_path,
+            # which held the weights of whichever swapped in last. The lock file is beside --out (`check_out` never
+            # sees it) and stays, as training.shapes' split locks do; the lock goes with the process, so the file of
+            # a killed run stops no one
+            held.enter_context(exclusive_lock(target.with_name(f".{target.name}.lock"), wait=False))
+        except BlockingIOError:
+            raise ValueError(f"--out {target}: another finetune run is writing it right now; let it finish, then "
+                             "run the command again (or give another --out)") from None
+        if store is None:
+            store = held.enter_context(AnnotationStore(settings.db))
         return _run(settings, store, out, name, progress)
-    finally:
-        if own_store:
-            store.close()
 
 
 def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: str, progress: bool) -> dict[str, Any]:
@@ -379,11 +386,17 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
+    """`--replay-tasks`' `task=weight,...` (a bare task weighs 1); a weight that is no number is a ValueError
+    naming the flag and the item (float's own message named neither)."""
     tasks = {}
     for item in text.split(","):
         if item.strip():
             task, _, weight = item.partition("=")
-            tasks[task.strip()] = float(weight or 1.0)
+            try:
+                tasks[task.strip()] = float(weight or 1.0)
+            except ValueError:
+                raise ValueError(f"--replay-tasks {item.strip()!r}: the weight is not a number (give task=weight, "
+                                 "e.g. region_box=2)") from None
     return tasks
 
 

@@ -351,12 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     from training.finetune import parse_task_weights, sigterm_as_exit
 
     args = build_parser().parse_args(argv)
+    try:
+        replay_tasks = parse_task_weights(args.replay_tasks) if args.replay_tasks else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     s = SimulateSettings(
         base=args.base, work=args.work, corrections=args.corrections, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, rank=args.rank, replay_ratio=args.replay_ratio, replay_mode=args.replay_mode,
         replay_images=args.replay_images,
         replay_data=args.replay_data, replay_split=args.replay_split,
-        replay_tasks=parse_task_weights(args.replay_tasks) if args.replay_tasks else None,
+        replay_tasks=replay_tasks,
         shift_eval_images=args.shift_eval_images,
         base_eval_images=args.base_eval_images, image_size=args.image_size, max_new_tokens=args.max_new_tokens,
         max_words=args.max_words,

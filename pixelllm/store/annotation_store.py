@@ -57,11 +57,13 @@ class AnnotationStore(StoreDatabase):
         synchronous: ``"FULL"`` (default: fsync per commit, survives power loss) or ``"NORMAL"`` (survives
             a killed process, may lose the last commits on power loss; for bulk imports).
         migrations: the ordered schema steps; only tests pass anything but ``MIGRATIONS``.
+        create: False for a reader (``training.export``): a missing file, an empty one or a SQLite database
+            without tables is refused (``StoreError``) and left as it was, not made into a new store.
     """
 
     def __init__(self, path: str | os.PathLike = DEFAULT_PATH, timeout: float = 30.0, *,
-                 synchronous: str = "FULL", migrations: Sequence[Migration] = MIGRATIONS):
-        super().__init__(path, timeout, synchronous=synchronous, migrations=migrations)
+                 synchronous: str = "FULL", migrations: Sequence[Migration] = MIGRATIONS, create: bool = True):
+        super().__init__(path, timeout, synchronous=synchronous, migrations=migrations, create=create)
 
     # ---- images ------------------------------------------------------------------------------------------
 

@@ -87,7 +87,7 @@ class StoreDatabase:
     """The SQLite file under an ``AnnotationStore``: connections, transactions, errors, migrations, files."""
 
     def __init__(self, path: str | os.PathLike, timeout: float, *, synchronous: str,
-                 migrations: Sequence[Migration]):
+                 migrations: Sequence[Migration], create: bool = True):
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             raise ValueError(f"path must be a file path, got {str(path)!r}")
         self.path = Path(path).absolute()
@@ -104,8 +104,11 @@ class StoreDatabase:
         self._open_dbs: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
         self._closed = False
         self._verified = False  # the first connection checks the file before anything changes it
+        self._create = create
         try:
             with self._translate_errors("open"):
+                if not create and not self.path.is_file():  # sqlite3 would create it
+                    raise StoreError(f"no annotation store at {self.path}", self.path)
                 self.root.mkdir(parents=True, exist_ok=True)
                 self._db()
                 self._migrate(list(migrations))
@@ -125,12 +128,16 @@ class StoreDatabase:
     # ---- connections, transactions, errors ---------------------------------------------------------------
 
     def _verify(self, conn: sqlite3.Connection) -> None:
-        """Refuse a corrupt file, or another program's database, before switching it to WAL."""
+        """Refuse a corrupt file, or another program's database (for a reader, ``create=False``, also one with no
+        tables), before switching it to WAL."""
         problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
         if problems != ["ok"]:
             raise StoreError(f"{self.path} is corrupt (PRAGMA quick_check: {'; '.join(problems[:5])})",
                              self.path)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and not self._create:  # a new store would be made in it (an empty file: 73 KB of tables)
+            what = "an empty file" if self.path.stat().st_size == 0 else "a SQLite database without tables"
+            raise StoreError(f"{self.path} is not an annotation store ({what}); it was left as it was", self.path)
         if tables and "schema_version" not in tables:
             raise StoreError(f"{self.path} is a SQLite database but not an annotation store "
                              f"(it has tables {sorted(tables)} and no schema_version)", self.path)
