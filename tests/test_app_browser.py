@@ -285,6 +285,33 @@ def test_a_new_image_while_a_caption_streams_becomes_the_working_image(app: Page
     assert shown("#caption-viewer") == new
 
 
+def test_enter_in_the_text_prompt_is_ignored_while_a_caption_streams(app: Page, studio_app, monkeypatch):
+    """Generate ignores a second press while a caption streams (gradio's trigger_mode "once"), but Enter in the text
+    prompt was another event with its own guard: it started a second stream into the same view, both logged. The
+    two are one event now; Enter still generates once the caption is done."""
+    _slow_words(monkeypatch, studio_app.predictor, 0.25)
+    _load_example(app, 0)
+    generate = {i for i, fn in studio_app.demo.fns.items() if fn.name == "on_generate"}
+    runs: list[int] = []  # queue requests for a caption, from either trigger
+    app.on("request", lambda r: runs.append(1) if "/queue/join" in r.url and (
+        r.post_data_json or {}).get("fn_index") in generate else None)
+    before = _last_generation(studio_app.store)["id"] if studio_app.store.list_generations(limit=1) else 0
+    root = app.locator("#caption-viewer .px-root")
+    prompt = app.locator("#text-prompt textarea")
+    app.locator("#generate").click()
+    app.wait_for_function("Number(document.querySelector('#caption-viewer .px-root').dataset.words) >= 2")
+    prompt.press("Enter")
+    app.locator("#generate").click()
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+    assert len(runs) == 1, "a second caption started while the first streamed"
+    rows = [g for g in studio_app.store.list_generations(task="caption", limit=5) if g["id"] > before]
+    assert len(rows) == 1 and app.locator("#caption-text textarea").input_value() == " ".join(rows[0]["words"])
+    prompt.press("Enter")
+    expect(root).to_have_attribute("data-status", "streaming", timeout=TIMEOUT)
+    assert len(runs) == 2
+    expect(root).to_have_attribute("data-status", "done", timeout=TIMEOUT)
+
+
 def test_referring_expressions_get_masks_and_text_stays_text(app: Page, studio_app, artifacts_dir):
     _load_example(app, 0)
     _open_tab(app, "Referring", "#refer-viewer")

@@ -451,6 +451,36 @@ def test_temperature_and_top_p_reach_the_sampler(studio, example_images):
         _run(studio, session, sampling=True, temperature=9.0, seed=1)
 
 
+def test_prompt_edits_wait_for_the_caption_streaming(studio, example_images):
+    """A point clicked (or Undo, Clear, a box) while a caption streamed was drawn beside the finished caption, made
+    without it (its download and store row had the true prompts). Prompt edits are refused with a message until the
+    caption is kept, so the finished view shows the prompts it was made with; a stream that ends early frees them.
+    Trace (the typed caption, same view) waits too."""
+    session = _loaded(studio, example_images[0])
+    session, _ = ws.click(session, "Positive point", {"x": 40, "y": 50})
+    edits = [lambda: ws.click(session, "Positive point", {"x": 100, "y": 100}),
+             lambda: ws.click(session, "Box (2 clicks)", {"x": 10, "y": 10}),
+             lambda: ws.drag_box(session, {"box": [10, 20, 110, 90]}),
+             lambda: ws.undo_prompt(session), lambda: ws.clear_prompts(session)]
+    with contextlib.closing(cb.generate(studio, session, None, 6, False, 1.0, 1.0, None, VISITOR)) as updates:
+        [next(updates) for _ in range(3)]  # "Generating…", then two words
+        for edit in edits:
+            with pytest.raises(gr.Error, match="A caption is streaming with the prompts shown: wait for it to finish"):
+                edit()
+        with pytest.raises(gr.Error, match="A caption is streaming: wait for it to finish, then trace"):
+            cb.trace(studio, session, "a red circle", VISITOR)  # its frames would overwrite the trace
+        view = list(updates)[-1][0]
+    row = studio.store.list_generations(task="caption", limit=1)[0]
+    assert view["status"] == "done" and view["points"] == [[40.0, 50.0, 1]]
+    assert row["prompts"]["points"] == [[40.0, 50.0]] and view["box"] is None and view["pending"] is None
+    session, view = ws.click(session, "Positive point", {"x": 100, "y": 100})  # the caption is kept: edits apply
+    assert view["points"] == [[40.0, 50.0, 1], [100.0, 100.0, 1]]
+    updates = cb.generate(studio, session, None, 6, False, 1.0, 1.0, None, VISITOR)
+    [next(updates) for _ in range(2)]
+    updates.close()  # the page went away mid-caption
+    assert ws.undo_prompt(session)[1]["points"] == [[40.0, 50.0, 1]]
+
+
 # ------------------------------------------------------------------------------------------ inspector
 
 def test_inspect_lists_the_words_whose_boxes_cover_a_pixel(studio, example_images):
@@ -465,6 +495,23 @@ def test_inspect_lists_the_words_whose_boxes_cover_a_pixel(studio, example_image
     session, corner = ws.click(session, "Inspect words", {"x": 0, "y": 0})
     assert corner["inspect"]["hits"] == ws.words_at(view["words"], 0, 0)
     assert session.prompts == []  # inspecting does not add prompts
+
+
+def test_a_pixel_inspected_while_a_caption_streams_reads_the_words_shown(studio, example_images):
+    """Inspect words during a stream computed the hits from the previous caption (none before the first) and left
+    them on the finished one ("No word box covers (x, y)" under boxes that covered it). The hits are now those of
+    the words shown: the words streamed so far, then the finished caption's."""
+    session = _loaded(studio, example_images[0])
+    with contextlib.closing(cb.generate(studio, session, None, 6, False, 1.0, 1.0, None, VISITOR)) as updates:
+        shown = [next(updates) for _ in range(3)][-1][0]  # "Generating…", then two words
+        box = shown["words"][0]["box"]
+        x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        session, inspected = ws.click(session, "Inspect words", {"x": x, "y": y})
+        assert 0 in inspected["inspect"]["hits"] and inspected["inspect"]["hits"] == ws.words_at(shown["words"], x, y)
+        assert inspected["status"] == "streaming" and len(inspected["words"]) == 2
+        done = list(updates)[-1][0]
+    assert done["status"] == "done" and len(done["words"]) > 2
+    assert done["inspect"] == {"x": x, "y": y, "hits": ws.words_at(done["words"], x, y)}
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -95,7 +95,6 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
     session.pending = None
     array = session.array
     words: list[dict] = []
-    yield (caption_view(session, words=[], status="streaming", message="Generating…"), "", gr.skip(), session)
     prompts_model = records.model_prompts(points, labels, box, text)
 
     def log(cut: bool, abandoned: str | None = None) -> int | None:
@@ -107,20 +106,27 @@ def generate(studio: Studio, session: Session | None, text: str | None, max_word
                                   visitor=visitor, served=stream.served)
 
     stream = WordStream(studio, array, points=points, point_labels=labels, box=box, text=text, options=options)
-    # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
-    abandoned = yield from _paced(studio, session, stream, words, log, lambda: (
-        caption_view(session, words=words, status="streaming", message=f"Generating… {_count(len(words), 'word')}"),
-        " ".join(w["text"] for w in words), gr.skip(), gr.skip()))
-    if abandoned:
-        yield _NOTHING
-        return
-    gen_id = log(stream.cut)
-    record = records.caption_record(studio, words, session_scale(session), session_size(session),
-                                    prompts=prompts_model, options=options, generation_id=gen_id, cut=stream.cut,
-                                    served=stream.served)
-    files = _keep_caption(studio, session, array, record, "caption", {
-        "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
-        "generation_id": gen_id})
+    # Until the caption is kept: prompt edits are refused, Inspect words reads the words so far (workspace)
+    session.streaming = words
+    try:
+        yield (caption_view(session, words=[], status="streaming", message="Generating…"), "", gr.skip(), session)
+        # The session object is already the page's state: streaming updates leave it alone (gr.skip()).
+        abandoned = yield from _paced(studio, session, stream, words, log, lambda: (
+            caption_view(session, words=words, status="streaming",
+                         message=f"Generating… {_count(len(words), 'word')}"),
+            " ".join(w["text"] for w in words), gr.skip(), gr.skip()))
+        if abandoned:
+            yield _NOTHING
+            return
+        gen_id = log(stream.cut)
+        record = records.caption_record(studio, words, session_scale(session), session_size(session),
+                                        prompts=prompts_model, options=options, generation_id=gen_id,
+                                        cut=stream.cut, served=stream.served)
+        files = _keep_caption(studio, session, array, record, "caption", {
+            "words": words, "text": record["text"], "prompts": prompts_model, "decoding": options,
+            "generation_id": gen_id})
+    finally:
+        session.streaming = None
     done = _count(len(words), "word") + cut_note(stream) + (
         f" · saved as generation #{gen_id}" if gen_id is not None else "")
     if options["do_sample"]:
@@ -153,6 +159,8 @@ def trace(studio: Studio, session: Session | None, caption: str | None, visitor:
     Returns (caption view, caption text, files, session)."""
     session = ensure_session(session)
     require_image(session)
+    if session.streaming is not None:  # its frames would overwrite the trace in the same view
+        raise ValueError("A caption is streaming: wait for it to finish, then trace the caption you typed.")
     points, labels, box = checked_prompts(session)
     array = session.array
     words, score, served = trace_words(studio, array, caption, points=points, point_labels=labels, box=box)

@@ -251,10 +251,12 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         clear_btn.click(ws.for_the_shown_image(ws.clear_prompts), [session], [session, cap_view], **prompt_edit)
         gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
-        gen_btn.click(on_generate, gen_inputs, gen_outputs, **private, **model, show_progress="hidden")
-        text_prompt.submit(on_generate, gen_inputs, gen_outputs, **private, **model, show_progress="hidden")
-        trace_btn.click(on_trace, [session, trace_text], gen_outputs, **private, **model, show_progress="minimal")
-        trace_text.submit(on_trace, [session, trace_text], gen_outputs, **private, **model, show_progress="minimal")
+        # One event for both: its trigger_mode "once" ignores either while a caption streams (two listeners each
+        # had their own guard, so Enter in the text prompt started a second stream into the same view)
+        gr.on([gen_btn.click, text_prompt.submit], on_generate, gen_inputs, gen_outputs, **private, **model,
+              show_progress="hidden")
+        gr.on([trace_btn.click, trace_text.submit], on_trace, [session, trace_text], gen_outputs, **private, **model,
+              show_progress="minimal")
         ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private, **model,
                       show_progress="minimal")
         dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files, region_text],

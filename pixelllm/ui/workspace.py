@@ -209,8 +209,9 @@ class Session:
     sha: str | None = None             # the image's id in the annotation store, once stored
     prompts: list[dict] = dataclasses.field(default_factory=list)  # in click order, for undo
     pending: list[float] | None = None  # first corner of a box being drawn with two clicks
-    inspect: dict | None = None
+    inspect: dict | None = None        # {x, y}: the pixel inspected; its hits are those of the words shown
     caption: dict | None = None        # last caption result (model frame)
+    streaming: list[dict] | None = None  # the words so far of the caption streaming now (callbacks.generate)
     refer: list[dict] | None = None
     dense: list[dict] | None = None
     dense_selected: int | None = None
@@ -360,15 +361,42 @@ def checked_prompts(session: Session) -> tuple[np.ndarray | None, np.ndarray | N
     return points, labels, box
 
 
+def shown_words(session: Session) -> list[dict]:
+    """The words the caption view shows: those streamed so far while a caption streams, else the last caption's."""
+    if session.streaming is not None:
+        return list(session.streaming)  # a copy: the stream appends to it from its own thread
+    return session.caption["words"] if session.caption else []
+
+
 def caption_view(session: Session, *, include_src: bool = True, words: Sequence[dict] | None = None,
-                 status: str = "idle", message: str = "") -> dict:
+                 status: str | None = None, message: str = "") -> dict:
+    """The caption viewer's value: the session's prompts with `words` (default `shown_words`); status None:
+    "streaming" while a caption streams, else "idle". An inspected pixel's hits are computed against these words,
+    so a pixel inspected while a caption streams follows it to the finished caption."""
     points, labels, box = prompt_arrays(session.prompts)
     pts = [] if points is None else [(x, y, int(lab)) for (x, y), lab in zip(points.tolist(), labels.tolist())]
     if words is None:
-        words = session.caption["words"] if session.caption else []
+        words = shown_words(session)
+    if status is None:
+        status = "streaming" if session.streaming is not None else "idle"
+    inspect = None
+    if session.inspect is not None:
+        x, y = session.inspect["x"], session.inspect["y"]
+        inspect = {"x": x, "y": y, "hits": words_at(words, x, y)}
     return render.viewer_value(session.image, mode="caption", include_src=include_src, points=pts, box=box,
-                               pending=session.pending, words=words, inspect=session.inspect, status=status,
+                               pending=session.pending, words=words, inspect=inspect, status=status,
                                message=message)
+
+
+CAPTION_STREAMING = ("A caption is streaming with the prompts shown: wait for it to finish, then edit the prompts "
+                     "(Inspect words works meanwhile).")
+
+
+def require_no_caption_streaming(session: Session) -> None:
+    """Prompt edits wait for the caption streaming on the page: the view draws the prompts with its words, and a
+    point added meanwhile showed beside a caption made without it (the download and the store kept the true ones)."""
+    if session.streaming is not None:
+        raise ValueError(CAPTION_STREAMING)
 
 
 def _prompt_summary(session: Session) -> str:
@@ -409,6 +437,8 @@ def click(session: Session | None, mode: str, data: Any) -> tuple[Session, dict]
     require_image(session)
     mode = CLICK_MODES.get(mode, mode)
     x, y = click_point(data, session)
+    if mode != "inspect":
+        require_no_caption_streaming(session)
     if mode in ("positive", "negative"):
         if len([p for p in session.prompts if p["kind"] == "point"]) >= imaging.MAX_POINTS:
             raise ValueError(f"at most {imaging.MAX_POINTS} points are allowed")
@@ -422,13 +452,13 @@ def click(session: Session | None, mode: str, data: Any) -> tuple[Session, dict]
             session.pending = None
             box = imaging.check_box((x0, y0, x, y), session.image["width"], session.image["height"])
             session.prompts.append({"kind": "box", "box": [round(float(c), 1) for c in box]})
-    elif mode == "inspect":
-        words = session.caption["words"] if session.caption else []
-        session.inspect = {"x": x, "y": y, "hits": words_at(words, x, y)}
-        hits = len(session.inspect["hits"])
-        msg = (f"{hits} word(s) cover ({x:.0f}, {y:.0f})" if words else
+    elif mode == "inspect":  # against the words shown: those streamed so far while a caption streams
+        words = shown_words(session)
+        session.inspect = {"x": x, "y": y}
+        hits = len(words_at(words, x, y))
+        msg = (f"{hits} word(s) cover ({x:.0f}, {y:.0f})" if words or session.streaming is not None else
                "Generate a caption first, then click a pixel to list the words whose boxes cover it.")
-        return session, caption_view(session, include_src=False, message=msg)
+        return session, caption_view(session, include_src=False, words=words, message=msg)
     else:
         raise ValueError(f"unknown click mode {mode!r}")
     session.inspect = None
@@ -440,6 +470,7 @@ def drag_box(session: Session | None, data: Any) -> tuple[Session, dict]:
     """A box dragged on the caption viewer: data = {box: [x0, y0, x1, y1]} (model-frame pixels)."""
     session = ensure_session(session)
     require_image(session)
+    require_no_caption_streaming(session)
     try:
         raw = [float(c) for c in data["box"]]
     except (TypeError, KeyError, ValueError) as err:
@@ -451,8 +482,10 @@ def drag_box(session: Session | None, data: Any) -> tuple[Session, dict]:
     return session, caption_view(session, include_src=False, message=_prompt_summary(session))
 
 
+@user_errors
 def undo_prompt(session: Session | None) -> tuple[Session, dict]:
     session = ensure_session(session)
+    require_no_caption_streaming(session)
     if session.pending is not None:
         session.pending = None
     elif session.prompts:
@@ -461,7 +494,9 @@ def undo_prompt(session: Session | None) -> tuple[Session, dict]:
     return session, caption_view(session, include_src=False, message=_prompt_summary(session))
 
 
+@user_errors
 def clear_prompts(session: Session | None) -> tuple[Session, dict]:
     session = ensure_session(session)
+    require_no_caption_streaming(session)
     session.prompts, session.pending, session.inspect = [], None, None
     return session, caption_view(session, include_src=False, message=_prompt_summary(session))
