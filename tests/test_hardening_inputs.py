@@ -554,7 +554,16 @@ def test_bad_expressions_are_refused_by_the_predictor(small_predictor):
     (lambda c: caption(c, NORMAL_IMAGE, max_words=0), "max words must be between 1 and 128"),
     (lambda c: dense(c, NORMAL_IMAGE, score_threshold=2.0), "the score threshold must be between 0 and 1"),
     (lambda c: dense(c, NORMAL_IMAGE, max_regions=0), "max regions must be between 1 and 100"),
-], ids=["max-words-0", "threshold-2", "max-regions-0"])
+    # the API's number fields reach the app's own checks unrounded: gradio's precision=0 made 3.5 four words and
+    # answered "abc" with its generic "the upstream Gradio app has raised an exception"
+    (lambda c: caption(c, NORMAL_IMAGE, max_words=3.5), "max words must be a whole number"),
+    (lambda c: caption(c, NORMAL_IMAGE, max_words="abc"), "max words must be a whole number"),
+    (lambda c: dense(c, NORMAL_IMAGE, max_regions="x"), "max regions must be a whole number"),
+    (lambda c: c.predict(image=handle_file(str(NORMAL_IMAGE)), prompts="", text="", max_words=3, do_sample=True,
+                         temperature=1.0, top_p=1.0, seed="x", api_name="/caption"),
+     "the seed must be a whole number"),
+], ids=["max-words-0", "threshold-2", "max-regions-0", "max-words-3.5", "max-words-abc", "max-regions-x",
+        "seed-x"])
 def test_bad_numbers_through_the_api(call, message, served_app, client):
     assert_refused(served_app, lambda: call(client), message)
 
