@@ -236,6 +236,38 @@ def test_the_change_events_of_one_upload_keep_one_session(studio, example_images
     assert other is not session and session.replaced and other.prompts == []
 
 
+def test_an_image_refused_leaves_the_page_working_on_its_image(studio, example_images, tmp_path):
+    """A file refused (not an image, too large) marked the page's session replaced before decoding: the page kept
+    it, so every click was dropped and Generate stuck at "Generating…"; picking the image shown again then kept
+    that dead session (the same file keeps its session). A refused file leaves the session as it was."""
+    shown = str(example_images[0])
+    session = _loaded(studio, shown)
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(gr.Error, match="not an image"):
+        ws.load_image(studio, str(bad), session)
+    assert not session.replaced
+    again = ws.load_image(studio, shown, session)[0]  # the user picks the image shown again
+    assert again is session and not again.replaced
+    _, view = ws.for_the_shown_image(ws.click)(again, "Positive point", {"x": 40, "y": 50})
+    assert view != gr.skip() and again.prompts == [{"kind": "point", "xy": [40.0, 50.0], "label": 1}]
+    assert list(cb.generate(studio, again, None, 3, False, 1.0, 1.0, None, VISITOR))[-1][0]["status"] == "done"
+
+
+def test_a_load_that_failed_midway_is_not_kept_for_the_same_file(studio, example_images, monkeypatch):
+    """The encoder failing on another image (a server fault, after the old session was given up): picking the image
+    shown again opens it afresh instead of keeping the given-up session (clicks dropped, Generate stuck)."""
+    shown = str(example_images[0])
+    session = _loaded(studio, shown)
+    encode = studio.predictor.set_image
+    monkeypatch.setattr(studio.predictor, "set_image", lambda image: (_ for _ in ()).throw(RuntimeError("OOM")))
+    with pytest.raises(RuntimeError):
+        ws.load_image(studio, str(example_images[1]), session)
+    monkeypatch.setattr(studio.predictor, "set_image", encode)
+    again, view, *_ = ws.load_image(studio, shown, session)
+    assert not again.replaced and isinstance(view, dict) and view.get("image")
+
+
 def test_a_caption_stream_closed_midway_logs_the_words_shown(studio, example_images):
     """The page went away mid-caption (gradio closes or drops the generator): the words shown are logged too."""
     session = _loaded(studio, example_images[0])

@@ -304,7 +304,7 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
         current = session
         while current.successor is not None:
             current = current.successor
-        if source and current.source == source:
+        if source and current.source == source and not current.replaced:  # (replaced: its load failed midway)
             return current, gr.skip(), gr.skip(), gr.skip()
         opened = _open_image(studio, source, current)
         current.successor = opened[0]
@@ -313,6 +313,8 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
 
 def _open_image(studio: Studio, source: str | None, session: Session | None) -> tuple:
     """`load_image` for a new file (or none): the new session and the three views."""
+    # decoded first: a file refused (not an image, too large) leaves the page's session working on its image
+    loaded = load_user_image(source) if source else None
     if isinstance(session, Session):
         session.replaced = True
         # A caption streaming on the old session stops at its next word: let it finish first (at most a second),
@@ -320,9 +322,8 @@ def _open_image(studio: Studio, source: str | None, session: Session | None) -> 
         deadline = time.monotonic() + STREAM_STOP_WAIT_S
         while session.streams > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-    if not source:
+    if loaded is None:
         return (Session(), *empty_views())
-    loaded = load_user_image(source)
     studio.predictor.set_image(loaded.array)
     h, w = loaded.array.shape[:2]
     session = Session(array=loaded.array, source=source if isinstance(source, str) else None)
