@@ -22,6 +22,7 @@ import functools
 import inspect
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,8 @@ from PIL import Image
 from pixelllm import image as imaging
 from pixelllm.ui import render
 
+log = logging.getLogger(__name__)
+
 CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box (2 clicks)": "box",
                "Inspect words": "inspect"}
 
@@ -43,7 +46,8 @@ CLICK_MODES = {"Positive point": "positive", "Negative point": "negative", "Box 
 def user_errors(fn: Callable) -> Callable:
     """Turn ValueError (a user mistake: no image, bad box, empty expression...) into gr.Error, its message
     escaped (the page renders it as HTML, and it may quote what the user sent). The user gets the message; the
-    host's log gets no traceback (gradio printed two, ~40 lines, for every refused call; real faults still print)."""
+    host's log gets no traceback (gradio printed two, ~40 lines, for every refused call; real faults still print).
+    The traceback goes to this module's logger at DEBUG: a ValueError from a bug, not the user, is found there."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args: Any, **kwargs: Any) -> Iterator:
@@ -52,7 +56,7 @@ def user_errors(fn: Callable) -> Callable:
             except gr.Error:
                 raise
             except ValueError as err:
-                raise gr.Error(render.notice(err), print_exception=False) from err
+                raise _refused(fn, err) from err
         return generator
 
     @functools.wraps(fn)
@@ -62,8 +66,13 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except ValueError as err:
-            raise gr.Error(render.notice(err), print_exception=False) from err
+            raise _refused(fn, err) from err
     return wrapper
+
+
+def _refused(fn: Callable, err: ValueError) -> gr.Error:
+    log.debug("%s refused: %s", fn.__name__, err, exc_info=err)
+    return gr.Error(render.notice(err), print_exception=False)
 
 
 STREAM_STOP_WAIT_S = 1.0
