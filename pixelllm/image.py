@@ -112,15 +112,24 @@ def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
 def _check_nested_pixel_count(rows: list | tuple) -> None:
     """check_pixel_count for nested lists from their lengths (rows, then the first row's length or shape):
     np.asarray converts every element of a list, so a 42 MP list took minutes and gigabytes before it was refused.
-    A ragged list is not measured further: numpy refuses it."""
+    Channels first (a CHW tensor's ``tolist()``: its first "pixel" longer than 4) is measured one level down, the
+    planes' rows and columns. A ragged list is not measured further: numpy refuses it."""
     first = rows[0] if len(rows) else None
-    if isinstance(first, (list, tuple)):
-        width = len(first)
-    elif isinstance(getattr(first, "shape", None), tuple) and len(first.shape) >= 1:  # rows given as arrays
-        width = first.shape[0]
-    else:
+    width = _nested_length(first)
+    if width is None:
         return  # empty, or one row of values: refused as not HxWx3 after np.asarray
     check_pixel_count(width, len(rows))
+    columns = _nested_length(first[0]) if width else None
+    if columns is not None and columns > 4:  # not a pixel: CxHxW, refused after np.asarray (channels first)
+        check_pixel_count(columns, width)
+
+
+def _nested_length(item: object) -> int | None:
+    """The length of a list or tuple, or of an array's first axis; None for anything else (a number)."""
+    if isinstance(item, (list, tuple)):
+        return len(item)
+    shape = getattr(item, "shape", None)
+    return shape[0] if isinstance(shape, tuple) and len(shape) >= 1 else None
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

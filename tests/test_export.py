@@ -370,6 +370,29 @@ def test_a_db_that_is_no_store_is_refused_and_left_as_it_was(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.db", "zero.db"]
 
 
+def test_an_empty_db_beside_a_wal_file_is_refused_and_the_wal_left_as_it_was(tmp_path, capsys):
+    """A failed copy of a live store: `annotations.db` empty, its `-wal` (the commits not yet in the main file) and
+    `-shm` copied whole. SQLite deletes the `-wal` of an empty database when it opens it, so the refusal that said
+    "it was left as it was" had deleted the file beside it. An empty file is refused before SQLite opens it."""
+    live = AnnotationStore(tmp_path / "live" / "annotations.db")
+    try:
+        live.add_image(png_bytes(1), W, H)  # committed to the WAL, not yet checkpointed into the main file
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        for suffix in ("-wal", "-shm"):
+            shutil.copyfile(f"{live.path}{suffix}", copy / f"annotations.db{suffix}")
+    finally:
+        live.close()
+    (copy / "annotations.db").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    assert before["annotations.db-wal"]
+    assert export.main(["--db", str(copy / "annotations.db"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"export failed: {copy / 'annotations.db'} is not an annotation store (an empty file); it was left " \
+                  "as it was\n"
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
 def test_an_out_in_the_stores_images_folder_is_refused_before_anything_is_written(store, tmp_path, capsys):
     """`--out <store folder>/images` wrote the LN file, the manifest, the COCO file and an images/ folder among the
     store's images (only the store's folder itself was refused). That folder, or one inside it, is refused in one

@@ -75,3 +75,46 @@ def test_a_write_removes_the_temporary_file_a_killed_writer_left_never_a_live_wr
     assert live.returncode == 0, out
     assert target.read_text() == "live"
     assert temps() == {elsewhere}
+
+
+# `exclusive_lock(argv[1], wait=False)` as user argv[2] (umask 022), printing "locked" or the error's name
+_LOCK_AS = """import os, sys
+from pixelllm.files import exclusive_lock
+os.umask(0o022)
+os.setgid(int(sys.argv[2]))
+os.setuid(int(sys.argv[2]))
+try:
+    with exclusive_lock(sys.argv[1], wait=False):
+        print("locked")
+except OSError as err:
+    print(type(err).__name__)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to act as two accounts")
+def test_a_lock_file_another_account_left_stops_no_later_run():
+    """The lock file stays beside what it locks (`training.finetune`'s `.NAME.lock`, a split's lock): made by one
+    account under umask 022 it is 0o644, and another account's run was refused "Permission denied" opening it for
+    writing, though `flock` needs no write access (a teammate's failed finetune into a shared runs/ folder stopped
+    every later run into that --out). It is opened read-only then, and still excludes a holder."""
+    import shutil
+    import tempfile
+
+    from pixelllm.files import exclusive_lock
+
+    folder = Path(tempfile.mkdtemp(prefix="pixelllm-lock-"))  # pytest's tmp_path is private to root
+    folder.chmod(0o777)
+    lock = folder / ".ft1.lock"
+
+    def lock_as(uid: int) -> str:
+        proc = subprocess.run([sys.executable, "-c", _LOCK_AS, str(lock), str(uid)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        return proc.stdout.strip() or proc.stderr
+
+    try:
+        assert lock_as(1234) == "locked" and lock.stat().st_uid == 1234 and lock.stat().st_mode & 0o777 == 0o644
+        assert lock_as(1235) == "locked"  # another account, after the first one's run ended
+        with exclusive_lock(lock, wait=False):
+            assert lock_as(1235) == "BlockingIOError"  # opened read-only, the lock still excludes
+    finally:
+        shutil.rmtree(folder)

@@ -628,3 +628,66 @@ def test_a_replay_task_weight_that_is_not_a_number_names_the_flag_and_the_item(b
     assert sim.main(["--base", str(base_dir), "--work", str(tmp_path / "simulate"), *bad]) == 2
     assert capsys.readouterr().err == f"error: {said}\n"
     assert store.list_finetune_runs() == [] and not (tmp_path / "ft").exists() and not (tmp_path / "simulate").exists()
+
+
+def test_ctrl_c_after_the_run_is_recorded_finished_does_not_undo_it(base_dir, store, tmp_path, capsys, monkeypatch):
+    """The run's last step removes the previous output (a whole checkpoint, weights included), after the new one is
+    in place and the run recorded finished. Ctrl+C (or SIGTERM) there marked it failed, which the store refused:
+    "finetune: finetune run 2 already ended (finished)", exit 2, for a run that had finished. The run is reported
+    finished now; the next run removes what was left of the previous output."""
+    import shutil
+
+    out = tmp_path / "runs" / "late"
+    args = ["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "1", "--batch-size", "2",
+            "--replay-ratio", "0"]
+    assert ft.main(args) == 0
+    real, removals = shutil.rmtree, []
+
+    def interrupted(path, *a, **kw):
+        if f".{out.name}.old-" in str(path):
+            removals.append(path)
+            if len(removals) == 2:  # the first removes a stale one before the swap, the second the previous output
+                raise KeyboardInterrupt
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    capsys.readouterr()
+    assert ft.main(args) == 0, capsys.readouterr().err
+    assert [r["status"] for r in store.list_finetune_runs()] == ["finished", "finished"]
+    assert json.loads((out / "finetune.json").read_text())["run_id"] == store.list_finetune_runs()[0]["id"]
+    monkeypatch.undo()
+    assert ft.main(args) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [".late.lock", "late"]
+
+
+def test_a_replay_task_weight_that_is_not_finite_or_is_negative_is_refused_naming_the_flag(base_dir, store, tmp_path,
+                                                                                          capsys):
+    """`--replay-tasks region_box=inf` (or nan) passed as a number and failed after the model had loaded with "params
+    must be JSON-serialisable without NaN or infinity: Out of range float values are not JSON compliant";
+    `region_box=-1` trained without that task, exit 0. Each is one line naming the flag and the item, exit 2."""
+    for weight in ("inf", "nan", "-1"):
+        args = ["--db", str(store.path), "--base", str(base_dir), "--out", str(tmp_path / "ft"), "--steps", "1",
+                "--replay-tasks", f"refer=2,region_box={weight}"]
+        assert ft.main(args) == 2, weight
+        assert f"finetune: --replay-tasks 'region_box={weight}': the weight must be finite and at least 0" \
+            in capsys.readouterr().err
+    assert store.list_finetune_runs() == [] and not (tmp_path / "ft").exists()
+
+
+def test_simulate_annotators_takes_a_json_in_a_subfolder_of_a_new_work_folder(base_dir, tmp_path, monkeypatch):
+    """The --json check made the folder of `--json runs/simulate/results/sim.json` before the run began, so the run
+    refused its own new `--work runs/simulate` as "holds files and is not a simulate_annotators work folder" (a
+    ValueError traceback). The check leaves no folder behind; the run starts."""
+    from training import simulate_annotators as sim
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(sim, "make_splits", started)
+    work = tmp_path / "simulate"
+    with pytest.raises(Started):
+        sim.main(["--base", str(base_dir), "--work", str(work), "--no-progress", "--json",
+                  str(work / "results" / "sim.json")])

@@ -154,6 +154,20 @@ def test_a_nested_list_above_the_pixel_limit_is_refused_from_its_shape_before_nu
     assert str(through_set_image.value) == str(from_pil.value)
 
 
+def test_a_channels_first_nested_list_above_the_pixel_limit_is_refused_from_its_lengths():
+    """A CHW tensor's `tolist()` (3 x 6000 x 7000) passed the nested-list check, which took 3 for the height and
+    6000 for the width: numpy converted it (5 s, 1 GB) before refusing it as channels first. Its planes' lengths are
+    measured now: the PIL image's message, from the lengths alone; a small one is still refused as channels first."""
+    height, width = 6000, 7000
+    plane = np.broadcast_to(np.zeros((1, 1)), (height, width))  # a few bytes
+    for name, chw in (("lists", [[[0] * width] * height] * 3), ("planes-as-arrays", [plane] * 3)):
+        message, peak = _refusal_and_peak(chw)
+        assert message == "image is 7000x6000 = 42 MP; the limit is 40 MP", name
+        assert peak < 5_000_000, (name, peak)
+    with pytest.raises(ValueError, match=r"shape \(3, 12, 20\) \(channels first"):
+        imaging.as_rgb_array([[[0] * 20] * 12] * 3)
+
+
 def test_small_nested_lists_are_still_images(small_predictor):
     array = random_image(3, height=12, width=20)
     for nested in (array.tolist(), tuple(map(tuple, array.tolist())), list(array)):  # list(array): rows as arrays

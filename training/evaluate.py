@@ -20,6 +20,7 @@ The exact protocol and the baselines are documented in ``docs/metrics.md`` ("Eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -309,15 +310,21 @@ def print_result(result: dict[str, Any], title: str, decoding: str) -> None:
 
 def json_target_problem(target: Path) -> str | None:
     """Why the results could not be written to `target` (None: they can), found by creating a scratch file in its
-    folder (the folder is created, as writing the results would)."""
+    folder. The folders made for that are removed again (writing the results makes them): one left inside a new
+    simulate_annotators --work made the run refuse that folder as someone else's."""
     if target.is_dir():
         return "is a folder; give a file name, e.g. --json runs/eval/test.json"
+    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]  # deepest first
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=target.parent):
             pass
     except OSError as err:
         return f"cannot write in {target.parent}: {err.strerror or err}"
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: another writer's meanwhile
+                folder.rmdir()
     return None
 
 

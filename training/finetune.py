@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -285,6 +286,7 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
     run_id = store.start_finetune_run(name, str(settings.base), num_corrections=counts["corrections"], params=params)
     target = out.resolve()  # `ft1` or `runs/ft1`: the run is staged beside it, under the folder's own name
     staging = _left_name(target, "partial")  # written whole, then swapped in
+    recorded = False
     try:
         shutil.rmtree(staging, ignore_errors=True)
         summary = _train(settings, store, run_id, model, trainable, examples, pixels, staging, name, progress)
@@ -296,8 +298,11 @@ def _run(settings: FinetuneSettings, store: AnnotationStore, out: Path, name: st
         with swapped_in(staging, target):
             store.finish_finetune_run(run_id, status="finished", adapter_path=str(adapter_dir.resolve()), metrics={
                 k: summary[k] for k in ("steps", "stopped_early", "train_seconds", "total_seconds", "final_loss")})
+            recorded = True
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if recorded:  # Ctrl+C / SIGTERM while the previous output was removed: the run is in place and recorded
+            return summary  # finished (marking it failed raised "already ended"); the next run removes the rest
         store.finish_finetune_run(run_id, status="failed", metrics={"error": f"{type(err).__name__}: {err}"})
         raise
     return summary
@@ -386,17 +391,21 @@ def _train(settings: FinetuneSettings, store: AnnotationStore, run_id: int, mode
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
-    """`--replay-tasks`' `task=weight,...` (a bare task weighs 1); a weight that is no number is a ValueError
-    naming the flag and the item (float's own message named neither)."""
+    """`--replay-tasks`' `task=weight,...` (a bare task weighs 1); a weight that is no number, not finite or negative
+    is a ValueError naming the flag and the item (float's own message named neither)."""
     tasks = {}
     for item in text.split(","):
         if item.strip():
             task, _, weight = item.partition("=")
             try:
-                tasks[task.strip()] = float(weight or 1.0)
+                value = float(weight or 1.0)
             except ValueError:
                 raise ValueError(f"--replay-tasks {item.strip()!r}: the weight is not a number (give task=weight, "
                                  "e.g. region_box=2)") from None
+            if not 0 <= value < math.inf:  # nan, inf: "params must be JSON-serialisable"; -1: the task silently dropped
+                raise ValueError(f"--replay-tasks {item.strip()!r}: the weight must be finite and at least 0 (0 leaves "
+                                 "the task out)")
+            tasks[task.strip()] = value
     return tasks
 
 

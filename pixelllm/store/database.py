@@ -109,6 +109,9 @@ class StoreDatabase:
             with self._translate_errors("open"):
                 if not create and not self.path.is_file():  # sqlite3 would create it
                     raise StoreError(f"no annotation store at {self.path}", self.path)
+                if not create and self.path.stat().st_size == 0:  # sqlite3 would delete a -wal beside it
+                    raise StoreError(f"{self.path} is not an annotation store (an empty file); it was left as it was",
+                                     self.path)
                 self.root.mkdir(parents=True, exist_ok=True)
                 self._db()
                 self._migrate(list(migrations))
