@@ -159,7 +159,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     # save_file writes a temporary file (0o600) and renames it: the weights were the one file of a checkpoint
     # another account could not read (the app serving a teammate's finetune run: "Permission denied"). They get
     # the mode of any file this process makes, 0o666 less the umask, like the config.json beside them.
-    os.chmod(path, 0o666 & ~_umask())
+    with contextlib.suppress(OSError):  # a filesystem without modes (vfat, some CIFS mounts) refuses chmod: saved
+        os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:
