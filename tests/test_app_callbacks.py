@@ -1007,8 +1007,8 @@ def test_a_referral_under_the_evaluations_absent_median_is_marked_low(small_pred
 def test_a_refused_call_keeps_its_traceback_at_debug_for_the_host(caplog):
     """A refused call prints no traceback (user_errors: print_exception=False), so a ValueError raised by a bug
     rather than by the user would leave no trace: its traceback is logged at DEBUG, found by raising the level."""
-    with caplog.at_level(logging.DEBUG, logger="pixelllm.ui.workspace"):
+    with caplog.at_level(logging.DEBUG, logger="pixelllm.ui.state"):
         with pytest.raises(gr.Error, match="Upload, paste or pick an example image first"):
             ws.click(ws.Session(), "Positive point", {"x": 1, "y": 1})
-    refused = [r for r in caplog.records if r.name == "pixelllm.ui.workspace" and r.levelno == logging.DEBUG]
+    refused = [r for r in caplog.records if r.name == "pixelllm.ui.state" and r.levelno == logging.DEBUG]
     assert refused and "click refused: Upload, paste" in refused[0].getMessage() and refused[0].exc_info
