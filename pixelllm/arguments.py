@@ -11,18 +11,24 @@ import torch
 MAX_TRACE_TOKENS = 512  # the longest caption `trace` reads (max_new_tokens' limit too)
 
 
-def whole_number(value: object, what: str, low: int, high: int) -> int:
-    """value as an int, or ValueError naming the argument (1.5, "abc", NaN and True are no counts)."""
-    number = None
-    if not isinstance(value, (bool, np.bool_)):
+def as_whole_number(value: object) -> int | None:
+    """value as an int (ints and numpy integers exactly; 3.0, "3", a 0-d tensor), or None when it is no whole
+    number (1.5, "abc", NaN, infinity, True)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
         try:
-            number = operator.index(value)  # int, numpy integers: exact
-        except TypeError:
-            try:
-                as_float = float(value)  # 3.0, "3", a 0-d tensor
-            except (TypeError, ValueError):
-                as_float = float("nan")
-            number = int(as_float) if as_float.is_integer() else None
+            as_float = float(value)
+        except (TypeError, ValueError):
+            return None
+        return int(as_float) if as_float.is_integer() else None
+
+
+def whole_number(value: object, what: str, low: int, high: int) -> int:
+    """value as an int in [low, high], or ValueError naming the argument (1.5, "abc", NaN and True are no counts)."""
+    number = as_whole_number(value)
     if number is None or not low <= number <= high:
         raise ValueError(f"{what} must be a whole number between {low} and {high}, got {value!r}")
     return number

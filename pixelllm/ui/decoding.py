@@ -11,20 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from pixelllm.arguments import whole_number
+from pixelllm.arguments import as_whole_number
 from pixelllm.predictor import ServedBy
 from pixelllm.ui.workspace import Studio
 
-_ANY_FLOAT = 2**1024  # above every float: whole_number's own range check never fires, the caller's does
-
 
 def form_whole_number(value: Any, message: str) -> int:
-    """A form field's whole number read as the library reads one (`whole_number`: ints exactly, "3", 3.0; never
+    """A form field's whole number read as the library reads one (`as_whole_number`: ints exactly, "3", 3.0; never
     3.5, True, NaN or "abc"), or ValueError(message); the caller checks the range with its own message."""
-    try:
-        return whole_number(value, "", -_ANY_FLOAT, _ANY_FLOAT)
-    except ValueError:
-        raise ValueError(message) from None
+    number = as_whole_number(value)
+    if number is None:
+        raise ValueError(message)
+    return number
 
 
 def decoding_options(max_words: Any, sampling: Any, temperature: Any, top_p: Any, seed: Any, *,
