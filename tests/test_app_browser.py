@@ -221,7 +221,7 @@ def test_the_repetition_penalty_starts_at_the_checkpoints_default_and_reaches_th
     slider = app.locator("#repetition-penalty input[type=range]")
     expect(slider).to_be_visible()
     assert float(slider.input_value()) == pytest.approx(default)
-    # max words starts at the checkpoint's token limit (the model ends the caption: test_app_callbacks)
+    # max words starts at the checkpoint's token limit (the model ends it: app_callbacks/test_callbacks_caption.py)
     limit = studio_app.predictor.model.config.max_new_tokens
     assert int(app.locator("#max-words input[type=number]").input_value()) == limit
     set_slider(app, "repetition-penalty", "1.35")
