@@ -62,7 +62,7 @@ def store_notice(db: str | None, environ=os.environ, persistent: Path = SPACE_PE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--checkpoint", default=os.environ.get("PIXELLLM_CHECKPOINT") or DEFAULT_CHECKPOINT,
                         help="checkpoint folder or hub id (default: $PIXELLLM_CHECKPOINT or the embedded model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],

@@ -97,16 +97,31 @@ def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
                          "file, pass pixelllm.image.load_image(path))")
     if isinstance(image, (list, tuple)):
         _check_nested_pixel_count(image)
+        shape = _shape_of_arrays(image)
+        if shape is not None:  # a list of arrays (`[array]`, a batch): numpy would copy them all to refuse it
+            _check_shape(shape)
     arr = np.asarray(image)  # no copy of an array (nor of a tensor on the CPU)
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        hint = " (channels first? give HxWxC)" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
-        raise ValueError(f"expected an HxWx3 RGB image, got an array of shape {arr.shape}{hint}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError("the image is empty")
-    check_pixel_count(arr.shape[1], arr.shape[0])  # before the grey -> RGB stack and the uint8 conversion
+    _check_shape(arr.shape)  # before the grey -> RGB stack and the uint8 conversion
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     return np.ascontiguousarray(_to_uint8(arr)[..., :3])
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    """ValueError for an array shape that is not an HxW / HxWx3 / HxWx4 image of at most MAX_PIXELS."""
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (3, 4)):
+        hint = " (channels first? give HxWxC)" if len(shape) == 3 and shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"expected an HxWx3 RGB image, got an array of shape {tuple(shape)}{hint}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError("the image is empty")
+    check_pixel_count(shape[1], shape[0])
+
+
+def _shape_of_arrays(items: list | tuple) -> tuple[int, ...] | None:
+    """The shape np.asarray gives a list whose first item is an array (or tensor), from that item's shape alone;
+    None for a list of anything else. A ragged list is not measured further: numpy refuses it."""
+    shape = getattr(items[0], "shape", None) if len(items) else None
+    return (len(items), *shape) if isinstance(shape, tuple) else None
 
 
 def _check_nested_pixel_count(rows: list | tuple) -> None:

@@ -556,6 +556,37 @@ def test_ctrl_c_ends_an_export_in_one_line_and_the_rerun_finishes_it(store, tmp_
     _check_whole(out, accepted | submitted)
 
 
+def test_ctrl_c_while_an_export_waits_for_another_says_it_wrote_nothing(store, tmp_path):
+    """Ctrl+C (a real SIGINT) while an export waited for another export's lock on its folder said the folder "may be
+    part-way through this export (some images copied …)": it had written nothing. It says so now, exit 130, and
+    the folder is as the other export left it."""
+    import signal
+    import threading
+
+    from pixelllm.files import exclusive_lock
+
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs /proc/locks to see the export waiting on the folder's lock")
+    _accepted_and_submitted(store)
+    out = tmp_path / "out"
+    db = ["--db", str(store.path), "--out", str(out)]
+    assert export.main([*db, "--statuses", "accepted"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with exclusive_lock(out, wait=False):  # another export writing the folder
+        child = _export_child(None, *db)
+        for _ in range(6000):  # until it waits on the lock (/proc/locks marks a blocked request "->")
+            if any("->" in line and f" {child.pid} " in line for line in Path("/proc/locks").read_text().splitlines()):
+                break
+            assert child.poll() is None
+            threading.Event().wait(0.01)
+        child.send_signal(signal.SIGINT)
+        said = child.communicate(timeout=120)[0]
+    assert child.returncode == 130 and said.splitlines() == [
+        f"export: interrupted while waiting for another export into {out} to finish; this export wrote nothing: run "
+        "the command again to export"], said
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_an_export_where_the_folder_cannot_be_locked_still_exports(store, tmp_path, monkeypatch):
     """NFS emulates flock with POSIX locks, which refuse a folder opened read-only (EBADF): the export lock made
     every export on such a folder (a lab's network home) fail. It goes on unlocked; a lock held elsewhere still

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pixelllm import PixelLLM
 from pixelllm.adapters import base_state_dict
-from pixelllm.store import AnnotationStore
+from pixelllm.store import AnnotationStore, StoreError
 from tests.helpers import run_with_file_size_limit, save_small_checkpoint
 from training import corrections
 from training import finetune as ft
@@ -346,7 +346,7 @@ def test_what_a_killed_run_left_beside_out_is_cleared_or_put_back(base_dir, stor
             f".ft.partial-{dead.pid}"]  # a bare pid: an older version's name, or a machine without pid namespaces
     for name in kept:
         (runs / name).mkdir()
-    ft.check_out((runs / "ft").resolve())
+    ft.claim_out((runs / "ft").resolve())
     assert (runs / "ft" / "finetune.json").is_file()  # the previous output, back in place
     assert sorted(p.name for p in runs.iterdir()) == sorted(["ft", *kept])
 
@@ -691,3 +691,103 @@ def test_simulate_annotators_takes_a_json_in_a_subfolder_of_a_new_work_folder(ba
     with pytest.raises(Started):
         sim.main(["--base", str(base_dir), "--work", str(work), "--no-progress", "--json",
                   str(work / "results" / "sim.json")])
+
+
+def test_a_db_that_is_an_empty_file_is_refused_and_left_as_it_was(base_dir, tmp_path, capsys):
+    """`--db` a 0-byte file (a `touch`ed name, a failed copy) was made a new empty store (73 KB of tables), where
+    finetune records its runs, before it said "no usable corrections". It is refused in one line, as
+    `training.export` refuses it (the store opened with create=False), and left empty; a missing file is not made."""
+    empty, missing = tmp_path / "zero.db", tmp_path / "missing.db"
+    empty.write_bytes(b"")
+    out = tmp_path / "runs" / "zero"
+    assert ft.main(["--db", str(empty), "--base", str(base_dir), "--out", str(out), "--steps", "1"]) == 2
+    refusal = [line for line in capsys.readouterr().err.splitlines() if "no --replay-data" not in line]
+    assert refusal == [f"finetune: {empty} is not an annotation store (an empty file); it was left as it was"]
+    assert empty.read_bytes() == b"" and not out.exists()
+    for db, said in ((empty, "an empty file"), (missing, "no annotation store at")):
+        with pytest.raises(StoreError, match=said):
+            ft.finetune(ft.FinetuneSettings(db=db, base=base_dir, out=out, steps=1), progress=False)
+    assert empty.read_bytes() == b"" and not missing.exists()
+
+
+def test_two_runs_starting_at_once_never_move_the_same_folder(base_dir, store, tmp_path, monkeypatch):
+    """A run killed between the two renames of its swap leaves the previous output as `.NAME.old-TAG` and no --out;
+    the next run puts it back. That was done before the run took its lock, so two runs starting at once both put it
+    back: the second one's rename found it gone, `[Errno 2] No such file or directory` (a traceback). Here the second
+    run starts at the worst moment, just before the first one's rename: it is refused as "another finetune run",
+    and the first puts the output back."""
+    import subprocess
+
+    from pixelllm.files import writer_tag
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "runs" / "ft"
+    old = out.with_name(f".ft.old-{writer_tag(dead.pid)}")
+    old.mkdir(parents=True)
+    (old / "finetune.json").write_text("{}")
+    second = []
+    real_replace = os.replace
+
+    def second_run_meanwhile(source, target):
+        if Path(source) == old and not second:
+            second.append("started")
+            try:
+                ft.finetune(settings(base_dir, store, out), store=store, progress=False)
+            except ValueError as err:
+                second.append(str(err))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(ft.os, "replace", second_run_meanwhile)
+    monkeypatch.setattr(ft, "_run", lambda *args: {"trained": True})  # what the lock guards is before training
+    assert ft.finetune(settings(base_dir, store, out), store=store, progress=False) == {"trained": True}
+    assert second == ["started", f"--out {out.resolve()}: another finetune run is writing it right now; let it "
+                                 "finish, then run the command again (or give another --out)"]
+    assert (out / "finetune.json").read_text() == "{}" and not old.exists()
+
+
+def test_an_extra_target_lora_cannot_train_is_refused_naming_the_modules(base_dir, store, tmp_path, capsys):
+    """`--extra-targets` matching the image encoder ended in a RuntimeError traceback once the adapter was made; a
+    block (`loc_head`) or a norm layer in peft's error printing the whole module; an embedding, or a layer of the
+    mask or proposal head, trained nothing, exit 0 (an embedding's LoRA tensors were never set to train; no loss
+    reaches those heads in finetuning). One line each, naming the modules, before a run is recorded."""
+    out = tmp_path / "runs" / "where"
+    for targets, said in (
+        (r"image_encoder\.sam_encoder\.blocks\.\d+\.attn\.qkv", "image_encoder.sam_encoder.blocks.0.attn.qkv (Linear), "
+         "image_encoder.sam_encoder.blocks.1.attn.qkv (Linear): the image encoder stays frozen"),
+        ("loc_head", "loc_head (LocationHead): finetuning trains LoRA on Linear layers only"),
+        (r"language_model\.encoder\.final_layer_norm", "final_layer_norm (T5LayerNorm): finetuning trains LoRA on"),
+        (r"language_model\.shared", "language_model.shared (Embedding): finetuning trains LoRA on Linear layers"),
+        (r"mask_head\..*\.q_proj", "q_proj (Linear) and 4 more: finetuning computes no loss through the proposal "
+                                   "and mask heads"),
+    ):
+        code = ft.main(["--db", str(store.path), "--base", str(base_dir), "--out", str(out), "--steps", "1",
+                        "--batch-size", "2", "--extra-targets", targets])
+        err = capsys.readouterr().err
+        refusal = [line for line in err.splitlines() if "no --replay-data" not in line]
+        assert code == 2 and len(refusal) == 1 and said in refusal[0], err
+        assert refusal[0].startswith(f"finetune: --extra-targets {targets} matches "), err
+    assert store.list_finetune_runs() == [] and not out.exists()
+
+
+def test_the_simulation_reports_change_is_the_change_of_the_values_it_shows():
+    """The change column came from the unrounded values: 0.8514 -> 0.8526 was shown as 0.851 -> 0.853 with a change
+    of +0.1 points (0.12 rounded) beside a visible +0.2. Every row's change is now the difference of its two shown
+    values, and the acceptance verdict reads the same figure."""
+    from training.simulate_annotators import SimulateSettings, report
+
+    def result(shift: float, base: float) -> dict:
+        return {"shift": {"accuracy": shift, "objects": 10},
+                "base": {"loc_caption_accuracy": base, "refer_p@0.5": base, "mask_mean_iou": base, "objects": 20,
+                         "expressions": 30}}
+
+    rng = np.random.default_rng(0)
+    pairs = [(0.8514, 0.8526), *rng.uniform(0, 1, (20, 2))]
+    for before, after in pairs:
+        table, verdict = report(result(before, 1 - before), result(after, 1 - after), SimulateSettings("b", "w"))
+        for row in table.splitlines()[2:]:
+            shown_before, shown_after, change = (float(cell) for cell in row.split()[-3:])
+            assert change == round(100 * (shown_after - shown_before), 1), row
+        assert verdict["shift_gain_points"] == float(table.splitlines()[2].split()[-1])
+    table, _ = report(result(0.8514, 0.5), result(0.8526, 0.5), SimulateSettings("b", "w"))
+    assert table.splitlines()[2].split()[-3:] == ["0.851", "0.853", "0.200"]

@@ -168,6 +168,24 @@ def test_a_channels_first_nested_list_above_the_pixel_limit_is_refused_from_its_
         imaging.as_rgb_array([[[0] * 20] * 12] * 3)
 
 
+def test_a_list_holding_arrays_is_refused_from_their_shape_before_numpy_copies_them():
+    """A list or tuple of arrays that is no image (`[chw_array]`, a batch `[nhwc_array]`, a tensor in a list) went
+    through np.asarray, which copied every array into one (126 MB for 3 x 7000 x 6000) only to refuse the result as
+    4-D. The shape numpy would give is read from the first item's shape now, and refused before any copy."""
+    height, width = 7000, 6000
+    chw = np.broadcast_to(np.zeros((1, 1, 1), np.uint8), (3, height, width))  # views: a few bytes until copied
+    nhwc = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (1, height, width, 3))
+    tensor = torch.zeros(1, 1, 1, dtype=torch.uint8).expand(3, height, width)
+    for name, items, shape in (("[chw]", [chw], (1, 3, height, width)), ("(chw,)", (chw,), (1, 3, height, width)),
+                               ("[nhwc]", [nhwc], (1, 1, height, width, 3)), ("[tensor]", [tensor],
+                                                                           (1, 3, height, width))):
+        message, peak = _refusal_and_peak(items)
+        assert message == f"expected an HxWx3 RGB image, got an array of shape {shape}", name
+        assert peak < 5_000_000, (name, peak)
+    small = random_image(3, height=12, width=20)
+    assert _refusal_and_peak([small])[0] == "expected an HxWx3 RGB image, got an array of shape (1, 12, 20, 3)"
+
+
 def test_small_nested_lists_are_still_images(small_predictor):
     array = random_image(3, height=12, width=20)
     for nested in (array.tolist(), tuple(map(tuple, array.tolist())), list(array)):  # list(array): rows as arrays

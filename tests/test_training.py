@@ -705,3 +705,43 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_resumable(tm
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert re.search(r"cannot save .*second/checkpoint: .*File too large; checkpoint is kept as it was",
                      proc.stderr), proc.stderr
+
+
+class _Parsed(Exception):
+    """Raised in place of running a command once argparse has taken all of its arguments."""
+
+
+@pytest.mark.parametrize(("module", "argv", "refused"), [
+    ("training.export", ["--out", "o", "--stat", "accepted"], "unrecognized arguments: --stat accepted"),
+    ("training.average", ["--checkpoints", "a", "--out", "o", "--dt", "float32"], "unrecognized arguments: --dt"),
+    ("training.data.shapes.splits", ["--out", "o", "--split", "s", "--num", "1", "--seed", "1", "--hold"],
+     "unrecognized arguments: --hold"),
+    ("training.evaluate", ["--checkpoint", "c", "--data", "d", "--lim", "3"], "unrecognized arguments: --lim 3"),
+    ("training.simulate_annotators", ["--step", "1"], "unrecognized arguments: --step 1"),
+    ("training.finetune", ["--out", "o", "--step", "1"], "unrecognized arguments: --step 1"),
+    ("training.convert", ["vg", "--regions", "r", "--out", "o", "--max-reg", "3"],
+     "unrecognized arguments: --max-reg 3"),
+    ("training.train", ["--conf", "c.yaml"], "the following arguments are required: --config"),
+    ("pixelllm.bench.run", ["--qui"], "unrecognized arguments: --qui"),
+    ("app", ["--conc", "3"], "unrecognized arguments: --conc 3"),
+])
+def test_every_command_refuses_an_abbreviated_flag(module, argv, refused, monkeypatch, capsys):
+    """argparse took any unambiguous prefix for a flag (`--step 1` for `--steps 1`): a half-remembered flag set
+    another one silently, and a flag added later could change what an old command meant. Every command refuses
+    it now (exit 2). argparse is spied on so that a command that takes its arguments stops there, doing nothing."""
+    import argparse
+    import importlib
+
+    real = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = real(self, args, namespace)
+        if not extras:
+            raise _Parsed(parsed)
+        return parsed, extras
+
+    command = importlib.import_module(module)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_known_args)
+    with pytest.raises(SystemExit) as exited:
+        (command.parse_args if module == "app" else command.main)(argv)
+    assert exited.value.code == 2 and refused in capsys.readouterr().err

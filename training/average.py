@@ -52,7 +52,8 @@ def check_out(out: Path, checkpoints: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.average", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.average", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders (float32 `final` ones)")
     parser.add_argument("--out", required=True,
                         help="folder to write (a checkpoint folder already there is replaced; any other is refused)")

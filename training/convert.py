@@ -213,11 +213,13 @@ def _load_json(path: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.convert", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="kind", required=True)
-    m = sub.add_parser("mdetr", help="RefCOCO(+/g) / GoldG in MDETR's annotation format -> <split>.refer.jsonl")
+    m = sub.add_parser("mdetr", help="RefCOCO(+/g) / GoldG in MDETR's annotation format -> <split>.refer.jsonl",
+                       allow_abbrev=False)
     m.add_argument("--ann", required=True, action="append", help="annotation JSON (repeat to merge several)")
-    v = sub.add_parser("vg", help="Visual Genome region descriptions -> <split>.dense.jsonl")
+    v = sub.add_parser("vg", help="Visual Genome region descriptions -> <split>.dense.jsonl", allow_abbrev=False)
     v.add_argument("--regions", required=True, help="region_descriptions.json")
     v.add_argument("--image-data", help="image_data.json (image sizes)")
     v.add_argument("--max-regions", type=int, default=50, help="regions kept per image")

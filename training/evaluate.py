@@ -273,7 +273,8 @@ def evaluate(predictor: Predictor, root: str | Path, split: str = "test", limit:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="PixelLLM checkpoint directory (or hub id)")
     parser.add_argument("--data", required=True, help="Shapes data directory (python -m training.shapes --out)")
     parser.add_argument("--split", action="append", default=None,

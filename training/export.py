@@ -37,6 +37,7 @@ utterance target (LN's own convention). This module never imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -306,8 +307,16 @@ def export_corrections(store: AnnotationStore, out_dir: str | os.PathLike,
     # one export into a folder at a time, a second one waits: two at once each removed images the other's files
     # named, and the one that finished last wrote an LN file naming images no longer there, or a manifest
     # without the images the other one wrote
-    with exclusive_lock(out, wait=True):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(out, wait=True))
+        except KeyboardInterrupt:
+            raise InterruptedWaiting(f"interrupted while waiting for another export into {out}") from None
         return _export(store, out, statuses, store.training_examples(statuses) if rows is None else rows)
+
+
+class InterruptedWaiting(KeyboardInterrupt):
+    """Ctrl+C while an export waited for another export's lock on its folder: it had written nothing."""
 
 
 def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[dict],
@@ -394,7 +403,8 @@ def _export(store: AnnotationStore, out: Path, statuses: list[str], rows: list[d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--db", default="data/annotations.db", help="annotation store (SQLite file)")
     parser.add_argument("--out", required=True, help="export folder (created; nothing is written outside it)")
     parser.add_argument("--statuses", default="submitted,accepted",
@@ -414,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, StoreError, OSError) as err:  # OSError: the output folder cannot be written
         print(f"export failed: {err}", file=sys.stderr)
         return 2
+    except InterruptedWaiting:
+        print(f"export: interrupted while waiting for another export into {args.out} to finish; this export wrote "
+              "nothing: run the command again to export", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # Ctrl+C: one line, not a traceback from wherever the export was
         print(f"export: interrupted; {args.out} may be part-way through this export (some images copied, one "
               "perhaps cut short; the LN and COCO files not both of this export yet): run the command again to "

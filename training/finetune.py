@@ -70,6 +70,7 @@ from training.train import lr_at
 LOC_HEAD_TARGETS = (r"loc_head\.layers\.\d+",)
 DEFAULT_REPLAY_TASKS = {"region_box": 2.0, "region_points": 1.0, "refer": 2.0, "sentence": 1.0}
 REPLAY_MODES = ("alternate", "joint")
+UNTRAINED_HEADS = ("proposal_head", "mask_head")  # finetuning batches carry no proposal or mask targets
 
 
 @dataclass
@@ -135,19 +136,25 @@ def grouped_batch_sizes(collate: Collator, batch_size: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------- the run
 
 def check_out(out: Path) -> None:
-    """Refuse, before anything trains, an --out the run could not write or must not replace: a new run replaces
-    an empty folder or a previous run's output (it has finetune.json), never someone's other folder, nor the
-    working directory or a folder holding it."""
+    """Refuse, before anything trains, an --out the run could not write or must not replace: not a file, nor the
+    working directory or a folder holding it, and in a folder this user can write (made here: the run's lock file
+    goes there too). What is in --out and beside it is looked at under the lock (`claim_out`)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
         raise ValueError(f"--out {out} is the working directory or holds it: give a folder of its own, e.g. runs/ft1")
-    if out.is_dir() and any(out.iterdir()) and not (out / "finetune.json").is_file():
-        raise ValueError(f"--out {out} holds files and no finetune.json (not a finetune run's output, which a "
-                         "new run replaces): give a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out {out}: cannot write in {out.parent}")
+
+
+def claim_out(out: Path) -> None:
+    """Under the run's lock on --out: refuse someone's other folder (a new run replaces an empty folder or a
+    previous run's output, which has finetune.json), and clear or put back what a run killed before its end left
+    beside it. Done unlocked, two runs starting at once moved the same folders ([Errno 2])."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "finetune.json").is_file():
+        raise ValueError(f"--out {out} holds files and no finetune.json (not a finetune run's output, which a "
+                         "new run replaces): give a new folder")
     for left in sorted(out.parent.glob(f".{out.name}.*-*")):  # what a run killed before its end left beside out
         kind, _, tag = left.name[len(out.name) + 2:].partition("-")
         if kind not in ("partial", "old") or not left_by_dead_writer(tag):
@@ -199,6 +206,41 @@ def _checkpoint_dtype(directory: Path) -> torch.dtype | None:
     return None
 
 
+def check_extra_targets(model: PixelLLM, patterns: tuple[str, ...], base: str) -> None:
+    """Refuse an --extra-targets pattern that matches no module (peft skips it: a typo trained without it), or
+    that matches a module LoRA must not adapt here, naming them: one in the image encoder (its features are
+    computed once, before training), in a head finetuning computes no loss for (it would stay untrained), or not
+    a Linear layer (peft's error printed the whole module)."""
+    modules = {name: module for name, module in model.named_modules() if name}  # "": the model itself
+    for pattern in patterns:
+        try:
+            matched = [name for name in modules if re.fullmatch(pattern, name)]
+        except re.error as err:
+            raise ValueError(f"--extra-targets {pattern} is not a regular expression: {err}") from None
+        if not matched:
+            raise ValueError(f"--extra-targets {pattern} matches no module of {base} (it must match a module's "
+                             f"whole name, e.g. {LOC_HEAD_TARGETS[0]} for the location head's layers)")
+        reasons = {name: _not_a_target(name, modules[name]) for name in matched}
+        why = next((reason for reason in reasons.values() if reason), None)
+        if why:
+            names = [name for name, reason in reasons.items() if reason == why]
+            shown = ", ".join(f"{name} ({type(modules[name]).__name__})" for name in names[:3])
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise ValueError(f"--extra-targets {pattern} matches {shown}{more}: {why}")
+
+
+def _not_a_target(name: str, module: torch.nn.Module) -> str | None:
+    """Why LoRA on the module `name` could not train in finetuning, or None."""
+    component = name.split(".")[0]
+    if component == "image_encoder":
+        return "the image encoder stays frozen (its features are computed once, before training)"
+    if component in UNTRAINED_HEADS:
+        return "finetuning computes no loss through the proposal and mask heads: LoRA there would stay untrained"
+    if not isinstance(module, torch.nn.Linear):  # peft refuses a block or a norm; an embedding's LoRA never trained
+        return f"finetuning trains LoRA on Linear layers only (e.g. {LOC_HEAD_TARGETS[0]})"
+    return None
+
+
 def load_base_with_adapter(settings: FinetuneSettings, name: str) -> tuple[PixelLLM, list[str]]:
     """The base checkpoint with a fresh LoRA adapter `name` active; returns the model and its trainable names."""
     model = PixelLLM.from_pretrained(settings.base)
@@ -207,15 +249,7 @@ def load_base_with_adapter(settings: FinetuneSettings, name: str) -> tuple[Pixel
     model.config.scheduled_sampling = 0.0
     if name in model.adapters:
         raise ValueError(f"the base checkpoint already has an adapter named {name!r}: choose another --name")
-    modules = [module_name for module_name, _ in model.named_modules()]
-    for pattern in settings.extra_targets:  # peft skips a pattern that matches nothing: a typo trained without it
-        try:
-            matched = any(re.fullmatch(pattern, module_name) for module_name in modules)
-        except re.error as err:
-            raise ValueError(f"--extra-targets {pattern} is not a regular expression: {err}") from None
-        if not matched:
-            raise ValueError(f"--extra-targets {pattern} matches no module of {settings.base} (it must match a "
-                             f"module's whole name, e.g. {LOC_HEAD_TARGETS[0]} for the location head's layers)")
+    check_extra_targets(model, settings.extra_targets, settings.base)
     original = model.config.lora
     if settings.rank is not None:
         alpha = settings.alpha if settings.alpha is not None else 2 * settings.rank
@@ -244,9 +278,9 @@ def finetune(settings: FinetuneSettings, *, store: AnnotationStore | None = None
              ) -> dict[str, Any]:
     """Run one fine-tuning job (see the module docstring); returns its summary (also written to finetune.json).
 
-    ``store`` defaults to ``AnnotationStore(settings.db)`` (closed afterwards). Raises ``ValueError`` when there
-    is nothing to train on or another run is writing into the same --out; any failure after the run was recorded
-    marks it ``failed`` and re-raises."""
+    ``store`` defaults to ``AnnotationStore(settings.db, create=False)`` (closed afterwards; ``StoreError`` when
+    the file is missing, empty or no store). Raises ``ValueError`` when there is nothing to train on or another run
+    is writing into the same --out; any failure after the run was recorded marks it ``failed`` and re-raises."""
     settings.check()
     out = Path(settings.out)
     name = check_adapter_name(settings.name or Path(os.path.abspath(out)).name)  # the name typed, not a link target
@@ -256,15 +290,16 @@ def finetune(settings: FinetuneSettings, *, store: AnnotationStore | None = None
         torch.set_num_threads(int(settings.threads))
     with contextlib.ExitStack() as held:
         try:  # one run into an --out at a time: two at once were both recorded finished with the same adapter_path,
-            # which held the weights of whichever swapped in last. The lock file is beside --out (`check_out` never
+            # which held the weights of whichever swapped in last. The lock file is beside --out (`claim_out` never
             # sees it) and stays, as training.shapes' split locks do; the lock goes with the process, so the file of
             # a killed run stops no one
             held.enter_context(exclusive_lock(target.with_name(f".{target.name}.lock"), wait=False))
         except BlockingIOError:
             raise ValueError(f"--out {target}: another finetune run is writing it right now; let it finish, then "
                              "run the command again (or give another --out)") from None
-        if store is None:
-            store = held.enter_context(AnnotationStore(settings.db))
+        claim_out(target)
+        if store is None:  # create=False: an empty file or a missing one is refused, not made a new store
+            store = held.enter_context(AnnotationStore(settings.db, create=False))
         return _run(settings, store, out, name, progress)
 
 
@@ -410,7 +445,8 @@ def parse_task_weights(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--db", default="data/annotations.db", help="annotation store")
     parser.add_argument("--base", default="assets/checkpoints/shapes-tiny", help="base checkpoint directory")
     parser.add_argument("--out", required=True, help="output folder (checkpoint + adapters/<name>/)")

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 ANNOTATOR = "simulated_annotator"
 SHIFT_GAIN_POINTS = 30.0
 BASE_DROP_POINTS = 3.0
+TABLE_DECIMALS = 3  # the report's before / after columns
 WORK_MARKER = ".simulate-work"  # in a --work folder a run made (check_work)
 
 
@@ -189,8 +190,11 @@ def evaluate_model(predictor: Any, data: Path, s: SimulateSettings) -> dict[str,
 
 
 def _points(before: float | None, after: float | None) -> float | None:
-    # + 0.0: a change that rounds to zero from below is 0.0, not -0.0
-    return None if before is None or after is None else round(100.0 * (after - before), 1) + 0.0
+    """after - before in points, of the values as the table shows them (0.851 -> 0.853 is +0.2, whatever the
+    digits past the third were); + 0.0: a change that rounds to zero from below is 0.0, not -0.0."""
+    if before is None or after is None:
+        return None
+    return round(100.0 * (round(after, TABLE_DECIMALS) - round(before, TABLE_DECIMALS)), 1) + 0.0
 
 
 def report(before: dict, after: dict, s: SimulateSettings) -> tuple[str, dict[str, Any]]:
@@ -216,7 +220,7 @@ def report(before: dict, after: dict, s: SimulateSettings) -> tuple[str, dict[st
         "base_pass": all(v is not None and v >= -BASE_DROP_POINTS for v in drops.values()),
     }
     verdict["pass"] = verdict["shift_pass"] and verdict["base_pass"]
-    return format_table(rows, precision=3), verdict
+    return format_table(rows, precision=TABLE_DECIMALS), verdict
 
 
 # ---------------------------------------------------------------------------- driver
@@ -317,7 +321,8 @@ def check_work(work: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = SimulateSettings(base="", work="")
-    p = argparse.ArgumentParser(prog="python -m training.simulate_annotators", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.simulate_annotators", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--base", default="assets/checkpoints/shapes-tiny", help="base checkpoint directory")
     p.add_argument("--work", default="runs/simulate", help="scratch folder (recreated): data, store, run")
     p.add_argument("--corrections", type=int, default=d.corrections, help="simulated corrections (one per cross)")

@@ -263,7 +263,8 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: floa
 
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--config", required=True)
     args, overrides = parser.parse_known_args(argv)
     if not Path(args.config).is_file():

@@ -78,7 +78,8 @@ def render(ratios: list[Ratio], absolute: dict[str, Any], info: dict[str, Any]) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pixelllm.bench",
                                      description="PixelLLM performance benchmark (docs/benchmark.md): every figure a "
-                                                 "ratio of two things measured side by side")
+                                                 "ratio of two things measured side by side",
+                                     allow_abbrev=False)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="PixelLLM checkpoint folder or hub id")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs in bfloat16")
     parser.add_argument("--json", type=Path, help="write every figure and its details here")

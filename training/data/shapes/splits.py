@@ -277,7 +277,8 @@ def parse_mentions(text: str) -> list[tuple[str, str, str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m training.shapes`` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m training.shapes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.shapes", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", required=True, help="output directory (shared by several splits)")
     parser.add_argument("--split", required=True, help="split name, e.g. train / val / test")
     parser.add_argument("--num", type=int, required=True, help="number of images")
