@@ -300,3 +300,35 @@ def test_a_bench_killed_while_it_writes_its_json_keeps_the_measurements_written_
     assert data["complete"] is False
     assert list(data["ratios"]) == ["location_head_overhead"]
     assert data["ratios"]["location_head_overhead"]["value"] == 1.0
+
+
+@pytest.mark.parametrize("target, flags, match", [
+    ("a_folder", [], "--json {target}: is a folder; give a file name"),
+    ("a_file/bench.json", [], "--json {target}: cannot write in"),  # its folder is a file
+    ("bench.json", ["--threads", "0"], "--threads must be at least 1, got 0"),
+])
+def test_a_json_it_cannot_write_or_no_threads_is_refused_before_any_measurement(tmp_path, capsys, target, flags,
+                                                                               match):
+    """`--json` naming a folder (or a path under a file) failed with a traceback at the report's first write,
+    after the first measurement; `--threads 0` with torch's RuntimeError traceback."""
+    from pixelllm.bench.run import main
+
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--json", str(tmp_path / target), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert match.format(target=tmp_path / target) in err and "cannot load the checkpoint" not in err, err
+
+
+def test_a_checkpoint_without_its_tokenizer_is_one_line(tmp_path, capsys):
+    """A checkpoint folder without tokenizer.json loads without a tokenizer: the bench then ended in the predictor's
+    traceback, which told the user to load it with PixelLLM.from_pretrained (it had)."""
+    from pixelllm.bench.run import main
+
+    checkpoint = save_small_checkpoint(tmp_path / "model")
+    (checkpoint / "tokenizer.json").unlink()
+    assert main(["--checkpoint", str(checkpoint), "--only", "per_token_cost_ratio", "--threads", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"cannot load the checkpoint {checkpoint}: it has no tokenizer "
+                                               "(tokenizer.json or spiece.model beside its weights)")

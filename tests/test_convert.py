@@ -136,6 +136,19 @@ def test_converter_reports_a_missing_or_broken_file(tmp_path):
     assert not (tmp_path / "train.refer.jsonl").exists()
 
 
+@pytest.mark.parametrize("flag", ["--ann", "--regions", "--image-data"])
+def test_a_folder_given_for_an_input_file_is_one_line(tmp_path, flag):
+    """The download's folder given for one of its files (`--ann mdetr_annotations`) was an IsADirectoryError
+    traceback (only a missing file was one line)."""
+    folder = tmp_path / "mdetr_annotations"
+    folder.mkdir()
+    (tmp_path / "regions.json").write_text("[]")
+    kind = ["mdetr"] if flag == "--ann" else ["vg", "--regions", str(tmp_path / "regions.json")]
+    with pytest.raises(SystemExit, match=f"^cannot read {folder}: Is a directory$"):
+        convert.main([*kind, flag, str(folder), "--out", str(tmp_path)])
+    assert not (tmp_path / "train.refer.jsonl").exists() and not (tmp_path / "train.dense.jsonl").exists()
+
+
 def test_ids_of_different_image_collections_never_collide(tmp_path):
     """RefCOCO numbers images by COCO id, GoldG's GQA pairs and Visual Genome by VG id: COCO image 9 and VG image 9
     are two pictures. The converter keeps COCO ids bare (LN COCO's ids) and prefixes the others, so each

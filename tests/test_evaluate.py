@@ -742,3 +742,51 @@ def test_cli_names_a_device_this_machine_lacks_before_the_model_loads(tmp_path, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert match in err and "--data/--split" not in err and "--checkpoint:" not in err  # before data and model
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--max-regions", "0"], "--max-regions must be a whole number between 1 and 100, got 0"),
+    (["--max-new-tokens", "1000"], "--max-new-tokens must be a whole number between 1 and 512, got 1000"),
+    (["--score-threshold", "2"], "--score-threshold must be between 0 and 1, got 2.0"),
+    (["--score-threshold", "nan"], "--score-threshold must be between 0 and 1, got nan"),
+])
+def test_cli_refuses_a_decoding_or_dense_option_the_predictor_refuses_before_the_model_loads(tmp_path, capsys,
+                                                                                           flags, match) -> None:
+    """`--max-new-tokens 1000` (a longer narrative), `--max-regions 0` or `--score-threshold 2` passed argparse
+    and failed at the first image, a ValueError traceback from the predictor, after the data and the model had
+    loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "--data/--split" not in err and "--checkpoint:" not in err  # before data and model
+
+
+def test_cli_names_a_checkpoint_without_its_tokenizer_in_one_line(tmp_path, capsys) -> None:
+    """A checkpoint folder that lost its tokenizer.json (the weights copied alone) loads without a tokenizer; the
+    evaluation then ended in a traceback telling the user to "load it with PixelLLM.from_pretrained", which it
+    had."""
+    from tests.helpers import save_small_checkpoint
+
+    checkpoint = save_small_checkpoint(tmp_path / "model")
+    (checkpoint / "tokenizer.json").unlink()
+    generate_split(tmp_path / "data", "test", 1, seed=3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--threads", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {checkpoint}: it has no tokenizer (tokenizer.json or spiece.model" in err, err
+
+
+def test_cli_names_a_missing_image_of_a_split_in_one_line_before_the_model_loads(tmp_path, capsys) -> None:
+    """A split whose images/ lacks a file (the JSONL files copied without every image) was a FileNotFoundError
+    traceback when that image's turn came: after the model had loaded and every image before it was evaluated."""
+    data = tmp_path / "data"
+    generate_split(data, "test", 2, seed=3)
+    (data / "images" / "test_000001.png").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "no-model"), "--data", str(data)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"--data/--split: test: image 'test_000001' (images/test_000001.png): no such file: "
+            f"{data / 'images' / 'test_000001.png'}") in err and "--checkpoint:" not in err, err

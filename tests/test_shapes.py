@@ -356,6 +356,16 @@ def test_cli_rejects_bad_options(tmp_path):
     assert exit_info.value.code == 2
 
 
+def test_cli_names_an_out_that_is_a_file_in_one_line(tmp_path, capsys):
+    """`--out` naming a file (e.g. a split's JSONL) was a NotADirectoryError traceback."""
+    (tmp_path / "train.ln.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "train.ln.jsonl"), "--split", "x", "--num", "1", "--seed", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'train.ln.jsonl'}: cannot write the split there: Not a directory" in err, err
+
+
 def test_load_instance_map_rejects_colour_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "rgb.png")
     with pytest.raises(ValueError):

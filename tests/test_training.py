@@ -614,6 +614,76 @@ def test_train_keys_are_the_settings_the_trainer_reads():
     assert read == set(train.TRAIN_KEYS)
 
 
+@pytest.mark.parametrize("override, match", [
+    ("--trian.lr=1", r"unknown sections \['trian'\]"),
+    ("--data.limt=3", r"unknown data settings \['limt'\]"),
+    ("--model.overide.roi_grid=4", r"unknown model settings \['overide'\]"),
+    ("--stages.1.lrr=1e-4", r"stage 2 \('multitask'\): unknown settings \['lrr'\]"),
+    ("--export.dype=float16", r"unknown export settings \['dype'\]"),
+])
+def test_a_typo_in_a_setting_or_section_name_is_refused_before_any_work(tmp_path, override, match):
+    """A misspelt section or setting (outside train.*, already checked) was ignored: `--trian.lr=1` or a stage's
+    `lrr:` trained at the config's own learning rate, `--data.limt=3` on every image, exit 0 and no word."""
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    with pytest.raises(SystemExit, match=match):
+        main(["--config", str(config), override])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--train.lr=abc", r"train.lr must be a number >= 0, got 'abc'"),
+    ("--train.log_every=0", r"train.log_every must be a whole number >= 1, got 0"),
+    ("--train.batch_size=2.5", r"train.batch_size must be a whole number >= 1, got 2.5"),
+    ("--stages.0.warmup=-1", r"stage 1 \('caption_pretraining'\): warmup must be a whole number >= 0, got -1"),
+    ("--model.preset=tinny", r"model: unknown preset 'tinny'"),
+    ("--model.overrides.roi_grd=4", r"model: .*unexpected keyword argument 'roi_grd'"),
+    ("--stages.1.stage=multitsk", r"stage 2 \('multitask'\): stage must be one of scratch, .*got 'multitsk'"),
+    ("--export.dtype=float61", r"export.dtype must be one of float32, float16, bfloat16, got 'float61'"),
+])
+def test_a_setting_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, override, match):
+    """A value the trainer cannot use was a traceback once the data was generated (a typo'd preset or override,
+    `lr: abc`), at the first step (`log_every: 0`: ZeroDivisionError), when the typo'd stage began after the
+    stages before it had trained, or, for `export.dtype`, after the whole run (`AttributeError: module 'torch' has
+    no attribute 'float61'`, exit 1)."""
+    from training.train import main
+
+    config = _config(tmp_path, (1, 1))
+    with pytest.raises(SystemExit, match=match):
+        main(["--config", str(config), override])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_numbers_yaml_reads_as_text_are_still_numbers(tmp_path):
+    """YAML reads `--train.lr=1e-4` as the text "1e-4" (no dot); the trainer's float() takes it, so the check does."""
+    from training.train import check_config, load_config
+
+    config = _config(tmp_path, (1, 1))
+    cfg = load_config(config, ["--train.lr=1e-4", "--stages.0.lr=3e-4"])
+    assert cfg["train"]["lr"] == "1e-4"
+    check_config(cfg, config)
+    for shipped in sorted((ROOT / "training" / "configs").glob("*.yaml")):
+        check_config(load_config(shipped, []), shipped)
+
+
+def test_section_keys_are_the_settings_the_trainer_reads():
+    """As TRAIN_KEYS: every stage / data / model / export setting main() reads is in SECTION_KEYS (a missing one
+    would refuse every config that sets it)."""
+    import inspect
+
+    import pixelllm.model_card as model_card
+    import training.run_folder as run_folder
+    import training.train as train
+
+    source = inspect.getsource(train) + inspect.getsource(model_card) + inspect.getsource(run_folder)
+    for section, pattern in (("stage", r'stage(?:\.get\(|\[)"([a-z_]+)"'),
+                             ("data", r'cfg\["data"\](?:\.get\(|\[)"([a-z_]+)"'),
+                             ("model", r'(?:mcfg|cfg\["model"\])(?:\.get\(|\[)"([a-z_]+)"'),
+                             ("export", r'(?:export|cfg\["export"\])\.get\("([a-z_]+)"')):
+        assert set(re.findall(pattern, source)) == set(train.SECTION_KEYS[section]), section
+
+
 UNPRIVILEGED_TRAIN = """
 import os, sys
 import training.train  # imported while privileged: after setuid the interpreter's own modules may be unreadable
@@ -745,3 +815,35 @@ def test_every_command_refuses_an_abbreviated_flag(module, argv, refused, monkey
     with pytest.raises(SystemExit) as exited:
         (command.parse_args if module == "app" else command.main)(argv)
     assert exited.value.code == 2 and refused in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_naming_the_step_the_rerun_resumes_from(tmp_path, monkeypatch, capsys):
+    """Ctrl+C, the usual way to stop a run, was a KeyboardInterrupt traceback from wherever the loop was (often
+    matplotlib's plot of the loss curves), exit 1. One line now, exit 130, saying where the rerun starts."""
+    import training.train as train
+    from training.data.sampling import MultiTaskSampler
+
+    config = _config(tmp_path, (2, 2), checkpoint_every=2)
+    draw = MultiTaskSampler.draw
+
+    def ctrl_c_at(at: int):
+        def drawn(self, step):
+            if step == at:
+                raise KeyboardInterrupt
+            return draw(self, step)
+        return drawn
+
+    checkpoint = tmp_path / "run" / "checkpoint"
+    for at, said in ((1, "no checkpoint was saved yet: the same command starts the run over"),
+                     (3, f"{checkpoint} holds step 2: run the same command again to resume from there")):
+        monkeypatch.setattr(MultiTaskSampler, "draw", ctrl_c_at(at))
+        try:
+            code = train.main(["--config", str(config)])
+        except KeyboardInterrupt:  # not let through: pytest would take it for the user's own Ctrl+C and stop
+            pytest.fail("Ctrl+C escaped training.train as a KeyboardInterrupt traceback")
+        assert code == 130
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == f"train: interrupted; {said}", err
+    monkeypatch.setattr(MultiTaskSampler, "draw", draw)
+    assert train.main(["--config", str(config)]) == 0
+    assert "resume from step 2" in capsys.readouterr().out

@@ -208,6 +208,8 @@ def _load_json(path: str) -> Any:
             return json.load(handle)
     except FileNotFoundError:
         raise SystemExit(f"no such file: {path}") from None
+    except OSError as err:  # a folder given for the file (the dataset's download folder), no permission
+        raise SystemExit(f"cannot read {path}: {err.strerror or err}") from None
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path} is not JSON ({err})") from None
 

@@ -171,6 +171,9 @@ def load_truth(root: str | Path, split: str = "test", limit: int | None = None) 
         objects = [ObjectTruth(int(o["object_id"]), (o["size"], o["color"], o["shape"]), _box(o["box"]),
                                (float(o["center"][0]), float(o["center"][1]))) for o in rec["objects"]]
         expressions = [ExpressionTruth(r["expression"], int(r["object_id"]), _box(r["box"])) for r in refer[image_id]]
+        image_file = Path(root) / rec["file_name"]
+        if not image_file.is_file():  # read at its turn: a traceback after the model and the images before it
+            raise ValueError(f"{split}: image {image_id!r} ({rec['file_name']}): no such file: {image_file}")
         truths.append(ImageTruth(
             image_id=image_id, file_name=rec["file_name"], width=int(rec["width"]), height=int(rec["height"]),
             instance_map=load_instance_map(root, rec["mask_file"]), objects=objects, expressions=expressions,
@@ -348,6 +351,7 @@ def _evaluate_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, fin
     import torch
 
     from pixelllm import PixelLLM, PixelLLMPredictor
+    from pixelllm.arguments import MAX_TRACE_TOKENS, whole_number
     from pixelllm.files import write_atomically
 
     if args.threads is not None:
@@ -358,6 +362,14 @@ def _evaluate_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, fin
         parser.error(f"--repetition-penalty must be between 1 (off) and 2, got {penalty}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    try:  # the predictor's limits: out of them, the first image's call was a traceback once the model had loaded
+        whole_number(args.max_regions, "--max-regions", 1, 100)
+        if args.max_new_tokens is not None:
+            whole_number(args.max_new_tokens, "--max-new-tokens", 1, MAX_TRACE_TOKENS)
+    except ValueError as err:
+        parser.error(str(err))
+    if not 0.0 <= args.score_threshold <= 1.0:
+        parser.error(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
     splits = list(dict.fromkeys(args.split or ["test"]))
     clash = [name for name in splits if name in ("task", "metric", "mean", "s.e.")] if len(splits) > 1 else []
     if clash:
@@ -384,6 +396,9 @@ def _evaluate_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, fin
         model = PixelLLM.from_pretrained(args.checkpoint)
     except (OSError, ValueError) as err:
         parser.error(f"--checkpoint: {err}")
+    if model.tokenizer is None:  # PixelLLMPredictor's ValueError, a traceback, said to load it with from_pretrained
+        parser.error(f"--checkpoint {args.checkpoint}: it has no tokenizer (tokenizer.json or spiece.model beside "
+                     "its weights)")
     predictor = PixelLLMPredictor(model, device=args.device)
     if penalty is None:  # record the value the narratives were decoded with, not "default"
         penalty = model.config.repetition_penalty

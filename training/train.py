@@ -10,6 +10,7 @@ step, optimizer, scheduler, sampler positions), written atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pixelllm.build import build_pixelllm
-from pixelllm.config import get_config
+from pixelllm.checkpoint import check_source
+from pixelllm.config import PRESETS, get_config
 from pixelllm.model_card import training_summary
 from pixelllm.modeling.pixel_llm import PixelLLM
+from pixelllm.modeling.stages import STAGES
 from pixelllm.tokenizer import train_tokenizer
 from training.data.datasets import TASKS, Collator, ShapesData, read_jsonl
 from training.data.localized_narratives import read_localized_narratives
@@ -82,21 +85,70 @@ def load_config(path: str | Path, overrides: list[str]) -> dict[str, Any]:
 TRAIN_KEYS = ("autocast", "batch_size", "checkpoint_every", "grad_clip", "lm_lr_scale", "log_every", "lr",
               "max_tokens", "out", "refer_per_image", "region_per_image", "seed", "task_batch_size", "threads",
               "warmup", "weight_decay")
+# every other setting the trainer reads, by section: a typo'd one (`--trian.lr=1`, `data.limt`, a stage's `lrr`) was
+# ignored and the run trained without it
+SECTION_KEYS = {"": ("model", "data", "train", "stages", "export"),
+                "model": ("preset", "init", "overrides", "components"),
+                "data": ("root", "train_split", "generate", "limit", "lazy"), "export": ("dir", "dtype"),
+                "stage": ("name", "stage", "steps", "tasks", "config", "lr", "lm_lr_scale", "warmup", "adapter")}
+# the numbers among the settings: (least value, whole number); "abc" or 0 was a traceback once the data and the model
+# were made (`log_every: 0` a ZeroDivisionError at the first step)
+NUMBERS = {"batch_size": (1, True), "checkpoint_every": (1, True), "log_every": (1, True), "max_tokens": (1, True),
+           "refer_per_image": (1, True), "region_per_image": (1, True), "threads": (1, True), "warmup": (0, True),
+           "seed": (0, True), "lr": (0, False), "lm_lr_scale": (0, False), "weight_decay": (0, False),
+           "grad_clip": (0, False)}
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def number_problem(value: Any, low: float, whole: bool) -> str | None:
+    """Why `value` is not a number >= `low` (a whole one if `whole`), or None. Text that is one counts as it: YAML
+    reads `--train.lr=1e-4` as the string "1e-4", which the trainer's float() takes."""
+    number = value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = int(value) if whole else float(value)
+    if isinstance(number, bool) or not isinstance(number, int if whole else (int, float)) \
+            or not low <= number < math.inf:
+        return f"must be {'a whole number' if whole else 'a number'} >= {low:g}, got {value!r}"
+    return None
 
 
 def check_config(cfg: dict[str, Any], path: str | Path) -> None:
-    """What the run needs, checked before any work: a missing key, or a stage that cannot train (0 or negative
-    steps, no or unknown tasks), is one line naming it, not an untrained `final/` with exit 0 or a KeyError after
-    the stages before it have trained."""
+    """What the run needs, checked before any work: a missing, unknown or unusable setting (a typo'd name, a value
+    of the wrong kind, an unknown preset, stage or export dtype), or a stage that cannot train (0 or negative steps,
+    no or unknown tasks), is one line naming it, not a setting silently ignored, an untrained `final/` with exit 0
+    or a traceback after the data was generated or the stages before it have trained."""
     for section in ("model", "data", "train", "stages"):
         if section not in cfg:
             raise SystemExit(f"config {path}: no `{section}:` section")
     for section in ("model", "data", "train"):
         if not isinstance(cfg[section], dict):
             raise SystemExit(f"config {path}: `{section}:` must be a mapping, got {type(cfg[section]).__name__}")
-    unknown = sorted(set(cfg["train"]) - set(TRAIN_KEYS))
-    if unknown:
-        raise SystemExit(f"config {path}: unknown train settings {unknown}; known: {', '.join(TRAIN_KEYS)}")
+    if cfg.get("export") is not None and not isinstance(cfg["export"], dict):
+        raise SystemExit(f"config {path}: `export:` must be a mapping (dir:, dtype:), got "
+                         f"{type(cfg['export']).__name__}")
+    for what, settings, known in (("sections", cfg, SECTION_KEYS[""]), ("train settings", cfg["train"], TRAIN_KEYS),
+                                  ("model settings", cfg["model"], SECTION_KEYS["model"]),
+                                  ("data settings", cfg["data"], SECTION_KEYS["data"]),
+                                  ("export settings", cfg.get("export") or {}, SECTION_KEYS["export"])):
+        unknown = sorted(set(settings) - set(known), key=str)
+        if unknown:
+            raise SystemExit(f"config {path}: unknown {what} {unknown}; known: {', '.join(known)}")
+    for key, (low, whole) in NUMBERS.items():
+        problem = number_problem(cfg["train"][key], low, whole) if key in cfg["train"] else None
+        if problem:
+            raise SystemExit(f"config {path}: train.{key} {problem}")
+    if (cfg.get("export") or {}).get("dtype", "float32") not in EXPORT_DTYPES:  # was an error after the whole run
+        raise SystemExit(f"config {path}: export.dtype must be one of {', '.join(EXPORT_DTYPES)}, got "
+                         f"{cfg['export']['dtype']!r}")
+    model = cfg["model"]
+    try:  # a typo'd preset or override was a traceback once the data was generated
+        recipe = get_config(model.get("preset", "tiny"), **(model.get("overrides") or {}))
+        init = model.get("init", "scratch")
+        if init != "scratch" and init not in PRESETS:  # a checkpoint folder or hub id
+            check_source(init)
+    except (ValueError, TypeError, OSError) as err:
+        raise SystemExit(f"config {path}: model: {err}") from None
     for section, keys in (("data", ("root", "train_split")), ("train", ("out", "batch_size", "lr"))):
         for key in keys:
             if cfg[section].get(key) in (None, ""):
@@ -120,6 +172,18 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in tasks.values()) \
                 or not any(w > 0 for w in tasks.values()):
             raise SystemExit(f"{where}: task weights must be numbers >= 0, at least one positive; got {tasks}")
+        unknown = sorted(set(stage) - set(SECTION_KEYS["stage"]), key=str)
+        if unknown:
+            raise SystemExit(f"{where}: unknown settings {unknown}; known: {', '.join(SECTION_KEYS['stage'])}")
+        if stage.get("stage", "scratch") not in STAGES:  # a typo in a later stage failed once the earlier ones trained
+            raise SystemExit(f"{where}: stage must be one of {', '.join(STAGES)}, got {stage['stage']!r}")
+        for key in ("lr", "lm_lr_scale", "warmup"):
+            problem = number_problem(stage[key], *NUMBERS[key]) if key in stage else None
+            if problem:
+                raise SystemExit(f"{where}: {key} {problem}")
+        for key in stage.get("config") or {}:
+            if not hasattr(recipe, key) or isinstance(getattr(recipe, key), (dict, list)):
+                raise SystemExit(f"{where}: unknown or non-scalar config field {key!r}")
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -271,6 +335,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--config {args.config}: no such file")
     cfg = load_config(args.config, overrides)
     check_config(cfg, args.config)
+    try:
+        return train(cfg, args.config)
+    except KeyboardInterrupt:  # Ctrl+C: one line saying where the rerun resumes, not a traceback from the loop
+        print(f"train: interrupted; {interrupted_at(Path(cfg['train']['out']))}", file=sys.stderr)
+        return 130
+
+
+def interrupted_at(out: Path) -> str:
+    """Where the rerun of an interrupted run starts: the step of its last checkpoint, or the beginning."""
+    resume = find_resume(out)
+    try:
+        step = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)["step"] if resume else 0
+    except (OSError, RuntimeError, KeyError, TypeError):  # a checkpoint the rerun will refuse, naming it
+        return f"the rerun of the same command resumes from {resume}"
+    if not step:
+        return "no checkpoint was saved yet: the same command starts the run over"
+    return f"{resume} holds step {step}: run the same command again to resume from there"
+
+
+def train(cfg: dict[str, Any], config_path: str) -> int:
+    """The run of a checked config (`check_config`): data, model, stages, final/ and the export."""
     rank, world, device = setup_distributed()
     tcfg = cfg["train"]
     torch.set_num_threads(max(1, int(tcfg.get("threads", os.cpu_count() or 1)) // world))
@@ -352,9 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     # checkpoint saved the stage's values)
     staged = {}
     for stage in stages:
-        for key in stage.get("config") or {}:
-            if not hasattr(recipe_config, key) or isinstance(getattr(recipe_config, key), (dict, list)):
-                raise SystemExit(f"stage {stage['name']!r}: unknown or non-scalar config field {key!r}")
+        for key in stage.get("config") or {}:  # each a scalar field of the config (check_config)
             staged[key] = getattr(recipe_config, key)
     while step < total:
         index = int(np.searchsorted(bounds, step, side="right") - 1)
@@ -441,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         model.eval()
-        card = {"training": training_summary(args.config, stages, str(root), cfg["data"]["train_split"],
+        card = {"training": training_summary(config_path, stages, str(root), cfg["data"]["train_split"],
                                              len(data.records), float(tcfg["lr"]))}
         # swapped in whole: a failed save (a full disk) keeps the previous final/ and export
         save_swapped(out / "final", lambda folder: model.save_pretrained(folder, model_card_kwargs=card))

@@ -22,7 +22,7 @@ from pixelllm.bench.decoding import bench_dense, bench_location_head, bench_per_
 from pixelllm.bench.training import bench_training
 from pixelllm.build import count_parameters
 from pixelllm.config import get_config
-from pixelllm.files import write_atomically
+from pixelllm.files import probe_writable, write_atomically
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.predictor import PixelLLMPredictor
 
@@ -92,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None and only - set(STEPS):
         parser.error(f"--only: unknown {', '.join(sorted(only - set(STEPS)))}; choose from {', '.join(STEPS)}")
 
+    if args.threads < 1:  # torch's RuntimeError traceback
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.json is not None:  # an unwritable report failed with a traceback at the first measurement's write
+        if args.json.is_dir():
+            parser.error(f"--json {args.json}: is a folder; give a file name, e.g. --json runs/bench/full.json")
+        try:
+            probe_writable(args.json.parent)
+        except OSError as err:
+            parser.error(f"--json {args.json}: cannot write in {args.json.parent}: {err.strerror or err}")
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -104,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         model = PixelLLM.from_pretrained(checkpoint)
     except (FileNotFoundError, ValueError) as err:
         print(f"cannot load the checkpoint {checkpoint}: {err}", file=sys.stderr)
+        return 2
+    if model.tokenizer is None:  # PixelLLMPredictor's ValueError traceback told the user to use from_pretrained
+        print(f"cannot load the checkpoint {checkpoint}: it has no tokenizer (tokenizer.json or spiece.model beside "
+              "its weights)", file=sys.stderr)
         return 2
     settings = QUICK if args.quick else Settings()
     predictor = PixelLLMPredictor(model, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)

@@ -300,5 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  holdout_only=args.holdout_only)
     except ValueError as err:
         parser.error(str(err))
+    except OSError as err:  # --out a file, or a folder it cannot write
+        parser.error(f"--out {args.out}: cannot write the split there: {err.strerror or err} ({err.filename})")
     print(summary.line())
     return 0
