@@ -714,6 +714,52 @@ def test_a_tab_still_editing_is_not_offered_its_copy_in_another_tab(page: Page, 
     assert not errors and not other_errors, (errors, other_errors)
 
 
+def test_a_refused_restore_offers_the_copy_again_and_leaves_later_offers_alone(page: Page, annotate_app):
+    """A restore the server refused (here: the editor has unsaved edits of its own) changed nothing and the page
+    never heard of it: the offer was gone (the refusal says "undo them before restoring", with no Restore left to
+    press) and the page still waited for that restore, so it offered no copy another tab stopped editing (the
+    storage event) until the next Restore. The refusal now reaches the page: the offer comes back, and a copy
+    another tab leaves is offered again."""
+    errors = _watched(page, annotate_app.url)
+    _caption_then_annotate(page, 1)
+    mine = annotate_app.store.list_generations(limit=1)[0]
+    root, chips = _first_word_marked_non_visual(page)  # unsaved edits, kept as a copy ...
+    expect(root).to_have_attribute("data-kept", "1")
+    page.reload()  # ... that this reload leaves to be offered
+    other = page.context.new_page()  # another tab of the browser, editing the same output: a live copy of its own
+    other_errors = _watched(other, annotate_app.url)
+    _browse_open(other, "generation", mine["id"])
+    other_root, other_chips = _first_word_marked_non_visual(other)
+    other_chips.nth(1).click()
+    other_chips.nth(1).press("n")
+    expect(other_root).to_have_attribute("data-kept", "1")
+
+    _browse_open(page, "generation", mine["id"])
+    kept = page.locator(f"{EDITOR} .pa-kept")
+    expect(kept).to_be_visible()  # the copy this tab left (the other tab's is being edited: not offered)
+    chips.nth(1).click()
+    chips.nth(1).press("n")  # an edit of this editor's own
+    expect(root).to_have_attribute("data-dirty", "1")
+    page.locator(f"{EDITOR} .pa-kept-restore").click()
+    expect(page.locator(".toast-body")).to_contain_text("unsaved edits of its own")
+    expect(kept).to_be_visible()  # offered again
+    # pressed again, refused again: offered again (the refusal's editor value was the same as the first one's, so
+    # the page never drew it: each refusal now sends a value of its own)
+    page.locator(f"{EDITOR} .pa-kept-restore").click()
+    expect(kept).to_be_visible()
+    page.locator(f"{EDITOR} .pa-undo").click()
+    expect(root).to_have_attribute("data-dirty", "0")
+    page.locator(f"{EDITOR} .pa-kept-discard").click()  # this copy goes; the other tab's stays
+    expect(kept).to_be_hidden()
+
+    other.close(run_before_unload=True)  # the other tab leaves: its copy is no longer being edited
+    expect(kept).to_be_visible()  # and is offered here
+    page.locator(f"{EDITOR} .pa-kept-restore").click()
+    expect(chips.nth(1)).to_have_class(re.compile(r"\bpa-nv\b"))  # the other tab's edits, restored
+    expect(root).to_have_attribute("data-dirty", "1")
+    assert not errors and not other_errors, (errors, other_errors)
+
+
 @pytest.mark.parametrize("then", ["submit", "discard"])
 def test_a_restored_copy_is_not_offered_again_when_it_could_not_be_kept_again(page: Page, annotate_app, then):
     """A restore makes a kept copy this opening's unsaved edits, kept again under this opening; the copy restored

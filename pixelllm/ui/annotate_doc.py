@@ -314,13 +314,15 @@ def redo(state: AnnotateState | None) -> tuple[AnnotateState, str]:
 # ------------------------------------------------------------------------------------------ the editor's value
 
 def editor_value(state: AnnotateState | None, message: str = "", *, level: str = "info", src: str | None = None,
-                 store_ok: bool = True, discarded: str = "", restored: str = "") -> dict:
+                 store_ok: bool = True, discarded: str = "", restored: str = "", restore_refused: str = "") -> dict:
     """The JSON the editor (static/annotate.js) draws. Boxes are pixels of the image, traces normalised;
     all text reaches the page through textContent. `opened` identifies this opening of the document (the page keeps
     its unsaved edits in the browser under it); `discarded` names the opening whose unsaved edits an open just
-    discarded (the page drops their copy), `restored` the copy a restore just took over. `login` is who is signed in
-    ("" without --auth; the Annotate tab's handlers fill it in, `with_login`): the page offers only copies kept
-    under it."""
+    discarded (the page drops their copy), `restored` the copy a restore just took over, `restore_refused` says the
+    server refused the restore the page sent (the page stops waiting for it): a token new for each refusal, as the
+    page redraws only a value that changed (a second refusal in a row was otherwise the same value, never drawn).
+    `login` is who is signed in ("" without --auth; the Annotate tab's handlers fill it in, `with_login`): the page
+    offers only copies kept under it."""
     state = as_state(state)
     doc = state.doc
     image = None
@@ -341,7 +343,8 @@ def editor_value(state: AnnotateState | None, message: str = "", *, level: str =
         "rev": state.rev, "dirty": state.dirty, "can_undo": bool(state.history), "can_redo": bool(state.future),
         "source": {"generation_id": state.generation_id, "correction_id": state.head_id,
                    "status": state.head_status, "image": sha[:12] if sha else None, "image_sha": sha},
-        "opened": state.opened, "discarded": discarded, "restored": restored, "login": "",
+        "opened": state.opened, "discarded": discarded, "restored": restored, "restore_refused": restore_refused,
+        "login": "",
         "store": store_ok, "message": message, "level": level,
     }
 

@@ -8,6 +8,7 @@ inspects the `gr.EventData` hints.)
 
 import functools
 import json
+import secrets
 import threading
 
 import gradio as gr
@@ -141,6 +142,15 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         login = getattr(request, "username", None)
         return signed(an.restore_kept(studio, st, evt._data, login), request)
 
+    # A refused restore (its message is the error's toast) changed nothing, so the page heard nothing and kept
+    # waiting for it (static/annotate.js `restoring`): the editor's value, as it stands, now says it was refused.
+    # Without a document (the server lost it) the page keeps what it shows, which a save restores from.
+    def on_restore_refused(st, request: gr.Request):
+        if st is None or st.doc is None:
+            return gr.skip()
+        # a new token each time: gr.HTML redraws (and annotate.js hears) only a value whose JSON changed
+        return signed((st, an.editor_value(st, restore_refused=secrets.token_hex(4))), request)[1]
+
     def named(name, request):  # behind --auth the login, else the typed name
         return an.signed_in_name(name, getattr(request, "username", None))
 
@@ -179,7 +189,8 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     items.open(on_open_item, [state], [state, editor], **edits)
     editor.edit(on_edit, [state], [state, editor], **edits)
     editor.history(on_history, [state], [state, editor], **edits)
-    editor.restore(on_restore, [state], [state, editor], **edits)
+    editor.restore(on_restore, [state], [state, editor], **edits).failure(on_restore_refused, [state], editor,
+                                                                          **edits)
     reviewing = [state, annotator, comment]
     saving = [*reviewing, editor]
     for event, fn, inputs in ((editor.save, on_key_save, saving), (save_btn.click, on_save, saving),

@@ -24,6 +24,13 @@ MAX_FILE_SIZE = "25mb"  # uploads above this are refused by Gradio itself (launc
 # only this cap does. 128 sessions of a phone photo (~9.7 MB each, measured: docs/app.md): ~1.2 GB at most.
 STATE_SESSION_CAPACITY = 128
 TITLE = "PixelLLM Studio"
+# Generate's inputs, rewritten in the browser before they are sent (gradio's `js=`): the image input's file path goes
+# as the text `shown_image` and the image itself as None; the key of the image the caption view shows goes as
+# `shown_view` and the view itself as None. The caption needs only which file the page shows and which image its
+# views show (workspace.caption_session); gradio's Image preprocessing would open the file, and so fail once
+# delete_cache has removed it, an hour after the upload, on a page still working on that image.
+SEND_SHOWN_IMAGE = ("(state, image, view, shown, showing, ...rest) => [state, null, null, (image && image.path) || '', "
+                    "(view && view.image && view.image.key) || '', ...rest]")
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,7 +77,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
     empty_caption, empty_refer, empty_dense = ws.empty_views()
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
-        session = gr.State(None)
+        # An empty Session from the start (gradio deep-copies it for each page on its first event): the events of a
+        # page all carry this one object until an image replaces it, so a caption started while the first image
+        # still loads meets that load (workspace.caption_session) instead of finding no session at all
+        session = gr.State(ws.Session())
         page_script()
         gr.Markdown(f"## {TITLE}\nPixel-aligned captions: every word the model writes gets a box on the image. "
                     "Upload, paste or pick an image, then caption it (optionally prompted by points, a box or "
@@ -85,7 +95,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
                     gr.Examples(examples=[[p] for p in studio.examples], inputs=[image_in], label="Examples",
                                 examples_per_page=8, elem_id="examples")
             with gr.Column(scale=4):
-                with gr.Tabs(elem_id="tabs"):
+                # wrap: on a narrow screen the tabs that do not fit go on a second row of the tab bar. Gradio's default
+                # put them in a "More tabs" menu of plain buttons: no tab role, no name for their panels, no arrow keys
+                with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):
                     # ---------------------------------------------------------------- caption & trace
                     with gr.Tab("Caption & trace", id="caption", elem_id="tab-caption"):
                         with gr.Row(equal_height=False):
@@ -186,16 +198,21 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             api_refer_out = gr.JSON(label="refer")
             api_dense_out = gr.JSON(label="dense")
             api_caption_btn = gr.Button()
+            # not the API's: the file of the image the page shows, sent with Generate (SEND_SHOWN_IMAGE)
+            shown_image = gr.Textbox(value="")
+            shown_view = gr.Textbox(value="")  # and the key of the image its caption view shows
             api_trace_btn = gr.Button()
             api_refer_btn = gr.Button()
             api_dense_btn = gr.Button()
 
         # ---------------------------------------------------------------------------- handlers
         def on_image(path, state):
-            session, *views = ws.load_image(studio, path, state)
-            # the image already shown (gradio fires change again for one upload): its caption and files stay too
-            cleared = (gr.skip(),) * 5 if views[0] == gr.skip() else ("", None, None, "", None)
-            return (session, *views, *cleared)
+            session, cap, ref, dense = ws.load_image(studio, path, state)
+            # a view left as it is keeps its results: the image already shown (gradio fires change again for one
+            # upload), or the caption view of a caption that loaded the image before this event came (caption_session)
+            caption = (gr.skip(),) * 2 if cap == gr.skip() else ("", None)
+            others = (gr.skip(),) * 3 if ref == gr.skip() else (None, "", None)
+            return (session, cap, ref, dense, *caption, *others)
 
         @ws.for_the_shown_image
         def on_pick(state, mode, evt: gr.EventData):
@@ -205,7 +222,9 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_drag(state, evt: gr.EventData):
             return ws.drag_box(state, evt._data)
 
-        def on_generate(state, text, n, sample, temp, p, s, penalty, request: gr.Request):
+        def on_generate(state, _image, _view, shown, showing, text, n, sample, temp, p, s, penalty,
+                        request: gr.Request):
+            state = ws.caption_session(studio, shown, state, showing)  # the image the page shows, maybe loading
             yield from cb.generate(studio, state, text, n, sample, temp, p, s, _visitor(request),
                                    repetition_penalty=penalty)
 
@@ -251,12 +270,13 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
         undo_btn.click(ws.for_the_shown_image(ws.undo_prompt), [session], [session, cap_view], **prompt_edit)
         clear_btn.click(ws.for_the_shown_image(ws.clear_prompts), [session], [session, cap_view], **prompt_edit)
-        gen_inputs = [session, text_prompt, max_words, sampling, temperature, top_p, seed, repetition]
+        gen_inputs = [session, image_in, cap_view, shown_image, shown_view, text_prompt, max_words, sampling,
+                      temperature, top_p, seed, repetition]
         gen_outputs = [cap_view, cap_text, cap_files, session]
         # One event for both: its trigger_mode "once" ignores either while a caption streams (two listeners each
         # had their own guard, so Enter in the text prompt started a second stream into the same view)
         gr.on([gen_btn.click, text_prompt.submit], on_generate, gen_inputs, gen_outputs, **private, **model,
-              show_progress="hidden")
+              show_progress="hidden", js=SEND_SHOWN_IMAGE)
         gr.on([trace_btn.click, trace_text.submit], on_trace, [session, trace_text], gen_outputs, **private, **model,
               show_progress="minimal")
         ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private, **model,

@@ -10,6 +10,7 @@ names, with the image loading; the prompts are in `prompts.py`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -218,7 +219,20 @@ class Session:
     streams: int = 0                   # captions streaming on this session (load_image waits for them to stop)
     source: str | None = None          # the file this session's image was loaded from (gradio's upload path)
     successor: Session | None = None   # the session a new image replaced this one with (load_image)
-    loading: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+    shown: bool = False                # load_image sent its views to the page (a caption may load it first)
+    refused: str | None = None         # the last file load_image refused on this session (the page keeps its image)
+
+    def __post_init__(self) -> None:
+        # Held while an image loads over this session (load_image, caption_session). Not a field: gradio's config
+        # of the gr.State holding the initial Session (layout.py) takes it through dataclasses.asdict, which copies
+        # every field, and a lock cannot be copied.
+        self.loading = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> Session:
+        """A copy with a lock of its own. gr.State deep-copies its initial value, an empty Session, for every page
+        (layout.py): the events of a page then all carry that one object, from the first."""
+        return Session(**{field.name: copy.deepcopy(getattr(self, field.name), memo)
+                          for field in dataclasses.fields(self)})
 
 
 def ensure_session(session: Session | None) -> Session:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from pixelllm import image as imaging
@@ -116,22 +117,82 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
     The image the session already holds (the same file) keeps it: (session, gr.skip() x 3). Gradio 6 fires the
     image's `change` two or three times for one upload over another image, two of them at once and one after the
     first load's answer; each made a fresh Session, so the prompts clicked, or the caption started, as soon as
-    the new image showed were dropped again (a photo: every time within half a second)."""
+    the new image showed were dropped again (a photo: every time within half a second). An image a caption loaded
+    first (`caption_session`) keeps its session too, but its views still go to the page, once (the caption view
+    only when that caption failed to start: its frames draw the image).
+    A file refused is remembered on the session (`Session.refused`): a caption then keeps to the image shown."""
     if not isinstance(session, Session):
-        return _open_image(studio, source, None)
+        opened = _open_image(studio, source, None)
+        opened.shown = True
+        return opened, *image_views(opened)
     with session.loading:  # the calls fired at once carry the same session: the second one waits for the first
-        current = session
-        while current.successor is not None:
-            current = current.successor
+        current = newest(session)
         if source and current.source == source and not current.replaced:  # (replaced: its load failed midway)
-            return current, gr.skip(), gr.skip(), gr.skip()
-        opened = _open_image(studio, source, current)
-        current.successor = opened[0]
+            if current.shown:
+                return current, gr.skip(), gr.skip(), gr.skip()
+            current.shown = True  # a caption loaded it (caption_session): the views go now, but for the caption's own
+            cap, ref, dense = image_views(current)
+            return current, (gr.skip() if current.streaming is not None or current.caption else cap), ref, dense
+        try:
+            opened = _open_image(studio, source, current)
+        except ValueError:
+            current.refused = source
+            raise
+        current.successor = opened
+        opened.shown = True
+        return opened, *image_views(opened)
+
+
+def newest(session: Session) -> Session:
+    """The session the last image loaded over `session` made (`Session.successor`), or `session` itself."""
+    while session.successor is not None:
+        session = session.successor
+    return session
+
+
+def _uploaded(source: str) -> bool:
+    """A file in gradio's upload folder: what gradio's own preprocessing accepts from a page as a file."""
+    try:
+        path = Path(source).resolve()
+        return path.is_file() and path.is_relative_to(Path(get_upload_folder()).resolve())
+    except (OSError, ValueError):
+        return False
+
+
+@user_errors
+def caption_session(studio: Studio, source: str | None, session: Session | None, showing: str | None = ""
+                    ) -> Session | None:
+    """The page's session for a caption of the image the page shows: `source` is the image input's file when
+    Generate was pressed (layout.py sends its path; "" without one). Pressed right after the first upload, the
+    caption ran before that image's load had given the page its session (its change event still running, or not
+    started: gradio's queue starts the events of different concurrency groups in any order) and answered
+    "Upload ... first"; pressed right after another upload, it captioned the previous image and was stopped by the
+    new one. Both events now carry the page's one Session (an empty one at first) and meet on `Session.loading`:
+    the caption finds the image loaded, or loads it itself and the image's `load_image` only sends the views.
+    The session as it is without a source, for the image it holds, for a file a load refused (the page works on
+    its image), and for a path that is not an upload gradio holds (gone with its cache after an hour, or forged).
+    `showing` is the key of the image the page's views showed when Generate was pressed ("" for none): the file is
+    loaded only while the session's newest image is still that one. A Generate that waited in the queue (the
+    model's slots busy) while the page moved on to another image (its change event loaded it) sends the file it
+    showed then: loading it brought the image the page had left back over the one it shows."""
+    if not source or not isinstance(session, Session):
+        return session
+    with session.loading:
+        current = newest(session)
+        if ((current.source == source and not current.replaced) or current.refused == source
+                or (current.image or {}).get("key", "") != (showing or "") or not _uploaded(source)):
+            return current
+        try:
+            opened = _open_image(studio, source, current)
+        except ValueError:
+            current.refused = source
+            raise
+        current.successor = opened
         return opened
 
 
-def _open_image(studio: Studio, source: str | None, session: Session | None) -> tuple:
-    """`load_image` for a new file (or none): the new session and the three views."""
+def _open_image(studio: Studio, source: str | None, session: Session | None) -> Session:
+    """A new session for a new file (or none), its image encoded; `session`, the one it replaces, is marked so."""
     # decoded first: a file refused (not an image, too large) leaves the page's session working on its image
     loaded = load_user_image(source) if source else None
     if isinstance(session, Session):
@@ -142,17 +203,24 @@ def _open_image(studio: Studio, source: str | None, session: Session | None) -> 
         while session.streams > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
     if loaded is None:
-        return (Session(), *empty_views())
+        return Session()
     studio.predictor.set_image(loaded.array)
     h, w = loaded.array.shape[:2]
     session = Session(array=loaded.array, source=source if isinstance(source, str) else None)
     session.image = {"key": imaging.image_key(loaded.array), "width": w, "height": h,
                      "src": render.display_data_url(loaded.array), "orig_width": loaded.orig_width,
                      "orig_height": loaded.orig_height}
-    note = "" if (w, h) == (loaded.orig_width, loaded.orig_height) else (
-        f" (downscaled from {loaded.orig_width}×{loaded.orig_height}; downloads use the original pixels)")
+    return session
+
+
+def image_views(session: Session) -> tuple[dict, dict, dict]:
+    """The three viewers' values for a session's image as it was just opened (empty views without one)."""
+    if session.image is None:
+        return empty_views()
+    w, h = session.image["width"], session.image["height"]
+    orig = session.image["orig_width"], session.image["orig_height"]
+    note = "" if (w, h) == orig else f" (downscaled from {orig[0]}×{orig[1]}; downloads use the original pixels)"
     return (
-        session,
         caption_view(session, message=f"Image {w}×{h}{note}. Click to add prompts, or Generate for the whole image."),
         render.viewer_value(session.image, mode="refer", clickable=False,
                             message="Type referring expressions, one per line, then Locate."),

@@ -712,6 +712,10 @@
     taken = null;
   }
   function syncKept() {  // each render: keep or drop this document's copy; offer a kept one after an open
+    // the server refused the restore (the refusal's toast says why): its copies were not taken, and the offer comes
+    // back as an open shows it (to try again, or to discard them). A refused restore used to leave `restoring` set,
+    // and the offer of a copy another tab stops editing (the storage event) waited for it until the next Restore.
+    if (view.restore_refused && restoring) { restoring = null; offerKept(); }
     // the server took the restored copy (it now lives under view.opened), or found it equal to the open version
     if (view.restored && restoring) { taken = { opened: view.opened, all: restoring }; restoring = null; }
     // whatever keep() does, the copies restored go with their edits: saved, undone or discarded (before any offer)

@@ -13,8 +13,9 @@
 //   tab's id), paired only where gradio itself pairs them: the tab's aria-controls names the panel's id (both come
 //   from the Tab's elem_id; the tab's id is "<elem_id>-button"). A Tab without elem_id gets neither, and panels are
 //   mounted only when first opened, so the n-th panel of the page is not the n-th tab: such a panel stays unnamed.
-//   So does the panel of a tab sitting in the More tabs menu (a narrow screen): the menu holds plain buttons
-//   without role, id or aria-controls, and the label set earlier is taken off rather than left pointing at nothing.
+//   So would the panel of a tab in gradio's "More tabs" menu, whose buttons have no role, id or aria-controls (a
+//   label set earlier is then taken off rather than left pointing at nothing); the studio's tab bar wraps instead
+//   (layout.py: gr.Tabs(overflow_behavior="wrap")), so on a narrow screen too every tab stays on the bar.
 (function () {
   if (window.__pixelllmPage) return;
   window.__pixelllmPage = true;
