@@ -133,12 +133,7 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
             current.shown = True  # a caption loaded it (caption_session): the views go now, but for the caption's own
             cap, ref, dense = image_views(current)
             return current, (gr.skip() if current.streaming is not None or current.caption else cap), ref, dense
-        try:
-            opened = _open_image(studio, source, current)
-        except ValueError:
-            current.refused = source
-            raise
-        current.successor = opened
+        opened = _open_over(studio, source, current)
         opened.shown = True
         return opened, *image_views(opened)
 
@@ -182,13 +177,19 @@ def caption_session(studio: Studio, source: str | None, session: Session | None,
         if ((current.source == source and not current.replaced) or current.refused == source
                 or (current.image or {}).get("key", "") != (showing or "") or not _uploaded(source)):
             return current
-        try:
-            opened = _open_image(studio, source, current)
-        except ValueError:
-            current.refused = source
-            raise
-        current.successor = opened
-        return opened
+        return _open_over(studio, source, current)
+
+
+def _open_over(studio: Studio, source: str | None, current: Session) -> Session:
+    """`_open_image` over the page's newest session `current` (under its `loading` lock): the new session becomes
+    its successor; a file refused is remembered on it (`Session.refused`), which keeps its image."""
+    try:
+        opened = _open_image(studio, source, current)
+    except ValueError:
+        current.refused = source
+        raise
+    current.successor = opened
+    return opened
 
 
 def _open_image(studio: Studio, source: str | None, session: Session | None) -> Session:
