@@ -847,3 +847,36 @@ def test_ctrl_c_is_one_line_naming_the_step_the_rerun_resumes_from(tmp_path, mon
     monkeypatch.setattr(MultiTaskSampler, "draw", draw)
     assert train.main(["--config", str(config)]) == 0
     assert "resume from step 2" in capsys.readouterr().out
+
+
+class _Built(Exception):
+    """Raised in place of building the model, carrying what build_pixelllm was given."""
+
+
+def test_overrides_reach_a_model_built_from_a_preset_and_are_refused_for_a_checkpoint(tmp_path, monkeypatch):
+    """`model.init: <preset>` built the preset by name, so `model.overrides` were silently dropped (the run trained
+    the preset's defaults); a checkpoint folder brings its own config, so overrides there are refused up front."""
+    import training.train as train
+
+    config = _config(tmp_path, (1, 1))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["init"] = "tiny"
+    config.write_text(yaml.safe_dump(cfg))
+
+    def build(what, **components):
+        raise _Built(what)
+
+    monkeypatch.setattr(train, "build_pixelllm", build)
+    with pytest.raises(_Built) as built:
+        train.main(["--config", str(config)])
+    for key, value in SMALL_OVERRIDES.items():
+        if not isinstance(value, dict):
+            assert getattr(built.value.args[0], key) == value, key
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    cfg["model"]["init"] = str(checkpoint)
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="overrides apply to init: scratch or a preset, not to the checkpoint"):
+        train.main(["--config", str(config)])

@@ -147,6 +147,9 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
         init = model.get("init", "scratch")
         if init != "scratch" and init not in PRESETS:  # a checkpoint folder or hub id
             check_source(init)
+            if model.get("overrides"):  # were ignored: the checkpoint brings its own config
+                raise ValueError(f"overrides apply to init: scratch or a preset, not to the checkpoint {init} (it "
+                                 "brings its own config; a stage's `config:` sets its scalar fields)")
     except (ValueError, TypeError, OSError) as err:
         raise SystemExit(f"config {path}: model: {err}") from None
     for section, keys in (("data", ("root", "train_split")), ("train", ("out", "batch_size", "lr"))):
@@ -406,6 +409,8 @@ def train(cfg: dict[str, Any], config_path: str) -> int:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
             config.t5.vocab_size = max(config.t5.vocab_size, len(tokenizer))
             model = build_pixelllm(config, tokenizer=tokenizer)
+        elif init in PRESETS:  # the preset's config with the overrides (build_pixelllm of a name took none)
+            model = build_pixelllm(get_config(init, **mcfg.get("overrides", {})), **mcfg.get("components", {}))
         else:
             model = build_pixelllm(init, **mcfg.get("components", {}))
         trainer_state = {"step": 0}
