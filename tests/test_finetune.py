@@ -791,3 +791,15 @@ def test_the_simulation_reports_change_is_the_change_of_the_values_it_shows():
         assert verdict["shift_gain_points"] == float(table.splitlines()[2].split()[-1])
     table, _ = report(result(0.8514, 0.5), result(0.8526, 0.5), SimulateSettings("b", "w"))
     assert table.splitlines()[2].split()[-3:] == ["0.851", "0.853", "0.200"]
+
+
+def test_the_default_extra_targets_pass_on_a_base_whose_loc_head_already_has_an_adapter(base_dir, store, tmp_path):
+    """A base that is itself a finetune's checkpoint (its loc_head layers are peft LoRA wrappers around the Linear
+    ones) takes a second adapter with the default --extra-targets; only the name must differ."""
+    model = PixelLLM.from_pretrained(base_dir)
+    model.add_adapter("first", extra_targets=ft.LOC_HEAD_TARGETS)
+    ft.check_extra_targets(model, ft.LOC_HEAD_TARGETS, "b")  # was: "... (Linear) ...: Linear layers only"
+    stacked = tmp_path / "stacked"
+    model.save_pretrained(stacked)
+    summary = ft.finetune(settings(stacked, store, tmp_path / "second", name="second", steps=1))
+    assert summary["steps"] == 1 and summary["adapter"] == "second"

@@ -880,3 +880,27 @@ def test_overrides_reach_a_model_built_from_a_preset_and_are_refused_for_a_check
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit, match="overrides apply to init: scratch or a preset, not to the checkpoint"):
         train.main(["--config", str(config)])
+
+
+def test_ctrl_c_under_torchrun_is_said_by_rank_0_only(tmp_path, monkeypatch, capsys):
+    """torchrun gives every rank the Ctrl+C: only rank 0 says where the rerun resumes (and reads the checkpoint's
+    trainer state for it); the other ranks exit 130 without a line of their own."""
+    import training.train as train
+
+    config = _config(tmp_path, (2, 2), checkpoint_every=2)
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    torch.save({"step": 2, "optimizer": {}}, tmp_path / "run" / "checkpoint" / "trainer_state.pt")
+    (tmp_path / "run" / "checkpoint" / "model.safetensors").write_bytes(b"")
+
+    def ctrl_c(cfg, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", ctrl_c)
+    loads = []
+    monkeypatch.setattr(train.torch, "load", lambda *a, **k: loads.append(a) or {"step": 2})
+    monkeypatch.setenv("RANK", "1")
+    assert train.main(["--config", str(config)]) == 130
+    assert capsys.readouterr().err == "" and loads == []
+    monkeypatch.setenv("RANK", "0")
+    assert train.main(["--config", str(config)]) == 130
+    assert "holds step 2" in capsys.readouterr().err and len(loads) == 1

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm import tqdm
 
 from pixelllm.adapters import check_adapter_name
@@ -236,6 +237,11 @@ def _not_a_target(name: str, module: torch.nn.Module) -> str | None:
         return "the image encoder stays frozen (its features are computed once, before training)"
     if component in UNTRAINED_HEADS:
         return "finetuning computes no loss through the proposal and mask heads: LoRA there would stay untrained"
+    # a base that carries an adapter already (a finetune's checkpoint) has its targets wrapped by peft, which adds
+    # the new adapter beside the old one: the wrapped layer is what counts
+    get_base_layer = getattr(module, "get_base_layer", None)
+    if isinstance(module, BaseTunerLayer) and callable(get_base_layer):
+        module = get_base_layer()
     if not isinstance(module, torch.nn.Linear):  # peft refuses a block or a norm; an embedding's LoRA never trained
         return f"finetuning trains LoRA on Linear layers only (e.g. {LOC_HEAD_TARGETS[0]})"
     return None

@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train(cfg, args.config)
     except KeyboardInterrupt:  # Ctrl+C: one line saying where the rerun resumes, not a traceback from the loop
-        print(f"train: interrupted; {interrupted_at(Path(cfg['train']['out']))}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # torchrun: every rank gets it; one line, one read of the checkpoint
+            print(f"train: interrupted; {interrupted_at(Path(cfg['train']['out']))}", file=sys.stderr)
         return 130
 
 
@@ -349,7 +350,8 @@ def interrupted_at(out: Path) -> str:
     """Where the rerun of an interrupted run starts: the step of its last checkpoint, or the beginning."""
     resume = find_resume(out)
     try:
-        step = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)["step"] if resume else 0
+        step = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True,
+                          mmap=True)["step"] if resume else 0  # mmap: the step, not the optimizer state, is read
     except (OSError, RuntimeError, KeyError, TypeError):  # a checkpoint the rerun will refuse, naming it
         return f"the rerun of the same command resumes from {resume}"
     if not step:
