@@ -143,6 +143,27 @@ def probe_writable(folder: str | os.PathLike) -> None:
         pass
 
 
+def json_target_problem(target: Path, example: str) -> str | None:
+    """Why a report could not be written to the file `target` (None: it can), found by creating a scratch file in
+    its folder; `example` is a file name to suggest when `target` is a folder. The folders made for that are removed
+    again (writing the report makes them): one left inside a new simulate_annotators --work made the run refuse that
+    folder as someone else's."""
+    if target.is_dir():
+        return f"is a folder; give a file name, e.g. --json {example}"
+    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]  # deepest first
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as err:
+        return f"cannot write in {target.parent}: {err.strerror or err}"
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: another writer's meanwhile
+                folder.rmdir()
+    return None
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file`, a failed write (a full disk, a file-size limit) raised as the OSError it is:

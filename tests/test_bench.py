@@ -322,6 +322,17 @@ def test_a_json_it_cannot_write_or_no_threads_is_refused_before_any_measurement(
     assert match.format(target=tmp_path / target) in err and "cannot load the checkpoint" not in err, err
 
 
+def test_checking_json_leaves_no_folder_behind(tmp_path, capsys):
+    """Checking that `--json` can be written made its folders and left them there when the bench then stopped (here
+    at a checkpoint it cannot load): the check now removes the folders it made (writing the report makes them)."""
+    from pixelllm.bench.run import main
+
+    assert main(["--checkpoint", str(tmp_path / "no-model"), "--json", str(tmp_path / "new" / "sub" / "b.json"),
+                 "--threads", "1"]) == 2
+    assert "cannot load the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_without_its_tokenizer_is_one_line(tmp_path, capsys):
     """A checkpoint folder without tokenizer.json loads without a tokenizer: the bench then ended in the predictor's
     traceback, which told the user to load it with PixelLLM.from_pretrained (it had)."""

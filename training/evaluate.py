@@ -20,10 +20,8 @@ The exact protocol and the baselines are documented in ``docs/metrics.md`` ("Eva
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -34,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pixelllm.files import json_target_problem
 from training.data.localized_narratives import read_localized_narratives
 from training.data.shapes import SHAPES, load_image, load_instance_map, load_split
 from training.scoring import (
@@ -312,26 +311,6 @@ def print_result(result: dict[str, Any], title: str, decoding: str) -> None:
               f"{'-' if target is None else 'met' if target else 'not met'}")
 
 
-def json_target_problem(target: Path) -> str | None:
-    """Why the results could not be written to `target` (None: they can), found by creating a scratch file in its
-    folder. The folders made for that are removed again (writing the results makes them): one left inside a new
-    simulate_annotators --work made the run refuse that folder as someone else's."""
-    if target.is_dir():
-        return "is a folder; give a file name, e.g. --json runs/eval/test.json"
-    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]  # deepest first
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target.parent):
-            pass
-    except OSError as err:
-        return f"cannot write in {target.parent}: {err.strerror or err}"
-    finally:
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty: another writer's meanwhile
-                folder.rmdir()
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -375,7 +354,7 @@ def _evaluate_cli(parser: argparse.ArgumentParser, args: argparse.Namespace, fin
     if clash:
         parser.error(f"--split: {clash[0]!r} is a column of the summary table; rename the split")
     if args.json:  # an unwritable --json failed with a traceback after the whole evaluation had run
-        problem = json_target_problem(Path(args.json))
+        problem = json_target_problem(Path(args.json), "runs/eval/test.json")
         if problem:
             parser.error(f"--json {args.json}: {problem}")
     try:  # a device this machine lacks was a RuntimeError traceback once the model had loaded

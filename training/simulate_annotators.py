@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pixelllm.files import write_atomically
+from pixelllm.files import json_target_problem, write_atomically
 from training.data.shapes import SHIFT_SHAPE, generate_split, load_image, load_split
-from training.evaluate import ImagePrediction, json_target_problem, load_truth
+from training.evaluate import ImagePrediction, load_truth
 from training.scoring import caption_is_triple, location_caption_metrics, referring_metrics
 from training.tables import format_table
 
@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    problem = json_target_problem(out)  # found after the whole run, the results were lost with a traceback
+    # found after the whole run, the results were lost with a traceback
+    problem = json_target_problem(out, "runs/simulate.json")
     if problem:
         print(f"error: --json {out}: {problem}", file=sys.stderr)
         return 2

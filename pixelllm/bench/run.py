@@ -22,7 +22,7 @@ from pixelllm.bench.decoding import bench_dense, bench_location_head, bench_per_
 from pixelllm.bench.training import bench_training
 from pixelllm.build import count_parameters
 from pixelllm.config import get_config
-from pixelllm.files import probe_writable, write_atomically
+from pixelllm.files import json_target_problem, write_atomically
 from pixelllm.modeling.pixel_llm import PixelLLM
 from pixelllm.predictor import PixelLLMPredictor
 
@@ -94,13 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads < 1:  # torch's RuntimeError traceback
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    if args.json is not None:  # an unwritable report failed with a traceback at the first measurement's write
-        if args.json.is_dir():
-            parser.error(f"--json {args.json}: is a folder; give a file name, e.g. --json runs/bench/full.json")
-        try:
-            probe_writable(args.json.parent)
-        except OSError as err:
-            parser.error(f"--json {args.json}: cannot write in {args.json.parent}: {err.strerror or err}")
+    # an unwritable report failed with a traceback at the first measurement's write
+    problem = json_target_problem(args.json, "runs/bench/full.json") if args.json is not None else None
+    if problem:
+        parser.error(f"--json {args.json}: {problem}")
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     torch.set_num_threads(args.threads)
