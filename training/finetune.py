@@ -239,9 +239,8 @@ def _not_a_target(name: str, module: torch.nn.Module) -> str | None:
         return "finetuning computes no loss through the proposal and mask heads: LoRA there would stay untrained"
     # a base that carries an adapter already (a finetune's checkpoint) has its targets wrapped by peft, which adds
     # the new adapter beside the old one: the wrapped layer is what counts
-    get_base_layer = getattr(module, "get_base_layer", None)
-    if isinstance(module, BaseTunerLayer) and callable(get_base_layer):
-        module = get_base_layer()
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
     if not isinstance(module, torch.nn.Linear):  # peft refuses a block or a norm; an embedding's LoRA never trained
         return f"finetuning trains LoRA on Linear layers only (e.g. {LOC_HEAD_TARGETS[0]})"
     return None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-from gradio.utils import get_upload_folder
+from gradio.utils import get_upload_folder, is_in_or_equal
 from PIL import Image
 
 from pixelllm import image as imaging
@@ -148,8 +148,7 @@ def newest(session: Session) -> Session:
 def _uploaded(source: str) -> bool:
     """A file in gradio's upload folder: what gradio's own preprocessing accepts from a page as a file."""
     try:
-        path = Path(source).resolve()
-        return path.is_file() and path.is_relative_to(Path(get_upload_folder()).resolve())
+        return Path(source).is_file() and is_in_or_equal(source, get_upload_folder())  # both resolved: links, ".."
     except (OSError, ValueError):
         return False
 
