@@ -124,6 +124,21 @@ def annotation_store(tmp_path):
     store.close()
 
 
+@pytest.fixture
+def upload():
+    """Copies an image into gradio's upload folder (GRADIO_TEMP_DIR), as an upload from a page puts it there;
+    returns its path."""
+    import uuid
+
+    from gradio.utils import get_upload_folder
+
+    def put(path: Path) -> str:
+        folder = Path(get_upload_folder()) / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return str(shutil.copy(path, folder / path.name))
+    return put
+
+
 # ------------------------------------------------------------------------------------------ browser
 
 @pytest.fixture(scope="session")

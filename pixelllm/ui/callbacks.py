@@ -263,8 +263,9 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
         session.array, [{"box": r.box, "label": f"{i + 1}. {r.expression}"} for i, r in enumerate(referrals)],
         [r.mask for r in referrals])))
     msg = f"{len(referrals)} expression(s) located" + (f" · generation #{gen_id}" if gen_id is not None else "")
-    view = render.viewer_value(session.image, mode="refer", include_src=False, regions=regions, clickable=False,
-                               status="done", message=msg)
+    # the picture goes along when the page's views do not show it yet (Locate loaded it: workspace.shown_session)
+    view = render.viewer_value(session.image, mode="refer", include_src=not session.shown, regions=regions,
+                               clickable=False, status="done", message=msg)
     return session, view, files
 
 
@@ -331,7 +332,8 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
                + ". Click a region (or drag a box) to trace its caption.")
     else:
         msg = f"No region scored above {threshold:.2f}: lower the score threshold."
-    return session, dense_view(session, status="done", message=msg), files
+    # the picture goes along when the page's views do not show it yet (Dense loaded it: workspace.shown_session)
+    return session, dense_view(session, status="done", message=msg, include_src=not session.shown), files
 
 
 def region_at(regions: Sequence[dict], x: float, y: float) -> int | None:

@@ -24,11 +24,12 @@ MAX_FILE_SIZE = "25mb"  # uploads above this are refused by Gradio itself (launc
 # only this cap does. 128 sessions of a phone photo (~9.7 MB each, measured: docs/app.md): ~1.2 GB at most.
 STATE_SESSION_CAPACITY = 128
 TITLE = "PixelLLM Studio"
-# Generate's inputs, rewritten in the browser before they are sent (gradio's `js=`): the image input's file path goes
-# as the text `shown_image` and the image itself as None; the key of the image the caption view shows goes as
-# `shown_view` and the view itself as None. The caption needs only which file the page shows and which image its
-# views show (workspace.caption_session); gradio's Image preprocessing would open the file, and so fail once
-# delete_cache has removed it, an hour after the upload, on a page still working on that image.
+# The inputs of the actions on the page's image (Generate, Trace, Locate, Dense), rewritten in the browser before they
+# are sent (gradio's `js=`): (session, image input, the action's view, shown_image, shown_view, ...its own inputs).
+# The image input's file path goes as the text `shown_image` and the image itself as None; the key of the image the
+# action's view shows goes as `shown_view` and the view itself as None. The action needs only which file the page
+# shows and which image its views show (workspace.shown_session); gradio's Image preprocessing would open the file,
+# and so fail once delete_cache has removed it, an hour after the upload, on a page still working on that image.
 SEND_SHOWN_IMAGE = ("(state, image, view, shown, showing, ...rest) => [state, null, null, (image && image.path) || '', "
                     "(view && view.image && view.image.key) || '', ...rest]")
 
@@ -79,7 +80,7 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         # An empty Session from the start (gradio deep-copies it for each page on its first event): the events of a
         # page all carry this one object until an image replaces it, so a caption started while the first image
-        # still loads meets that load (workspace.caption_session) instead of finding no session at all
+        # still loads meets that load (workspace.shown_session) instead of finding no session at all
         session = gr.State(ws.Session())
         page_script()
         gr.Markdown(f"## {TITLE}\nPixel-aligned captions: every word the model writes gets a box on the image. "
@@ -198,9 +199,10 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
             api_refer_out = gr.JSON(label="refer")
             api_dense_out = gr.JSON(label="dense")
             api_caption_btn = gr.Button()
-            # not the API's: the file of the image the page shows, sent with Generate (SEND_SHOWN_IMAGE)
+            # not the API's: the file of the image the page shows, sent with Generate, Trace, Locate and Dense
+            # (SEND_SHOWN_IMAGE), and the key of the image the action's view shows
             shown_image = gr.Textbox(value="")
-            shown_view = gr.Textbox(value="")  # and the key of the image its caption view shows
+            shown_view = gr.Textbox(value="")
             api_trace_btn = gr.Button()
             api_refer_btn = gr.Button()
             api_dense_btn = gr.Button()
@@ -209,10 +211,11 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_image(path, state):
             session, cap, ref, dense = ws.load_image(studio, path, state)
             # a view left as it is keeps its results: the image already shown (gradio fires change again for one
-            # upload), or the caption view of a caption that loaded the image before this event came (caption_session)
+            # upload), or the view of an action that loaded the image before this event came (shown_session)
             caption = (gr.skip(),) * 2 if cap == gr.skip() else ("", None)
-            others = (gr.skip(),) * 3 if ref == gr.skip() else (None, "", None)
-            return (session, cap, ref, dense, *caption, *others)
+            refer = gr.skip() if ref == gr.skip() else None
+            regions = (gr.skip(),) * 2 if dense == gr.skip() else ("", None)
+            return (session, cap, ref, dense, *caption, refer, *regions)
 
         @ws.for_the_shown_image
         def on_pick(state, mode, evt: gr.EventData):
@@ -222,23 +225,27 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         def on_drag(state, evt: gr.EventData):
             return ws.drag_box(state, evt._data)
 
+        def on_shown(state, shown, showing, action):
+            """`action(session)` on the session of the image the page shows (ws.shown_session: maybe still loading,
+            or reopened for a dropped state); its updates are dropped when another image replaced it meanwhile."""
+            return ws.for_the_shown_image(action)(ws.shown_session(studio, shown, state, showing))
+
         def on_generate(state, _image, _view, shown, showing, text, n, sample, temp, p, s, penalty,
                         request: gr.Request):
-            state = ws.caption_session(studio, shown, state, showing)  # the image the page shows, maybe loading
+            state = ws.shown_session(studio, shown, state, showing)  # generate stops by itself for a new image
             yield from cb.generate(studio, state, text, n, sample, temp, p, s, _visitor(request),
                                    repetition_penalty=penalty)
 
-        @ws.for_the_shown_image
-        def on_trace(state, text, request: gr.Request):
-            return cb.trace(studio, state, text, _visitor(request))
+        def on_trace(state, _image, _view, shown, showing, text, request: gr.Request):
+            return on_shown(state, shown, showing, lambda session: cb.trace(studio, session, text, _visitor(request)))
 
-        @ws.for_the_shown_image
-        def on_refer(state, text, request: gr.Request):
-            return cb.refer(studio, state, text, _visitor(request))
+        def on_refer(state, _image, _view, shown, showing, text, request: gr.Request):
+            return on_shown(state, shown, showing, lambda session: cb.refer(studio, session, text, _visitor(request)))
 
-        @ws.for_the_shown_image
-        def on_dense(state, thr, k, request: gr.Request):  # new regions, none selected: no region caption
-            return (*cb.dense(studio, state, thr, k, _visitor(request)), "")
+        def on_dense(state, _image, _view, shown, showing, thr, k, request: gr.Request):
+            # new regions, none selected: no region caption
+            return on_shown(state, shown, showing,
+                            lambda session: (*cb.dense(studio, session, thr, k, _visitor(request)), ""))
 
         @ws.for_the_shown_image
         def on_dense_select(state, evt: gr.EventData, request: gr.Request):
@@ -270,19 +277,24 @@ def build_demo(predictor, store=None, *, checkpoint: str | None = None, examples
         cap_view.drag(on_drag, [session], [session, cap_view], **prompt_edit)
         undo_btn.click(ws.for_the_shown_image(ws.undo_prompt), [session], [session, cap_view], **prompt_edit)
         clear_btn.click(ws.for_the_shown_image(ws.clear_prompts), [session], [session, cap_view], **prompt_edit)
-        gen_inputs = [session, image_in, cap_view, shown_image, shown_view, text_prompt, max_words, sampling,
-                      temperature, top_p, seed, repetition]
+
+        # The actions on the page's image: their inputs start with what SEND_SHOWN_IMAGE rewrites in the browser
+        def shown_inputs(view, *inputs):
+            return [session, image_in, view, shown_image, shown_view, *inputs]
+
+        gen_inputs = shown_inputs(cap_view, text_prompt, max_words, sampling, temperature, top_p, seed, repetition)
         gen_outputs = [cap_view, cap_text, cap_files, session]
         # One event for both: its trigger_mode "once" ignores either while a caption streams (two listeners each
         # had their own guard, so Enter in the text prompt started a second stream into the same view)
         gr.on([gen_btn.click, text_prompt.submit], on_generate, gen_inputs, gen_outputs, **private, **model,
               show_progress="hidden", js=SEND_SHOWN_IMAGE)
-        gr.on([trace_btn.click, trace_text.submit], on_trace, [session, trace_text], gen_outputs, **private, **model,
-              show_progress="minimal")
-        ref_btn.click(on_refer, [session, ref_text], [session, ref_view, ref_files], **private, **model,
-                      show_progress="minimal")
-        dense_btn.click(on_dense, [session, threshold, max_regions], [session, dense_view, dense_files, region_text],
-                        **private, **model, show_progress="minimal")
+        gr.on([trace_btn.click, trace_text.submit], on_trace, shown_inputs(cap_view, trace_text), gen_outputs,
+              **private, **model, show_progress="minimal", js=SEND_SHOWN_IMAGE)
+        ref_btn.click(on_refer, shown_inputs(ref_view, ref_text), [session, ref_view, ref_files], **private, **model,
+                      show_progress="minimal", js=SEND_SHOWN_IMAGE)
+        dense_btn.click(on_dense, shown_inputs(dense_view, threshold, max_regions),
+                        [session, dense_view, dense_files, region_text], **private, **model, show_progress="minimal",
+                        js=SEND_SHOWN_IMAGE)
         for event in (dense_view.pick, dense_view.drag, dense_view.region):
             event(on_dense_select, [session], [session, dense_view, region_text], **private, **model,
                   show_progress="hidden")

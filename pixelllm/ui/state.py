@@ -219,11 +219,12 @@ class Session:
     streams: int = 0                   # captions streaming on this session (load_image waits for them to stop)
     source: str | None = None          # the file this session's image was loaded from (gradio's upload path)
     successor: Session | None = None   # the session a new image replaced this one with (load_image)
-    shown: bool = False                # load_image sent its views to the page (a caption may load it first)
+    shown: bool = False                # the page's views show this image: load_image sent them (an action may
+                                       # load it first: shown_session), or it was reopened for a dropped state
     refused: str | None = None         # the last file load_image refused on this session (the page keeps its image)
 
     def __post_init__(self) -> None:
-        # Held while an image loads over this session (load_image, caption_session). Not a field: gradio's config
+        # Held while an image loads over this session (load_image, shown_session). Not a field: gradio's config
         # of the gr.State holding the initial Session (layout.py) takes it through dataclasses.asdict, which copies
         # every field, and a lock cannot be copied.
         self.loading = threading.Lock()
@@ -242,6 +243,10 @@ def ensure_session(session: Session | None) -> Session:
 # A page's session is dropped after the app's session cap (pixelllm.ui.STATE_SESSION_CAPACITY) of more recent ones:
 # the page still shows its image, the server no longer has it
 NO_IMAGE = "Upload, paste or pick an example image first (or pick it again if the page sat idle for long)."
+# An action pressed on a page whose session was dropped while the file it shows cannot be opened again (gone with
+# gradio's hourly cache cleanup): workspace.shown_session
+IMAGE_LOST = ("The server no longer holds the image this page shows (the page sat idle for long, or many other "
+              "visitors came since): upload or pick it again.")
 
 
 def require_image(session: Session) -> None:

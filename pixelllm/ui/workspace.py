@@ -46,6 +46,7 @@ from pixelllm.ui.prompts import (  # noqa: F401 - re-exported: callers use works
 )
 from pixelllm.ui.state import (  # noqa: F401 - re-exported
     CLICK_MODES,
+    IMAGE_LOST,
     MODEL_CALLS,
     NO_IMAGE,
     STREAM_STOP_WAIT_S,
@@ -117,10 +118,11 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
     The image the session already holds (the same file) keeps it: (session, gr.skip() x 3). Gradio 6 fires the
     image's `change` two or three times for one upload over another image, two of them at once and one after the
     first load's answer; each made a fresh Session, so the prompts clicked, or the caption started, as soon as
-    the new image showed were dropped again (a photo: every time within half a second). An image a caption loaded
-    first (`caption_session`) keeps its session too, but its views still go to the page, once (the caption view
-    only when that caption failed to start: its frames draw the image).
-    A file refused is remembered on the session (`Session.refused`): a caption then keeps to the image shown."""
+    the new image showed were dropped again (a photo: every time within half a second). An image an action loaded
+    first (`shown_session`: Generate, Trace, Locate or Dense pressed while it loaded) keeps its session too, but its
+    views still go to the page, once: all but those the action drew itself (a caption streaming or shown, referrals,
+    dense regions), which its own update carries with the image.
+    A file refused is remembered on the session (`Session.refused`): an action then keeps to the image shown."""
     if not isinstance(session, Session):
         opened = _open_image(studio, source, None)
         opened.shown = True
@@ -130,9 +132,10 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
         if source and current.source == source and not current.replaced:  # (replaced: its load failed midway)
             if current.shown:
                 return current, gr.skip(), gr.skip(), gr.skip()
-            current.shown = True  # a caption loaded it (caption_session): the views go now, but for the caption's own
+            current.shown = True  # an action loaded it (shown_session): the views go now, but for the action's own
             cap, ref, dense = image_views(current)
-            return current, (gr.skip() if current.streaming is not None or current.caption else cap), ref, dense
+            return (current, gr.skip() if current.streaming is not None or current.caption else cap,
+                    gr.skip() if current.refer is not None else ref, gr.skip() if current.dense is not None else dense)
         opened = _open_over(studio, source, current)
         opened.shown = True
         return opened, *image_views(opened)
@@ -154,29 +157,54 @@ def _uploaded(source: str) -> bool:
 
 
 @user_errors
-def caption_session(studio: Studio, source: str | None, session: Session | None, showing: str | None = ""
-                    ) -> Session | None:
-    """The page's session for a caption of the image the page shows: `source` is the image input's file when
-    Generate was pressed (layout.py sends its path; "" without one). Pressed right after the first upload, the
-    caption ran before that image's load had given the page its session (its change event still running, or not
-    started: gradio's queue starts the events of different concurrency groups in any order) and answered
-    "Upload ... first"; pressed right after another upload, it captioned the previous image and was stopped by the
-    new one. Both events now carry the page's one Session (an empty one at first) and meet on `Session.loading`:
-    the caption finds the image loaded, or loads it itself and the image's `load_image` only sends the views.
+def shown_session(studio: Studio, source: str | None, session: Session | None, showing: str | None = ""
+                  ) -> Session | None:
+    """The page's session for an action on the image the page shows (Generate, Trace, Locate, Dense: layout.py's
+    `SEND_SHOWN_IMAGE` sends, when it is pressed, the image input's file as `source`, "" without one, and as
+    `showing` the key of the image the action's view shows, "" for none).
+
+    Pressed right after the first upload, an action ran before that image's load had given the page its session
+    (its change event still running, or not started: gradio's queue starts the events of different concurrency
+    groups in any order) and answered "Upload ... first"; pressed right after another upload, it worked on the
+    previous image, which the new one then stopped. Both events now carry the page's one Session (an empty one at
+    first) and meet on `Session.loading`: the action finds the image loaded, or loads it itself and the image's
+    `load_image` only sends the views the action did not draw.
     The session as it is without a source, for the image it holds, for a file a load refused (the page works on
     its image), and for a path that is not an upload gradio holds (gone with its cache after an hour, or forged).
-    `showing` is the key of the image the page's views showed when Generate was pressed ("" for none): the file is
-    loaded only while the session's newest image is still that one. A Generate that waited in the queue (the
-    model's slots busy) while the page moved on to another image (its change event loaded it) sends the file it
-    showed then: loading it brought the image the page had left back over the one it shows."""
-    if not source or not isinstance(session, Session):
+    The file is loaded only while the session's newest image is still the one `showing` names: an action that waited
+    in the queue (the model's slots busy) while the page moved on to another image (its change event loaded it)
+    sends the file it showed then, and loading it brought the image the page had left back over the one it shows.
+
+    A page whose views show an image while its session never held one (`_dropped`) has lost its state: gradio keeps
+    only the `STATE_SESSION_CAPACITY` most recent pages' states, and a closed page's for an hour, then gives the page
+    a fresh empty Session. Its file is opened again when gradio still holds it as an upload (the views already show
+    that image: load_image, if its change event comes, leaves them); otherwise the action is refused with
+    `IMAGE_LOST`, not the "Upload ... first" of a page that shows no image."""
+    if not isinstance(session, Session):
         return session
     with session.loading:
         current = newest(session)
-        if ((current.source == source and not current.replaced) or current.refused == source
-                or (current.image or {}).get("key", "") != (showing or "") or not _uploaded(source)):
+        if source and current.source == source and not current.replaced:
             return current
-        return _open_over(studio, source, current)
+        dropped = _dropped(current, showing)
+        if not source or current.refused == source or not _uploaded(source):
+            if dropped:
+                raise ValueError(IMAGE_LOST)
+            return current
+        if not dropped and (current.image or {}).get("key", "") != (showing or ""):
+            return current
+        opened = _open_over(studio, source, current)
+        # reopened for a dropped state: the page's views show it already, unless its image input holds a newer file
+        # than they do (that file's change event, still to come, then sends them)
+        opened.shown = dropped and opened.image is not None and opened.image["key"] == showing
+        return opened
+
+
+def _dropped(current: Session, showing: str | None) -> bool:
+    """The page's views show an image (`showing`, its key) but its newest session never held one: gradio dropped the
+    page's state and gave it a fresh copy of the initial empty Session. (A cleared image's session was sent to the
+    page, `shown`; the initial session never was: the page's first image replaces it.)"""
+    return bool(showing) and current.image is None and not current.shown
 
 
 def _open_over(studio: Studio, source: str | None, current: Session) -> Session:
