@@ -42,6 +42,25 @@ def check_source(source: str | Path) -> None:
                                 f"{WEIGHTS}, or a hub id like 'user/model')")
 
 
+def check_source_offline(source: str) -> None:
+    """`check_source`, and with the hub offline (`HF_HUB_OFFLINE=1`) a hub id must be in the local hub cache
+    (default cache and revision, as `from_pretrained(source)` reads it): FileNotFoundError saying so, for a caller
+    to check before its expensive work (huggingface_hub's LocalEntryNotFoundError came when the model was loaded).
+    Online nothing more is checked: `from_pretrained` downloads it then."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    check_source(source)
+    if Path(source).expanduser().is_dir() or not constants.is_offline_mode():
+        return
+    try:
+        _resolve(source, revision=None, cache_dir=None, token=None, local_files_only=True)
+    except LocalEntryNotFoundError:  # also an incomplete cached snapshot
+        raise FileNotFoundError(f"{source} is not a folder and the hub is offline (HF_HUB_OFFLINE=1) with no copy of "
+                                "it in the local hub cache: give a checkpoint folder, or download it once with the hub "
+                                "online (HF_HUB_OFFLINE unset)") from None
+
+
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one name per shared storage (T5 ties its embeddings); return the kept tensors and alias -> name."""
     kept: dict[str, torch.Tensor] = {}

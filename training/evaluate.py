@@ -303,6 +303,8 @@ def print_result(result: dict[str, Any], title: str, decoding: str) -> None:
           f"{c['dense_regions']} dense regions, {c['trace_content_words']} traced content words, "
           f"{c['lbm_images']} LBM images ({c['empty_captions']} empty captions) in {result['seconds']['total']:.1f} s")
     print(decoding)
+    if not c["expressions"]:
+        print("Referring: not available (the split has no referring expressions; its metrics are null)")
     print(metrics_table(result))
     for key, what in (("lbm_given_caption_at_most_half_centre_baseline", "reference narrative given"),
                       ("lbm_at_most_half_centre_baseline", "generated narrative")):

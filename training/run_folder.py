@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,16 @@ def save_checkpoint(out: Path, model: PixelLLM, state: dict) -> None:
         (folder / "trainer_state.pt").write_bytes(buffer.getbuffer())
 
     save_swapped(out / "checkpoint", write)
+
+
+def trained_steps(checkpoint: Path) -> int | None:
+    """The step a checkpoint folder holds (its trainer state's), or None when that cannot be read (the run that
+    resumes from it refuses it, naming it). Memory-mapped: the step is read, not the optimizer state."""
+    try:
+        return int(torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True,
+                              mmap=True)["step"])
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError):
+        return None
 
 
 def find_resume(out: Path) -> Path | None:

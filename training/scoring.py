@@ -103,7 +103,8 @@ def most_frequent_triple(truths: Sequence[ImageTruth]) -> Triple:
 
 def referring_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePrediction]) -> dict[str, dict]:
     """P@0.5 of the boxes and mask mean IoU / cIoU against ``instance_map == object_id``, one sample per
-    referring expression; baseline: the whole-image box and the whole-image mask."""
+    referring expression; baseline: the whole-image box and the whole-image mask. None (not available) when the
+    images have no referring expressions (a split without them is still evaluated on every other task)."""
     gt_boxes, pred_boxes, full_boxes, gt_masks, pred_masks, full_masks = [], [], [], [], [], []
     for truth, pred in zip(truths, preds, strict=True):
         full = np.ones_like(truth.instance_map, dtype=bool)
@@ -114,8 +115,8 @@ def referring_metrics(truths: Sequence[ImageTruth], preds: Sequence[ImagePredict
             gt_masks.append(truth.instance_map == expr.object_id)
             pred_masks.append(pred.refer_masks[k])
             full_masks.append(full)
-    if not gt_boxes:
-        raise ValueError("no referring expressions in the evaluated images")
+    if not gt_boxes:  # was a ValueError once every image had been predicted
+        return {key: _pair(None, None) for key in ("refer_p@0.5", "mask_mean_iou", "mask_ciou")}
     model, base = mask_iou_stats(pred_masks, gt_masks), mask_iou_stats(full_masks, gt_masks)
     return {
         "refer_p@0.5": _pair(precision_at_iou(pred_boxes, gt_boxes, 0.5), precision_at_iou(full_boxes, gt_boxes)),

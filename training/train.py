@@ -26,8 +26,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pixelllm.arguments import as_whole_number
 from pixelllm.build import build_pixelllm
-from pixelllm.checkpoint import check_source
+from pixelllm.checkpoint import check_source, check_source_offline
 from pixelllm.config import PRESETS, get_config
 from pixelllm.model_card import training_summary
 from pixelllm.modeling.pixel_llm import PixelLLM
@@ -37,6 +38,7 @@ from training.data.datasets import TASKS, Collator, ShapesData, read_jsonl
 from training.data.localized_narratives import read_localized_narratives
 from training.data.sampling import MultiTaskSampler
 from training.data.shapes import unfinished_split
+from training.data.shapes.scenes import check_options
 from training.run_folder import (
     DECODING_ONLY,
     check_can_write,
@@ -45,6 +47,7 @@ from training.run_folder import (
     find_resume,
     save_checkpoint,
     save_swapped,
+    trained_steps,
 )
 
 
@@ -100,17 +103,85 @@ NUMBERS = {"batch_size": (1, True), "checkpoint_every": (1, True), "log_every": 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def number_problem(value: Any, low: float, whole: bool) -> str | None:
-    """Why `value` is not a number >= `low` (a whole one if `whole`), or None. Text that is one counts as it: YAML
-    reads `--train.lr=1e-4` as the string "1e-4", which the trainer's float() takes."""
-    number = value
-    if isinstance(value, str):
+# a data.generate entry: `<split>: {num:, seed:, options: {...}}`, the options being generate_split's keywords; a
+# missing `seed:` was a KeyError traceback and a typo'd option a TypeError, once the earlier splits were generated
+GENERATE_KEYS = ("num", "seed", "options")
+GENERATE_OPTIONS = ("size", "world", "holdout_only")
+
+
+def read_number(value: Any, low: float, whole: bool) -> int | float:
+    """`value` as the number the trainer uses, at least `low`, or ValueError saying what it must be. A whole
+    number is read by the library's rule (`pixelllm.arguments.as_whole_number`: 32, 32.0 and "32" are 32; 2.5,
+    True, "abc", NaN and infinity are none); any other number by float(), text included (YAML reads
+    `--train.lr=1e-4` as the string "1e-4"). The caller writes the result back into the config, so the trainer
+    reads an int or a float, never 32.0 as a batch size or "1e-4" as a learning rate."""
+    number: int | float | None = None
+    if whole:
+        number = as_whole_number(value)
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
         with contextlib.suppress(ValueError):
-            number = int(value) if whole else float(value)
-    if isinstance(number, bool) or not isinstance(number, int if whole else (int, float)) \
-            or not low <= number < math.inf:
-        return f"must be {'a whole number' if whole else 'a number'} >= {low:g}, got {value!r}"
-    return None
+            number = float(value)
+    if number is None or not low <= number < math.inf:
+        raise ValueError(f"must be {'a whole number' if whole else 'a number'} >= {low:g}, got {value!r}")
+    return number
+
+
+def check_number(settings: dict[str, Any], key: str, where: str) -> None:
+    """`settings[key]` (when set) read by `read_number` with the limits in NUMBERS and written back, or one line
+    naming `where` and the key."""
+    if key in settings:
+        try:
+            settings[key] = read_number(settings[key], *NUMBERS[key])
+        except ValueError as err:
+            raise SystemExit(f"{where}{key} {err}") from None
+
+
+def check_generate(generate: Any, path: str | Path) -> None:
+    """The `data.generate` entries, each `<split>: {num: N, seed: S, options: {size:, world:, holdout_only:}}`
+    (`generate_split`'s arguments), checked and their numbers written back as ints: a malformed entry was a
+    KeyError / TypeError traceback (a `--size` beyond the generator's bound a MemoryError) once the splits before
+    it were generated."""
+    if generate is None:
+        return
+    example = "e.g. {train: {num: 6000, seed: 1}}"
+    if not isinstance(generate, dict):
+        raise SystemExit(f"config {path}: data.generate must map split names to {{num:, seed:}}, {example}; got "
+                         f"{type(generate).__name__}")
+    for split, spec in generate.items():
+        where = f"config {path}: data.generate {split!r}"
+        if not isinstance(split, str):  # YAML reads `2024:` as a number, which the generator cannot name files by
+            raise SystemExit(f"{where}: a split name must be text; quote it ('{split}')")
+        if not isinstance(spec, dict):
+            raise SystemExit(f"{where} must be a mapping with num: and seed:, {example}; got {spec!r}")
+        unknown = sorted(set(spec) - set(GENERATE_KEYS), key=str)
+        if unknown:
+            raise SystemExit(f"{where}: unknown settings {unknown}; known: {', '.join(GENERATE_KEYS)}")
+        for key, low in (("num", 1), ("seed", 0)):
+            if key not in spec:
+                raise SystemExit(f"{where}: {key} is missing ({example})")
+            try:
+                spec[key] = read_number(spec[key], low, whole=True)
+            except ValueError as err:
+                raise SystemExit(f"{where}: {key} {err}") from None
+        options = spec.setdefault("options", {})
+        if options is None:
+            options = spec["options"] = {}
+        if not isinstance(options, dict):
+            raise SystemExit(f"{where}: options must be a mapping ({', '.join(GENERATE_OPTIONS)}), got {options!r}")
+        unknown = sorted(set(options) - set(GENERATE_OPTIONS), key=str)
+        if unknown:
+            raise SystemExit(f"{where}: unknown options {unknown}; known: {', '.join(GENERATE_OPTIONS)}")
+        if not isinstance(options.get("holdout_only", False), bool):
+            raise SystemExit(f"{where}: options.holdout_only must be true or false, got {options['holdout_only']!r}")
+        if "size" in options:
+            try:
+                options["size"] = read_number(options["size"], 64, whole=True)
+            except ValueError as err:
+                raise SystemExit(f"{where}: options.size {err}") from None
+        try:  # the generator's own limits: the split name, the size's bound, the world
+            check_options(str(split), options.get("size", 256), options.get("world", "standard"))
+        except ValueError as err:
+            raise SystemExit(f"{where}: {err}") from None
 
 
 def check_config(cfg: dict[str, Any], path: str | Path) -> None:
@@ -134,10 +205,14 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
         unknown = sorted(set(settings) - set(known), key=str)
         if unknown:
             raise SystemExit(f"config {path}: unknown {what} {unknown}; known: {', '.join(known)}")
-    for key, (low, whole) in NUMBERS.items():
-        problem = number_problem(cfg["train"][key], low, whole) if key in cfg["train"] else None
-        if problem:
-            raise SystemExit(f"config {path}: train.{key} {problem}")
+    for key in NUMBERS:
+        check_number(cfg["train"], key, f"config {path}: train.")
+    if cfg["data"].get("limit") is not None:  # a slice bound: "abc" or 2.0 was a TypeError once the data was made
+        try:
+            cfg["data"]["limit"] = read_number(cfg["data"]["limit"], 1, whole=True)
+        except ValueError as err:
+            raise SystemExit(f"config {path}: data.limit {err} (or null for every image)") from None
+    check_generate(cfg["data"].get("generate"), path)
     if (cfg.get("export") or {}).get("dtype", "float32") not in EXPORT_DTYPES:  # was an error after the whole run
         raise SystemExit(f"config {path}: export.dtype must be one of {', '.join(EXPORT_DTYPES)}, got "
                          f"{cfg['export']['dtype']!r}")
@@ -145,8 +220,12 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
     try:  # a typo'd preset or override was a traceback once the data was generated
         recipe = get_config(model.get("preset", "tiny"), **(model.get("overrides") or {}))
         init = model.get("init", "scratch")
-        if init != "scratch" and init not in PRESETS:  # a checkpoint folder or hub id
-            check_source(init)
+        if init != "scratch" and init not in PRESETS:  # a checkpoint folder or hub id (offline: a cached one)
+            out = cfg["train"].get("out")
+            if out and find_resume(Path(out)) is not None:  # a resumed run loads its checkpoint, not init
+                check_source(init)
+            else:
+                check_source_offline(init)
             if model.get("overrides"):  # were ignored: the checkpoint brings its own config
                 raise ValueError(f"overrides apply to init: scratch or a preset, not to the checkpoint {init} (it "
                                  "brings its own config; a stage's `config:` sets its scalar fields)")
@@ -164,8 +243,10 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
             raise SystemExit(f"config {path}: stage {number} must be a mapping with a name:")
         where = f"config {path}: stage {number} ({stage['name']!r})"
         steps = stage.get("steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise SystemExit(f"{where}: steps must be a whole number of at least 1, got {steps!r}")
+        try:  # the library's whole numbers, as every other count here (32.0 was refused here only)
+            stage["steps"] = read_number(steps, 1, whole=True)
+        except ValueError:
+            raise SystemExit(f"{where}: steps must be a whole number of at least 1, got {steps!r}") from None
         tasks = stage.get("tasks")
         if not isinstance(tasks, dict) or not tasks:
             raise SystemExit(f"{where}: tasks must map task names to weights, e.g. {{narrative: 1}}; got {tasks!r}")
@@ -181,9 +262,7 @@ def check_config(cfg: dict[str, Any], path: str | Path) -> None:
         if stage.get("stage", "scratch") not in STAGES:  # a typo in a later stage failed once the earlier ones trained
             raise SystemExit(f"{where}: stage must be one of {', '.join(STAGES)}, got {stage['stage']!r}")
         for key in ("lr", "lm_lr_scale", "warmup"):
-            problem = number_problem(stage[key], *NUMBERS[key]) if key in stage else None
-            if problem:
-                raise SystemExit(f"{where}: {key} {problem}")
+            check_number(stage, key, f"{where}: ")
         for key in stage.get("config") or {}:
             if not hasattr(recipe, key) or isinstance(getattr(recipe, key), (dict, list)):
                 raise SystemExit(f"{where}: unknown or non-scalar config field {key!r}")
@@ -336,27 +415,57 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
-    cfg = load_config(args.config, overrides)
-    check_config(cfg, args.config)
+    try:
+        cfg = load_config(args.config, overrides)
+        check_config(cfg, args.config)
+    except SystemExit as refused:
+        usage_error(refused)
+        raise
     try:
         return train(cfg, args.config)
+    except Refused as refused:
+        usage_error(refused)
+        raise
     except KeyboardInterrupt:  # Ctrl+C: one line saying where the rerun resumes, not a traceback from the loop
         if int(os.environ.get("RANK", 0)) == 0:  # torchrun: every rank gets it; one line, one read of the checkpoint
             print(f"train: interrupted; {interrupted_at(Path(cfg['train']['out']))}", file=sys.stderr)
         return 130
 
 
+class Refused(SystemExit):
+    """A run refused before any work for what its train.out holds (`check_not_past_the_end`): a usage error, as a
+    config `check_config` refuses (the other SystemExits of `train` are failures of the run: exit 1)."""
+
+
+def usage_error(refused: SystemExit) -> None:
+    """Make a refusal a usage error, as argparse's (`--config nope.yaml`): its one line printed and exit code 2
+    (Python prints a str code itself, with exit 1). str(refused) stays the message."""
+    if isinstance(refused.code, str):
+        print(refused.code, file=sys.stderr)
+        refused.code = 2
+
+
 def interrupted_at(out: Path) -> str:
     """Where the rerun of an interrupted run starts: the step of its last checkpoint, or the beginning."""
     resume = find_resume(out)
-    try:
-        step = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True,
-                          mmap=True)["step"] if resume else 0  # mmap: the step, not the optimizer state, is read
-    except (OSError, RuntimeError, KeyError, TypeError):  # a checkpoint the rerun will refuse, naming it
+    step = trained_steps(resume) if resume else 0
+    if step is None:  # a checkpoint the rerun will refuse, naming it
         return f"the rerun of the same command resumes from {resume}"
     if not step:
         return "no checkpoint was saved yet: the same command starts the run over"
     return f"{resume} holds step {step}: run the same command again to resume from there"
+
+
+def check_not_past_the_end(out: Path, resume: Path, total: int) -> None:
+    """A train.out whose checkpoint has trained more steps than the config's stages add up to (a finished run's
+    config rerun with fewer steps) is refused, the folder left as it was: the rerun trained nothing and rewrote
+    `final/`, the export and `config.resolved.json` as a run of fewer steps, holding the longer run's weights."""
+    step = trained_steps(resume)
+    if step is not None and step > total:
+        raise Refused(f"train.out {out}: the run there has already trained {step} steps ({resume}), more than "
+                      f"the {total} of this config's stages; it is left as it was. To train the shorter run, give "
+                      f"another train.out (or move {out} away); to go on with that run, give stages of at least "
+                      f"{step} steps")
 
 
 def train(cfg: dict[str, Any], config_path: str) -> int:
@@ -374,6 +483,7 @@ def train(cfg: dict[str, Any], config_path: str) -> int:
     resume = find_resume(out)
     if resume is not None:
         check_same_run(out, cfg)
+        check_not_past_the_end(out, resume, sum(int(stage["steps"]) for stage in cfg["stages"]))
     ensure_data(cfg, rank, world)
     root = Path(cfg["data"]["root"])
     check_split(root, cfg["data"]["train_split"])

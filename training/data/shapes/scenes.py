@@ -122,12 +122,20 @@ class ShapesScene:
         return f"masks/{self.image_id}.png"
 
 
-def _check_options(split: str, size: int, world: str) -> None:
-    """Raise ValueError for options the generator cannot honour."""
+#: The largest image side: twice the largest model input (1024 px, the base and paper presets; larger images are
+#: only downscaled). Drawing a scene takes about 100 bytes a pixel (~400 MB, 1.5 s at 2048; 1.6 GB at 4096):
+#: `--size 100000` was a MemoryError (149 GiB for one coordinate grid) that left the split's `.partial` files.
+MAX_SIZE = 2048
+
+
+def check_options(split: str, size: int, world: str) -> None:
+    """Raise ValueError for options the generator cannot honour (also what `training.train` checks its
+    `data.generate` entries with, before any work)."""
     if not _SPLIT_RE.match(split):
         raise ValueError(f"split must be letters, digits, '_' or '-', got {split!r}")
-    if size < 64:
-        raise ValueError(f"image size must be at least 64 pixels, got {size}")
+    if not 64 <= size <= MAX_SIZE:
+        raise ValueError(f"image size must be between 64 and {MAX_SIZE} pixels (the largest model input is 1024), "
+                         f"got {size}")
     if world not in WORLDS:
         raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
 
@@ -197,7 +205,7 @@ def generate_scene(
     Raises:
         ValueError: on invalid options.
     """
-    _check_options(split, size, world)
+    check_options(split, size, world)
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = np.random.default_rng([seed, index, WORLDS.index(world), int(holdout_only)])

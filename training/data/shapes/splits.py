@@ -18,7 +18,7 @@ from PIL import Image
 
 from training.data.localized_narratives import float_or_inf, is_text
 from pixelllm.files import exclusive_lock
-from training.data.shapes.scenes import _check_options, generate_scene
+from training.data.shapes.scenes import check_options, generate_scene
 from training.data.shapes.world import _PNG_LEVEL, ALL_SHAPES, COLORS, SIZES, WORLDS
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def generate_split(
     Raises:
         ValueError: on invalid options, or while another process writes the same split into ``out_dir``.
     """
-    _check_options(split, size, world)
+    check_options(split, size, world)
     if num < 1 or seed < 0:
         raise ValueError(f"num must be >= 1 and seed >= 0, got num={num}, seed={seed}")
     began = time.perf_counter()
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", required=True, help="split name, e.g. train / val / test")
     parser.add_argument("--num", type=int, required=True, help="number of images")
     parser.add_argument("--seed", type=int, required=True, help="split seed (use different seeds per split)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels, 64 to 2048 (default 256)")
     parser.add_argument("--world", choices=WORLDS, default="standard",
                         help="'shift' adds the unseen shape 'cross' to every image")
     parser.add_argument("--holdout-only", action="store_true",
