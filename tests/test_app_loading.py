@@ -4,7 +4,7 @@ events carry one Session from the first (gr.State's initial empty one), and an a
 (`load_image`) then only sends the views. Here Generate's cases at the callback level, and in a real browser Trace,
 Locate and Dense pressed as the first image loads and every action after gradio dropped the page's state; their
 callback-level cases are `tests/app_callbacks/test_callbacks_shown_image.py`. Generate's browser side is
-`tests/test_app_browser.py::test_generate_pressed_while_the_first_image_loads_captions_that_image`."""
+`tests/app_browser/test_browser_image_loading.py::test_generate_pressed_while_the_first_image_loads_captions_that_image`."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-# a model of a few hundred thousand parameters (as tests/test_training.py's), so that a real run takes seconds
+# a model of a few hundred thousand parameters (as tests/training/'s), so that a real run takes seconds
 SMALL_OVERRIDES = {
     "image_encoder": {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 4,
                       "global_attn_indexes": [1]},

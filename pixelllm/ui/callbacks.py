@@ -71,7 +71,7 @@ def _paced(studio: Studio, session: Session, stream: WordStream, words: list[dic
 
 
 # A stream the page has left ends on this no-op update. Ending it with no update at all, once logging had delayed
-# the end, put the previous image's view back in the browser (seen in test_app_browser's new-image test)
+# the end, put the previous image's view back in the browser (seen in test_browser_image_loading's new-image test)
 _NOTHING = (gr.skip(),) * 4
 
 
