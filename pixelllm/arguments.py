@@ -19,6 +19,11 @@ def as_whole_number(value: object) -> int | None:
     try:
         return operator.index(value)
     except TypeError:
+        if isinstance(value, str):
+            try:  # exactly: float() rounds text past 2**53 ("12345678901234567891", a seed) to another number
+                return int(value)
+            except ValueError:
+                pass
         try:
             as_float = float(value)
         except (TypeError, ValueError):

@@ -225,6 +225,9 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
     """Referring localisation + segmentation. Returns (session, refer view, files)."""
     session = ensure_session(session)
     require_image(session)
+    # Read before the results are kept on the session: a change event that comes after that (load_image) leaves
+    # this view to this update, so whether the page's views show the picture yet is what it found now
+    send_picture = not session.shown
     lines = parse_expressions(expressions)
     with studio.predictor.reading() as served:
         referrals = studio.predictor.refer(studio.predictor.set_image(session.array), lines)
@@ -264,7 +267,7 @@ def refer(studio: Studio, session: Session | None, expressions: str | None,
         [r.mask for r in referrals])))
     msg = f"{len(referrals)} expression(s) located" + (f" · generation #{gen_id}" if gen_id is not None else "")
     # the picture goes along when the page's views do not show it yet (Locate loaded it: workspace.shown_session)
-    view = render.viewer_value(session.image, mode="refer", include_src=not session.shown, regions=regions,
+    view = render.viewer_value(session.image, mode="refer", include_src=send_picture, regions=regions,
                                clickable=False, status="done", message=msg)
     return session, view, files
 
@@ -305,6 +308,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     """Dense captioning: proposals -> one batched captioning pass. Returns (session, dense view, files)."""
     session = ensure_session(session)
     require_image(session)
+    send_picture = not session.shown  # read before the results are kept on the session (see refer)
     threshold, top_k = dense_options(score_threshold, max_regions)
     with studio.predictor.reading() as served:
         regions = studio.predictor.dense_caption(studio.predictor.set_image(session.array), max_regions=top_k,
@@ -333,7 +337,7 @@ def dense(studio: Studio, session: Session | None, score_threshold: Any, max_reg
     else:
         msg = f"No region scored above {threshold:.2f}: lower the score threshold."
     # the picture goes along when the page's views do not show it yet (Dense loaded it: workspace.shown_session)
-    return session, dense_view(session, status="done", message=msg, include_src=not session.shown), files
+    return session, dense_view(session, status="done", message=msg, include_src=send_picture), files
 
 
 def region_at(regions: Sequence[dict], x: float, y: float) -> int | None:
