@@ -1,7 +1,7 @@
-"""Races and forgeries around the shared `SEND_SHOWN_IMAGE` path (workspace.shown_session) for Trace, Locate and Dense: the image's
-change event meeting an action that loaded the image, a forged `shown_image` on a page whose state gradio dropped,
-and the HTTP API endpoints, which do not go through the page's hook. Fixtures: conftest.py and tests/conftest.py;
-the handlers are run as in test_callbacks_shown_image.py."""
+"""Races and forgeries around the shared `SEND_SHOWN_IMAGE` path (workspace.shown_session) for Trace, Locate and Dense:
+the image's change event meeting an action that loaded the image, a forged `shown_image` on a page whose state
+gradio dropped, and the HTTP API endpoints, which do not go through the page's hook. Fixtures: conftest.py and
+tests/conftest.py; the handlers are run as in test_callbacks_shown_image.py."""
 
 from __future__ import annotations
 
