@@ -1,7 +1,7 @@
 """Hardening: security. Typed and model-made text stays text in the browser; server files (the annotation
 database, its images, the weights, the code) are not reachable through the web app's file routes; uploads are
 capped. Rows of docs/hardening.md name these tests; safetensors-only loading and export paths are tested in
-tests/test_model.py and tests/export/test_export_refusals.py.
+tests/model/test_model_persistence.py and tests/export/test_export_refusals.py.
 
 `served_app` (conftest) is the app launched by app.py's own `launch`; the browser test serves a model whose every
 word and region caption is an HTML/JS payload.

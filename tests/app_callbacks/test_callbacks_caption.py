@@ -178,8 +178,8 @@ def test_decoding_options_keep_big_seeds_exactly_and_draw_one_for_a_blank():
 
 def test_the_checkpoints_repetition_penalty_reaches_the_decoder_and_is_recorded(studio, example_images, monkeypatch):
     """The app decodes with the checkpoint's default penalty (`config.repetition_penalty`; the embedded model ships
-    1.1; its effect on tokens: tests/test_model.py) and records it beside the other decoding settings, in the
-    download and in the store."""
+    1.1; its effect on tokens: tests/model/test_model_decoding.py) and records it beside the other decoding settings,
+    in the download and in the store."""
     session = _loaded(studio, example_images[0])
     monkeypatch.setattr(studio.model.config, "repetition_penalty", 1.5)
     penalties: list[float] = []
