@@ -53,13 +53,15 @@ def run_process_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.Co
 def test_bench_quick_run_reports_every_ratio(tmp_path):
     checkpoint = save_small_checkpoint(tmp_path / "checkpoint")
     report = tmp_path / "bench.json"
+    (tmp_path / "tmp").mkdir()  # its temporary folder: left here, not in /tmp, if the timeout below kills it
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "TMPDIR": str(tmp_path / "tmp")}
     done = run_process_group(
         [sys.executable, "-m", "pixelllm.bench", "--quick", "--no-fail", "--checkpoint", str(checkpoint),
          "--json", str(report)],
         cwd=ROOT, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list((tmp_path / "tmp").glob("pixelllm-bench-*"))  # its temporary folder is removed
     data = json.loads(report.read_text())
     assert data["quick"] is True
     for key in RATIOS:
@@ -288,18 +290,77 @@ sys.exit(run.main(sys.argv[1:]))
 
 def test_a_bench_killed_while_it_writes_its_json_keeps_the_measurements_written_before(small_checkpoint, tmp_path):
     """The report is rewritten after every measurement so that a killed run keeps what it measured; it was written
-    in place, so a kill during a rewrite left the first 100 bytes of a JSON file and no measurement at all."""
-    report = tmp_path / "bench.json"
+    in place, so a kill during a rewrite left the first 100 bytes of a JSON file and no measurement at all.
+
+    Nothing can clean up after such a kill: the bench's temporary folder (its images) stays. The bench gets a temp
+    root of the test's own (TMPDIR), so it stays there; it was left in /tmp, one `pixelllm-bench-*` a suite run."""
+    report, temp_root = tmp_path / "bench.json", tmp_path / "tmp"
+    temp_root.mkdir()
     killed = subprocess.run(
         [sys.executable, "-c", _KILLED_WRITING_THE_SECOND_REPORT, "--checkpoint", str(small_checkpoint), "--only",
          "location_head_overhead,prompt_reuse_speedup", "--threads", "1", "--json", str(report)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-        timeout=300)
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TMPDIR": str(temp_root)},
+        capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-2000:]
     data = json.loads(report.read_text())  # the report of the first measurement, whole
     assert data["complete"] is False
     assert list(data["ratios"]) == ["location_head_overhead"]
     assert data["ratios"]["location_head_overhead"]["value"] == 1.0
+    left = [p.name for p in temp_root.iterdir()]  # in the temp root it was given, not /tmp
+    assert len(left) == 1 and left[0].startswith("pixelllm-bench-"), left
+    assert (temp_root / left[0] / "bench_0.png").is_file()
+
+
+# The bench (through `python -m pixelllm.bench`'s own entry) with its first measurement canned and its second one
+# taking a minute: stopped by a signal while it runs that second one.
+_MEASURING_FOR_A_MINUTE = """import runpy, sys, time
+import pixelllm.bench.run as run
+from pixelllm.bench.core import Ratio
+def measuring_for_a_minute(bench):
+    time.sleep(60)
+run.paper_preset = lambda: {}
+run.bench_location_head = lambda bench: Ratio("location_head_overhead", "overhead", 1.1, "<=", value=1.0)
+run.bench_prompt_reuse = measuring_for_a_minute
+runpy.run_module("pixelllm.bench", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl+C"])
+def test_a_bench_stopped_while_it_measures_removes_its_temporary_folder(small_checkpoint, tmp_path, stop):
+    """SIGTERM (`kill`, a cancelled CI job) ended the bench where it stood: its temporary folder (bench images, the
+    app's store, training runs) stayed in /tmp, and the app.py / torchrun children it had started kept running. It
+    now stops as on Ctrl+C: the folder is removed and the children stopped on the way out, with one line (Ctrl+C
+    printed a KeyboardInterrupt traceback), exit 130; the report keeps the measurement finished before."""
+    report, temp_root = tmp_path / "bench.json", tmp_path / "tmp"
+    temp_root.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MEASURING_FOR_A_MINUTE, "--checkpoint", str(small_checkpoint), "--only",
+         "location_head_overhead,prompt_reuse_speedup", "--threads", "1", "--json", str(report)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TMPDIR": str(temp_root)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # the bench says which measurement it starts
+            seen.append(line)
+            if line.strip() == "... prompt_reuse_speedup":
+                break
+        else:
+            pytest.fail(f"the bench ended before its second measurement: {''.join(seen)[-2000:]}")
+        assert list(temp_root.glob("pixelllm-bench-*/bench_0.png"))  # its folder, while it measures
+        proc.send_signal(stop)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert [p.name for p in temp_root.glob("*/*")] == []  # nothing left: no folder, no bench image
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("interrupted: the bench stopped (a --json report keeps the measurements "
+                                            "finished before)"), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert list(temp_root.iterdir()) == []
+    data = json.loads(report.read_text())
+    assert data["complete"] is False and list(data["ratios"]) == ["location_head_overhead"]
 
 
 @pytest.mark.parametrize("target, flags, match", [

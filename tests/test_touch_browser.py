@@ -85,6 +85,10 @@ class Fingers:
                 self.page.wait_for_function("visualViewport.scale < 1.01", timeout=1000)
                 break
             except PlaywrightTimeoutError:
+                # Under load the reset can leave a pinch's zoom in place however often it is sent (seen: 20 resets
+                # over 20 s, the scale still 1.62, in 8 runs of 8 at a load of 9 on 2 cores); setting the scale
+                # unzooms it (and does not pin it: a later pinch zooms again).
+                self.cdp.send("Emulation.setPageScaleFactor", {"pageScaleFactor": 1})
                 continue
         else:
             raise AssertionError(f"the page stays zoomed: {self.page.evaluate('visualViewport.scale')}")
@@ -104,7 +108,7 @@ def _smallest_box_at(page: Page, x: float, y: float) -> int:
 def test_on_a_phone_a_wobbly_tap_is_a_point_a_pinch_adds_nothing_and_a_drag_draws_a_box(device):
     phone = device("Pixel 5")
     phone.locator("#examples button").first.click()
-    expect(phone.locator(f"{VIEWER} .px-stage.px-has-image")).to_have_count(1)
+    expect(phone.locator(f"{VIEWER} .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)  # a server answer
     fingers, svg = Fingers(phone), f"{VIEWER} svg.px-svg"
     points = phone.locator(f"{VIEWER} .px-point")
     box = phone.locator(f"{VIEWER} .px-prompt-box")
@@ -129,13 +133,18 @@ def test_on_a_phone_a_wobbly_tap_is_a_point_a_pinch_adds_nothing_and_a_drag_draw
 def test_on_a_tablet_a_wobbly_tap_in_the_editor_edits_no_box_and_a_drag_does(device):
     tablet = device("iPad (gen 7)")
     tablet.locator("#examples button").first.click()
-    expect(tablet.locator(f"{VIEWER} .px-stage.px-has-image")).to_have_count(1)
+    expect(tablet.locator(f"{VIEWER} .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)  # a server answer
     tablet.locator("#generate").click()
     expect(tablet.locator(f"{VIEWER} .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
     tablet.get_by_role("tab", name="Annotate").click()  # 810 px: the tab bar wraps, every tab stays a tab
-    tablet.locator("#annotate-open-current").click()
-    expect(tablet.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation", timeout=TIMEOUT)
     root = tablet.locator(f"{EDITOR} .pa-root")
+    # The tab opens the output by itself ("Opened generation"); the button then opens it again, a revision later.
+    # Wait for that one: read after the first, the revision went one up under load during the taps below, as if a
+    # tap had sent an edit.
+    expect(tablet.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation", timeout=TIMEOUT)
+    opened = int(root.get_attribute("data-rev"))
+    tablet.locator("#annotate-open-current").click()
+    expect(root).to_have_attribute("data-rev", str(opened + 1), timeout=TIMEOUT)
     fingers, svg = Fingers(tablet), f"{EDITOR} svg.pa-svg"
     first = tablet.locator(f'{EDITOR} rect.pa-box[data-i="0"]')
     before = [float(first.get_attribute(k)) for k in ("x", "y", "width", "height")]
@@ -155,7 +164,7 @@ def test_on_a_tablet_a_wobbly_tap_in_the_editor_edits_no_box_and_a_drag_does(dev
     assert [float(first.get_attribute(k)) for k in ("x", "y", "width", "height")] == before
 
     fingers.gesture([[fingers.at(svg, 20, 30), fingers.at(svg, 100, 90)]])  # a drag outside it draws its new box
-    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    expect(root).to_have_attribute("data-rev", str(rev + 1), timeout=TIMEOUT)  # the server's answer to the edit
     assert [float(tablet.locator(f"{EDITOR} rect.pa-box.pa-sel").get_attribute(k))
             for k in ("x", "y", "width", "height")] == [pytest.approx(v, abs=3) for v in (20, 30, 80, 60)]
 
@@ -168,6 +177,6 @@ def test_on_a_tablet_a_wobbly_tap_in_the_editor_edits_no_box_and_a_drag_does(dev
     expect(tablet.locator(f"{EDITOR} circle.pa-corner")).to_have_count(1)
     assert int(root.get_attribute("data-rev")) == rev  # the pinch sent no box
     fingers.wobbly_tap(*fingers.at(svg, 90, 120))
-    expect(root).to_have_attribute("data-rev", str(rev + 1))
+    expect(root).to_have_attribute("data-rev", str(rev + 1), timeout=TIMEOUT)
     assert [float(tablet.locator(f"{EDITOR} rect.pa-box.pa-sel").get_attribute(k))
             for k in ("x", "y", "width", "height")] == [pytest.approx(v, abs=3) for v in (30, 40, 60, 80)]

@@ -7,9 +7,11 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,28 @@ def render(ratios: list[Ratio], absolute: dict[str, Any], info: dict[str, Any]) 
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def stopped_by_sigterm_as_by_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, a cancelled CI job, a timeout) stops the bench as Ctrl+C does, by KeyboardInterrupt: the
+    temporary folder (bench images, the app's store, training runs) is removed and the app.py and torchrun children
+    are stopped on the way out. SIGTERM used to end the process where it stood, leaving both behind (SIGKILL still
+    does: it cannot be caught). A second SIGTERM ends it at once. Only the main thread can set a handler: elsewhere
+    (main() called from a thread) SIGTERM keeps its action."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pixelllm.bench",
                                      description="PixelLLM performance benchmark (docs/benchmark.md): every figure a "
@@ -134,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             }, indent=2, default=str))
 
     absolute.update(paper_preset())
-    with tempfile.TemporaryDirectory(prefix="pixelllm-bench-") as tmp:
+    # SIGTERM as Ctrl+C: the folder (and the app / torchrun children) are cleaned up on the way out
+    with stopped_by_sigterm_as_by_ctrl_c(), tempfile.TemporaryDirectory(prefix="pixelllm-bench-") as tmp:
         workdir = Path(tmp)
         os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "gradio"))
         bench = Bench(predictor, settings, workdir)

@@ -2,7 +2,8 @@
 pytest-playwright's `page`, the app served from this process): `annotate_app` (a Studio with a fresh annotation store,
 one per test module) and `app` (the page on it, failing the test on any page error, console error or dialog). The
 test modules import the plain helpers from here: `_caption_then_annotate` (caption an example, open it in the
-editor), `_first_word_marked_non_visual`, `_to_screen`, and for the copies of unsaved edits kept in the browser
+editor), `_annotate_then_open_current` (open the output already in the first tab),
+`_first_word_marked_non_visual`, `_to_screen`, and for the copies of unsaved edits kept in the browser
 `KEPT_PREFIX`, `_watched`, `_kept_count` and `_browse_open`. Every wait is an `expect`."""
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ def app(page: Page, annotate_app):
 
 
 def _first_word_marked_non_visual(page: Page):
-    """An unsaved edit in the open editor (its first word marked non-visual with `n`); returns (root, word chips)."""
+    """An unsaved edit in the open editor (its first word marked non-visual with `n`); returns (root, word chips)
+    once the server's answer to that edit is drawn (the next revision, dirty). Waited for with TIMEOUT: the edit is a
+    round trip through the queue, which expect's default 5 s does not always cover on 2 busy cores; and an edit sent
+    before it is drawn would go with the old revision and be refused as stale."""
     root = page.locator(f"{EDITOR} .pa-root")
     chips = page.locator(f"{EDITOR} .pa-word")
+    rev = int(root.get_attribute("data-rev"))
     chips.first.click()
     chips.first.press("n")
+    expect(root).to_have_attribute("data-rev", str(rev + 1), timeout=TIMEOUT)
+    expect(root).to_have_attribute("data-dirty", "1")
     return root, chips
 
 
@@ -69,12 +76,25 @@ def _caption_then_annotate(page: Page, example: int = 0) -> int:
         && document.querySelector("#caption-viewer .px-root").dataset.status === "done" """, timeout=TIMEOUT)
     n = int(root.get_attribute("data-words"))
     assert n >= 2
-    page.get_by_role("tab", name="Annotate").click()
-    page.locator("#annotate-open-current").click()
-    expect(page.locator(f"{EDITOR} .pa-root")).to_have_attribute("data-words", str(n), timeout=TIMEOUT)
+    _annotate_then_open_current(page)
+    expect(page.locator(f"{EDITOR} .pa-root")).to_have_attribute("data-words", str(n))
     expect(page.locator(f"{EDITOR} image.pa-base")).to_have_attribute("href", re.compile(r"^data:image/png"))
-    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation")
     return n
+
+
+def _annotate_then_open_current(page: Page) -> None:
+    """Switch to Annotate with an empty editor, then press "Open current output"; returns once that press's own
+    open is drawn. The tab switch already opens the session's last output (its answer says "Opened generation …"
+    too), so the press opens it a second time: waiting for the status text alone returned on the first open, and the
+    second one (a revision later) landed during the test's next steps under load, where it refused an edit sent
+    meanwhile as stale (data-kept stayed "") or showed up as an edit (data-rev one higher than read)."""
+    root = page.locator(f"{EDITOR} .pa-root")
+    page.get_by_role("tab", name="Annotate").click()
+    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation", timeout=TIMEOUT)  # the tab's
+    rev = int(root.get_attribute("data-rev"))
+    page.locator("#annotate-open-current").click()
+    expect(root).to_have_attribute("data-rev", str(rev + 1), timeout=TIMEOUT)  # the button's: one revision later
+    expect(page.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation")
 
 
 def _to_screen(page: Page, x: float, y: float) -> tuple[float, float]:

@@ -14,7 +14,13 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from pixelllm.ui import annotate_doc
-from tests.annotate_browser.conftest import EDITOR, TIMEOUT, _caption_then_annotate, _to_screen
+from tests.annotate_browser.conftest import (
+    EDITOR,
+    TIMEOUT,
+    _annotate_then_open_current,
+    _caption_then_annotate,
+    _to_screen,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -113,9 +119,7 @@ def test_a_recording_that_strays_beside_the_image_keeps_only_the_points_on_it(ap
     expect(app.locator("#caption-viewer .px-status")).to_contain_text("Image 100×400", timeout=TIMEOUT)
     app.locator("#generate").click()
     expect(app.locator("#caption-viewer .px-root")).to_have_attribute("data-status", "done", timeout=TIMEOUT)
-    app.get_by_role("tab", name="Annotate").click()
-    app.locator("#annotate-open-current").click()
-    expect(app.locator(f"{EDITOR} .pa-status")).to_contain_text("Opened generation", timeout=TIMEOUT)
+    _annotate_then_open_current(app)
     root = app.locator(f"{EDITOR} .pa-root")
     app.locator(f"{EDITOR} .pa-advance").select_option("key")
     app.mouse.click(*_to_screen(app, 20, 60))  # the focus was on Open current output: a click takes it to the editor
