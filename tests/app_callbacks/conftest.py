@@ -2,18 +2,22 @@
 
 `studio` is a Studio on the small random checkpoint (`small_predictor`, tests/conftest.py) with a fresh annotation
 store and its own download folder; `prefix_calls` records the keyword arguments of every PixelLLM.encode_prefix call
-(what reaches the language model). `VISITOR` (the browser session outputs are logged under), `_loaded` (a session
+(what reaches the language model); `demo` is the whole app (`build_demo`) on them, for tests that run the handlers
+layout.py registers; `page_session` is what a page's events carry before its first image (gr.State's initial
+Session, deep-copied) and `loads` lists the files decoded for new sessions. `VISITOR` (the browser session outputs are logged under), `_loaded` (a session
 on an opened image) and `_run` (a whole Generate, its last update unpacked) are imported from here by the test
 modules. Decoding runs on one thread, as in the rest of the suite.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from pixelllm.ui import build_demo, records
 from pixelllm.ui import callbacks as cb
-from pixelllm.ui import records
 from pixelllm.ui import workspace as ws
 
 torch.set_num_threads(1)
@@ -23,6 +27,34 @@ torch.set_num_threads(1)
 def studio(small_predictor, annotation_store, tmp_path):
     return ws.Studio(predictor=small_predictor, store=annotation_store, checkpoint="tests/small-checkpoint",
                      min_word_interval=0.0, download_root=tmp_path / "downloads")
+
+
+@pytest.fixture
+def demo(small_predictor, annotation_store, tmp_path):
+    demo = build_demo(small_predictor, annotation_store, min_word_interval=0.0)
+    demo.studio.download_root = tmp_path / "downloads"
+    return demo
+
+
+@pytest.fixture
+def page_session():
+    """The session a page's events carry before its first image, and again once gradio dropped its state: gr.State's
+    initial empty Session, deep-copied for the page (layout.py)."""
+    return copy.deepcopy(ws.Session())
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The files decoded for a new session (`load_user_image`), in order."""
+    decoded: list[str] = []
+    decode = ws.load_user_image
+
+    def counted(source):
+        decoded.append(source)
+        return decode(source)
+
+    monkeypatch.setattr(ws, "load_user_image", counted)
+    return decoded
 
 
 @pytest.fixture

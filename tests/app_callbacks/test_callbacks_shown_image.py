@@ -2,7 +2,7 @@
 that image still loads, and after gradio dropped the page's state (its session cap, or an hour after the page
 closed). Each is run through the handler layout.py registers, with the inputs the page sends (its `js=` hook,
 `SEND_SHOWN_IMAGE`: the image input's file and the key of the image the action's view shows); the session logic is
-`workspace.shown_session`. Generate's own cases: tests/test_app_loading.py.
+`workspace.shown_session`. Generate's own cases: test_callbacks_first_upload.py.
 
 The rest of tests/app_callbacks/: see test_callbacks_refer_dense.py's docstring. Fixtures: conftest.py."""
 
@@ -19,7 +19,7 @@ import gradio as gr
 import pytest
 
 from pixelllm import image as imaging
-from pixelllm.ui import build_demo, render
+from pixelllm.ui import render
 from pixelllm.ui import workspace as ws
 
 REQUEST = SimpleNamespace(session_hash="test-page", username=None)  # what gr.Request gives the handlers
@@ -32,34 +32,6 @@ ACTIONS = {
 }
 # the views on_image sends: its update is (session, caption view, refer view, dense view, ...)
 VIEW_OF = {"generate": 1, "trace": 1, "refer": 2, "dense": 3}
-
-
-@pytest.fixture
-def demo(small_predictor, annotation_store, tmp_path):
-    demo = build_demo(small_predictor, annotation_store, min_word_interval=0.0)
-    demo.studio.download_root = tmp_path / "downloads"
-    return demo
-
-
-@pytest.fixture
-def page_session():
-    """The session a page's events carry before its first image, and again once gradio dropped its state: gr.State's
-    initial empty Session, deep-copied for the page (layout.py)."""
-    return copy.deepcopy(ws.Session())
-
-
-@pytest.fixture
-def loads(monkeypatch):
-    """The files decoded for a new session (`load_user_image`), in order."""
-    decoded: list[str] = []
-    decode = ws.load_user_image
-
-    def counted(source):
-        decoded.append(source)
-        return decode(source)
-
-    monkeypatch.setattr(ws, "load_user_image", counted)
-    return decoded
 
 
 def _handler(demo, name: str):

@@ -14,21 +14,9 @@ import gradio as gr
 import pytest
 from gradio.utils import get_upload_folder
 
-from pixelllm.ui import build_demo, records
+from pixelllm.ui import records
 from pixelllm.ui import workspace as ws
 from tests.app_callbacks.test_callbacks_shown_image import _handler, _is_skip, change, press
-
-
-@pytest.fixture
-def demo(small_predictor, annotation_store, tmp_path):
-    demo = build_demo(small_predictor, annotation_store, min_word_interval=0.0)
-    demo.studio.download_root = tmp_path / "downloads"
-    return demo
-
-
-@pytest.fixture
-def page_session():
-    return copy.deepcopy(ws.Session())
 
 
 @pytest.mark.parametrize("action, view_at", [("refer", 2), ("dense", 3)])
