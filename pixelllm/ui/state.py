@@ -221,7 +221,8 @@ class Session:
     successor: Session | None = None   # the session a new image replaced this one with (load_image)
     shown: bool = False                # the page's views show this image: load_image sent them (an action may
                                        # load it first: shown_session), or it was reopened for a dropped state
-    refused: str | None = None         # the last file load_image refused on this session (the page keeps its image)
+    refused: str | None = None         # the last file load_image refused, or failed to load, on this session (the
+                                       # page keeps its image)
 
     def __post_init__(self) -> None:
         # Held while an image loads over this session (load_image, shown_session). Not a field: gradio's config

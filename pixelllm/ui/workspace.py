@@ -12,13 +12,15 @@ The callbacks that run the model are in `pixelllm.ui.callbacks`, the records for
 re-exports the state they share (`state.py`: Studio, Session, the callback decorators) and the prompts
 (`prompts.py`: clicks, boxes, the caption view), so callers import every name from here.
 
-Every user mistake raises `ValueError` inside and leaves as `gr.Error` (see `user_errors`).
+Every user mistake raises `ValueError` inside and leaves as `gr.Error` (see `user_errors`); so does a new image
+whose load failed on a server fault (`IMAGE_NOT_LOADED`), the page keeping the image it showed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import time
 from pathlib import Path
@@ -58,6 +60,13 @@ from pixelllm.ui.state import (  # noqa: F401 - re-exported
     streams_on_session,
     user_errors,
 )
+
+log = logging.getLogger(__name__)
+
+# A load that failed on a server fault, not a user mistake (an OSError or MemoryError decoding the file, the image
+# encoder's RuntimeError): `_new_session` turns it into this refusal, with the fault's type; its traceback is logged
+IMAGE_NOT_LOADED = ("The new image could not be loaded (a fault on the server: {fault}). The page keeps the image "
+                    "it showed: try again (clear the image and upload it anew), or pick another image.")
 
 # ------------------------------------------------------------------------------------------ images
 
@@ -122,14 +131,16 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
     first (`shown_session`: Generate, Trace, Locate or Dense pressed while it loaded) keeps its session too, but its
     views still go to the page, once: all but those the action drew itself (a caption streaming or shown, referrals,
     dense regions), which its own update carries with the image.
-    A file refused is remembered on the session (`Session.refused`): an action then keeps to the image shown."""
+    A file refused, or one whose load failed on a server fault (`IMAGE_NOT_LOADED`: the decoder's OSError or
+    MemoryError, the encoder's RuntimeError), leaves the session as it was and is remembered on it
+    (`Session.refused`): an action then keeps to the image shown."""
     if not isinstance(session, Session):
         opened = _open_image(studio, source, None)
         opened.shown = True
         return opened, *image_views(opened)
     with session.loading:  # the calls fired at once carry the same session: the second one waits for the first
         current = newest(session)
-        if source and current.source == source and not current.replaced:  # (replaced: its load failed midway)
+        if source and current.source == source and not current.replaced:
             if current.shown:
                 return current, gr.skip(), gr.skip(), gr.skip()
             current.shown = True  # an action loaded it (shown_session): the views go now, but for the action's own
@@ -209,7 +220,8 @@ def _dropped(current: Session, showing: str | None) -> bool:
 
 def _open_over(studio: Studio, source: str | None, current: Session) -> Session:
     """`_open_image` over the page's newest session `current` (under its `loading` lock): the new session becomes
-    its successor; a file refused is remembered on it (`Session.refused`), which keeps its image."""
+    its successor; a file refused, or one whose load failed (`IMAGE_NOT_LOADED`), is remembered on it
+    (`Session.refused`), which keeps its image."""
     try:
         opened = _open_image(studio, source, current)
     except ValueError:
@@ -221,8 +233,10 @@ def _open_over(studio: Studio, source: str | None, current: Session) -> Session:
 
 def _open_image(studio: Studio, source: str | None, session: Session | None) -> Session:
     """A new session for a new file (or none), its image encoded; `session`, the one it replaces, is marked so."""
-    # decoded first: a file refused (not an image, too large) leaves the page's session working on its image
-    loaded = load_user_image(source) if source else None
+    # Decoded and encoded first: a load that fails (a file refused, a fault in the decoder or the encoder) leaves the
+    # page's session as it was, working on its image, and a caption streaming on it goes on. (Marked replaced first,
+    # a fault left the page a session with no successor: its clicks and actions were dropped without a word.)
+    opened = _new_session(studio, source)
     if isinstance(session, Session):
         session.replaced = True
         # A caption streaming on the old session stops at its next word: let it finish first (at most a second),
@@ -230,15 +244,27 @@ def _open_image(studio: Studio, source: str | None, session: Session | None) -> 
         deadline = time.monotonic() + STREAM_STOP_WAIT_S
         while session.streams > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-    if loaded is None:
+    return opened
+
+
+def _new_session(studio: Studio, source: str | None) -> Session:
+    """A session on the file `source` (none without one), decoded and encoded (it warms the predictor's cache).
+    A fault that is no user mistake leaves as the ValueError `IMAGE_NOT_LOADED`, its traceback in the host's log."""
+    if not source:
         return Session()
-    studio.predictor.set_image(loaded.array)
-    h, w = loaded.array.shape[:2]
-    session = Session(array=loaded.array, source=source if isinstance(source, str) else None)
-    session.image = {"key": imaging.image_key(loaded.array), "width": w, "height": h,
-                     "src": render.display_data_url(loaded.array), "orig_width": loaded.orig_width,
-                     "orig_height": loaded.orig_height}
-    return session
+    try:
+        loaded = load_user_image(source)
+        studio.predictor.set_image(loaded.array)
+        h, w = loaded.array.shape[:2]
+        image = {"key": imaging.image_key(loaded.array), "width": w, "height": h,
+                 "src": render.display_data_url(loaded.array), "orig_width": loaded.orig_width,
+                 "orig_height": loaded.orig_height}
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any fault: the page keeps its image and says why
+        log.exception("loading the image %s failed", source)
+        raise ValueError(IMAGE_NOT_LOADED.format(fault=type(err).__name__)) from err
+    return Session(array=loaded.array, source=source if isinstance(source, str) else None, image=image)
 
 
 def image_views(session: Session) -> tuple[dict, dict, dict]:

@@ -4,9 +4,9 @@
 store and its own download folder; `prefix_calls` records the keyword arguments of every PixelLLM.encode_prefix call
 (what reaches the language model); `demo` is the whole app (`build_demo`) on them, for tests that run the handlers
 layout.py registers; `page_session` is what a page's events carry before its first image (gr.State's initial
-Session, deep-copied) and `loads` lists the files decoded for new sessions. `VISITOR` (the browser session outputs are logged under), `_loaded` (a session
-on an opened image) and `_run` (a whole Generate, its last update unpacked) are imported from here by the test
-modules. Decoding runs on one thread, as in the rest of the suite.
+Session, deep-copied) and `loads` lists the files decoded for new sessions. `VISITOR` (the browser session outputs
+are logged under), `_loaded` (a session on an opened image) and `_run` (a whole Generate, its last update unpacked)
+are imported from here by the test modules. Decoding runs on one thread, as in the rest of the suite.
 """
 
 from __future__ import annotations
