@@ -9,7 +9,7 @@ wiring is `annotate_tab.build_annotate_tab`. This module re-exports the tab's ca
 What lives where:
 - The **document** being edited (words, their pixel boxes, non-visual flags, the LN timed caption and trace) and
   its **undo/redo history** live server-side in `AnnotateState` (one per browser tab, in `gr.State`). The
-  browser (`static/annotate.js`) draws it, captures drags and the mouse trace, and sends one edit operation at a
+  browser (`static/annotate*.js`) draws it, captures drags and the mouse trace, and sends one edit operation at a
   time (`apply_edit`); each answer is the whole new document. Undo/redo are therefore exact and testable here.
 - A recorded trace is the ground truth of a word's location, as in LN: after a recording (and after any edit
   that changes the words while a trace exists) every word's box is re-derived from the trace with the LN

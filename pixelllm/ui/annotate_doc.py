@@ -58,7 +58,7 @@ class AnnotateState:
     saved_doc: the document as last opened or saved (dirty = doc differs from it);
     history / future: undo and redo stacks of documents; rev: bumped by every change (client tokens, stale edits);
     opened: the id of this opening of a document (new at every open; the page keys its browser copy of unsaved
-    edits by it, static/annotate.js).
+    edits by it, static/annotate_unsaved.js).
     """
 
     doc: dict | None = None
@@ -351,7 +351,7 @@ def editor_value(state: AnnotateState | None, message: str = "", *, level: str =
 
 def with_login(out: Any, login: str | None) -> Any:
     """A handler's (state, editor value) with the signed-in login ("" without --auth) put in the editor value: the
-    page keeps its unsaved edits under it and offers only that login's copies (static/annotate.js)."""
+    page keeps its unsaved edits under it and offers only that login's copies (static/annotate_unsaved.js)."""
     if isinstance(out, tuple) and len(out) >= 2 and isinstance(out[1], dict) and "opened" in out[1]:
         out[1]["login"] = login or ""
     return out

@@ -27,7 +27,8 @@ EXPORT_STATUSES = ("submitted", "accepted", "rejected", "draft")
 def _assets() -> tuple[str, str, str]:
     static = an.static_dir()
     css = (static / "annotate.css").read_text()
-    editor_js = f"const PIXELLLM_ANNOTATE_CSS = {json.dumps(css)};\n" + (static / "annotate.js").read_text()
+    editor_js = f"const PIXELLLM_ANNOTATE_CSS = {json.dumps(css)};\n" + "\n".join(  # one script, in this order
+        (static / name).read_text() for name in ("annotate.js", "annotate_input.js", "annotate_unsaved.js"))
     return (static / "annotate.html").read_text(), editor_js, (static / "annotate_list.js").read_text()
 
 
@@ -106,21 +107,25 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def refresh(kind, prefix, name, wanted, text):
         return panels.list_items(studio, kind, prefix, name, wanted, text)
 
-    def on_tab(sess, st, kind, prefix, name, wanted, text, request: gr.Request):
-        listing = panels.list_items(studio, kind, prefix, name, wanted, text) if studio.store is not None \
-            else gr.skip()
+    # The tab's own work is split: the list joins the filters' list event (one event: the page runs it one at a time,
+    # a trigger while it runs deferred and then sent with the filters as they stand), and opening the current output
+    # joins the editor's events (their concurrency group: one at a time, each reading the state the one before left).
+    # As one handler, outside both, the tab's answer could land after the radio's (its list of corrections under
+    # "Model outputs") and its open after a row's or the button's open or an edit (the editor replaced by what the
+    # tab read before them).
+    def on_tab(sess, st, request: gr.Request):
         login = getattr(request, "username", None)
         name_field = gr.update(value=login, interactive=False, label="Signed in: saves and reviews are stored "
                                "under your login") if login else gr.skip()
         if (st is None or st.doc is None) and isinstance(sess, ws.Session) and sess.last and sess.image:
             try:
                 st, view = an.with_login(an.open_current(studio, sess, st), login)
-                return st, view, listing, name_field
+                return st, view, name_field
             except gr.Error:
                 pass
         if login and (st is None or st.doc is None):  # an empty editor hints the unsaved edits kept for this login
-            return gr.skip(), an.with_login((st, an.editor_value(st)), login)[1], listing, name_field
-        return gr.skip(), gr.skip(), listing, name_field
+            return gr.skip(), an.with_login((st, an.editor_value(st)), login)[1], name_field
+        return gr.skip(), gr.skip(), name_field
 
     # every editor value carries the login (the page keeps its unsaved edits under it, offers only its copies)
     def signed(out, request):
@@ -143,12 +148,13 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         return signed(an.restore_kept(studio, st, evt._data, login), request)
 
     # A refused restore (its message is the error's toast) changed nothing, so the page heard nothing and kept
-    # waiting for it (static/annotate.js `restoring`): the editor's value, as it stands, now says it was refused.
+    # waiting for it (static/annotate_unsaved.js `restoring`): the editor's value, as it stands, now says it was
+    # refused.
     # Without a document (the server lost it) the page keeps what it shows, which a save restores from.
     def on_restore_refused(st, request: gr.Request):
         if st is None or st.doc is None:
             return gr.skip()
-        # a new token each time: gr.HTML redraws (and annotate.js hears) only a value whose JSON changed
+        # a new token each time: gr.HTML redraws (and annotate_unsaved.js hears) only a value whose JSON changed
         return signed((st, an.editor_value(st, restore_refused=secrets.token_hex(4))), request)[1]
 
     def named(name, request):  # behind --auth the login, else the typed name
@@ -183,8 +189,7 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
     def save_correction(correction, request: gr.Request):
         return an.api_save_correction(studio, correction, getattr(request, "username", None))
 
-    tab.select(on_tab, [session, state, *filters], [state, editor, items, annotator], **private,
-               show_progress="hidden")
+    tab.select(on_tab, [session, state], [state, editor, annotator], **edits)
     open_btn.click(on_open_current, [session, state], [state, editor], **edits)
     items.open(on_open_item, [state], [state, editor], **edits)
     editor.edit(on_edit, [state], [state, editor], **edits)
@@ -199,8 +204,8 @@ def build_annotate_tab(studio: ws.Studio, session: gr.State) -> gr.Tab:
         event(fn, inputs, [state, editor], **edits).then(refresh, filters, items, **private,
                                                            show_progress="hidden")
     editor.autosave(on_autosave, saving, [state, editor], **edits)
-    for trigger in (refresh_btn.click, show.change, status.change, sha_prefix.submit, who.submit, search.submit):
-        trigger(refresh, filters, items, **private, show_progress="hidden")
+    gr.on([tab.select, refresh_btn.click, show.change, status.change, sha_prefix.submit, who.submit, search.submit],
+          refresh, filters, items, **private, trigger_mode="always_last", show_progress="hidden")
     export_btn.click(on_export, [statuses], [export_file, export_note], **private, show_progress="minimal")
     compare_btn.click(on_compare, [session], [base_view, tuned_view, compare_note], **private,
                       concurrency_id=ws.MODEL_CALLS, show_progress="minimal")

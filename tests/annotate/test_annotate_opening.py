@@ -132,7 +132,7 @@ def test_compare_adapters(studio, captioned, tmp_path, example_images):
 
 
 def _kept_copy(view: dict) -> dict:
-    """What static/annotate.js keeps in localStorage for a page showing `view` (and sends back on Restore)."""
+    """What static/annotate_unsaved.js keeps in localStorage for a page showing `view` (and sends back on Restore)."""
     src = view["source"]
     return {"opened": view["opened"], "login": view["login"], "task": view["task"],
             "timed_caption": view["timed_caption"],
