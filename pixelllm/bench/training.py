@@ -30,6 +30,9 @@ def _train_config(s: Settings, workdir: Path, threads: int, batch: int | None = 
     return path
 
 
+STOP_WAIT_S = 30  # a stopped run's grace to end (torchrun: to stop its workers) before SIGKILL
+
+
 def _train_cmd(config: Path, out: Path, nproc: int) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
@@ -53,8 +56,15 @@ def _train_runs(runs: list[tuple[Path, Path, int, Path]]) -> list[list[float]]:
                     raise RuntimeError(f"training run failed ({' '.join(cmd)}): "
                                        f"{log.read_text(errors='replace')[-2000:]}")
         finally:
-            for _, _, proc in started:  # a failed run does not leave its partner running
+            # A failed or interrupted run leaves nothing running: SIGTERM first, which torchrun forwards to its
+            # workers (it starts them in their own sessions: a SIGKILL to the launcher left them running, orphaned)
+            for _, _, proc in started:
                 if proc.poll() is None:
+                    proc.terminate()
+            for _, _, proc in started:
+                try:
+                    proc.wait(STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
     return [_window_rates(out) for _, out, _, _ in runs]
