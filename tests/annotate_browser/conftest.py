@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from tests.conftest import start_studio, stop_studio
 
@@ -60,8 +60,9 @@ def _first_word_marked_non_visual(page: Page):
     return root, chips
 
 
-def _caption_then_annotate(page: Page, example: int = 0) -> int:
-    """Caption an example in the first tab, switch to Annotate (which opens that output); returns the word count."""
+def _caption(page: Page, example: int = 0) -> Locator:
+    """Caption an example in the first tab (a generation logged: the session's last output); returns the caption
+    view's root."""
     page.locator("#examples button").nth(example).click()
     expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
     root = page.locator("#caption-viewer .px-root")
@@ -74,6 +75,12 @@ def _caption_then_annotate(page: Page, example: int = 0) -> int:
     page.locator("#generate").click()
     page.wait_for_function("""() => window.__pxStreamed
         && document.querySelector("#caption-viewer .px-root").dataset.status === "done" """, timeout=TIMEOUT)
+    return root
+
+
+def _caption_then_annotate(page: Page, example: int = 0) -> int:
+    """Caption an example in the first tab, switch to Annotate (which opens that output); returns the word count."""
+    root = _caption(page, example)
     n = int(root.get_attribute("data-words"))
     assert n >= 2
     _annotate_then_open_current(page)

@@ -12,25 +12,11 @@ from playwright.sync_api import Page, expect
 
 from pixelllm.ui import annotate as an
 from pixelllm.ui import annotate_panels as panels
-from tests.annotate_browser.conftest import EDITOR, TIMEOUT
+from tests.annotate_browser.conftest import EDITOR, TIMEOUT, _caption
 
 pytestmark = pytest.mark.browser
 
 HELD = 4.0  # s: the longest a held call waits for the user's call it lets pass first (fixed code: never comes)
-
-
-def _caption(page: Page, example: int) -> None:
-    """Caption an example in the first tab (a generation logged; the session's last output)."""
-    page.locator("#examples button").nth(example).click()
-    expect(page.locator("#caption-viewer .px-stage.px-has-image")).to_have_count(1, timeout=TIMEOUT)
-    root = page.locator("#caption-viewer .px-root")
-    root.evaluate("""(r) => { window.__pxStreamed = false;
-        new MutationObserver((records) => { if (records.some((m) => m.oldValue === "streaming"))
-            window.__pxStreamed = true; }).observe(r, {attributes: true, attributeOldValue: true,
-                                                     attributeFilter: ["data-status"]}); }""")
-    page.locator("#generate").click()
-    page.wait_for_function("""() => window.__pxStreamed
-        && document.querySelector("#caption-viewer .px-root").dataset.status === "done" """, timeout=TIMEOUT)
 
 
 def _log_texts(page: Page, container: str, text: str, name: str) -> None:

@@ -10,44 +10,22 @@ test_callbacks_refer_dense.py's docstring. Fixtures: conftest.py."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 
-from pixelllm.ui import build_demo
 from pixelllm.ui import callbacks as cb
 from pixelllm.ui import workspace as ws
 from tests.app_callbacks.conftest import VISITOR, _loaded
+from tests.app_callbacks.test_callbacks_shown_image import ACTIONS, REQUEST
 
-REQUEST = SimpleNamespace(session_hash="test-page", username=None)  # what gr.Request gives the handlers
-# Each action's handler, its own inputs (after the shown image's) and where its session and view are in its update
-ACTIONS = {
-    "generate": ("on_generate", (None, 3, False, 1.0, 1.0, -1, None), 3, 0),
-    "trace": ("on_trace", ("a red circle",), 3, 0),
-    "refer": ("on_refer", ("the red circle",), 0, 1),
-    "dense": ("on_dense", (0.0, 2), 0, 1),
-}
 FAULTS = {  # where the load fails, and with what
     "decoder OSError": ("decode", lambda: OSError(5, "Input/output error")),
     "decoder MemoryError": ("decode", MemoryError),
     "encoder RuntimeError": ("encode", lambda: RuntimeError("CUDA out of memory")),
 }
-
-
-@pytest.fixture
-def demo(small_predictor, annotation_store, tmp_path):
-    demo = build_demo(small_predictor, annotation_store, min_word_interval=0.0)
-    demo.studio.download_root = tmp_path / "downloads"
-    return demo
-
-
-@pytest.fixture
-def page_session():
-    """What a page's events carry before its first image: gr.State's initial Session, deep-copied for the page."""
-    return copy.deepcopy(ws.Session())
 
 
 @pytest.fixture
