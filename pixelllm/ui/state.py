@@ -215,7 +215,6 @@ class Session:
     dense_selected: int | None = None
     dense_words: list[dict] = dataclasses.field(default_factory=list)
     last: dict | None = None           # the last output shown, any task: what an Annotate tab would correct
-    replaced: bool = False             # a new image made a new Session: a caption still streaming stops
     streams: int = 0                   # captions streaming on this session (load_image waits for them to stop)
     source: str | None = None          # the file this session's image was loaded from (gradio's upload path)
     successor: Session | None = None   # the session a new image replaced this one with (load_image)
@@ -223,6 +222,11 @@ class Session:
                                        # load it first: shown_session), or it was reopened for a dropped state
     refused: str | None = None         # the last file load_image refused, or failed to load, on this session (the
                                        # page keeps its image)
+
+    @property
+    def replaced(self) -> bool:
+        """A new image made a new Session (its `successor`): a caption still streaming on this one stops."""
+        return self.successor is not None
 
     def __post_init__(self) -> None:
         # Held while an image loads over this session (load_image, shown_session). Not a field: gradio's config

@@ -140,7 +140,7 @@ def load_image(studio: Studio, source: str | None, session: Session | None) -> t
         return opened, *image_views(opened)
     with session.loading:  # the calls fired at once carry the same session: the second one waits for the first
         current = newest(session)
-        if source and current.source == source and not current.replaced:
+        if source and current.source == source:
             if current.shown:
                 return current, gr.skip(), gr.skip(), gr.skip()
             current.shown = True  # an action loaded it (shown_session): the views go now, but for the action's own
@@ -195,7 +195,7 @@ def shown_session(studio: Studio, source: str | None, session: Session | None, s
         return session
     with session.loading:
         current = newest(session)
-        if source and current.source == source and not current.replaced:
+        if source and current.source == source:
             return current
         dropped = _dropped(current, showing)
         if not source or current.refused == source or not _uploaded(source):
@@ -223,22 +223,21 @@ def _open_over(studio: Studio, source: str | None, current: Session) -> Session:
     its successor; a file refused, or one whose load failed (`IMAGE_NOT_LOADED`), is remembered on it
     (`Session.refused`), which keeps its image."""
     try:
-        opened = _open_image(studio, source, current)
+        return _open_image(studio, source, current)
     except ValueError:
         current.refused = source
         raise
-    current.successor = opened
-    return opened
 
 
 def _open_image(studio: Studio, source: str | None, session: Session | None) -> Session:
-    """A new session for a new file (or none), its image encoded; `session`, the one it replaces, is marked so."""
+    """A new session for a new file (or none), its image encoded; `session`, the one it replaces, gets it as its
+    `successor` (which makes it `replaced`)."""
     # Decoded and encoded first: a load that fails (a file refused, a fault in the decoder or the encoder) leaves the
     # page's session as it was, working on its image, and a caption streaming on it goes on. (Marked replaced first,
     # a fault left the page a session with no successor: its clicks and actions were dropped without a word.)
     opened = _new_session(studio, source)
     if isinstance(session, Session):
-        session.replaced = True
+        session.successor = opened
         # A caption streaming on the old session stops at its next word: let it finish first (at most a second),
         # so that none of its frames reaches the page after this image's views (the old picture came back)
         deadline = time.monotonic() + STREAM_STOP_WAIT_S

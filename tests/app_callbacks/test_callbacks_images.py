@@ -145,7 +145,7 @@ def test_a_handler_finishing_after_a_new_image_leaves_the_page_to_it(studio, exa
 
     def streams(state):
         yield state, 1
-        state.replaced = True
+        state.successor = ws.Session()  # a new image replaced it
         yield state, 2
 
     assert list(ws.for_the_shown_image(streams)(fresh)) == [(fresh, 1), (gr.skip(), gr.skip())]
